@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GRID ?= params/demo.yaml
+# cells at a time, each on its own share of the cores (python -m cdlib.grid run --jobs)
+JOBS ?= 2
 
 .PHONY: setup demo demo-seeds test test-slow test-gpu lab bench clean-demo
 
@@ -21,11 +23,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run $(GRID)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run $(GRID) --jobs $(JOBS)
 
 # The demo's claim over three seeds (about 30 min): outputs/demo-seeds/results.parquet
 demo-seeds: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run params/demo_seeds.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run params/demo_seeds.yaml --jobs $(JOBS)
 	$(BIN)/python benchmarks/demo_seeds.py outputs/demo-seeds/results.parquet
 
 test: $(STAMP)

@@ -190,3 +190,74 @@ def test_slurm_scripts(tmp_path):
     assert submit.index("parent.sbatch") < submit.index("child.sbatch") and "afterok" in submit
     out = subprocess.run(["bash", "-n", str(tmp_path / "out/t/slurm/child.sbatch")], capture_output=True)
     assert out.returncode == 0
+
+
+def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
+    """--jobs 2: independent cells run at once, a child starts only after its parent ends,
+    a stage without inputs waits for every earlier cell, a failed parent blocks its children."""
+    grid = make_grid(tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"]["parent"]["params"]["sleep_s"] = 3.0
+    spec["stages"]["summary"] = {"notebook": NB, "params": {"log": str(tmp_path / "runs.log")}}
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr  # parent/bad fails by design
+    assert "2 at a time" in out.stdout and "blocked, waiting for parent/bad" in out.stdout
+    events = [(kind, str(Path(d).relative_to(tmp_path / "out/t"))) for kind, d in
+              (line.split(" ", 1) for line in _log(tmp_path))]
+    pos = {e: i for i, e in enumerate(events)}
+    # the first two parents overlapped: both started before either ended
+    assert max(pos[("start", "parent/two")], pos[("start", "parent/three")]) < \
+        min(pos[("end", "parent/two")], pos[("end", "parent/three")])
+    for child, parent in [("child/two__p", "parent/two"), ("child/two__q", "parent/two"),
+                          ("child/three__p", "parent/three")]:
+        assert pos[("start", child)] > pos[("end", parent)], child
+        assert ("end", child) in pos
+    assert not any(d.startswith("child/bad") for _, d in events)
+    ends = [i for (kind, _), i in pos.items() if kind == "end" and _ != "summary"]
+    assert pos[("start", "summary")] > max(ends), "a stage without inputs waits for the earlier stages"
+    res = pl.read_parquet(tmp_path / "out/t/results.parquet")
+    assert dict(zip(res["cell"], res["metric.y"]))["child/three__p"] == 18
+    # each cell ran pinned to its own CPU slice
+    logs = [json.loads((tmp_path / "out/t" / c / "manifest.json").read_text()) for c in ("parent/two", "summary")]
+    assert all(m["status"] == "done" for m in logs)
+
+
+def test_slot_resources_split_cpus_and_gpus():
+    from cdlib.grid import slot_resources
+
+    two = slot_resources(2, cpus=[0, 1], gpus=[])
+    assert [s["CDLIB_CPUS"] for s in two] == ["0", "1"]
+    assert [s["VLLM_CPU_OMP_THREADS_BIND"] for s in two] == ["0", "1"] and two[0]["OMP_NUM_THREADS"] == "1"
+    four = slot_resources(2, cpus=list(range(8)), gpus=["0", "1", "2", "3"])
+    assert [s["CUDA_VISIBLE_DEVICES"] for s in four] == ["0,1", "2,3"]
+    assert [s["CDLIB_CPUS"] for s in four] == ["0,1,2,3", "4,5,6,7"] and "VLLM_CPU_OMP_THREADS_BIND" not in four[0]
+    assert [s["CDLIB_CPUS"] for s in slot_resources(3, cpus=[0, 1], gpus=[])] == ["0", "1", "0"]
+    with pytest.raises(ParamsError, match="only 1 GPU"):
+        slot_resources(2, cpus=[0, 1], gpus=["0"])
+
+
+def test_a_report_stage_reruns_when_an_earlier_cell_finished_after_it(tmp_path):
+    grid = make_grid(tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"]["summary"] = {"notebook": NB, "params": {"log": str(tmp_path / "runs.log")}}
+    spec["exclude"] = [{"x": "bad"}, {"x": "three"}, {"y": "q"}]
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cmd = [sys.executable, "-m", "cdlib.grid", "run", str(grid)]
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300).returncode == 0
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "3 already done, 0 to run" in again.stdout
+    spec["exclude"] = [{"x": "bad"}, {"y": "q"}]  # a new axis value: its cells run, and the summary after them
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    n = len(_log(tmp_path))
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "2 already done, 3 to run" in out.stdout, out.stdout
+    assert [line.split(" ", 1)[1].rsplit("/", 1)[-1] for line in _log(tmp_path)[n:] if line.startswith("start")] \
+        == ["three", "three__p", "summary"]
+    # a summary finished before its inputs (as after an interrupted run) is stale too
+    summary = json.loads((tmp_path / "out/t/summary/manifest.json").read_text())
+    summary["end"] = "2000-01-01T00:00:00+00:00"
+    (tmp_path / "out/t/summary/manifest.json").write_text(json.dumps(summary))
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert "4 already done, 1 to run" in out.stdout and "summary: done" in out.stdout
