@@ -19,7 +19,10 @@ one rank of an ``accelerate launch``):
    the mean over every supervised token of its micro-batches on every rank (the
    sum of token losses divided by the step's global token count), not a mean of
    per-micro-batch means, so packed rows with few supervised tokens do not weigh
-   as much as full ones;
+   as much as full ones; every ``save_every`` steps the training state goes to
+   ``<out_dir>/resume/`` and a rerun of a killed cell resumes from it (:func:`run`,
+   :func:`save_resume`); the KL objective is computed over chunks of
+   ``kl_chunk_tokens`` positions (:func:`kl_sum`);
 6. the checkpoint is saved in HF layout (``model/``, ``adapter/``, ``base/``) with
    ``checkpoint.json`` naming what vLLM should load (``cdlib.evaluate.resolve_model``),
    the loss curve in ``loss.jsonl``, and the metrics (tokens, wall-clock, GPU-hours,
@@ -353,8 +356,107 @@ def cross_entropy_sum(logits: Any, labels: Any) -> tuple[Any, int]:
     return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())
 
 
+KL_DIRECTIONS = ("forward", "reverse", "jsd")
+
+
+def _supervised_rows(labels: Any) -> Any:
+    """Flat indices (into ``logits.reshape(-1, V)``) of the positions whose next token is supervised,
+    in the order :func:`_shifted` selects them."""
+    import torch
+
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[..., :-1] = labels[..., 1:] != sft.IGNORE_INDEX
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _kl_chunk(s: Any, t: Any, direction: str, want_grad: bool) -> tuple[Any, Any]:
+    """Divergence summed over the rows of one chunk of logits (fp32) and, with ``want_grad``, its
+    gradient with respect to ``s``; the ops of the value are those of the unchunked :func:`kl_sum`.
+
+    With ``q = softmax(s)`` and a loss ``L(q)``, ``dL/ds = q * (g - <q, g>)`` where
+    ``g = dL/dq``: forward KL gives ``q - p``, reverse ``q * (log q - log p - KL)``,
+    JSD ``q * (h - <q, h>)`` with ``h = (log q - log m) / 2``. Work tensors are
+    reused in place so a chunk holds about four ``rows x vocab`` fp32 tensors.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    del s, t
+    grad = None
+    if direction == "forward":
+        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+        if want_grad:
+            grad = log_q.exp_().sub_(log_p.exp_())
+    elif direction == "reverse":
+        loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+        if want_grad:
+            grad = log_q - log_p
+            q = log_q.exp_()
+            del log_p
+            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+        loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
+                      + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
+        if want_grad:
+            del log_p
+            grad = log_q.sub(log_m).mul_(0.5)
+            del log_m
+            q = log_q.exp_()
+            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
+    return loss, grad
+
+
+_CHUNKED_KL = None
+
+
+def _chunked_kl_function() -> Any:
+    """The autograd function of the chunked divergence (built on first use: torch is imported lazily)."""
+    global _CHUNKED_KL
+    if _CHUNKED_KL is not None:
+        return _CHUNKED_KL
+    import torch
+
+    class ChunkedKL(torch.autograd.Function):
+        """Sum of :func:`_kl_chunk` over chunks of supervised rows; the gradient is filled in forward."""
+
+        @staticmethod
+        def forward(ctx, student_logits, teacher_logits, rows, direction, vocab, chunk):
+            width = student_logits.shape[-1]
+            s_flat = student_logits.reshape(-1, width)
+            t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+            v = width if vocab is None else min(vocab, width)
+            want_grad = ctx.needs_input_grad[0]
+            grad = torch.zeros_like(s_flat) if want_grad else None
+            total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+            for start in range(0, rows.numel(), chunk):
+                idx = rows[start:start + chunk]
+                loss, g = _kl_chunk(s_flat[idx, :v].float(), t_flat[idx, :v].float(), direction, want_grad)
+                total += loss
+                if g is not None:
+                    grad[idx, :v] = g.to(grad.dtype)
+                del g
+            ctx.shape, ctx.spent = student_logits.shape, False
+            ctx.save_for_backward(grad if want_grad else None)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            if ctx.spent:
+                raise RuntimeError("the chunked KL's gradient buffer is scaled in place: backward runs once "
+                                   "(retain_graph is not supported; use kl_chunk_tokens=0)")
+            ctx.spent = True
+            (grad,) = ctx.saved_tensors
+            return grad.mul_(grad_output).view(ctx.shape), None, None, None, None, None
+
+    _CHUNKED_KL = ChunkedKL
+    return _CHUNKED_KL
+
+
 def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str = "forward",
-           vocab: int | None = None) -> tuple[Any, int]:
+           vocab: int | None = None, chunk_tokens: int | None = None) -> tuple[Any, int]:
     """Token-level divergence to the teacher, summed over supervised tokens, and their count.
 
     With p the teacher's and q the student's next-token distribution at a position:
@@ -362,10 +464,27 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
     ``jsd`` = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2. Only the first
     ``vocab`` logits are compared (models often pad their output layer beyond
     the tokenizer). Computed in fp32.
+
+    ``chunk_tokens`` (training passes ``TrainParams.kl_chunk_tokens``) computes the
+    same sum over chunks of that many supervised positions: the fp32 work tensors
+    are ``chunk x vocab`` instead of ``tokens x vocab``, and the gradient to the
+    student logits is computed analytically chunk by chunk during the forward pass
+    into one buffer of the logits' shape and dtype (the size backward produces
+    anyway), so nothing of ``tokens x vocab`` in fp32 is kept for backward. The
+    teacher logits are constants there (training computes them under ``no_grad``),
+    and backward may run once. ``None`` or 0: all positions at once through
+    autograd, the reference implementation.
     """
     import torch
     import torch.nn.functional as F
 
+    if direction not in KL_DIRECTIONS:
+        raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
+    if chunk_tokens:
+        rows = _supervised_rows(labels)
+        loss = _chunked_kl_function().apply(student_logits, teacher_logits.detach(), rows, direction, vocab,
+                                            int(chunk_tokens))
+        return loss, int(rows.numel())
     s, _ = _shifted(student_logits, labels)
     t, target = _shifted(teacher_logits, labels)
     if vocab is not None:
@@ -376,12 +495,10 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
         loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
     elif direction == "reverse":
         loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    elif direction == "jsd":
+    else:
         log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
         loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
                       + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
-    else:
-        raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
     return loss, int(target.numel())
 
 
@@ -529,7 +646,7 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
             totals[2] += n
             if teacher is not None:
                 t_logits = teacher(**_model_inputs(batch)).logits
-                kl, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab)
+                kl, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens)
                 totals[1] += float(kl)
     model.train()
     totals = accelerator.reduce(totals, "sum")
@@ -546,15 +663,150 @@ def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     return send_to_device(batch, device)
 
 
+# --------------------------------------------------------------------------- resumable state
+
+RESUME_DIR = "resume"  # <out_dir>/resume/: the latest resumable training state
+RESUME_STATE = "trainer_state.json"  # written last: a state directory without it is incomplete
+# keys that change how a run computes, not what it trains: a resumed run may change them
+# (e.g. a smaller kl_chunk_tokens after running out of memory)
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "kl_chunk_tokens", "gradient_checkpointing",
+                    "accelerate_config")
+
+
+def resume_fingerprint(P: TrainParams, examples: list[dict[str, Any]], schedule: list[list[list[int]]],
+                       world: int, distributed_type: str) -> dict[str, Any]:
+    """What a resumable state must have been written for: the training params (all but
+    :data:`RESUME_FREE_KEYS`), the process count and distributed type (the plan and the
+    state's layout depend on them), and hashes of the training examples (ids, lengths,
+    supervised counts) and of the planned micro-batches. ``hash`` is the sha256 of the rest."""
+    import hashlib
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+    items: dict[str, Any] = {
+        "params": {k: v for k, v in P.model_dump(mode="json").items() if k not in RESUME_FREE_KEYS},
+        "world_size": world, "distributed_type": distributed_type,
+        "examples": digest([[ex["id"], len(ex["input_ids"]), supervised_count(ex)] for ex in examples]),
+        "plan": digest(schedule)}
+    return {**items, "hash": digest(items)}
+
+
+def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The differing entries of two fingerprints, as ``key: old -> new`` (params key by key)."""
+    diffs = [f"{k}: {old.get('params', {}).get(k)!r} -> {new['params'].get(k)!r}"
+             for k in sorted(set(old.get("params", {})) | set(new["params"]))
+             if old.get("params", {}).get(k) != new["params"].get(k)]
+    diffs += [f"{k}: {old.get(k)!r} -> {new[k]!r}" if k in ("world_size", "distributed_type") else f"{k} differ"
+              for k in ("world_size", "distributed_type", "examples", "plan") if old.get(k) != new[k]]
+    return ", ".join(diffs) or "hash differs"
+
+
+def find_resume(out_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest complete resumable state under ``out_dir`` and its ``trainer_state.json``.
+
+    Candidates are ``resume/`` and ``resume.tmp/`` (a run killed between writing a new
+    state and renaming it into place); a directory is complete once its
+    :data:`RESUME_STATE` exists, which is written after everything else.
+    Returns ``(None, None)`` when there is none.
+    """
+    out = Path(out_dir)
+    best: tuple[Path | None, dict[str, Any] | None] = (None, None)
+    for d in (out / RESUME_DIR, out / f"{RESUME_DIR}.tmp"):
+        f = d / RESUME_STATE
+        if not f.exists():
+            continue
+        try:
+            state = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if best[1] is None or state.get("step", 0) > best[1].get("step", 0):
+            best = (d, state)
+    return best
+
+
+def clear_resume(out_dir: str | Path) -> None:
+    """Delete every resumable state under ``out_dir`` (``resume/``, ``resume.tmp/``, ``resume.old/``)."""
+    for suffix in ("", ".tmp", ".old"):
+        shutil.rmtree(Path(out_dir) / f"{RESUME_DIR}{suffix}", ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save_resume(accelerator: Any, out_dir: str | Path, state: dict[str, Any]) -> Path:
+    """Write the resumable state (every rank calls this): ``accelerator.save_state`` into
+    ``resume.tmp/`` (weights or FSDP shards, optimizer, the registered LR scheduler, each
+    rank's RNG states), then the main process writes ``state`` as ``trainer_state.json``,
+    fsyncs, and swaps the directory in for ``resume/`` by renames (the previous state is
+    removed), so a kill at any moment leaves one complete state (:func:`find_resume`)."""
+    out = Path(out_dir)
+    tmp, final, old = out / f"{RESUME_DIR}.tmp", out / RESUME_DIR, out / f"{RESUME_DIR}.old"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)  # torch.save keeps tied weights as they are
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        with (tmp / RESUME_STATE).open("w") as f:
+            f.write(json.dumps(state))
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _truncate_curve(path: Path, last_step: int) -> int:
+    """Rewrite ``loss.jsonl`` keeping the rows of steps up to ``last_step`` (atomic replace); returns how many."""
+    rows = [r for r in Store(path).read() if int(r["step"]) <= last_step] if path.exists() else []
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return len(rows)
+
+
+def _trainable_weights_only(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """``save_state`` pre-hook of LoRA runs: keep only the trainable tensors (the adapters) of each state dict."""
+    for i, model in enumerate(models[:len(weights)]):
+        names = {n for n, p in model.named_parameters() if p.requires_grad}
+        weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+
 def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         log: Any = print) -> dict[str, Any]:
     """Train the student of ``P`` in this process (one device or one rank of a launch); return the metrics.
 
     ``data`` reuses a :func:`prepare` result (the notebook shows its audit first).
     Writes ``<out_dir>/loss.jsonl`` (one record per optimizer step: ``step``,
-    ``loss``, ``ema``, ``lr``, ``tokens``; fresh on every run), the checkpoint
-    (``model/``, ``adapter/``, ``base/``) and ``checkpoint.json``. ``log`` receives
-    the audit report and progress lines (main process only).
+    ``loss``, ``ema``, ``lr``, ``tokens``), the checkpoint (``model/``, ``adapter/``,
+    ``base/``) and ``checkpoint.json``. ``log`` receives the audit report and
+    progress lines (main process only).
+
+    Every ``P.save_every`` optimizer steps the training state goes to
+    ``<out_dir>/resume/`` (:func:`save_resume`: weights, optimizer, LR scheduler,
+    RNG states, step, token totals, EMA and per-step losses). A run that finds a
+    complete state there whose :func:`resume_fingerprint` matches its own resumes
+    from it: it skips the micro-batches already trained on, continues the step
+    count, the LR schedule and ``loss.jsonl`` (cut back to the state's step, so
+    every step has one row), and reports ``resumed_from_step``; its wall-clock and
+    train seconds include the time up to the state (not the work lost after it).
+    A state written for other params, data or process count is discarded with a
+    message naming its directory and what differs, and the run starts from step 0
+    (a fresh ``loss.jsonl``). ``resume/`` is deleted once the final model is saved.
     """
     import torch
     from accelerate import Accelerator
@@ -624,28 +876,59 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                                                sharded=accelerator.distributed_type.value == "FSDP")
     scheduler = get_scheduler(P.lr_scheduler, optimizer, num_warmup_steps=math.ceil(P.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    # its own generator: starting an iteration then draws no number from the global RNG, whose state a
+    # resumed run restores (dropout's random numbers continue exactly where the interrupted run left them)
     loader = torch.utils.data.DataLoader(_MicroBatches(schedule), batch_size=1, shuffle=False,
-                                         collate_fn=_collate_fn(data.train, layout, pad_id, P.packing))
+                                         collate_fn=_collate_fn(data.train, layout, pad_id, P.packing),
+                                         generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    accelerator.register_for_checkpointing(scheduler)  # saved with the state, stepped as before (not wrapped)
+    if lora:  # the frozen base is the one loaded above: a resumable state holds only the trainable weights
+        accelerator.register_save_state_pre_hook(_trainable_weights_only)
     say(f"training {data.model_source} ({P.method}, {P.objective}, {params['trainable']:,}/{params['total']:,} "
         f"trainable params) on {world} process(es), {accelerator.device}, {attn}/{layout}, {optimizer_name}, "
         f"lr {lr:g}, {len(schedule)} micro-batches -> {total_steps} steps ({mode})")
 
-    # ---- loop
+    # ---- resume or start afresh
     loss_store = out / "loss.jsonl"
-    if is_main and loss_store.exists():
-        loss_store.unlink()  # a rerun starts training from scratch: its curve too
+    fingerprint = resume_fingerprint(P, data.train, schedule, world, str(accelerator.distributed_type.value))
+    resume_dir, state = find_resume(out)
+    if state is not None and state.get("fingerprint", {}).get("hash") != fingerprint["hash"]:
+        say(f"{resume_dir}: resumable state of step {state.get('step')} was written for other inputs "
+            f"({_fingerprint_diff(state.get('fingerprint', {}), fingerprint)}); discarding it, starting from step 0")
+        resume_dir, state = None, None
+    ema = None
+    step_losses: list[float] = []
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # supervised, all tokens, sum L^2
+    start_step, prior = 0, {"wall_clock_s": 0.0, "train_s": 0.0, "peak_memory_gb": 0.0}
+    if state is not None:
+        accelerator.load_state(str(resume_dir), strict=not lora)
+        start_step, ema, step_losses = int(state["step"]), state["ema"], list(state["step_losses"])
+        prior = {k: float(state[k]) for k in prior}
+        if is_main:  # the global totals so far live on the main rank; the end of the run sums the ranks
+            totals += torch.tensor(state["totals"], dtype=torch.float64, device=accelerator.device)
+        say(f"resuming from step {start_step} of {total_steps} ({resume_dir})")
     accelerator.wait_for_everyone()
+    if is_main:
+        if state is None:
+            clear_resume(out)
+            loss_store.unlink(missing_ok=True)  # a run from scratch starts its curve afresh
+        else:
+            _truncate_curve(loss_store, start_step)  # rows written after the state was saved are redone
+            if resume_dir.name != RESUME_DIR:  # a kill between writing a state and renaming it into place
+                shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
+                resume_dir.rename(out / RESUME_DIR)
+    accelerator.wait_for_everyone()
+
+    # ---- loop
     curve = Store(loss_store) if is_main else None
     pending: list[dict[str, Any]] = []
-    ema = None
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # supervised, all tokens, sum L^2
-    it = iter(loader)
+    # the data order is fixed by the plan: a resumed run skips the micro-batches of the steps done
+    it = iter(accelerator.skip_first_batches(loader, start_step * P.grad_accum) if start_step else loader)
     model.train()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and is_main))
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not (progress and is_main))
     t_loop = time.time()
-    step_losses: list[float] = []
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         window = []
         for _ in range(P.grad_accum):
             try:
@@ -665,7 +948,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(**_model_inputs(batch)).logits
-                    loss, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab)
+                    loss, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab,
+                                      P.kl_chunk_tokens)
                 else:
                     loss = ce
                 # mean over the step's supervised tokens on all ranks; DDP/FSDP average gradients over ranks
@@ -696,10 +980,20 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         if is_main and ((step + 1) % P.log_every == 0 or step + 1 == total_steps):
             curve.append(pending)
             pending = []
+        if P.save_every and (step + 1) % P.save_every == 0 and step + 1 < total_steps:
+            if is_main:
+                curve.append(pending)  # the curve up to this step is on disk before the state that follows it
+                pending = []
+            now = time.time()
+            save_resume(accelerator, out, {
+                "step": step + 1, "fingerprint": fingerprint, "ema": ema, "step_losses": step_losses,
+                "totals": [float(x) for x in accelerator.reduce(totals.clone(), "sum")],
+                "wall_clock_s": prior["wall_clock_s"] + now - t_start, "train_s": prior["train_s"] + now - t_loop,
+                "peak_memory_gb": max(prior["peak_memory_gb"], _peak_memory(on_gpu)[0]), "saved_at": now})
     bar.close()
     if is_main and pending:
         curve.append(pending)
-    train_seconds = time.time() - t_loop
+    train_seconds = prior["train_s"] + time.time() - t_loop
     totals = accelerator.reduce(totals, "sum")
 
     # ---- validation
@@ -713,13 +1007,16 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     # ---- save
     t_save = time.time()
     ckpt = save(model, accelerator, data, P, on_gpu)
+    if is_main:
+        clear_resume(out)  # the final model is saved: nothing left to resume
     save_seconds = time.time() - t_save
 
     # ---- accounting
     peak, peak_kind = _peak_memory(on_gpu)
-    peak_all = float(accelerator.gather(torch.tensor([peak], device=accelerator.device)).max())
+    peak_all = max(float(accelerator.gather(torch.tensor([peak], device=accelerator.device)).max()),
+                   prior["peak_memory_gb"])
     ranks_finished = int(accelerator.reduce(torch.ones(1, device=accelerator.device), "sum"))
-    wall = time.time() - t_start
+    wall = prior["wall_clock_s"] + time.time() - t_start  # a resumed run adds the time up to its state
     gpus = world if on_gpu else 0
     sup_seen, all_seen, sq = int(totals[0]), int(totals[1]), int(totals[2])
     flops, formula = flops_estimate(params["flops"], all_seen, n_layers, d_attn, sq, P.method, teacher_params)
@@ -757,6 +1054,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         "ranks_finished": ranks_finished, "gpus": gpus,
         "gpu_hours": wall / 3600 * gpus, "peak_memory_gb": peak_all, "peak_memory_kind": peak_kind,
         "flops": flops, "flops_formula": formula, "checkpoint": ckpt,
+        "resumed_from_step": start_step or None, "save_every": P.save_every,
     }
     say(f"done: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
         f"val {metrics['val_loss']}, {sup_seen:,} trainable tokens, {wall:.0f} s")
