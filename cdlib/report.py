@@ -579,13 +579,14 @@ def pareto(runs: pl.DataFrame, x: str = "mean_completion_tokens") -> alt.FacetCh
     yenc = alt.Y("accuracy:Q", title="Overall accuracy")
     tooltip = RUN_KEYS + [alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip(f"{x}:Q", format=",.0f"), "on_front:N"]
     tooltip += [c for c in ("budget", "train_cell") if c in df.columns]  # epoch-based or compute-matched
+    if df["method"].n_unique() > 1:  # LoRA and full runs of one student get their own marks
+        df = df.with_columns(student_method=pl.col("student") + pl.lit(", ") + pl.col("method"))
+        shape = alt.Shape("student_method:N", title="Student, method")
+    else:
+        shape = alt.Shape("student:N", sort=ORDER["student"], title="Student")
     base = alt.Chart(df)
-    points = base.mark_point(filled=True, size=60).encode(
-        x=xenc, y=yenc,
-        color=_color(df),
-        shape=alt.Shape("student:N", sort=ORDER["student"], title="Student"),
-        tooltip=tooltip,
-    )
+    points = base.mark_point(filled=True, size=60).encode(x=xenc, y=yenc, color=_color(df), shape=shape,
+                                                          tooltip=tooltip)
     line = base.transform_filter("datum.on_front").mark_line(color="gray", strokeDash=[4, 3]).encode(
         x=xenc, y=yenc, order=f"{x}:Q", tooltip=tooltip)
     return alt.layer(line, points, data=df).properties(width=320, height=260).facet(

@@ -261,3 +261,16 @@ def test_table4_from_per_trace_records():
     assert t4["n_correct"].to_list() == [2, 1, 3]
     assert t4["mean_reasoning_chars"].to_list()[:2] == [3.0, 6.0]
     assert t4["mean_completion_tokens"].to_list()[:2] == [15.0, 5.0]
+
+
+def test_pareto_marks_lora_and_full_runs_apart():
+    runs = pl.DataFrame({"teacher": ["t"] * 3, "student": ["s"] * 3, "method": ["full", "full", "lora"],
+                         "source": ["raw", "extractive", "extractive"], "accuracy": [0.1, 0.8, 0.2],
+                         "mean_completion_tokens": [200.0, 50.0, 48.0]})
+    spec = report.pareto(runs).to_dict()
+    shape = spec["spec"]["layer"][1]["encoding"]["shape"]
+    assert shape["field"] == "student_method"
+    values = {r["student_method"] for r in spec["datasets"][next(iter(spec["datasets"]))]}
+    assert values == {"s, full", "s, lora"}
+    one_method = report.pareto(runs.filter(pl.col("method") == "full")).to_dict()
+    assert one_method["spec"]["layer"][1]["encoding"]["shape"]["field"] == "student"
