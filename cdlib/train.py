@@ -371,12 +371,14 @@ def _supervised_rows(labels: Any) -> Any:
 
 def _kl_chunk(s: Any, t: Any, direction: str, want_grad: bool) -> tuple[Any, Any]:
     """Divergence summed over the rows of one chunk of logits (fp32) and, with ``want_grad``, its
-    gradient with respect to ``s``; the ops of the value are those of the unchunked :func:`kl_sum`.
+    gradient with respect to ``s``; the value is computed as by the unchunked :func:`kl_sum`
+    (JSD's log m with ``logaddexp`` instead of a stacked ``logsumexp``, equal to rounding).
 
     With ``q = softmax(s)`` and a loss ``L(q)``, ``dL/ds = q * (g - <q, g>)`` where
     ``g = dL/dq``: forward KL gives ``q - p``, reverse ``q * (log q - log p - KL)``,
     JSD ``q * (h - <q, h>)`` with ``h = (log q - log m) / 2``. Work tensors are
-    reused in place so a chunk holds about four ``rows x vocab`` fp32 tensors.
+    reused in place where that is simple: a chunk's peak is a handful of
+    ``rows x vocab`` fp32 tensors (``benchmarks/bench_kl.py``).
     """
     import torch
     import torch.nn.functional as F
@@ -397,7 +399,7 @@ def _kl_chunk(s: Any, t: Any, direction: str, want_grad: bool) -> tuple[Any, Any
             del log_p
             grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
     else:
-        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+        log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))  # = the reference's logsumexp of the pair
         loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
                       + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
         if want_grad:
