@@ -203,6 +203,7 @@ class TrainParams(StageParams):
     tiny_hidden: int = Field(128, ge=64)  # toy students from scratch: hidden size (heads of dim 64)
     tiny_layers: int = Field(4, ge=1)  # toy students: decoder layers
     tiny_vocab: int = Field(1000, ge=300)  # toy students: BPE vocabulary trained on the input records
+    tiny_tokenizer_data: str | None = None  # toy students: cell whose records train the tokenizer (default: the training data; one cell for all = one vocabulary)
     kl_chunk_tokens: int = Field(2048, ge=0)  # objective kl: positions per chunk of the divergence (0: all at once)
     save_every: int = Field(200, ge=0)  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
 

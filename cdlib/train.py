@@ -166,6 +166,20 @@ def toy_corpus(records: list[dict[str, Any]]) -> list[str]:
     return texts
 
 
+def tokenizer_records(data_dir: str | Path) -> list[dict[str, Any]]:
+    """Unflagged records of any input cell (traces, compressed or truncated) to train a toy tokenizer on.
+
+    Pointing every toy student of a grid at the same cell (the generate cell) gives
+    them one vocabulary, as pretrained students share theirs: output token counts
+    then compare across sources, and any of them can be another's KL teacher.
+    """
+    path = detect_data_file(data_dir)
+    rows = [r for r in Store(path).read() if r.get("flag") is None]
+    if not rows:
+        raise TrainError(f"tiny_tokenizer_data {path}: no unflagged records to train a tokenizer on")
+    return rows
+
+
 def make_toy_student(out_dir: str | Path, records: list[dict[str, Any]], P: TrainParams,
                      tokenizer_from: str | None = None) -> Path:
     """A tiny Qwen2 model from scratch in ``out_dir`` (HF layout); idempotent when it exists.
@@ -244,7 +258,8 @@ def prepare(P: TrainParams, *, is_main: bool = True, audit_show: int = 2) -> Pre
     out = Path(P.out_dir)
     teacher = resolve_pretrained(P.kl_teacher, out / "kl_teacher", "kl_teacher") if P.objective == "kl" else None
     if is_toy(P.student):
-        source = str(make_toy_student(out / "base", records, P, tokenizer_from=teacher))
+        corpus = tokenizer_records(P.tiny_tokenizer_data) if P.tiny_tokenizer_data else records
+        source = str(make_toy_student(out / "base", corpus, P, tokenizer_from=teacher))
     else:
         source = resolve_pretrained(P.student, out / "base", "student")
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -53,6 +53,9 @@ max_grad_norm: float = 1.0  # gradient clipping (0: off)
 tiny_hidden: int = 128  # toy students: hidden size
 tiny_layers: int = 4  # toy students: decoder layers
 tiny_vocab: int = 1000  # toy students: BPE vocabulary size trained on the records
+tiny_tokenizer_data: str = None  # toy students: cell whose records train the tokenizer (None: the training data)
+kl_chunk_tokens: int = 2048  # objective kl: positions per chunk of the divergence (0: all at once)
+save_every: int = 200  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
 
 # %%
 import cdlib.grid

@@ -275,3 +275,17 @@ def test_pareto_gives_every_source_its_own_colour(tmp_path):
     domain, colours = color["scale"]["domain"], color["scale"]["range"]
     assert {"dte-0.5", "dte-0.5-reasoning", "dte-0.25", "dte-cot", "mpd", "kl-extractive", "Raw"} <= set(domain)
     assert len(set(colours)) == len(colours) == len(domain)
+
+
+def test_toy_students_share_one_vocabulary_when_pointed_at_one_cell(toy_cells, tmp_path):
+    """tiny_tokenizer_data: students on raw and on compressed traces get the same toy tokenizer
+    (so one can be the other's KL teacher); without it each trains its own on its own data."""
+    def vocab(name, data, source, shared):
+        P = TrainParams(out_dir=str(tmp_path / name), data=str(data), source=source, student="toy-student",
+                        max_steps=1, tiny_tokenizer_data=str(toy_cells["generate"]) if shared else None, **QUICK)
+        return T.prepare(P, audit_show=0).tokenizer.get_vocab()
+
+    shared = [vocab(f"s-{s}", toy_cells[c], s, True) for c, s in (("generate", "raw"), ("extractive", "extractive"))]
+    assert shared[0] == shared[1]
+    own = vocab("own-extractive", toy_cells["extractive"], "extractive", False)
+    assert own != shared[1]

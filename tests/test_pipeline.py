@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def reduced_demo(tmp_path, name="mini"):
-    """params/demo.yaml shrunk: fewer questions, fewer steps, three students (raw, extractive, LoRA)."""
+    """params/demo.yaml shrunk: fewer questions, fewer steps; students on raw and extractive traces, a LoRA
+    student, one Distilling-the-Essence student and the Mixed-Policy Distillation chain."""
     spec = yaml.safe_load((REPO / "params/demo.yaml").read_text())
     spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
     spec["name"] = name
@@ -35,7 +36,11 @@ def reduced_demo(tmp_path, name="mini"):
     spec["axes"]["compressor"]["tiny-lm"]["compress"]["sampling"]["max_tokens"] = 16
     spec["axes"]["student"]["tiny"]["train"].update(tiny_layers=1)
     spec["stages"]["report"]["params"]["grid_dir"] = str(tmp_path / "out" / name)
-    spec["exclude"] += [{"source": "answer_only"}, {"source": "truncated"}]
+    spec["exclude"] += [{"source": "answer_only"}, {"source": "truncated"}, {"source": "dte-0.5"}]
+    spec["axes"]["source"]["dte-0.5-reasoning"]["train"]["max_steps"] = 6
+    spec["stages"]["sample"]["params"].update(limit=8)
+    spec["stages"]["sample"]["params"]["sampling"]["max_tokens"] = 48
+    spec["stages"]["mpd"]["params"].update(max_steps=4, log_every=2)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -43,16 +48,19 @@ def reduced_demo(tmp_path, name="mini"):
 
 def test_reduced_demo_end_to_end(tmp_path):
     grid = reduced_demo(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     g = Grid(grid, root=REPO)
     root = tmp_path / "out/mini"
     assert {c.id for c in g.cells} == {
         "generate/toy", "compress/toy__extractive", "compress/toy__tiny-lm", "truncate/toy",
         "train/toy__tiny__full__raw", "train/toy__tiny__full__extractive", "train/toy__tiny__lora__extractive",
+        "train/toy__tiny__full__dte-0.5-reasoning",
+        "sample/toy__tiny__full", "rewrite/toy__tiny__full", "mpd/toy__tiny__full",
         "evaluate/toy__tiny__full__raw", "evaluate/toy__tiny__full__extractive",
-        "evaluate/toy__tiny__lora__extractive",
+        "evaluate/toy__tiny__lora__extractive", "evaluate/toy__tiny__full__dte-0.5-reasoning",
+        "evaluate/toy__tiny__full__mpd",
         "judge/toy__extractive", "judge/toy__tiny-lm", "report"}
     for c in g.cells:
         m = json.loads((root / c.stage / c.slug / "manifest.json").read_text())
@@ -66,14 +74,27 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert ckpt["adapter"] and Path(ckpt["adapter"]).exists()
     res = pl.read_parquet(root / "results.parquet")
     ev = res.filter(pl.col("stage") == "evaluate")
-    assert ev.height == 3 and set(ev["method"]) == {"full", "lora"} and ev["accuracy"].is_not_null().all()
+    assert ev.height == 5 and set(ev["method"]) == {"full", "lora"} and ev["accuracy"].is_not_null().all()
     assert (ev["n"] == 12).all() and (ev["mean_completion_tokens"] > 0).all()
+    # the neighbouring methods: a DtE student on half of each reasoning span, MPD by KL on rewrites
+    tr = res.filter(pl.col("stage").is_in(["train", "mpd"]))
+    dte = tr.filter(pl.col("cell") == "train/toy__tiny__full__dte-0.5-reasoning").row(0, named=True)
+    assert (dte["truncate_ratio"], dte["truncate_span"]) == (0.5, "reasoning") and 0 < dte["kept_token_fraction"] < 1
+    mpd = tr.filter(pl.col("stage") == "mpd").row(0, named=True)
+    assert (mpd["objective"], mpd["kl_direction"], mpd["metric.source"]) == ("kl", "forward", "mpd")  # source: an axis name
+    assert mpd["kl_teacher_model"].endswith("train/toy__tiny__full__extractive/model")
+    assert json.loads((root / "sample/toy__tiny__full/metrics.json").read_text())["kept"] == 8  # keep: all
+    # every student shares the generate cell's toy tokenizer, so token counts compare and KL lines up
+    vocabs = {json.loads((root / "train" / c / "base/tokenizer.json").read_text())["model"]["vocab"].__len__()
+              for c in ("toy__tiny__full__raw", "toy__tiny__full__extractive", "toy__tiny__full__dte-0.5-reasoning")}
+    assert len(vocabs) == 1
     report = root / "report/index.html"
-    assert report.exists() and "Table" in report.read_text()
+    html = report.read_text()
+    assert "Table" in html and "kept fraction" in html.lower() and "mpd" in html
     # a rerun skips every finished cell
     again = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and "13 already done, 0 to run" in again.stdout
+    assert again.returncode == 0 and "19 already done, 0 to run" in again.stdout
 
 
 @pytest.mark.slow
@@ -84,15 +105,15 @@ def test_demo_grid(tmp_path):
     spec["stages"]["report"]["params"]["grid_dir"] = str(tmp_path / "out/demo")
     grid = tmp_path / "demo.yaml"
     grid.write_text(yaml.safe_dump({k: v for k, v in spec.items() if not k.startswith("x-")}, sort_keys=False))
-    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
-                         text=True, timeout=3600)
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stdout[-3000:]
     root = tmp_path / "out/demo"
     for c in Grid(grid, root=REPO).cells:
         m = json.loads((root / c.stage / c.slug / "manifest.json").read_text())
         assert m["status"] == "done" and m["wall_clock_s"] > 0, c.id
     res = pl.read_parquet(root / "results.parquet").filter(pl.col("stage") == "evaluate")
-    assert set(res["source"]) == {"raw", "extractive", "truncated", "answer_only"}
+    assert set(res["source"]) == {"raw", "extractive", "truncated", "answer_only", "dte-0.5", "dte-0.5-reasoning", "mpd"}
     assert {"accuracy", "mean_completion_tokens", "train_tokens", "method"} <= set(res.columns)
     index = (root / "report/index.html").read_text()
     assert "Table 4" in index and "Pareto" in index
