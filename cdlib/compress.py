@@ -145,11 +145,16 @@ def toy_rewrite(rec: dict[str, Any]) -> str:
     """The toy world's stand-in for a teacher rewriting a trajectory: the correct minimal steps and the answer.
 
     ``rec`` is a toy question row (or a trace record of one); its own reasoning is
-    not read, since the toy teacher knows the solution of every toy question.
+    not read, since the toy teacher knows the solution of every toy question. The
+    conclusion is worded as the toy teacher words it ("So the final number of pens
+    is 3."), as a real teacher rewrites in its own words: the KL teacher of
+    Mixed-Policy Distillation then predicts the rewrite's tokens, rather than
+    pulling the student towards a continuation the rewrite never takes.
     """
-    from cdlib.toy import solution_steps
+    from cdlib.toy import parse_question, solution_steps
 
-    return "\n".join([*solution_steps(rec), f"So the answer is {rec['gold']}."])
+    item = parse_question(rec["question"], rec.get("id", "<row>")).item
+    return "\n".join([*solution_steps(rec), f"So the final number of {item} is {rec['gold']}."])
 
 
 def verified_answer(rec: dict[str, Any]) -> str:

@@ -165,7 +165,7 @@ def test_mpd_chain_samples_rewrites_and_distills_against_a_trained_teacher(toy_c
     for t in traces:
         r = rewritten[t["id"]]
         assert r["reasoning"].splitlines()[:-1] == toy.solution_steps(t)
-        assert r["reasoning"].splitlines()[-1] == f"So the answer is {t['gold']}."
+        assert r["reasoning"].splitlines()[-1] == f"So the final number of {toy.parse_question(t['question']).item} is {t['gold']}."
         assert r["original_reasoning"] == t["reasoning"] and r["flag"] is None
         if not t["correct"]:
             assert r["answer"] == f"The answer is \\boxed{{{t['gold']}}}." and r["original_correct"] is False
