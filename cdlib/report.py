@@ -400,9 +400,10 @@ def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale: float = 2
 
 
 PALETTE = {"raw": "#4c78a8", "answer_only": "#f58518", "truncated": "#e45756",
-           "llama70b": "#54a24b", "ministral14b": "#b279a2"}
-EXTRA_COLORS = ["#72b7b2", "#eeca3b", "#ff9da6", "#9d755d", "#bab0ac",
-                "#17becf", "#bcbd22", "#e377c2", "#393b79", "#8c6d31"]  # ten, so neighbouring sources do not share one
+           "llama70b": "#54a24b", "ministral14b": "#b279a2",
+           "extractive": "#72b7b2", "mpd": "#9d755d"}  # the toy world's compressor and MPD keep theirs too
+EXTRA_COLORS = ["#eeca3b", "#ff9da6", "#bab0ac",
+                "#17becf", "#bcbd22", "#e377c2", "#393b79", "#8c6d31"]  # eight more, so neighbouring sources do not share one
 
 
 def _color(df: pl.DataFrame, col: str = "source", title: str = "Source") -> alt.Color:
