@@ -28,7 +28,10 @@ if fail:
 time.sleep(sleep_s)
 
 # %%
-(out / "metrics.json").write_text(json.dumps({"y": y, "x": x}))
+import os
+
+cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))))  # the runner's --jobs pins each cell
+(out / "metrics.json").write_text(json.dumps({"y": y, "x": x, "cpus": cpus, "omp": os.environ.get("OMP_NUM_THREADS")}))
 if log:
     with open(log, "a") as f:
         f.write(f"end {out_dir}\n")
