@@ -578,6 +578,19 @@ def _waits_for(grid: Grid, c: Cell, todo: list[Cell]) -> list[str]:
     return [t.id for t in todo if order.index(t.stage) < order.index(c.stage)]
 
 
+def _child_setup(cpus: list[int]) -> None:
+    """In a ``--jobs`` cell process before it starts: pin it to its CPUs and, on Linux, have it
+    interrupted (SIGINT, so papermill stops its kernel) if the runner dies, even by SIGKILL:
+    an orphaned cell would otherwise race the next run's copy of itself."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
+
+
 def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int,
                  poll_s: float = 0.5) -> dict[str, str]:
     """Run ``todo`` with up to ``jobs`` cells at once, each as ``python -m cdlib.grid run GRID --cell ID``.
@@ -625,10 +638,9 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                       f"slot {slot}) ...", flush=True)
                 out = tempfile.TemporaryFile()
                 cpus = [int(x) for x in slots[slot]["CDLIB_CPUS"].split(",")]
-                pin = (lambda cpus=cpus: os.sched_setaffinity(0, cpus)) if hasattr(os, "sched_setaffinity") else None
                 p = subprocess.Popen([sys.executable, "-m", "cdlib.grid", "run", grid_file, "--cell", c.id],
                                      cwd=grid.root, env={**os.environ, **slots[slot]}, stdout=out,
-                                     stderr=subprocess.STDOUT, preexec_fn=pin)
+                                     stderr=subprocess.STDOUT, preexec_fn=lambda cpus=cpus: _child_setup(cpus))
                 running[c.id] = (p, slot, out, c)
                 status[c.id] = "running"
                 pending.remove(c)

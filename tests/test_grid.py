@@ -266,3 +266,34 @@ def test_a_report_stage_reruns_when_an_earlier_cell_finished_after_it(tmp_path):
     (tmp_path / "out/t/summary/manifest.json").write_text(json.dumps(summary))
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "4 already done, 1 to run" in out.stdout and "summary: done" in out.stdout
+
+
+def test_parallel_cells_stop_when_the_runner_is_killed(tmp_path):
+    """SIGKILL of the --jobs runner alone (not its process group): its cell processes are interrupted
+    too, instead of running on as orphans beside the next run."""
+    grid = make_grid(tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"]["parent"]["params"]["sleep_s"] = 120.0
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    p = subprocess.Popen([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and sum(line.startswith("start") for line in _log(tmp_path)) < 2:
+        time.sleep(0.2)
+    pids = [json.loads((tmp_path / "out/t/parent" / x / "manifest.json").read_text())["pid"] for x in ("two", "three")]
+    p.kill()
+    p.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its parent counts as gone
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.time() + 60
+    while time.time() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(0.5)
+    assert not any(alive(pid) for pid in pids), "cell processes outlived the runner"
+    assert not any(line.startswith("end") for line in _log(tmp_path))
