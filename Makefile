@@ -42,8 +42,9 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
+# JupyterLab on the repository, .py notebooks opening as notebooks (cdlib/lab.py)
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m cdlib.lab
 
 clean-demo:
 	rm -rf outputs/demo

@@ -11,6 +11,7 @@ reports what a notebook declares, through papermill's own inspection.
 from __future__ import annotations
 
 import ast
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,39 @@ def read(path: str | Path):
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata.setdefault("language_info", {"name": "python"})
     return nb
+
+
+def project_root(start: str | Path | None = None) -> Path | None:
+    """The checkout of this project that holds ``start`` (default: the working directory), or None.
+
+    A checkout is the nearest directory at or above ``start`` with a ``pyproject.toml``
+    naming ``compress-distill`` beside a ``notebooks/`` folder.
+    """
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        meta = d / "pyproject.toml"
+        if (d / "notebooks").is_dir() and meta.is_file() and 'name = "compress-distill"' in meta.read_text():
+            return d
+    return None
+
+
+def enter_project_root() -> Path:
+    """Make relative paths resolve from the repository root, whatever the kernel's working directory.
+
+    JupyterLab starts a notebook's kernel in the notebook's folder (``notebooks/``), while
+    the grid runner and the README write every path relative to the repository root
+    (``outputs/demo/...``). Called by every notebook's validation cell
+    (:func:`cdlib.params.from_notebook`): inside a checkout it changes to the root and says
+    so once; outside one (a grid run in another folder) it leaves the directory alone.
+    Returns the working directory in force.
+    """
+    cwd = Path.cwd().resolve()
+    root = project_root(cwd)
+    if root is not None and root != cwd:
+        os.chdir(root)
+        print(f"working directory: {root} (paths in the parameters resolve from the repository root)")
+        return root
+    return cwd
 
 
 def _parameter_cells(nb) -> list[int]:

@@ -255,9 +255,9 @@ class ExploreParams(DataParams):
     is one teacher, or "teacher/source" to say which teacher's traces they hold.
     """
 
-    generate: dict[str, str] = {"toy": "outputs/scratch/generate"}  # teacher label -> generate cell dir
-    compressed: dict[str, str] = {"extractive": "outputs/scratch/compress"}  # compressor ("teacher/compressor") -> cell
-    truncated: dict[str, str] = {"truncated": "outputs/scratch/truncate"}  # label ("teacher/label") -> truncate cell
+    generate: dict[str, str] = {"toy": "outputs/demo/generate/toy"}  # teacher label -> generate cell dir (default: make demo's)
+    compressed: dict[str, str] = {"extractive": "outputs/demo/compress/toy__extractive"}  # compressor ("teacher/compressor") -> cell
+    truncated: dict[str, str] = {"truncated": "outputs/demo/truncate/toy"}  # label ("teacher/label") -> truncate cell
     splits: list[Literal["train", "eval"]] = ["train", "eval"]  # splits of the question-pool statistics
     tokenizer: str = "whitespace"  # counts every source alike: "whitespace", "chars/4" or a HF id/path
     filter_datasets: list[str] = []  # show only these datasets (empty: all)
@@ -312,7 +312,15 @@ def validate(model: type[BaseModel] | str, values: dict[str, Any], source: str =
 
 
 def from_notebook(stage: str, namespace: dict[str, Any]) -> Any:
-    """Validate a notebook's parameters: pick the stage's fields out of ``namespace`` (``globals()``)."""
+    """Validate a notebook's parameters: pick the stage's fields out of ``namespace`` (``globals()``).
+
+    First moves to the repository root when the kernel runs inside a checkout
+    (:func:`cdlib.notebook.enter_project_root`), so the same relative paths work in
+    JupyterLab, under papermill and in the grid runner.
+    """
+    from cdlib.notebook import enter_project_root
+
+    enter_project_root()
     cls = STAGE_MODELS[stage]
     values = {k: namespace[k] for k in cls.model_fields if k in namespace}
     return validate(cls, values, source=f"notebook parameters of stage '{stage}'")
