@@ -1,6 +1,6 @@
 """JupyterLab as a person opens it (issue 16 item 1), through its REST and kernel APIs.
 
-A throw-away checkout (pyproject, notebooks, the project's JupyterLab settings) gets
+The ``demo_checkout`` fixture (conftest) is a throw-away checkout holding
 what ``make demo`` leaves for the first stages (generate, extractive compression,
 truncation: the demo's own cell ids, a small toy pool), then JupyterLab serves it the way
 ``make lab`` does (:func:`cdlib.lab.command`). The test checks that a ``.py`` notebook's
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cdlib import lab
 
@@ -35,31 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _demo_checkout(root: Path) -> None:
-    """A checkout whose outputs/demo holds the demo's generate, compress and truncate cells (small pool)."""
-    root.mkdir()
-    for name in ("pyproject.toml",):
-        shutil.copy(REPO / name, root / name)
-    for folder in ("notebooks", "jupyter"):
-        shutil.copytree(REPO / folder, root / folder)
-    demo = yaml.safe_load((REPO / "params/demo.yaml").read_text())
-    toy = {"n_train": 40, "n_test": 8, "slip_rate": 0.3}
-    grid = {
-        "name": "demo",
-        "axes": {"teacher": {"toy": demo["axes"]["teacher"]["toy"]},
-                 "compressor": {"extractive": demo["axes"]["compressor"]["extractive"]}},
-        "stages": {k: demo["stages"][k] for k in ("generate", "compress", "truncate")},
-    }
-    grid["stages"]["generate"]["params"]["toy"] = toy
-    (root / "params").mkdir()
-    (root / "params/mini.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))
-    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", "params/mini.yaml"], cwd=root,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    for cell in ("generate/toy", "compress/toy__extractive", "truncate/toy"):
-        assert (root / "outputs/demo" / cell / "manifest.json").exists(), cell
 
 
 class Lab:
@@ -140,10 +112,9 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(demo_checkout, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lab")
-    root = tmp / "checkout"
-    _demo_checkout(root)
+    root = demo_checkout
     server = Lab(root, tmp)
     yield server, root
     server.close()
