@@ -686,7 +686,7 @@ RESUME_DIR = "resume"  # <out_dir>/resume/: the latest resumable training state
 RESUME_STATE = "trainer_state.json"  # written last: a state directory without it is incomplete
 # keys that change how a run computes, not what it trains: a resumed run may change them
 # (e.g. a smaller kl_chunk_tokens after running out of memory)
-RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "kl_chunk_tokens", "gradient_checkpointing",
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "kl_chunk_tokens", "gradient_checkpointing",
                     "accelerate_config")
 
 
@@ -837,11 +837,14 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of earlier work in the process
     mixed = "bf16" if on_gpu and P.bf16 else "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu)  # cpu=True: torchrun ranks use gloo
+    out = Path(P.out_dir)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu,  # cpu=True: torchrun ranks use gloo
+                              log_with=None if P.report_to == "none" else P.report_to,
+                              project_dir=str(out / "trackers"))
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(P.seed)
-    out = Path(P.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    tracker = start_tracking(accelerator, P, out)  # None unless P.report_to names one
     say = log if is_main else (lambda *a, **k: None)
 
     if data is None:
@@ -996,6 +999,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         bar.set_postfix(loss=f"{step_loss:.3f}", ema=f"{ema:.3f}")
         if is_main and ((step + 1) % P.log_every == 0 or step + 1 == total_steps):
             curve.append(pending)
+            track_steps(accelerator, tracker, pending)
             pending = []
         if P.save_every and (step + 1) % P.save_every == 0 and step + 1 < total_steps:
             if is_main:
@@ -1020,6 +1024,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     mine = val_layout_bins[accelerator.process_index::world]
     val_batches = [collate_val([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
     val = _evaluate(model, teacher, val_batches, accelerator, P, vocab)
+    if tracker is not None:
+        accelerator.log({f"val/{k[4:]}": v for k, v in val.items() if v is not None}, step=len(step_losses))
 
     # ---- save
     t_save = time.time()
@@ -1090,6 +1096,44 @@ def _sections_seen(examples: list[dict[str, Any]], schedule: list[list[list[int]
                 for k, v in per[i].items():
                     out[k] = out.get(k, 0) + v
     return out
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+def start_tracking(accelerator: Any, P: TrainParams, out: Path) -> dict[str, float] | None:
+    """Start ``P.report_to``'s tracker through accelerate; None for "none", else the throughput clock.
+
+    The run is named after the cell directory and its config holds every training
+    parameter (scalars as they are, the rest as text, which every tracker accepts).
+    Credentials (``WANDB_API_KEY``, ``MLFLOW_TRACKING_URI``, ...) come from the
+    environment, as each tracker documents. TensorBoard writes under
+    ``<out_dir>/trackers/<tracker_project>``.
+    """
+    if P.report_to == "none":
+        return None
+    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in P.model_dump().items()}
+    names = {"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}, "trackio": {"name": out.name}}
+    accelerator.init_trackers(P.tracker_project, config=config,
+                              init_kwargs={P.report_to: names[P.report_to]} if P.report_to in names else {})
+    return {"time": time.time(), "tokens": 0}  # the last logged step, for throughput
+
+
+def track_steps(accelerator: Any, clock: dict[str, float] | None, records: list[dict[str, Any]]) -> None:
+    """Send logged steps to the tracker: loss, EMA, learning rate, KL run's CE, and tokens/s since the last log."""
+    if clock is None or not records:
+        return
+    now = time.time()
+    throughput = (records[-1]["tokens"] - clock["tokens"]) / max(now - clock["time"], 1e-9)
+    clock.update(time=now, tokens=records[-1]["tokens"])
+    for rec in records:
+        values = {"train/loss": rec["loss"], "train/ema": rec["ema"], "train/lr": rec["lr"],
+                  "train/tokens": rec["tokens"]}
+        if "ce" in rec:
+            values["train/ce"] = rec["ce"]
+        if rec is records[-1]:
+            values["train/tokens_per_s"] = throughput
+        accelerator.log(values, step=rec["step"])
 
 
 # --------------------------------------------------------------------------- save
