@@ -1,0 +1,163 @@
+"""Progress: the stages' bars, and the grid runner's run-level view.
+
+Stages draw their bars with :func:`tqdm`: a widget in JupyterLab, text elsewhere. Inside a
+grid cell (the runner sets ``CDLIB_TEXT_PROGRESS``) the bar is plain text on stderr, which
+papermill copies into the cell's ``log.txt``, refreshed every ``CDLIB_PROGRESS_S`` seconds
+(default 10) so logs stay small. The runner reads the last ``x/y`` of each running cell's
+log (:func:`cell_progress`) and :class:`RunProgress` prints cells done / total, each
+running cell with its own progress, elapsed time and an ETA: a line redrawn in place on a
+terminal, plain lines every ``interval`` seconds otherwise (CI logs, ``nohup``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+TEXT_ENV = "CDLIB_TEXT_PROGRESS"
+# tqdm's "12/345 [" (counts before the elapsed-time bracket); papermill's own cell bar says "Executing"
+_COUNTS = re.compile(r"(?:([\w .()/-]{1,40}?):\s*)?(?:\d+%\|[^|]*\|\s*)?(\d+)/(\d+) \[")
+
+
+def tqdm(*args: Any, **kwargs: Any):
+    """A tqdm bar: ``tqdm.auto`` (widgets in JupyterLab), or plain text on stderr inside a grid cell."""
+    if os.environ.get(TEXT_ENV):
+        from tqdm.std import tqdm as text_tqdm
+
+        kwargs.setdefault("file", sys.stderr)
+        kwargs.setdefault("mininterval", float(os.environ.get("CDLIB_PROGRESS_S", "10")))
+        kwargs.setdefault("ascii", True)
+        return text_tqdm(*args, **kwargs)
+    from tqdm.auto import tqdm as auto_tqdm
+
+    return auto_tqdm(*args, **kwargs)
+
+
+def cell_progress(log: str | Path, tail_bytes: int = 16384) -> tuple[str, int, int] | None:
+    """The last progress count in a cell's log: ``(label, done, total)``, or None.
+
+    A stage's own bar (``train: 640/1500``) wins over papermill's notebook-cell bar
+    (``Executing: 4/12``), which is shown only while no stage bar has drawn yet.
+    """
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - tail_bytes))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = [(m.group(1) or "", int(m.group(2)), int(m.group(3))) for m in _COUNTS.finditer(text)]
+    stage = [x for x in found if x[0].strip() != "Executing"]
+    pick = (stage or found or [None])[-1]
+    if pick is None or pick[2] <= 0:
+        return None
+    label = pick[0].strip() or "progress"
+    return ("cells" if label == "Executing" else label), pick[1], pick[2]
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class RunProgress:
+    """Run-level progress of one ``grid run``: call :meth:`started` / :meth:`finished` per cell.
+
+    ``start()`` launches a thread that prints :meth:`line` every ``interval`` seconds
+    (a redrawn line on a terminal, a plain line otherwise, only when it changed);
+    ``stop()`` ends it. The ETA is the mean wall-clock of the cells finished in this
+    run times the cells left (running ones counted by their own fraction), over the
+    number of cells running at once.
+    """
+
+    def __init__(self, total: int, jobs: int = 1, stream: TextIO | None = None, interval: float | None = None):
+        self.total, self.jobs = total, max(1, jobs)
+        self.stream = stream or sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if interval is not None else (2.0 if self.tty else 30.0)
+        self.t0 = time.monotonic()
+        self.done = 0
+        self.durations: list[float] = []
+        self.running: dict[str, tuple[Path, float]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last = ""
+
+    def started(self, cell_id: str, log: str | Path) -> None:
+        with self._lock:
+            self.running[cell_id] = (Path(log), time.monotonic())
+
+    def finished(self, cell_id: str) -> None:
+        with self._lock:
+            _, t = self.running.pop(cell_id, (None, None))
+            self.done += 1
+            if t is not None:
+                self.durations.append(time.monotonic() - t)
+
+    def line(self) -> str:
+        """``grid: 12/25 cells done · running: train/x 640/1500 train (43%) · elapsed 4m12s · ETA ~6m``."""
+        with self._lock:
+            running = dict(self.running)
+            done, durations = self.done, list(self.durations)
+        parts = [f"grid: {done}/{self.total} cells done"]
+        fractions = 0.0
+        shown = []
+        for cid, (log, _) in running.items():
+            p = cell_progress(log)
+            if p is None:
+                shown.append(cid)
+                continue
+            label, x, y = p
+            fractions += min(1.0, x / y)
+            shown.append(f"{cid} {x}/{y} {label} ({100 * x / y:.0f}%)")
+        if shown:
+            parts.append("running: " + ", ".join(shown))
+        elapsed = time.monotonic() - self.t0
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if durations:
+            left = self.total - done - fractions
+            parts.append(f"ETA ~{_duration(max(0.0, left) * sum(durations) / len(durations) / self.jobs)}")
+        return " · ".join(parts)
+
+    def _draw(self, force: bool = False) -> None:
+        text = self.line()
+        if self.tty:
+            self.stream.write("\r\x1b[K" + text[: 200])
+        elif force or text.split(" · elapsed")[0] != self._last.split(" · elapsed")[0]:
+            self.stream.write(text + "\n")
+        else:
+            return
+        self._last = text
+        self.stream.flush()
+
+    def say(self, message: str) -> None:
+        """Print a cell's start or end line (on a terminal, above the redrawn progress line)."""
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._draw()
+
+    def start(self) -> RunProgress:
+        self._thread = threading.Thread(target=self._loop, name="grid-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.tty:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()

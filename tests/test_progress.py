@@ -1,0 +1,75 @@
+"""Run-level progress of grid runs (issue 16 item 3): log parsing, the status line, plain lines off a terminal."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import threading
+
+from cdlib import progress
+
+
+def test_cell_progress_prefers_the_stage_bar_over_papermills(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("Executing:  33%|###3      | 4/12 [00:01<00:02,  2.74cell/s]\n")
+    assert progress.cell_progress(log) == ("cells", 4, 12)
+    with log.open("a") as f:
+        f.write("train:  10%|#         | 150/1500 [00:30<04:30,  5.00step/s, loss=3.2]\n")
+        f.write("train:  43%|####3     | 640/1500 [02:08<02:52,  5.00step/s, loss=1.9]\r")
+        f.write("Executing:  42%|####1     | 5/12 [00:01<00:02,  2.74cell/s]\n")
+    assert progress.cell_progress(log) == ("train", 640, 1500)
+    assert progress.cell_progress(tmp_path / "missing.txt") is None
+    (tmp_path / "empty.txt").write_text("no bars here 3/4 apples")
+    assert progress.cell_progress(tmp_path / "empty.txt") is None
+
+
+def test_line_counts_done_running_and_eta(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("round 1/4:  50%|#####     | 20/40 [00:02<00:02, 10q/s]\n")
+    p = progress.RunProgress(total=4, jobs=1, stream=io.StringIO())
+    p.started("generate/toy", tmp_path / "gone.txt")
+    p.finished("generate/toy")
+    p.started("compress/toy__x", log)
+    line = p.line()
+    assert line.startswith("grid: 1/4 cells done · running: compress/toy__x 20/40 round 1/4 (50%)"), line
+    assert "elapsed" in line and "ETA ~" in line
+
+
+def test_plain_lines_off_a_terminal_only_when_something_changed(tmp_path):
+    out = io.StringIO()
+    p = progress.RunProgress(total=2, stream=out, interval=0.01)
+    assert not p.tty
+    p._draw()
+    p._draw()  # nothing changed but the clock: no second line
+    p.started("a", tmp_path / "x")
+    p._draw()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in out.getvalue()
+    assert lines[1].startswith("grid: 0/2 cells done · running: a")
+
+
+def test_ticker_thread_prints_and_stops(tmp_path):
+    class Stream(io.StringIO):
+        def __init__(self):
+            super().__init__()
+            self.wrote = threading.Event()
+
+        def write(self, s):
+            self.wrote.set()
+            return super().write(s)
+
+    out = Stream()
+    p = progress.RunProgress(total=1, stream=out, interval=0.01).start()
+    assert out.wrote.wait(30)  # a condition, not a fixed sleep
+    p.stop()
+    assert "grid: 0/1 cells done" in out.getvalue()
+
+
+def test_text_bars_inside_grid_cells():
+    code = ("from cdlib.progress import tqdm\n"
+            "for _ in tqdm(range(3), desc='train', unit='step', mininterval=0): pass\n")
+    env = {**os.environ, progress.TEXT_ENV: "1"}
+    err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+    assert "train: 100%" in err and "3/3 [" in err
