@@ -206,6 +206,8 @@ class TrainParams(StageParams):
     tiny_tokenizer_data: str | None = None  # toy students: cell whose records train the tokenizer (default: the training data; one cell for all = one vocabulary)
     kl_chunk_tokens: int = Field(2048, ge=0)  # objective kl: positions per chunk of the divergence (0: all at once)
     save_every: int = Field(200, ge=0)  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
+    loss_head: Literal["auto", "full", "chunked", "liger", "cce"] = "auto"  # SFT loss head: auto = cce/liger on GPU where installed, else chunked (no full logits)
+    loss_chunk_tokens: int = Field(512, ge=1)  # chunked loss head: positions per chunk (memory ~ chunk x vocab fp32)
     report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"  # experiment tracker (accelerate): loss, lr, throughput
     tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 

@@ -371,6 +371,24 @@ def cross_entropy_sum(logits: Any, labels: Any) -> tuple[Any, int]:
     return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())
 
 
+def sft_loss(model: Any, head_model: Any, batch: dict[str, Any], head: str, chunk_tokens: int) -> tuple[Any, int]:
+    """Summed cross-entropy of ``batch``'s supervised tokens and their count.
+
+    ``head`` "full" builds the model's logits (:func:`cross_entropy_sum`); any other
+    (:func:`cdlib.losses.resolve`) computes the loss from the final hidden states in
+    chunks or a fused kernel, never building ``tokens x vocab`` logits
+    (:func:`cdlib.losses.fused_head`; ``head_model`` is the unwrapped model whose output
+    embedding it takes over).
+    """
+    if head == "full":
+        return cross_entropy_sum(model(**_model_inputs(batch)).logits, batch["labels"])
+    from cdlib import losses
+
+    with losses.fused_head(head_model, batch["labels"], chunk_tokens, head):
+        ce = model(**_model_inputs(batch)).logits
+    return ce, int((batch["labels"][..., 1:] != sft.IGNORE_INDEX).sum())
+
+
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
 
 
@@ -648,7 +666,7 @@ def _peak_memory(on_gpu: bool) -> tuple[float, str]:
 
 
 def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerator: Any, P: TrainParams,
-              vocab: int) -> dict[str, float | None]:
+              vocab: int, head: str = "full") -> dict[str, float | None]:
     """Token-weighted validation cross-entropy (and KL for objective 'kl') over this rank's batches, reduced."""
     import torch
 
@@ -657,8 +675,11 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
     with torch.no_grad():
         for batch in batches:
             batch = _to_device(batch, accelerator.device)
-            logits = model(**_model_inputs(batch)).logits
-            ce, n = cross_entropy_sum(logits, batch["labels"])
+            if teacher is None:
+                ce, n = sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
+            else:
+                logits = model(**_model_inputs(batch)).logits
+                ce, n = cross_entropy_sum(logits, batch["labels"])
             totals[0] += float(ce)
             totals[2] += n
             if teacher is not None:
@@ -686,7 +707,7 @@ RESUME_DIR = "resume"  # <out_dir>/resume/: the latest resumable training state
 RESUME_STATE = "trainer_state.json"  # written last: a state directory without it is incomplete
 # keys that change how a run computes, not what it trains: a resumed run may change them
 # (e.g. a smaller kl_chunk_tokens after running out of memory)
-RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "kl_chunk_tokens", "gradient_checkpointing",
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head", "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing",
                     "accelerate_config")
 
 
@@ -861,6 +882,9 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
 
     # ---- model
     attn, layout = attention_layout(P, on_gpu)
+    from cdlib import losses
+
+    head = losses.resolve(P.loss_head)  # auto: Cut Cross-Entropy / Liger on a GPU where installed, else chunked
     lora = P.method == "lora"
     # full: fp32 master weights, bf16 autocast; LoRA: frozen base in bf16, adapters in fp32 (peft's default)
     load_dtype = torch.bfloat16 if (on_gpu and P.bf16 and lora) else torch.float32
@@ -902,6 +926,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                                          collate_fn=_collate_fn(data.train, layout, pad_id, P.packing),
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    head_model = accelerator.unwrap_model(model)  # whose output embedding the fused loss head takes over
     accelerator.register_for_checkpointing(scheduler)  # saved with the state, stepped as before (not wrapped)
     if lora:  # the frozen base is the one loaded above: a resumable state holds only the trainable weights
         accelerator.register_save_state_pre_hook(_trainable_weights_only)
@@ -963,8 +988,11 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         for k, batch in enumerate(window):
             sync = k == len(window) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(**_model_inputs(batch)).logits
-                ce, n = cross_entropy_sum(logits, batch["labels"])
+                if teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
+                    ce, n = sft_loss(model, head_model, batch, head, P.loss_chunk_tokens)
+                else:
+                    logits = model(**_model_inputs(batch)).logits
+                    ce, n = cross_entropy_sum(logits, batch["labels"])
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(**_model_inputs(batch)).logits
@@ -1023,7 +1051,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     collate_val = _collate_fn(data.val, layout, pad_id, P.packing)
     mine = val_layout_bins[accelerator.process_index::world]
     val_batches = [collate_val([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
-    val = _evaluate(model, teacher, val_batches, accelerator, P, vocab)
+    val = _evaluate(model, teacher, val_batches, accelerator, P, vocab, head)
     if tracker is not None:
         accelerator.log({f"val/{k[4:]}": v for k, v in val.items() if v is not None}, step=len(step_losses))
 
@@ -1058,6 +1086,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         "steps": len(step_losses), "micro_batches": len(schedule),
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
         "learning_rate": lr, "optimizer": optimizer_name, "attn_implementation": attn, "layout": layout,
+        "loss_head": head if teacher is None else "full (kl)",
         "precision": "bf16" if mixed == "bf16" else "fp32",
         "distributed_type": str(accelerator.distributed_type.value),
         "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),

@@ -56,6 +56,8 @@ tiny_vocab: int = 1000  # toy students: BPE vocabulary size trained on the recor
 tiny_tokenizer_data: str = None  # toy students: cell whose records train the tokenizer (None: the training data)
 kl_chunk_tokens: int = 2048  # objective kl: positions per chunk of the divergence (0: all at once)
 save_every: int = 200  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
+loss_head: str = "auto"  # SFT loss head: auto (Cut Cross-Entropy / Liger on GPU if installed, else chunked), full, chunked, liger, cce
+loss_chunk_tokens: int = 512  # chunked loss head: positions per chunk (memory ~ chunk x vocab fp32)
 report_to: str = "none"  # experiment tracker through accelerate: none, tensorboard, wandb, mlflow or trackio
 tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 
