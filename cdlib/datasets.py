@@ -16,11 +16,17 @@ of one schema (:data:`SCHEMA`)::
     answer_type  "numeric", "letter", "boolean" or "latex"
 
 Rows come from the Hugging Face hub (``datasets.load_dataset``, the default on
-GPU nodes) or from local JSONL/JSON/Parquet files in the dataset's original
-layout (``path=`` / ``DataParams.data_paths``), so an offline cluster works. A
-local path is a file, a directory searched for files named after the split
-(``test.jsonl``, ``main/test-00000-of-00001.parquet``, ...), or a pattern with
-``{split}`` (and for MMLU groups ``{subject}``) placeholders.
+GPU nodes) or from local JSONL/JSON/Parquet/CSV files (``path=`` /
+``DataParams.data_paths``), so an offline cluster works. Local files may be in the
+hub's layout or in the benchmark's own release where that differs: TruthfulQA's
+mc_task.json, CommonsenseQA's and ARC's nested JSONL, MultiArith.json, MMLU's
+header-less CSV, MedMCQA's 1-based cop, PIQA's separate labels file (checked against
+real rows in tests/test_datasets_real.py). A local path is a file, a directory
+searched for files named after the split (``test.jsonl``,
+``main/test-00000-of-00001.parquet``; for "validation" also ``dev``, ``val``,
+``valid``), or a pattern with ``{split}`` (and for MMLU groups ``{subject}``)
+placeholders, e.g. ``data/{split}/{subject}_{split}.csv`` for MMLU's release.
+Multiple-choice options are lettered A..Z (``cdlib.prompts.letter``).
 
 Every mapping from an original layout names its source in a comment. Bad input
 (a missing column, an unknown dataset, a gold answer outside the choices) is a
@@ -29,6 +35,7 @@ Every mapping from an original layout names its source in a comment. Bad input
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 import re
@@ -41,12 +48,16 @@ from typing import Any
 
 from cdlib import toy as toy_world
 from cdlib.params import ToyParams
-from cdlib.prompts import LETTERS
+from cdlib.prompts import LETTERS, PromptError, letter
 
 SCHEMA = ("id", "dataset", "domain", "group", "split", "question", "choices", "gold", "answer_type")
 ANSWER_TYPES = ("numeric", "letter", "boolean", "latex")
 GROUPS = ("Math", "Science", "Medicine", "Common-sense", "OOD-Reasoning", "OOD-Knowledge")
-READABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
+READABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# Original split names that local files use for the hub's "validation" split
+# (CommonsenseQA dev_rand_split.jsonl, BoolQ/WinoGrande dev.jsonl, MedMCQA dev.json,
+# HellaSwag hellaswag_val.jsonl, PIQA valid.jsonl).
+SPLIT_ALIASES = {"validation": ("validation", "dev", "val", "valid")}
 
 
 class DatasetError(ValueError):
@@ -138,6 +149,9 @@ MMLU_OTHER = (
     "miscellaneous",
     "professional_accounting",
 )
+# The original MMLU CSV files (hendrycks/test data/{dev,val,test}/<subject>_<split>.csv)
+# have no header line; these are their columns.
+MMLU_CSV_COLUMNS = ("question", "A", "B", "C", "D", "answer")
 # Test-split sizes of the in-distribution subjects (cais/mmlu; the same numbers are the
 # per-subject "sample_len" of lm-evaluation-harness runs). Sums: 1,274 and 1,417.
 MMLU_TEST_SIZES = {
@@ -190,10 +204,17 @@ def _index(value: Any, n: int, what: str) -> int:
 
 def _letter(value: Any, n: int, what: str) -> str:
     """A gold letter that must be one of the first ``n`` letters, else _Bad."""
-    letter = str(value).strip().upper()
-    if letter not in LETTERS[:n] or not letter:
+    text = str(value).strip().upper()
+    if text not in LETTERS[:n] or not text:
         raise _Bad(f"{what} {value!r} is not one of the {n} options {', '.join(LETTERS[:n])}")
-    return letter
+    return text
+
+
+def _gold(choices: list, index: int) -> str:
+    """The gold letter of option ``index``; more options than letters A..Z is _Bad, with the count."""
+    if len(choices) > len(LETTERS):
+        raise _Bad(f"{len(choices)} options; letters A..Z label at most {len(LETTERS)}")
+    return letter(index)
 
 
 def _boolean(value: Any) -> str:
@@ -240,7 +261,14 @@ def _map_gsm8k(raw: dict, key: str) -> Mapped:
 
 def _map_multiarith(raw: dict, key: str) -> Mapped:
     # ChilleD/MultiArith: question, final_ans (a string; "change dtype of final_ans to str" in the repo history).
-    return raw["question"], None, _number(raw["final_ans"])
+    # The original MultiArith.json (Roy & Roth 2015; the copy in kojima-takeshi188/zero_shot_cot
+    # dataset/MultiArith/): iIndex, sQuestion, lEquations, lSolutions = [number].
+    if "final_ans" in raw:
+        return raw["question"], None, _number(raw["final_ans"])
+    solutions = raw["lSolutions"]
+    if not isinstance(solutions, list) or len(solutions) != 1:
+        raise _Bad(f"lSolutions {solutions!r} is not a list of one number")
+    return raw["sQuestion"], None, _number(solutions[0])
 
 
 def _map_svamp(raw: dict, key: str) -> Mapped:
@@ -269,14 +297,27 @@ def _map_labelled_choices(raw: dict, key: str) -> Mapped:
     # choices = {"text": [...], "label": [...]}, answerKey. ARC labels are "A".."E" or "1".."5".
     # Source: lm-evaluation-harness tasks/arc/arc_easy.yaml (choices.label.index(answerKey)),
     # tasks/commonsense_qa/default.yaml.
-    labels = [str(label) for label in raw["choices"]["label"]]
-    texts = list(raw["choices"]["text"])
+    # The original JSONL of both (AI2's ARC-*-Test.jsonl, CommonsenseQA's dev_rand_split.jsonl)
+    # nests them instead: question = {"stem": ..., "choices": [{"label": ..., "text": ...}, ...]}.
+    question = raw["question"]
+    if isinstance(question, dict):
+        options = question.get("choices")
+        if "stem" not in question or not isinstance(options, list):
+            raise _Bad("question is an object without 'stem' and a 'choices' list")
+        labels = [str(o["label"]) for o in options]
+        texts = [o["text"] for o in options]
+        question = question["stem"]
+    elif "choices" not in raw:
+        raise _Bad("no 'choices' column and the question is not an object with 'choices'")
+    else:
+        labels = [str(label) for label in raw["choices"]["label"]]
+        texts = list(raw["choices"]["text"])
     if len(labels) != len(texts):
         raise _Bad(f"{len(labels)} choice labels but {len(texts)} choice texts")
     answer = str(raw["answerKey"]).strip()
     if answer not in labels:
         raise _Bad(f"answerKey {raw['answerKey']!r} is not one of the choice labels {labels}")
-    return raw["question"], texts, LETTERS[labels.index(answer)]
+    return question, texts, _gold(texts, labels.index(answer))
 
 
 def _map_gpqa(raw: dict, key: str) -> Mapped:
@@ -286,7 +327,7 @@ def _map_gpqa(raw: dict, key: str) -> Mapped:
     # Source: lm-evaluation-harness tasks/gpqa/zeroshot/utils.py (column names).
     options = [str(raw["Correct Answer"]).strip()] + [str(raw[f"Incorrect Answer {i}"]).strip() for i in (1, 2, 3)]
     choices, gold = _shuffled(options, f"gpqa/{key}")
-    return raw["Question"], choices, LETTERS[gold]
+    return raw["Question"], choices, _gold(choices, gold)
 
 
 def _map_medqa(raw: dict, key: str) -> Mapped:
@@ -301,10 +342,37 @@ def _map_medqa(raw: dict, key: str) -> Mapped:
 
 
 def _map_medmcqa(raw: dict, key: str) -> Mapped:
-    # openlifescienceai/medmcqa: id, question, opa, opb, opc, opd, cop (0..3), choice_type, exp,
-    # subject_name, topic_name. Source: lm-evaluation-harness tasks/medmcqa (doc_to_target: cop).
+    # openlifescienceai/medmcqa: id, question, opa, opb, opc, opd, cop (0..3: its dataset card
+    # declares cop a class label a, b, c, d), choice_type, exp, subject_name, topic_name.
+    # Source: lm-evaluation-harness tasks/medmcqa (doc_to_target: cop). The original release's
+    # JSON files count cop from 1 (medmcqa/medmcqa README: "cop":1 for opa); _medmcqa_file
+    # shifts those to 0 before this mapping.
     texts = [raw[c] for c in ("opa", "opb", "opc", "opd")]
-    return raw["question"], texts, LETTERS[_index(raw["cop"], 4, "cop")]
+    return raw["question"], texts, _gold(texts, _index(raw["cop"], 4, "cop"))
+
+
+def _medmcqa_file(records: list[tuple[dict, str]], path: Path) -> list[tuple[dict, str]]:
+    """MedMCQA rows of one local file with ``cop`` counted from 0, whichever release the file is.
+
+    The hub's Parquet counts from 0; the original release (train.json, dev.json, test.json,
+    one JSON object per line) from 1. A file holding a 0 counts from 0 and one holding a
+    4 from 1; one holding neither (a few rows) by its name: ``.json`` as the release's,
+    ``.jsonl`` as a hub export's.
+    """
+    if path.suffix == ".parquet":
+        return records
+    cops = {str(record.get("cop")).strip() for record, _ in records}
+    if "0" in cops:  # the hub's count; a 4 beside it is a bad row, named by the mapping
+        return records
+    if "4" in cops or path.suffix == ".json":  # the release's files: train.json, dev.json, test.json
+        return [(dict(record, cop=_minus_one(record.get("cop"))), where) for record, where in records]
+    return records
+
+
+def _minus_one(value: Any) -> Any:
+    """A digit value less one (MedMCQA's 1-based cop); anything else unchanged, for the mapping to name."""
+    text = str(value).strip()
+    return int(text) - 1 if text.isdigit() else value
 
 
 def _map_medexpqa(raw: dict, key: str) -> Mapped:
@@ -317,14 +385,20 @@ def _map_medexpqa(raw: dict, key: str) -> Mapped:
     correct = str(raw["correct_option"]).strip()
     if correct not in keys:
         raise _Bad(f"correct_option {raw['correct_option']!r} is not one of the options {keys}")
-    return raw["full_question"], [options[k] for k in keys], LETTERS[keys.index(correct)]
+    texts = [options[k] for k in keys]
+    return raw["full_question"], texts, _gold(texts, keys.index(correct))
 
 
 def _map_mmlu(raw: dict, key: str) -> Mapped:
     # cais/mmlu (one config per subject): question, subject, choices (4 strings), answer (0..3).
     # Source: lm-evaluation-harness tasks/mmlu/default/_default_template_yaml (doc_to_target: answer).
+    # The original release (hendrycks/test data/<split>/<subject>_<split>.csv) has no header:
+    # question, A, B, C, D, answer letter (MMLU_CSV_COLUMNS).
+    if "choices" not in raw:
+        choices = [raw[c] for c in "ABCD"]
+        return raw["question"], choices, _letter(raw["answer"], 4, "answer")
     choices = list(raw["choices"])
-    return raw["question"], choices, LETTERS[_index(raw["answer"], len(choices), "answer")]
+    return raw["question"], choices, _gold(choices, _index(raw["answer"], len(choices), "answer"))
 
 
 def _map_hellaswag(raw: dict, key: str) -> Mapped:
@@ -335,7 +409,7 @@ def _map_hellaswag(raw: dict, key: str) -> Mapped:
     context = _clean_hellaswag(f"{raw['activity_label']}: {raw['ctx_a']} {ctx_b[:1].upper() + ctx_b[1:]}")
     endings = [_clean_hellaswag(str(e)) for e in raw["endings"]]
     question = f"Which ending is the most plausible continuation of the text?\n\n{context}"
-    return question, endings, LETTERS[_index(raw["label"], len(endings), "label")]
+    return question, endings, _gold(endings, _index(raw["label"], len(endings), "label"))
 
 
 def _map_winogrande(raw: dict, key: str) -> Mapped:
@@ -347,14 +421,32 @@ def _map_winogrande(raw: dict, key: str) -> Mapped:
     if answer not in ("1", "2"):
         raise _Bad(f"answer {raw['answer']!r} is not '1' or '2' (the test split has no labels)")
     question = f"Which option correctly fills the blank (_) in the sentence?\n\n{raw['sentence']}"
-    return question, [raw["option1"], raw["option2"]], LETTERS[int(answer) - 1]
+    options = [raw["option1"], raw["option2"]]
+    return question, options, _gold(options, int(answer) - 1)
 
 
 def _map_piqa(raw: dict, key: str) -> Mapped:
     # baber/piqa (the parquet copy of ybisk/piqa that lm-evaluation-harness uses): goal, sol1,
-    # sol2, label (0 | 1). Source: lm-evaluation-harness tasks/piqa/piqa.yaml.
+    # sol2, label (0 | 1). Source: lm-evaluation-harness tasks/piqa/piqa.yaml. The original
+    # release's labels sit in <split>-labels.lst beside the JSONL (_piqa_file).
     question = f"Which solution better achieves the goal?\n\nGoal: {raw['goal']}"
-    return question, [raw["sol1"], raw["sol2"]], LETTERS[_index(raw["label"], 2, "label")]
+    options = [raw["sol1"], raw["sol2"]]
+    return question, options, _gold(options, _index(raw["label"], 2, "label"))
+
+
+def _piqa_file(records: list[tuple[dict, str]], path: Path) -> list[tuple[dict, str]]:
+    """PIQA rows of one local file with their labels: the original release keeps them apart.
+
+    ybisk/piqa's valid.jsonl (goal, sol1, sol2) comes with valid-labels.lst, one 0/1 per
+    line in the same order (piqa/data/README.md); the hub's copy has a label column.
+    """
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    if not labels_path.exists() or all("label" in record for record, _ in records):
+        return records
+    labels = labels_path.read_text(encoding="utf-8").split()
+    if len(labels) != len(records):
+        raise DatasetError(f"piqa: {labels_path} has {len(labels)} labels for the {len(records)} rows of {path}")
+    return [(dict(record, label=label), where) for (record, where), label in zip(records, labels)]
 
 
 def _map_boolq(raw: dict, key: str) -> Mapped:
@@ -367,19 +459,23 @@ def _map_boolq(raw: dict, key: str) -> Mapped:
 
 def _map_truthfulqa(raw: dict, key: str) -> Mapped:
     # truthfulqa/truthful_qa (config "multiple_choice"): question, mc1_targets = {"choices": [...],
-    # "labels": [1, 0, ...]} with exactly one 1, mc2_targets. The true answer always comes first
-    # in the original, so the options are shuffled per row and seed.
+    # "labels": [1, 0, ...]} with exactly one 1, mc2_targets. The original data/mc_task.json
+    # (sylinrl/TruthfulQA) is a JSON array whose mc1_targets map each answer text to its label
+    # ({"text": 1, "other": 0, ...}). mc1 has 2 to 13 options. The true answer always comes
+    # first in the original, so the options are shuffled per row and seed.
     # Source: lm-evaluation-harness tasks/truthfulqa/truthfulqa_mc1.yaml (doc_to_target: 0).
-    choices = list(raw["mc1_targets"]["choices"])
-    labels = [int(x) for x in raw["mc1_targets"]["labels"]]
+    targets = raw["mc1_targets"]
+    if isinstance(targets, dict) and "choices" not in targets:  # mc_task.json: {text: label}
+        choices, labels = list(targets), [int(x) for x in targets.values()]
+    else:
+        choices = list(targets["choices"])
+        labels = [int(x) for x in targets["labels"]]
     if len(choices) != len(labels) or labels.count(1) != 1:
         raise _Bad(f"mc1_targets must have one label 1 per set of choices, got labels {labels}")
     true_index = labels.index(1)
     ordered = [choices[true_index]] + [c for i, c in enumerate(choices) if i != true_index]
-    if len(ordered) > len(LETTERS):
-        raise _Bad(f"{len(ordered)} choices; at most {len(LETTERS)} are supported")
     shuffled, gold = _shuffled(ordered, f"truthfulqa/{key}")
-    return raw["question"], shuffled, LETTERS[gold]
+    return raw["question"], shuffled, _gold(shuffled, gold)
 
 
 # --------------------------------------------------------------------------- registry
@@ -398,10 +494,14 @@ class DatasetSpec:
     config: str | None  # hub config (MMLU groups: one config per subject instead)
     train_splits: tuple[str, ...]  # original split(s) behind split="train" (Table 1); () if none
     eval_splits: tuple[str, ...]  # original split(s) behind split="eval"; () if none
-    columns: tuple[str, ...]  # columns the mapping needs; a missing one is an error
+    columns: tuple[str, ...]  # columns the mapping needs ("a|b": either); a missing one is an error
     mapper: Callable[[dict, str], Mapped] | None
     id_column: str | None = None  # original id column; rows without it use their index
     subjects: tuple[str, ...] = ()  # MMLU groups: the subject configs
+    csv_columns: tuple[str, ...] | None = None  # column names of header-less CSV files (MMLU's)
+    # Applied to all rows of one local file at once, where the original release and the
+    # hub's files encode a column differently (MedMCQA's cop); None for most datasets.
+    file_fixup: Callable[[list[tuple[dict, str]], Path], list[tuple[dict, str]]] | None = None
     table1_train: int | None = None  # sizes printed in Table 1 (for stats)
     table1_eval: int | None = None
 
@@ -426,7 +526,7 @@ def _mmlu(name: str, title: str, domain: str, group: str, subjects: tuple[str, .
     """An MMLU subject group: cais/mmlu, one hub config per subject, dev (train) / test (eval)."""
     return DatasetSpec(
         name, title, domain, group, "letter", "cais/mmlu", None, train, ("test",),
-        ("question", "choices", "answer"), _map_mmlu, subjects=subjects, **sizes,
+        ("question", "choices|A", "answer"), _map_mmlu, subjects=subjects, csv_columns=MMLU_CSV_COLUMNS, **sizes,
     )  # fmt: skip
 
 
@@ -435,7 +535,8 @@ _SPECS = [
     DatasetSpec("gsm8k", "GSM8k", "Mathematics", "Math", "numeric", "openai/gsm8k", "main", ("train",), ("test",),
                 ("question", "answer"), _map_gsm8k, table1_train=7473, table1_eval=1319),
     DatasetSpec("multiarith", "MultiArith", "Mathematics", "Math", "numeric", "ChilleD/MultiArith", None,
-                ("train",), ("test",), ("question", "final_ans"), _map_multiarith, table1_train=420, table1_eval=180),
+                ("train",), ("test",), ("question|sQuestion", "final_ans|lSolutions"), _map_multiarith,
+                table1_train=420, table1_eval=180),
     # SVAMP: Table 1 lists 1,000 train questions and no eval split; ChilleD/SVAMP splits the
     # 1,000 into train (700) and test (300), so "train" reads both.
     DatasetSpec("svamp", "SVAMP", "Mathematics", "Math", "numeric", "ChilleD/SVAMP", None, ("train", "test"), (),
@@ -443,19 +544,19 @@ _SPECS = [
     DatasetSpec("aqua_rat", "AQUA-RAT", "Mathematics", "Math", "letter", "deepmind/aqua_rat", "raw", ("train",),
                 ("test",), ("question", "options", "correct"), _map_aqua_rat, table1_train=97467, table1_eval=254),
     DatasetSpec("arc_challenge", "ARC-Challenge", "Science", "Science", "letter", "allenai/ai2_arc", "ARC-Challenge",
-                ("train",), ("test",), ("question", "choices", "answerKey"), _map_labelled_choices, id_column="id",
+                ("train",), ("test",), ("question", "answerKey"), _map_labelled_choices, id_column="id",
                 table1_train=1119, table1_eval=1172),
     DatasetSpec("gpqa_diamond", "GPQA Diamond", "Science", "Science", "letter", "Idavidrein/gpqa", "gpqa_diamond",
                 ("train",), (), ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
                                  "Incorrect Answer 3"), _map_gpqa, id_column="Record ID", table1_train=198),
     DatasetSpec("commonsense_qa", "CommonsenseQA", "Logic/Commonsense", "Common-sense", "letter", "tau/commonsense_qa",
-                None, ("train",), ("validation",), ("question", "choices", "answerKey"), _map_labelled_choices,
+                None, ("train",), ("validation",), ("question", "answerKey"), _map_labelled_choices,
                 id_column="id", table1_train=9741, table1_eval=1221),
     DatasetSpec("medqa", "MedQA", "Medical", "Medicine", "letter", "GBaker/MedQA-USMLE-4-options", None, ("train",),
                 ("test",), ("question", "options", "answer_idx"), _map_medqa, table1_train=10178, table1_eval=1273),
     DatasetSpec("medmcqa", "MedMCQA", "Medical", "Medicine", "letter", "openlifescienceai/medmcqa", None, ("train",),
                 ("validation",), ("question", "opa", "opb", "opc", "opd", "cop"), _map_medmcqa, id_column="id",
-                table1_train=182822, table1_eval=4183),
+                file_fixup=_medmcqa_file, table1_train=182822, table1_eval=4183),
     DatasetSpec("medexpqa", "MedExpQA", "Medical", "Medicine", "letter", "HiTZ/MedExpQA", "en", ("train",), ("test",),
                 ("full_question", "options", "correct_option"), _map_medexpqa, id_column="id",
                 table1_train=434, table1_eval=125),
@@ -470,9 +571,9 @@ _SPECS = [
     DatasetSpec("winogrande", "WinoGrande", "Commonsense", "OOD-Reasoning", "letter", "allenai/winogrande",
                 "winogrande_xl", (), ("validation",), ("sentence", "option1", "option2", "answer"), _map_winogrande),
     DatasetSpec("piqa", "PIQA", "Physical commonsense", "OOD-Reasoning", "letter", "baber/piqa", None, (),
-                ("validation",), ("goal", "sol1", "sol2", "label"), _map_piqa),
+                ("validation",), ("goal", "sol1", "sol2", "label"), _map_piqa, file_fixup=_piqa_file),
     DatasetSpec("arc_easy", "ARC-Easy", "Science", "OOD-Reasoning", "letter", "allenai/ai2_arc", "ARC-Easy", (),
-                ("test",), ("question", "choices", "answerKey"), _map_labelled_choices, id_column="id"),
+                ("test",), ("question", "answerKey"), _map_labelled_choices, id_column="id"),
     DatasetSpec("boolq", "BoolQ", "Reading comprehension", "OOD-Reasoning", "boolean", "google/boolq", None, (),
                 ("validation",), ("question", "passage", "answer"), _map_boolq),
     DatasetSpec("truthfulqa", "TruthfulQA", "Truthfulness", "OOD-Reasoning", "letter", "truthfulqa/truthful_qa",
@@ -503,8 +604,11 @@ def get_spec(name: str) -> DatasetSpec:
 # --------------------------------------------------------------------------- reading raw rows
 
 
-def _read_file(name: str, path: Path) -> Iterator[tuple[dict, str]]:
-    """Raw rows of one local file with their location ("file:line" or "file row i")."""
+def _read_file(name: str, path: Path, csv_columns: tuple[str, ...] | None = None) -> Iterator[tuple[dict, str]]:
+    """Raw rows of one local file with their location ("file:line" or "file row i").
+
+    CSV files have a header line unless ``csv_columns`` names their columns (MMLU's).
+    """
     if path.suffix == ".parquet":
         import polars as pl
 
@@ -514,6 +618,17 @@ def _read_file(name: str, path: Path) -> Iterator[tuple[dict, str]]:
             raise DatasetError(f"{name}: cannot read Parquet file {path}: {e}") from None
         for i, record in enumerate(records):
             yield record, f"{path} row {i}"
+        return
+    if path.suffix == ".csv":  # e.g. GPQA's gpqa_diamond.csv on the hub, MMLU's original files
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, fieldnames=csv_columns)
+            for record in reader:
+                if None in record or (csv_columns and None in record.values()):
+                    raise DatasetError(
+                        f"{name}: {path}:{reader.line_num}: expected {len(reader.fieldnames or ())} CSV fields "
+                        f"({', '.join(reader.fieldnames or ())})"
+                    )
+                yield record, f"{path}:{reader.line_num}"
         return
     if path.suffix not in (".jsonl", ".json"):
         raise DatasetError(f"{name}: {path}: unsupported file type; use one of {', '.join(READABLE_SUFFIXES)}")
@@ -540,6 +655,12 @@ def _read_file(name: str, path: Path) -> Iterator[tuple[dict, str]]:
         yield record, f"{path}:{lineno}"
 
 
+def _file_rows(spec: DatasetSpec, path: Path) -> Iterator[tuple[dict, str]]:
+    """Raw rows of one local file, through the spec's per-file fix-up where it has one."""
+    rows = _read_file(spec.name, path, spec.csv_columns)
+    return iter(spec.file_fixup(list(rows), path)) if spec.file_fixup else rows
+
+
 def _split_files(spec: DatasetSpec, path: str | Path, source_split: str) -> list[Path]:
     """Local files holding ``source_split``: the file itself, or files named after the split under a directory."""
     path = Path(str(path).replace("{split}", source_split))
@@ -549,14 +670,17 @@ def _split_files(spec: DatasetSpec, path: str | Path, source_split: str) -> list
         raise DatasetError(f"{spec.name}: data path {path} does not exist")
     if spec.config and (path / spec.config).is_dir():  # the hub's layout: <config>/<split>-*.parquet
         path = path / spec.config
-    token = re.compile(rf"(^|[._-]){re.escape(source_split)}([._-]|$)")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READABLE_SUFFIXES and token.search(p.name))
-    if not files:
-        raise DatasetError(
-            f"{spec.name}: no file for split {source_split!r} under {path} "
-            f"(looked for {', '.join(READABLE_SUFFIXES)} files whose name contains {source_split!r})"
-        )
-    return files
+    names = SPLIT_ALIASES.get(source_split, (source_split,))
+    readable = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READABLE_SUFFIXES)
+    for name in names:  # the hub's name first, then the original releases' names
+        token = re.compile(rf"(^|[._-]){re.escape(name)}([._-]|$)")
+        files = [p for p in readable if token.search(p.name)]
+        if files:
+            return files
+    raise DatasetError(
+        f"{spec.name}: no file for split {source_split!r} under {path} "
+        f"(looked for {', '.join(READABLE_SUFFIXES)} files whose name contains {' or '.join(map(repr, names))})"
+    )
 
 
 def _hub_rows(spec: DatasetSpec, config: str | None, source_split: str) -> Iterator[tuple[dict, str]]:
@@ -578,7 +702,7 @@ def _raw_rows(spec: DatasetSpec, source_split: str, path: str | Path | None) -> 
     """(raw row, location, id prefix, index) of one original split, from the hub or local files."""
     if not spec.subjects:
         rows = _hub_rows(spec, spec.config, source_split) if path is None else (
-            record for file in _split_files(spec, path, source_split) for record in _read_file(spec.name, file)
+            record for file in _split_files(spec, path, source_split) for record in _file_rows(spec, file)
         )
         for i, (record, where) in enumerate(rows):
             yield record, where, "", i
@@ -602,10 +726,10 @@ def _raw_rows(spec: DatasetSpec, source_split: str, path: str | Path | None) -> 
             if not (subject_path.exists() or Path(str(subject_path).replace("{split}", source_split)).exists()):
                 empty.append(subject)
                 continue
-            rows = [r for f in _split_files(spec, subject_path, source_split) for r in _read_file(spec.name, f)]
+            rows = [r for f in _split_files(spec, subject_path, source_split) for r in _file_rows(spec, f)]
         else:  # one file (or folder) with every subject, told apart by its "subject" column
             if shared is None:
-                shared = [r for f in _split_files(spec, path, source_split) for r in _read_file(spec.name, f)]
+                shared = [r for f in _split_files(spec, path, source_split) for r in _file_rows(spec, f)]
                 for record, where in shared:
                     if "subject" not in record:
                         raise DatasetError(
@@ -637,6 +761,10 @@ def _check_row(row: dict[str, Any], where: str) -> None:
             raise DatasetError(
                 f"{name}: {where} (id {row_id}): multiple choice needs at least 2 choices, got {choices!r}"
             )
+        if len(choices) > len(LETTERS):
+            raise DatasetError(
+                f"{name}: {where} (id {row_id}): {len(choices)} options; letters A..Z label at most {len(LETTERS)}"
+            )
         if row["gold"] not in LETTERS[: len(choices)]:
             raise DatasetError(
                 f"{name}: {where} (id {row_id}): gold {row['gold']!r} is outside the {len(choices)} choices"
@@ -650,11 +778,10 @@ def _check_row(row: dict[str, Any], where: str) -> None:
 def _map_row(spec: DatasetSpec, raw: dict, where: str, id_prefix: str, index: int,
              source_split: str, split: str, seed: int) -> dict[str, Any]:  # fmt: skip
     """One raw row in the original layout -> one schema row (or a DatasetError naming it)."""
-    missing = [c for c in spec.columns if c not in raw]
+    missing = [c for c in spec.columns if not any(alt in raw for alt in c.split("|"))]
     if missing:
-        raise DatasetError(
-            f"{spec.name}: {where}: missing column(s) {', '.join(map(repr, missing))}; the row has {sorted(raw)}"
-        )
+        names = ", ".join(" or ".join(map(repr, c.split("|"))) for c in missing)
+        raise DatasetError(f"{spec.name}: {where}: missing column(s) {names}; the row has {sorted(raw)}")
     original_id = raw.get(spec.id_column) if spec.id_column else None
     local_id = index if original_id in (None, "") else original_id
     row_id = f"{spec.name}/{source_split}/{id_prefix}{local_id}"
@@ -664,7 +791,7 @@ def _map_row(spec: DatasetSpec, raw: dict, where: str, id_prefix: str, index: in
             if any(c is None for c in choices):
                 raise _Bad(f"an option is empty: {choices!r}")
             choices = [str(c).strip() for c in choices]
-    except _Bad as e:
+    except (_Bad, PromptError) as e:  # PromptError: a gold position past Z
         raise DatasetError(f"{spec.name}: {where} (id {row_id}): {e}") from None
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise DatasetError(f"{spec.name}: {where} (id {row_id}): unexpected layout: {type(e).__name__}: {e}") from None

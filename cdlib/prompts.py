@@ -5,7 +5,7 @@ chat) and evaluation all show a model exactly the same text for a row:
 
 - the question (for datasets whose original layout has extra context, such as
   BoolQ's passage, ``cdlib.datasets`` has already folded it into ``question``);
-- for multiple choice, the options lettered ``A.``, ``B.``, ...;
+- for multiple choice, the options lettered ``A.``, ``B.``, ... (up to ``Z.``);
 - one instruction per answer type asking for the final answer inside
   ``\\boxed{}``, the first rule of the extraction cascade (paper section 3.1).
 
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-LETTERS = "ABCDEFGHIJ"
+#: Option letters, in order: A for the first option, Z for the 26th. Real datasets
+#: carry up to 13 options (TruthfulQA's mc1 targets); more than 26 is an error.
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # The final-answer format asked for per answer type. Every instruction asks for
 # \boxed{...}; the letter and boolean ones also say what goes inside it.
@@ -39,11 +41,29 @@ class PromptError(ValueError):
     """A row cannot be turned into a prompt; the message names the row id."""
 
 
+def letter(index: int) -> str:
+    """The letter of the option at 0-based ``index``: 0 -> "A", 12 -> "M", 25 -> "Z".
+
+    The one mapping from option positions to letters (prompts, gold answers, extraction).
+    """
+    if not 0 <= index < len(LETTERS):
+        raise PromptError(f"option {index + 1}: letters A..Z label at most {len(LETTERS)} options")
+    return LETTERS[index]
+
+
+def letter_index(value: str) -> int:
+    """The 0-based option position of a letter ("A" -> 0, "m" -> 12), the inverse of :func:`letter`."""
+    text = str(value).strip().upper()
+    if len(text) != 1 or text not in LETTERS:
+        raise PromptError(f"{value!r} is not an option letter A..Z")
+    return LETTERS.index(text)
+
+
 def format_choices(choices: list[str]) -> str:
-    """Lettered options, one per line: ``A. first``, ``B. second``, ..."""
+    """Lettered options, one per line: ``A. first``, ``B. second``, ..., up to ``Z.``"""
     if len(choices) > len(LETTERS):
-        raise PromptError(f"{len(choices)} options; at most {len(LETTERS)} are supported")
-    return "\n".join(f"{LETTERS[i]}. {str(text).strip()}" for i, text in enumerate(choices))
+        raise PromptError(f"{len(choices)} options; letters A..Z label at most {len(LETTERS)}")
+    return "\n".join(f"{letter(i)}. {str(text).strip()}" for i, text in enumerate(choices))
 
 
 def build_prompt(row: dict[str, Any]) -> str:

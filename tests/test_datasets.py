@@ -417,6 +417,25 @@ def test_prompt_errors_name_the_row():
         prompts.build_prompt({**row, "question": "  "})
 
 
+def test_option_letters_run_from_a_to_z_in_one_place():
+    assert [prompts.letter(i) for i in (0, 9, 10, 12, 25)] == ["A", "J", "K", "M", "Z"]
+    assert [prompts.letter_index(x) for x in ("A", "k", " M ", "Z")] == [0, 10, 12, 25]
+    assert all(prompts.letter_index(prompts.letter(i)) == i for i in range(26))
+    for bad in (-1, 26):
+        with pytest.raises(prompts.PromptError, match="letters A..Z label at most 26"):
+            prompts.letter(bad)
+    for bad in ("", "AB", "1", "Ä"):
+        with pytest.raises(prompts.PromptError, match="is not an option letter A..Z"):
+            prompts.letter_index(bad)
+    eleven = [f"option {i}" for i in range(11)]  # one past J: the case the issue hit
+    assert prompts.format_choices(eleven).splitlines()[-2:] == ["J. option 9", "K. option 10"]
+    assert prompts.format_choices([str(i) for i in range(26)]).endswith("Z. 25")
+    # A gold letter past J is accepted wherever the row has that many options.
+    row = ds.load("arc_challenge", "eval", path=fixture("arc_challenge"))[0]
+    row = {**row, "choices": eleven, "gold": "K"}
+    assert "\nK. option 10\n" in prompts.build_prompt(row)
+
+
 def test_every_fixture_row_builds_a_prompt_with_its_options():
     for name in sorted(set(ds.REGISTRY) - {"toy"}):
         for row in ds.load(name, role(name), path=fixture(name)):
