@@ -668,8 +668,12 @@ def _split_files(spec: DatasetSpec, path: str | Path, source_split: str) -> list
         return [path]
     if not path.is_dir():
         raise DatasetError(f"{spec.name}: data path {path} does not exist")
-    if spec.config and (path / spec.config).is_dir():  # the hub's layout: <config>/<split>-*.parquet
-        path = path / spec.config
+    # A hub repository keeps one folder per config: <config>/<split>-*.parquet (openai/gsm8k main/),
+    # or data/<config>/ (HiTZ/MedExpQA data/en/test.en.casimedicos.rag.jsonl beside data/es/, ...).
+    for config_dir in (path / spec.config, path / "data" / spec.config) if spec.config else ():
+        if config_dir.is_dir():
+            path = config_dir
+            break
     names = SPLIT_ALIASES.get(source_split, (source_split,))
     readable = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READABLE_SUFFIXES)
     for name in names:  # the hub's name first, then the original releases' names

@@ -209,6 +209,21 @@ def test_gpqa_reads_the_hubs_csv(tmp_path):
         ds.load("gpqa_diamond", "train", path=path)
 
 
+def test_medexpqa_hub_repository_reads_only_its_language(tmp_path):
+    # HiTZ/MedExpQA's files: data/<lang>/<split>.<lang>.casimedicos.rag.jsonl for en, es, fr, it
+    # (the hub's file listing); the registry's config "en" must not read the other languages.
+    hand_written = Path(__file__).parent / "fixtures" / "datasets" / "medexpqa.jsonl"
+    row = json.loads(hand_written.read_text().splitlines()[0])
+    for lang in ("en", "es", "fr", "it"):
+        (tmp_path / "data" / lang).mkdir(parents=True)
+        for split in ("train", "dev", "test"):
+            text = json.dumps({**row, "full_question": f"{lang} {split}: {row['full_question']}"}) + "\n"
+            (tmp_path / "data" / lang / f"{split}.{lang}.casimedicos.rag.jsonl").write_text(text)
+    (test,) = ds.load("medexpqa", "eval", path=tmp_path)
+    assert test["question"].startswith("en test: ")
+    assert ds.load("medexpqa", "validation", path=tmp_path)[0]["question"].startswith("en dev: ")
+
+
 def test_original_layout_errors_name_the_row(tmp_path):
     bad = {"id": "q1", "question": {"stem": "Which?", "choices": "not a list"}, "answerKey": "A"}
     (tmp_path / "dev_rand_split.jsonl").write_text(json.dumps(bad) + "\n")
