@@ -681,6 +681,10 @@ def _split_files(spec: DatasetSpec, path: str | Path, source_split: str) -> list
         files = [p for p in readable if token.search(p.name)]
         if files:
             return files
+    # A config held in one file is the hub's "train" split (Idavidrein/gpqa: gpqa_diamond.csv).
+    files = [p for p in readable if p.stem == spec.config] if source_split == "train" else []
+    if files:
+        return files
     raise DatasetError(
         f"{spec.name}: no file for split {source_split!r} under {path} "
         f"(looked for {', '.join(READABLE_SUFFIXES)} files whose name contains {' or '.join(map(repr, names))})"

@@ -202,6 +202,9 @@ def test_gpqa_reads_the_hubs_csv(tmp_path):
         writer.writerow(columns)
         writer.writerow(["rec1", 'Which, of these,\nis "right"?', "ΔG < 0", "ΔG > 0", "ΔG = 0", "none", "Chem"])
     (row,) = ds.load("gpqa_diamond", "train", path=path)
+    # The hub repository's folder holds one CSV per config and no split names.
+    (tmp_path / "gpqa_main.csv").write_text(path.read_text().replace("rec1", "main1"))
+    assert ds.load("gpqa_diamond", "train", path=tmp_path) == [row]
     assert row["id"] == "gpqa_diamond/train/rec1" and row["question"] == 'Which, of these,\nis "right"?'
     assert row["choices"][prompts.letter_index(row["gold"])] == "ΔG < 0"
     path.write_text("Record ID,Question\nrec1,q,extra\n")
