@@ -265,6 +265,11 @@ def _map_multiarith(raw: dict, key: str) -> Mapped:
     # dataset/MultiArith/): iIndex, sQuestion, lEquations, lSolutions = [number].
     if "final_ans" in raw:
         return raw["question"], None, _number(raw["final_ans"])
+    warnings.warn(
+        "multiarith: MultiArith.json holds all 600 questions with no train/test split, so the same file "
+        "read as train and as eval overlaps; ChilleD/MultiArith's train (420) and test (180) files do not",
+        stacklevel=2,
+    )
     solutions = raw["lSolutions"]
     if not isinstance(solutions, list) or len(solutions) != 1:
         raise _Bad(f"lSolutions {solutions!r} is not a list of one number")
