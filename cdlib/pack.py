@@ -20,7 +20,28 @@ Appendix H.3). This module does the two halves of that:
   - ``attention="sdpa"`` or ``"eager"`` (CPU): one row per bin, padded, with a
     block-diagonal causal 4D mask ``[rows, 1, L, L]`` (bool for sdpa, additive
     float for eager). transformers 5.19 uses a 4D mask as given
-    (``masking_utils._preprocess_mask_arguments``).
+    (``masking_utils._preprocess_mask_arguments``), for every layer: right for
+    models whose layers all attend causally to the whole sequence (Llama, Qwen2,
+    Ministral3), wrong for sliding-window layers, whose window it replaces.
+  - sliding-window models on sdpa/eager (gpt-oss): ``sliding_window=W`` makes
+    ``attention_mask`` a dict by layer type, ``{"full_attention": block mask,
+    "sliding_attention": block mask within the last W tokens}`` (the window as
+    transformers 5.19 draws it, ``masking_utils.sliding_window_overlay``). A model
+    with layer types takes such a dict as its per-layer masks as given
+    (``GptOssModel.forward``: ``isinstance(attention_mask, dict)``), so the window
+    and gpt-oss's attention sinks (a per-query extra logit) stay what they are
+    one by one. A single 4D mask would replace the window in the sliding layers,
+    and gpt-oss does not pass ``position_ids`` to its mask builders, so leaving
+    the mask out does not give per-example masks either (both measured: loss off
+    by 6e-3 to 1e-2).
+
+Whether a model can be packed at all on a layout is :func:`packed_layout`'s
+answer: layers with a recurrence over the sequence (Qwen3.5's gated delta-net
+linear attention and its short convolution) carry state across example
+boundaries in transformers' torch path, which takes no sequence boundaries, so
+packing is refused there and the trainer lays out one example per row
+(right-padded: the recurrence is causal, trailing padding never reaches a real
+token) and records why.
 
 Labels are the SFT labels (``-100`` where masked), with the label of each
 example's first token set to ``-100``: the model shifts labels by one over the
@@ -41,11 +62,76 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 IGNORE_INDEX = -100
+LAYOUTS = ("flash", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a model's micro-batches are laid out: ``attention`` is the :func:`collate_packed` layout,
+    or ``"padded"`` (:func:`collate_padded`, one example per row); ``packing`` whether rows hold several
+    examples; ``reason`` why the layout differs from the one asked for (empty when it does not);
+    ``sliding_window``: the window of the model's sliding layers, drawn into their own block masks."""
+
+    attention: str
+    packing: bool
+    reason: str = ""
+    sliding_window: int | None = None
+
+
+def layer_types(config: Any) -> list[str]:
+    """The layer types of a transformers config (``layer_types``, else ``sliding_attention`` for every layer
+    when the config has a ``sliding_window`` in use, else ``full_attention``)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if types:
+        return types
+    n = int(getattr(config, "num_hidden_layers", 0) or 0)
+    window = getattr(config, "sliding_window", None)
+    sliding = window is not None and getattr(config, "use_sliding_window", True)
+    return ["sliding_attention" if sliding else "full_attention"] * n
+
+
+def packed_layout(config: Any, attention: str, packing: bool = True) -> Layout:
+    """The exact layout for a model (its transformers ``config``) on an attention path, or packing refused.
+
+    ``attention`` is the trainer's path: ``flash`` (varlen kwargs), ``sdpa`` or ``eager``.
+
+    * Linear-attention layers (``layer_types`` holding ``linear_attention``: Qwen3.5, Qwen3.5-MoE):
+      packing refused on every path, one example per row. transformers 5.19's torch path of the gated
+      delta-net (``causal_conv1d_fn``, ``torch_chunk_gated_delta_rule``) takes no sequence boundaries,
+      so the convolution and the recurrent state run from one example into the next (measured:
+      gradients off by up to 1e-2). The fla / causal-conv1d kernels take ``cu_seqlens``, but that path
+      has not been checked against the examples one by one, so it is refused too until it is.
+    * Sliding-window layers on sdpa/eager (gpt-oss): a block mask per layer type, the sliding one
+      within the window (:func:`collate_packed` ``sliding_window``).
+    * Otherwise the layout asked for (4D block mask on sdpa/eager, varlen kwargs on flash, which carry
+      each layer's ``sliding_window`` and gpt-oss's sinks to the kernel).
+    """
+    if attention not in ("flash", "sdpa", "eager"):
+        raise ValueError(f"attention must be 'flash', 'sdpa' or 'eager', got {attention!r}")
+    if not packing:
+        return Layout("padded", False)
+    types = layer_types(config)
+    model_type = getattr(config, "model_type", "?")
+    if "linear_attention" in types:
+        n = types.count("linear_attention")
+        return Layout("padded", False, (
+            f"packing refused for {model_type} on {attention}: {n} of its {len(types)} layers are linear attention "
+            "(gated delta-net) whose convolution and recurrent state would run across example boundaries "
+            "(transformers' torch path takes no cu_seqlens); training one example per row (right-padded) instead"))
+    if "sliding_attention" in types and attention in ("sdpa", "eager"):
+        window = getattr(config, "sliding_window", None)
+        if not window:
+            raise ValueError(f"{model_type}: sliding_attention layers but no sliding_window in the config")
+        return Layout(attention, True, (
+            f"{model_type} has sliding-window layers: packed rows get a block mask per layer type, the sliding "
+            f"one within {window} tokens (one 4D mask would replace the window)"), sliding_window=int(window))
+    return Layout(attention, True)
 
 
 def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
@@ -129,12 +215,14 @@ def check_bins(bins: Sequence[Sequence[int]], lengths: Sequence[int], max_len: i
 # --------------------------------------------------------------------------- batches
 
 
-def _block_causal_mask(segment_lengths: list[list[int]], row_len: int, dtype: torch.dtype) -> torch.Tensor:
+def _block_causal_mask(segment_lengths: list[list[int]], row_len: int, dtype: torch.dtype,
+                       window: int | None = None) -> torch.Tensor:
     """``[rows, 1, row_len, row_len]`` causal mask that only lets a token see its own segment.
 
     ``segment_lengths[r]`` lists the lengths of the segments laid end to end in
     row ``r`` (examples, then padding as its own segment so no row is fully
     masked). Bool: True = attend (sdpa). Float: 0 = attend, dtype min = masked.
+    ``window``: a token sees itself and at most ``window - 1`` tokens before it.
     """
     rows = len(segment_lengths)
     seg_ids = torch.empty(rows, row_len, dtype=torch.long)
@@ -142,6 +230,8 @@ def _block_causal_mask(segment_lengths: list[list[int]], row_len: int, dtype: to
         seg_ids[r] = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor(segs))
     same = seg_ids[:, :, None] == seg_ids[:, None, :]
     causal = torch.ones(row_len, row_len, dtype=torch.bool).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     allowed = (same & causal)[:, None]
     if dtype == torch.bool:
         return allowed
@@ -157,6 +247,7 @@ def collate_packed(
     pad_id: int = 0,
     pad_to: int | None = None,
     mask_dtype: torch.dtype | None = None,
+    sliding_window: int | None = None,
 ) -> dict[str, Any]:
     """One micro-batch from ``bins`` (lists of indices into ``examples``).
 
@@ -173,9 +264,12 @@ def collate_packed(
       block-diagonal causal mask (bool for sdpa, additive float32 for eager
       unless ``mask_dtype`` says otherwise). Padding gets label ``-100`` and
       attends only to itself.
+    * ``sliding_window`` (sdpa/eager): ``attention_mask`` is a dict by layer type,
+      ``full_attention`` the block mask above and ``sliding_attention`` the same
+      limited to the last ``sliding_window`` tokens (for models with sliding layers).
     """
-    if attention not in ("flash", "sdpa", "eager"):
-        raise ValueError(f"attention must be 'flash', 'sdpa' or 'eager', got {attention!r}")
+    if attention not in LAYOUTS:
+        raise ValueError(f"attention must be one of {', '.join(LAYOUTS)}, got {attention!r}")
     rows_ids: list[list[int]] = []
     rows_labels: list[list[int]] = []
     rows_pos: list[list[int]] = []
@@ -230,11 +324,15 @@ def collate_packed(
             segs.append(n_pad)
     if mask_dtype is None:
         mask_dtype = torch.bool if attention == "sdpa" else torch.float32
+    mask = _block_causal_mask(rows_segs, row_len, mask_dtype)
+    if sliding_window is not None:
+        mask = {"full_attention": mask,
+                "sliding_attention": _block_causal_mask(rows_segs, row_len, mask_dtype, sliding_window)}
     return {
         "input_ids": torch.tensor(rows_ids),
         "labels": torch.tensor(rows_labels),
         "position_ids": torch.tensor(rows_pos),
-        "attention_mask": _block_causal_mask(rows_segs, row_len, mask_dtype),
+        "attention_mask": mask,
         "use_cache": False,
     }
 
@@ -255,4 +353,53 @@ def collate_padded(examples: Sequence[dict[str, Any]], *, pad_id: int = 0) -> di
 def supervised_tokens(batch: dict[str, Any]) -> int:
     """Number of tokens that carry loss in a batch (after the model's one-token shift)."""
     return int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+def collate(examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]], layout: Layout,
+            pad_id: int = 0) -> dict[str, Any]:
+    """A micro-batch in ``layout`` (:func:`packed_layout`): packed rows, or one example per row when
+    packing is off or refused (every bin is then a single example)."""
+    if not layout.packing:
+        if any(len(b) != 1 for b in bins):
+            raise ValueError(f"layout {layout.attention!r} does not pack: bins must hold one example each")
+        return collate_padded([examples[b[0]] for b in bins], pad_id=pad_id)
+    return collate_packed(examples, bins, attention=layout.attention, pad_id=pad_id,
+                          sliding_window=layout.sliding_window if layout.attention != "flash" else None)
+
+
+def compare_to_one_by_one(model: Any, examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]],
+                          layout: Layout, pad_id: int = 0) -> dict[str, float]:
+    """Loss and gradients of ``examples`` laid out in ``layout`` against each example run alone.
+
+    Both sides compute the summed next-token cross-entropy over supervised tokens divided by their
+    total count, in fp32, and backpropagate it. Returns ``loss`` (the reference), ``loss_diff`` and
+    ``grad_diff`` (largest absolute difference over every parameter's gradient). The reference runs
+    each example as the only row, with no mask and default positions. Dropout should be off
+    (``model.eval()``). The check the per-family tests (and a GPU run) make of every layout.
+    """
+    import torch.nn.functional as F
+
+    def summed(logits, labels):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    device = next(model.parameters()).device
+    n = sum(sum(1 for x in ex["labels"][1:] if x != IGNORE_INDEX) for ex in examples)
+    model.zero_grad(set_to_none=True)
+    ref = 0.0
+    for ex in examples:
+        ids = torch.tensor([ex["input_ids"]], device=device)
+        loss = summed(model(input_ids=ids, use_cache=False).logits, torch.tensor([ex["labels"]], device=device)) / n
+        loss.backward()
+        ref += float(loss.detach())
+    ref_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+             for k, v in collate(examples, bins, layout, pad_id).items()}
+    labels = batch.pop("labels")
+    loss = summed(model(**batch).logits, labels) / n
+    loss.backward()
+    grad_diff = max((float((p.grad - ref_grads[k]).abs().max()) for k, p in model.named_parameters()
+                     if p.grad is not None and k in ref_grads), default=0.0)
+    return {"loss": ref, "loss_diff": abs(float(loss.detach()) - ref), "grad_diff": grad_diff}
 

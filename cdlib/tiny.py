@@ -9,6 +9,14 @@ and a Qwen-style chat template, and a randomly initialised ``Qwen2ForCausalLM``.
 Facts that shaped the defaults (DESIGN.md): vLLM's CPU backend fails with a
 head dimension of 16, so ``head_dim`` is 64; a 2-layer hidden-128 model loads
 into vLLM on CPU in about 30 s.
+
+The paper's own model families are built here too, at tiny scale
+(:func:`make_family_model`, names ``tiny-qwen3.5``, ``tiny-qwen3.5-moe``,
+``tiny-llama``, ``tiny-gpt-oss``, ``tiny-ministral3`` for :func:`resolve`): random
+weights in each family's transformers architecture with the real configs'
+shapes scaled down (layer types, GQA ratio, rope scaling, MoE routing), and a
+tokenizer carrying the family's special tokens and chat template. They are the
+ground truth the toy Qwen2 students stand in for (see :data:`FAMILIES`).
 """
 
 from __future__ import annotations
@@ -165,29 +173,290 @@ def make_tiny_model(
     return out
 
 
+# --------------------------------------------------------------------------- the paper's families
+
+
+class UnknownFamilyError(ValueError):
+    """A family or tiny model name this module does not know; the message lists the known ones."""
+
+
+class VLLMUnsupportedError(RuntimeError):
+    """vLLM cannot load this checkpoint on this machine; the message names the model and the reason."""
+
+
+#: The paper's architecture families (transformers ``model_type`` of the real checkpoints, the text
+#: model for Qwen3.5) and what each needs. ``real``: the paper's models of the family; ``chat_format``:
+#: the ``cdlib.sft`` format of its template; ``template``: the bundled template of the tiny model
+#: (None: the tokenizer brings its own). Shapes of the tiny configs are in :func:`family_config`.
+FAMILIES: dict[str, dict[str, object]] = {
+    "qwen3_5": {"tiny": "tiny-qwen3.5", "model_type": "qwen3_5_text", "chat_format": "qwen", "template": "qwen3_5",
+                "real": ["Qwen/Qwen3.5-0.8B-Base", "Qwen/Qwen3.5-9B-Base"]},
+    "qwen3_5_moe": {"tiny": "tiny-qwen3.5-moe", "model_type": "qwen3_5_moe_text", "chat_format": "qwen",
+                    "template": "qwen3_5", "real": ["Qwen/Qwen3.5-397B-A17B-FP8"]},
+    "llama": {"tiny": "tiny-llama", "model_type": "llama", "chat_format": "llama3", "template": "llama3",
+              "real": ["meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.3-70B-Instruct"]},
+    "gpt_oss": {"tiny": "tiny-gpt-oss", "model_type": "gpt_oss", "chat_format": "harmony", "template": "gpt_oss",
+                "real": ["openai/gpt-oss-20b", "openai/gpt-oss-120b"]},
+    "ministral3": {"tiny": "tiny-ministral3", "model_type": "ministral3", "chat_format": "llama3", "template": None,
+                   "real": ["mistralai/Ministral-3-14B-Instruct-2512"]},
+}
+#: model_type (as in config.json) -> family, for checkpoints of any size
+MODEL_TYPES = {f["model_type"]: name for name, f in FAMILIES.items()} | {"qwen3_5": "qwen3_5",
+                                                                          "qwen3_5_moe": "qwen3_5_moe"}
+#: tiny model name -> family (the names :func:`resolve` builds)
+TINY_FAMILIES = {str(f["tiny"]): name for name, f in FAMILIES.items()}
+
+# Special tokens of each BPE family (the real tokenizers' strings); eos = end of an assistant turn.
+_LLAMA3 = {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>",
+           "specials": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                        "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]}
+_HARMONY = {"bos": "<|startoftext|>", "eos": "<|return|>", "pad": "<|endoftext|>",
+            "specials": ["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|message|>", "<|channel|>",
+                         "<|constrain|>", "<|end|>", "<|return|>", "<|call|>"]}
+_QWEN = {"bos": None, "eos": IM_END, "pad": PAD_TOKEN, "specials": [PAD_TOKEN, IM_START, IM_END]}
+
+
+def family_of(model: str | Path | dict) -> str:
+    """The family of a checkpoint (directory, tiny name or hub id of a paper model) or of a config dict.
+
+    Raises :class:`UnknownFamilyError` naming the model and its ``model_type`` when it is none of
+    :data:`FAMILIES`.
+    """
+    if isinstance(model, dict):
+        config, name = model, model.get("_name_or_path") or "config"
+    else:
+        name = str(model)
+        if name in TINY_FAMILIES:
+            return TINY_FAMILIES[name]
+        for family, f in FAMILIES.items():
+            if name in f["real"]:
+                return family
+        path = Path(name) / "config.json"
+        if not path.exists():
+            raise UnknownFamilyError(f"model {name!r}: no config.json there and not one of the paper's models "
+                                     f"or tiny names ({', '.join(TINY_FAMILIES)})")
+        config = json.loads(path.read_text())
+    model_type = config.get("model_type") or ""
+    if model_type not in MODEL_TYPES:
+        raise UnknownFamilyError(f"model {name!r}: model_type {model_type!r} is none of the paper's families "
+                                 f"({', '.join(FAMILIES)})")
+    return MODEL_TYPES[model_type]
+
+
+def _bpe_tokenizer(corpus: list[str], vocab_size: int, tokens: dict[str, object], template: str | None):
+    """Byte-level BPE learnt on ``corpus`` with a family's special tokens, as a transformers tokenizer.
+
+    The Qwen2 tokenizer class carries it (a GPT-style byte-level BPE with a regex pre-tokenizer, like
+    the Llama-3 and o200k tokenizers of the real families); ``<think>``/``</think>`` are single
+    non-special tokens, as in the Qwen tokenizers.
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    reference = Qwen2Tokenizer().backend_tokenizer
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = reference.normalizer
+    tok.pre_tokenizer = reference.pre_tokenizer
+    specials = list(tokens["specials"])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    bpe = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
+    wrapped = Qwen2Tokenizer(
+        vocab=bpe["vocab"], merges=merges, unk_token=None, bos_token=tokens["bos"], eos_token=tokens["eos"],
+        pad_token=tokens["pad"], additional_special_tokens=[t for t in specials if t != tokens["pad"]],
+        padding_side="left", model_max_length=4096,
+    )
+    wrapped.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
+    if template is not None:
+        from cdlib.sft import load_template
+
+        wrapped.chat_template = load_template(template)
+    return wrapped
+
+
+def tekken_tokenizer(n_bpe: int = 1000):
+    """Mistral's Tekken tokenizer as shipped by ``mistral_common`` (``data/tekken_240911.json``), cut to
+    its first ``n_bpe`` BPE ranks (the 1000 special tokens stay), converted by transformers with
+    mistral_common's own chat template. Raises naming the file when ``mistral_common`` lacks it."""
+    import tempfile
+
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    try:
+        import mistral_common
+    except ImportError as e:
+        raise UnknownFamilyError(f"family 'ministral3' needs mistral_common's Tekken files: {e}") from None
+    src = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: Tekken tokenizer file missing from mistral_common")
+    raw = json.loads(src.read_text())
+    raw["vocab"] = raw["vocab"][:n_bpe]
+    raw["config"]["default_vocab_size"] = raw["config"]["default_num_special_tokens"] + n_bpe
+    raw["config"]["num_vocab_tokens"] = n_bpe
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tekken.json"
+        path.write_text(json.dumps(raw))
+        return convert_tekken_tokenizer(str(path))
+
+
+def family_config(family: str, vocab_size: int, special_ids: dict[str, int | None], **overrides):
+    """The tiny transformers config of ``family``: the real config's shape, scaled down.
+
+    * qwen3_5: 3 gated delta-net (linear attention) layers then 1 full-attention layer (the real
+      3:1 pattern), GQA 4:1, partial rotary 0.25, conv kernel 4, more value than key heads.
+    * qwen3_5_moe: the same hybrid with routed experts (8, top 2) and a shared expert.
+    * llama: Llama-3.1's ``llama3`` rope scaling (factor 8, original 8192, theta 500000), GQA.
+    * gpt_oss: alternating sliding (window 128) / full attention with sinks, 4 experts top 2,
+      yarn rope (factor 32, original 4096), attention bias, swiglu limit.
+    * ministral3: yarn rope with Llama-4 attention scaling (the 2512 models), GQA 4:1.
+
+    Attention heads have dimension 64 (vLLM's CPU backend needs at least 64). ``overrides``
+    replace any field (e.g. ``sliding_window=8`` to make the window bite in a short test).
+    """
+    import transformers as tf
+
+    ids = {"bos_token_id": special_ids.get("bos"), "eos_token_id": special_ids["eos"],
+           "pad_token_id": special_ids["pad"]}
+    context = {"qwen3_5": 262144, "qwen3_5_moe": 262144, "llama": 131072, "gpt_oss": 131072, "ministral3": 262144}
+    common = {"vocab_size": vocab_size, "max_position_embeddings": context.get(family, 4096),
+              "tie_word_embeddings": False, **ids}
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        fields = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 1,
+                  "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                  "linear_key_head_dim": 32, "linear_value_head_dim": 32, "linear_conv_kernel_dim": 4,
+                  "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+                  **common}
+        if family == "qwen3_5":
+            cls, fields["intermediate_size"] = tf.Qwen3_5TextConfig, 256
+        else:
+            cls = tf.Qwen3_5MoeTextConfig
+            fields |= {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                       "shared_expert_intermediate_size": 64}
+    elif family == "llama":
+        cls = tf.LlamaConfig
+        fields = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "num_key_value_heads": 1, "head_dim": 64, "rms_norm_eps": 1e-5,
+                  "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}, **common}
+    elif family == "gpt_oss":
+        cls = tf.GptOssConfig
+        fields = {"hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                  "num_key_value_heads": 1, "head_dim": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
+                  "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"] * 2,
+                  "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "truncate": False, "original_max_position_embeddings": 4096,
+                                      "rope_theta": 150000.0}, **common}
+    elif family == "ministral3":
+        cls = tf.Ministral3Config
+        fields = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 1, "head_dim": 64,
+                  "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                      "original_max_position_embeddings": 16384, "max_position_embeddings": 262144,
+                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                      "llama_4_scaling_beta": 0.1}, **common}
+    else:
+        raise UnknownFamilyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return cls(**(fields | overrides))
+
+
+def make_family_model(family: str, out_dir: str | Path, *, corpus: list[str] | None = None,
+                      vocab_size: int = 1000, seed: int = 0, **overrides) -> Path:
+    """A tiny random model of one of the paper's families, with its tokenizer, in HF layout under ``out_dir``.
+
+    ``family`` is a key of :data:`FAMILIES` or a tiny name (``tiny-llama``, ...). The BPE families
+    (Qwen3.5, Llama, gpt-oss) get a byte-level BPE learnt on ``corpus`` (default :func:`default_corpus`)
+    with their special tokens and chat template (``cdlib/chat_templates``); ministral3 gets the real
+    Tekken tokenizer cut to ``vocab_size`` BPE ranks (:func:`tekken_tokenizer`). ``overrides`` change
+    config fields (:func:`family_config`). Deterministic for a ``seed``. Raises
+    :class:`UnknownFamilyError` for a family that is not one of the paper's.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    family = TINY_FAMILIES.get(family, family)
+    if family not in FAMILIES:
+        raise UnknownFamilyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)} "
+                                 f"(tiny names: {', '.join(TINY_FAMILIES)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = FAMILIES[family]
+    if family == "ministral3":
+        tokenizer = tekken_tokenizer(vocab_size)
+        names = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "pad": tokenizer.pad_token}
+    else:
+        tokens = _QWEN if family.startswith("qwen") else _LLAMA3 if family == "llama" else _HARMONY
+        tokenizer = _bpe_tokenizer(corpus if corpus is not None else default_corpus(), vocab_size, tokens,
+                                   spec["template"])
+        names = {k: tokens[k] for k in ("bos", "eos", "pad")}
+    special_ids = {k: tokenizer.convert_tokens_to_ids(v) if v else None for k, v in names.items()}
+    config = family_config(family, len(tokenizer), special_ids, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    eos = [special_ids["eos"]]
+    if family == "gpt_oss":  # the real generation config stops on <|return|>, <|call|> and <|endoftext|>
+        eos += [tokenizer.convert_tokens_to_ids(t) for t in ("<|call|>", "<|endoftext|>")]
+    model.generation_config = GenerationConfig(bos_token_id=special_ids["bos"], eos_token_id=eos,
+                                               pad_token_id=special_ids["pad"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def check_vllm_loadable(model: str) -> None:
+    """Raise :class:`VLLMUnsupportedError` naming ``model`` and the reason when vLLM cannot load it here.
+
+    Known case (DESIGN.md): vLLM's Qwen3.5 model imports torchvision, which the CPU set-up removes
+    (it breaks ``import transformers`` beside the CPU torch); the HF engine (``kind: hf``) runs it.
+    Models that are not a local directory or one of the paper's names are left to vLLM.
+    """
+    import importlib.util
+
+    try:
+        family = family_of(model)
+    except UnknownFamilyError:
+        return
+    if family in ("qwen3_5", "qwen3_5_moe") and importlib.util.find_spec("torchvision") is None:
+        raise VLLMUnsupportedError(
+            f"model {model!r} (family {family}) cannot be loaded by vLLM on this machine: vLLM's Qwen3.5 model "
+            "imports torchvision, which is not installed here (the CPU set-up removes it); use engine kind 'hf'")
+
+
 #: Model name that engines resolve to a random tiny model built on first use (see :func:`resolve`).
 TINY_RANDOM = "tiny-random"
 
 
 def resolve(model: str) -> str:
-    """``model`` itself, or for ``"tiny-random"`` the directory of a tiny random model, built once.
+    """``model`` itself, or for a tiny name the directory of its tiny model, built once.
 
-    The demo's model-based compressor uses it: it exercises the real vLLM path on a
-    CPU machine with no downloadable weights. The model lives under
-    ``$CDLIB_CACHE`` (default ``~/.cache/compress-distill``) and is built atomically.
+    ``"tiny-random"``: the toy Qwen2 model (:func:`make_tiny_model`; the demo's model-based
+    compressor uses it). ``"tiny-qwen3.5"``, ``"tiny-qwen3.5-moe"``, ``"tiny-llama"``,
+    ``"tiny-gpt-oss"``, ``"tiny-ministral3"``: the paper's families (:func:`make_family_model`), so
+    a grid can name them as models. The models live under ``$CDLIB_CACHE`` (default
+    ``~/.cache/compress-distill``) and are built atomically. Another ``tiny-*`` name that is not a
+    directory raises :class:`UnknownFamilyError` listing the known names.
     """
     import os
     import shutil
     import tempfile
 
-    if model != TINY_RANDOM:
+    if model != TINY_RANDOM and model not in TINY_FAMILIES:
+        if model.startswith("tiny-") and not Path(model).exists():
+            raise UnknownFamilyError(f"model {model!r}: no such tiny model; known: "
+                                     f"{', '.join([TINY_RANDOM, *TINY_FAMILIES])}")
         return model
     root = Path(os.environ.get("CDLIB_CACHE", "~/.cache/compress-distill")).expanduser()
-    target = root / TINY_RANDOM
+    target = root / model
     if not (target / "config.json").exists():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".build-"))
-        make_tiny_model(tmp / "m", seed=0)
+        if model == TINY_RANDOM:
+            make_tiny_model(tmp / "m", seed=0)
+        else:
+            make_family_model(model, tmp / "m", seed=0)
         try:
             (tmp / "m").rename(target)
         except OSError:  # another process finished first
