@@ -36,8 +36,18 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
 
-test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -m gpu
+# GPU nodes: a separate environment with vLLM's CUDA build, bitsandbytes (and flash-attn,
+# liger-kernel or cut-cross-entropy where you install them), so the CPU .venv stays as it is.
+GPU_VENV := .venv-gpu
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q -U pip wheel
+	$(GPU_VENV)/bin/pip install -e '.[gpu,dev]'
+	$(GPU_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test-gpu: $(GPU_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(GPU_VENV)/bin/python -m pytest -q -m gpu
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
