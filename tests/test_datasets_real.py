@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cdlib import answers, prompts
 from cdlib import datasets as ds
-from cdlib import prompts
 
 REAL = Path(__file__).parent / "fixtures" / "real_rows"
 MMLU = str(REAL / "mmlu" / "{split}" / "{subject}_{split}.csv")
@@ -149,6 +149,9 @@ def test_truthfulqa_original_layout_with_13_options():
     lines = [line for line in prompt.splitlines() if re.match(r"[A-Z]\. ", line)]
     assert [line[0] for line in lines] == list("ABCDEFGHIJKLM")
     assert "M. Very few books are still banned in California." in lines
+    # The row's options reach extraction, so the 13th letter is a valid answer there too.
+    assert answers.is_correct("So the answer is \\boxed{M}.", row["gold"], "letter", row["choices"])
+    assert not answers.is_correct("So the answer is \\boxed{L}.", row["gold"], "letter", row["choices"])
 
 
 def test_truthfulqa_hub_layout_with_13_options(tmp_path):
