@@ -25,6 +25,39 @@ How a response is read:
    ``1,000`` = ``1000``, ``\\frac{1}{2}`` = ``0.5``); only what that cannot settle
    (``\\sqrt``, intervals, symbolic LaTeX) goes to math-verify.
 
+Number spellings read as one value: LaTeX thousands separators (``14{,}916``,
+``11,\\! 111,\\! 100``), ``1 000`` when it is the whole answer, ``.4``, a decimal
+comma that cannot be a thousands group (``2,74``, ``1000,99``, ``0,111``; ``-2,1`` stays
+a list), every numeric fraction spelling (``\\frac{10}{9}``, ``\\dfrac``, ``\\tfrac``,
+``\\cfrac``, ``\\frac34``, ``\\frac3{3}``) as ``10/9``, and ``$`` as currency or as a math
+delimiter alike (``$10,200 + $255 = $10,455``). A gold with no finite decimal expansion
+(1/12) also matches a prediction written with at least six decimals that is within one
+unit of its last decimal (``0.0833333333333333``).
+
+Which answer wins (decided here; tests/test_answers_formats.py holds the realistic cases):
+
+- The final answer part beats the reasoning: after ``</think>``, or gpt-oss's ``final``
+  channel (the last one if there are several). The reasoning is read only when the
+  answer part states nothing, and an unclosed ``<think>`` or analysis channel is never
+  scored (``truncated``).
+- Within a part, the last statement wins: the last ``\\boxed{}``, but an "answer is" /
+  "Answer:" statement written *after* the last boxed answer overrides it (a model that
+  boxes 255 and then concludes "The final answer is $10,455$" answered 10,455). A
+  repeated or corrected answer therefore counts as its last version.
+- Several boxed answers separated only by "and", commas or ``\\quad`` (``\\boxed{-2}
+  \\quad\\text{and}\\quad \\boxed{1}``) form one answer set, for LaTeX answers only;
+  comma-separated answers compare as sets (math-verify's reading; MATH's own
+  equivalence test calls ``4, 10, -2`` and ``10, 4, -2`` different), tuples ``(a, b)`` in order.
+- A negated letter never counts: "C, not A", "not A but C", "réponse est C non A",
+  "B。不是 A" all give the letter that is not negated.
+- Other languages: the prompts are English, but answers inside French, Spanish, German
+  or Chinese sentences are read: "la réponse est", "Réponse :", "respuesta es",
+  "Antwort:", "答案是", "答案：" are answer markers, and numbers may touch CJK text
+  ("共有99颗"). Anything else in another language falls to the type's fallback.
+- "x = 1/3 \\approx 1.3": the exact value before the approximation.
+- A numeric response ending in symbolic math (``$\\frac{1+\\sqrt{5}}{2}$``, ``$-[0,1)$``)
+  is compared as LaTeX, not by its last digit.
+
 Safety: model text never reaches ``eval``/``sympify``/``parse_expr``. math-verify
 is called only with its LaTeX extraction (an ANTLR parser building SymPy
 objects; its ``ExprExtractionConfig`` would call ``parse_expr`` and is never
@@ -50,6 +83,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from functools import lru_cache
 
+from cdlib.prompts import LETTERS
 from cdlib.traces import parse_response
 
 ANSWER_TYPES = ("numeric", "letter", "boolean", "latex")
@@ -80,9 +114,10 @@ BOXED_CHARS = 2000
 MAX_VERIFY_CHARS = 1000
 #: Deadline in seconds for one math-verify comparison (the worker is killed after it).
 LATEX_TIMEOUT_S = 5.0
-#: Letters allowed when no choices are given (A-J covers MMLU-Pro's ten options).
-DEFAULT_LETTERS = "ABCDEFGHIJ"
-DEFAULT_LETTERS_26 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: Letters allowed when no choices are given (A-J covers MMLU-Pro's ten options). With
+#: choices, the first len(choices) of :data:`cdlib.prompts.LETTERS` (A..Z, the one
+#: index <-> letter mapping of prompts, gold answers and extraction; TruthfulQA has 13).
+DEFAULT_LETTERS = LETTERS[:10]
 #: Digits of a number literal; longer runs are ignored (no giant int conversions).
 MAX_DIGITS = 60
 
@@ -192,12 +227,28 @@ def verify(pred: str | None, gold: str, answer_type: str) -> bool:
         spelled = _numeric_from_phrase(gold, boxed=False)  # gold such as "$5" or "5 apples"
         g = _as_fraction(spelled) if spelled is not None else None
     if p is not None and g is not None:
-        return p == g
+        return p == g or _truncated_expansion_of(pred, p, g)
     if answer_type == "numeric" and p is None and not _MATHY_RE.search(pred):
         return False  # words, not a number and not math: nothing to compare
     if len(pred) > MAX_VERIFY_CHARS or len(gold) > MAX_VERIFY_CHARS:
         return False
     return _latex_equal(pred, gold)
+
+
+_DECIMALS_RE = re.compile(r"\.(\d{6,%d})\D*$" % MAX_DIGITS)
+
+
+def _truncated_expansion_of(pred: str, p: Fraction, g: Fraction) -> bool:
+    """``0.0833333333333333`` for 1/12: a gold that has no finite decimal expansion,
+    written with at least six decimals and within one unit of the last decimal."""
+    match = _DECIMALS_RE.search(pred[:200])
+    if match is None:
+        return False
+    den = g.denominator
+    for factor in (2, 5):
+        while den % factor == 0:
+            den //= factor
+    return den != 1 and abs(p - g) < Fraction(1, 10 ** len(match.group(1)))
 
 
 def _check_type(answer_type: str) -> None:
@@ -210,30 +261,43 @@ def _check_type(answer_type: str) -> None:
 # --------------------------------------------------------------------------- #
 
 # "the (final|correct|best) answer is", "the correct option is", "answer would be".
+# Also the French, Spanish, German and Chinese phrasings ("la réponse est", "答案是").
 _ANSWER_IS_RE = re.compile(
-    r"(?i)\b(?:answer|option|choice)[ \t*_]{0,3}(?:is|would be|should be|will be)\b[ \t*_:]{0,4}"
+    r"(?i)(?:\b(?:answer|option|choice)[ \t*_]{0,3}(?:is|would be|should be|will be)"
+    r"|\br[ée]ponse (?:est|serait)|\brespuesta es|\bantwort (?:ist|lautet)|答案(?:是|为|應該是|应该是))"
+    r"(?![A-Za-z])[ \t*_:]{0,4}"
 )
-# "Answer: x", "**Final Answer:** x", "Answer：x".
-_ANSWER_COLON_RE = re.compile(r"(?i)\banswer[ \t*_]{0,3}[:：][ \t*_]{0,3}")
+# "Answer: x", "**Final Answer:** x", "Answer：x", "Réponse : x", "答案：x".
+_ANSWER_COLON_RE = re.compile(
+    r"(?i)(?:\b(?:answer|r[ée]ponse|respuesta|antwort)|答案|回答)[ \t*_]{0,3}[:：][ \t*_]{0,3}"
+)
 # "**Final Answer**" as a heading, the answer on the next line.
 _FINAL_HEADING_RE = re.compile(r"(?i)\bfinal answer[ \t*_#]{0,4}\n")
-_BOLD_RE = re.compile(r"\*\*([^*\n]{1,200})\*\*")
+# Bold text: "**73**" but not the span between two bold phrases ("** and **").
+_BOLD_RE = re.compile(r"\*\*(?=[^\s*])([^*\n]{0,199}[^\s*])\*\*")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox|box)\b")  # "\box{A}": Math-Verify issue 16
 
-# A number: optional sign and "$", thousands groups or plain digits, decimals,
-# an optional "/denominator". Not preceded by a letter, "." or "^" (units such
-# as "cm^2", identifiers such as "x2" and exponents are not answers).
+# A number: optional sign and "$", thousands groups or plain digits, decimals
+# (".4" too, and a decimal comma where it cannot be a thousands group: "2,74",
+# "1000,99"; "0,111" is read as 0.111; "-2,1" stays a list), an optional "/denominator". Not preceded
+# by an ASCII letter, digit, "." or "^" (units such as "cm^2", identifiers such as
+# "x2" and exponents are not answers); CJK text may touch it ("共有99颗").
 _NUM_RE = re.compile(
-    r"(?<![\w.^\\])(?P<neg>-\s?)?\\?\$?\s?"
-    r"(?P<int>\d{1,3}(?:,\d{3})+(?![\d])|\d{1,%d}(?!\d))"
-    r"(?P<dec>\.\d{1,%d}(?!\d))?"
-    r"(?:\s?/\s?(?P<den>\d{1,%d})(?![\d.]))?" % (MAX_DIGITS, MAX_DIGITS, MAX_DIGITS)
+    r"(?<![A-Za-z0-9_.^\\])(?P<neg>-\s?)?\\?\$?\s?"
+    r"(?:(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d{1,%d}(?!\d))"
+    r"(?:(?P<dec>\.\d{1,%d}(?!\d))|(?P<cdec>,\d{2}(?![\d,])|,\d{4,%d}(?![\d,])))?"
+    r"|(?P<bare>\.\d{1,%d}(?!\d)))"
+    r"(?:\s?/\s?(?P<den>\d{1,%d})(?!\d|\.\d))?" % ((MAX_DIGITS,) * 5)
 )
-_FRAC_RE = re.compile(
-    r"(?P<neg>-\s?)?\\[dt]?frac\s*\{\s*(?P<num>-?\d{1,%d}(?:\.\d{1,%d})?)\s*\}\s*"
-    r"\{\s*(?P<den>-?\d{1,%d}(?:\.\d{1,%d})?)\s*\}" % ((MAX_DIGITS,) * 4)
+# A numeric LaTeX fraction in any spelling: \frac{10}{9}, \dfrac, \tfrac, \cfrac, \frac34, \frac3{3}.
+_FRAC_ANY_RE = re.compile(
+    r"\\[dtc]?frac\s*(?:\{\s*(?P<num>-?\d{1,%d}(?:\.\d{1,%d})?)\s*\}|(?P<num1>\d))"
+    r"\s*(?:\{\s*(?P<den>-?\d{1,%d}(?:\.\d{1,%d})?)\s*\}|(?P<den1>\d))(?![\d{])" % ((MAX_DIGITS,) * 4)
 )
-_FRAC_SHORT_RE = re.compile(r"(?P<neg>-\s?)?\\[dt]?frac(?P<num>\d)(?P<den>\d)(?!\d)")
+# LaTeX thousands separators: 14{,}916, 14 {, }916, 11,\! 111,\! 100, 32,\,349.
+_LATEX_THOUSANDS_RE = re.compile(r"(?<=\d)(?:\s?\{\s?,\s?\}\s?|,\s?\\[!,; ]\s?)(?=\d{3}(?!\d))")
+# "1 000" (spaces, no-break or thin spaces between groups) when it is the whole answer.
+_SPACE_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:[ \u00a0\u202f]\d{3})+(?:\.\d{1,%d})?" % MAX_DIGITS)
 _LETTER_RE = re.compile(r"(?<![A-Za-z0-9\\'’])(?P<open>\()?(?P<letter>[A-Za-z])(?P<close>\))?(?![A-Za-z0-9'’])")
 _BOOL_RE = re.compile(r"(?i)(?<![A-Za-z])(yes|no|true|false)(?![A-Za-z])")
 _TEXT_WRAP_RE = re.compile(
@@ -241,7 +305,11 @@ _TEXT_WRAP_RE = re.compile(
 )
 _LATEX_SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|\\left\b|\\right\b|\\displaystyle\b")
 _MATHY_RE = re.compile(r"\\[A-Za-z]|\^|\bsqrt\b|\bpi\b")
-_NEGATIONS = ("not", "n't", "rather than", "instead of", "nor", "neither", "except", "excluding", "never")
+#: Words that negate the option right after them ("not A", "non A", "不是 A"); see the module docstring.
+_NEGATIONS = (
+    "not", "n't", "rather than", "instead of", "nor", "neither", "except", "excluding", "never",
+    "non", "pas", "plutôt que", "no es", "nicht", "kein", "不是", "而不是", "并非", "非",
+)
 
 
 class _Context:
@@ -255,7 +323,7 @@ class _Context:
         self._choices = None
         self._options: list[tuple[str, str]] | None = None
         if answer_type == "letter" and choices:
-            self.letters = DEFAULT_LETTERS_26[: min(len(choices), 26)]
+            self.letters = LETTERS[: min(len(choices), 26)]
             self._choices = tuple(str(c) for c in choices)
 
     @property
@@ -278,10 +346,16 @@ class _Context:
 
 def _cascade(text: str, ctx: _Context) -> tuple[str | None, str]:
     """Apply the rules in order to one part of a response."""
-    for content in _boxed_contents(text):
+    boxes = _boxed_spans(text)
+    if len(boxes) > 1 and ctx.answer_type == "latex":
+        answer_set = _boxed_set(text, boxes)
+        if answer_set is not None:
+            boxes.insert(0, (boxes[-1][0], boxes[0][1], answer_set))
+    for _, end, content in boxes:
         value = ctx.from_phrase(content, boxed=True)
         if value is not None:
-            return value, "boxed"
+            later = _later_statement(text[end:end + TAIL_CHARS], ctx)
+            return later if later is not None else (value, "boxed")
     tail = _ascii_minus(text[-TAIL_CHARS:])
     hash_at = tail.rfind("####")
     if hash_at >= 0:
@@ -304,10 +378,27 @@ def _cascade(text: str, ctx: _Context) -> tuple[str | None, str]:
     return _fallback(tail, ctx)
 
 
+def _later_statement(after: str, ctx: _Context) -> tuple[str | None, str] | None:
+    """An "answer is" / "Answer:" statement after the last boxed answer, which then wins
+    ("\\boxed{255} ... The final answer is $10,455$")."""
+    if "nswer" not in after and "NSWER" not in after:
+        return None
+    after = _ascii_minus(after)
+    for pattern, rule in ((_ANSWER_IS_RE, "answer_is"), (_ANSWER_COLON_RE, "answer_colon")):
+        for match in _last_matches(pattern, after):
+            value = ctx.from_phrase(_line_after(after, match.end()))
+            if value is not None:
+                return value, rule
+    return None
+
+
 def _fallback(tail: str, ctx: _Context) -> tuple[str | None, str]:
     """The type-specific last resort when no marker matched."""
     kind = ctx.answer_type
     if kind == "numeric":
+        symbolic = _symbolic_ending(tail)
+        if symbolic is not None:
+            return symbolic, "math_env"
         value = _last_number(tail)
         return (value, "last_number") if value is not None else (None, "none")
     if kind == "letter":
@@ -322,8 +413,26 @@ def _fallback(tail: str, ctx: _Context) -> tuple[str | None, str]:
     value = _last_math_env(tail)
     if value is not None:
         return value, "math_env"
+    bare = tail.strip().rstrip(".")
+    if len(bare) <= PHRASE_CHARS and _looks_like_math(bare) and "\n" not in bare:
+        return bare, "math_env"  # the whole answer is math without delimiters: "(x-2)(x+2)"
     value = _last_number(tail)
     return (value, "last_number") if value is not None else (None, "none")
+
+
+_SYMBOLIC_RE = re.compile(r"\\sqrt|\\pi\b|^-?[\[(][^=]*,[^=]*[\])]$")
+
+
+def _symbolic_ending(tail: str) -> str | None:
+    """The closing math span when it is symbolic (``\\frac{1+\\sqrt{5}}{2}``, ``[0,1)``):
+    its last digit is not a numeric answer, so it goes to verify() as LaTeX."""
+    end = tail.rstrip(" \t\n.")
+    if not end.endswith(("$", "\\]", "\\)")):
+        return None
+    env = _last_math_env(end)
+    if env is None or "=" in env or not _SYMBOLIC_RE.search(env):
+        return None
+    return env
 
 
 def _last_matches(pattern: re.Pattern, text: str, keep: int = 3) -> list[re.Match]:
@@ -348,9 +457,10 @@ def _line_after(text: str, start: int) -> str:
     return nxt[:stop] if stop >= 0 else nxt
 
 
-def _boxed_contents(text: str, attempts: int = 3) -> list[str]:
-    """Contents of the last few ``\\boxed{...}`` (or ``\\fbox``, ``\\box``), last first (nested braces)."""
-    found: list[str] = []
+def _boxed_spans(text: str, attempts: int = 4) -> list[tuple[int, int, str]]:
+    """``(start, end, content)`` of the last few ``\\boxed{...}`` (or ``\\fbox``, ``\\box``),
+    last first (nested braces)."""
+    found: list[tuple[int, int, str]] = []
     end = len(text)
     for _ in range(2 * attempts):  # bounded: unbalanced "\boxed{" baits cost at most this
         if len(found) == attempts:
@@ -368,12 +478,34 @@ def _boxed_contents(text: str, attempts: int = 3) -> list[str]:
         if pos < len(text) and text[pos] == "{":
             content = _braced(text, pos)
             if content is not None:
-                found.append(content)
+                found.append((at, pos + len(content) + 2, content))
         else:  # "\boxed 5"
             token = text[pos:pos + 40].split(None, 1)
             if token:
-                found.append(token[0].rstrip("$.,"))
+                found.append((at, pos + len(token[0]), token[0].rstrip("$.,")))
     return found
+
+#: What may stand between boxed answers that together form one answer set.
+_SET_WORDS = ("\\text", "\\mathrm", "\\qquad", "\\quad", "and", "or", "et", "und", "y", "和", "或")
+
+
+def _boxed_set(text: str, boxes: list[tuple[int, int, str]]) -> str | None:
+    """``"-2, 1"`` for ``\\boxed{-2} \\quad \\text{and} \\quad \\boxed{1}``: the last boxed
+    answers joined when only separators stand between them (in order, repeats dropped)."""
+    group = [boxes[0][2]]
+    for i in range(1, len(boxes)):
+        between = text[boxes[i][1]:boxes[i - 1][0]]
+        if len(between) > 60:
+            break
+        for word in _SET_WORDS:
+            between = between.replace(word, " ")
+        if between.strip(" \t\n,;$.{}[]()\\"):
+            break
+        group.append(boxes[i][2])
+    if len(group) < 2:
+        return None
+    ordered = list(dict.fromkeys(c.strip() for c in reversed(group)))
+    return ", ".join(ordered) if len(ordered) > 1 else None
 
 
 def _braced(text: str, open_at: int) -> str | None:
@@ -399,6 +531,8 @@ def _braced(text: str, open_at: int) -> str | None:
 def _clean(phrase: str) -> str:
     """Strip markdown emphasis and LaTeX wrappers that carry no value."""
     s = _ascii_minus(phrase[:BOXED_CHARS])
+    if "\\" in s or "{" in s:
+        s = _plain_numbers(s)
     if "\\" not in s:
         return s.replace("**", " ") if "*" in s else s
     s = s.replace("**", " ")
@@ -411,6 +545,37 @@ def _clean(phrase: str) -> str:
     return s.replace("\\%", "%").replace("\\$", "$").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
+def _plain_numbers(s: str) -> str:
+    """LaTeX spellings of numbers as plain text: ``14{,}916`` and ``11,\\! 111`` as
+    ``14,916`` and ``11,111``, numeric fractions (``\\frac{10}{9}``, ``\\tfrac12``,
+    ``\\frac3{3}``) as ``10/9``, and ``\\approx11`` with a space before the number."""
+    if "," in s:
+        s = _LATEX_THOUSANDS_RE.sub(",", s)
+    if "frac" in s:
+        s = _FRAC_ANY_RE.sub(_frac_as_slash, s)
+    if "\\approx" in s:
+        s = s.replace("\\approx", "\\approx ")
+    return s
+
+
+def _frac_as_slash(match: re.Match) -> str:
+    num = match.group("num") or match.group("num1")
+    den = match.group("den") or match.group("den1")
+    if "." in den:
+        return match.group(0)  # 9.5/3.14 is not one number literal; left to math-verify
+    at = match.start()
+    space = " " if at > 0 and match.string[at - 1].isdigit() else ""  # "2\frac12" is not "21/2"
+    return f"{space}{num}/{den}"
+
+
+def _whole_spaced_number(text: str) -> str | None:
+    """``1 000`` or ``1 000 000.5`` when that is all the text says (spaces as thousands separators)."""
+    bare = text.strip().strip("$").strip().rstrip(".")
+    if len(bare) > 4 * MAX_DIGITS or not _SPACE_THOUSANDS_RE.fullmatch(bare):
+        return None
+    return _canonical(Fraction(bare.replace(" ", "").replace("\u00a0", "").replace("\u202f", "")))
+
+
 def _ascii_minus(text: str) -> str:
     return text.replace("\u2212", "-") if "\u2212" in text else text
 
@@ -421,8 +586,15 @@ def _negated(text: str, start: int) -> bool:
     return before.endswith(_NEGATIONS)
 
 
+_SENTENCE_STOP_RE = re.compile(r"[.!?。！？]\s")
+
+
 def _numeric_from_phrase(phrase: str, boxed: bool) -> str | None:
     s = _clean(phrase)
+    if not boxed:  # the sentence that states the answer, not the next one's equations
+        stop = _SENTENCE_STOP_RE.search(s)
+        if stop is not None and _NUM_RE.search(s, 0, stop.start()):
+            s = s[:stop.start()]
     if "=" in s:  # "3 + 4 = 7", "x = 5": the value is on the right of the last "="
         value = _numeric_value(s.rsplit("=", 1)[1], boxed)
         if value is not None:
@@ -431,11 +603,9 @@ def _numeric_from_phrase(phrase: str, boxed: bool) -> str | None:
 
 
 def _numeric_value(s: str, boxed: bool) -> str | None:
-    frac = _FRAC_RE.search(s) or _FRAC_SHORT_RE.search(s)
-    if frac is not None and not _NUM_RE.search(s, 0, frac.start()):
-        value = _fraction_from_parts(frac.group("neg"), frac.group("num"), frac.group("den"))
-        if value is not None:
-            return _canonical(value)
+    spaced = _whole_spaced_number(s)
+    if spaced is not None:
+        return spaced
     if boxed and _MATHY_RE.search(s):
         latex = s.strip().strip("$").strip()
         return latex or None  # e.g. 2\sqrt{3}: left to verify()/math-verify
@@ -449,17 +619,32 @@ def _numeric_value(s: str, boxed: bool) -> str | None:
 
 
 def _last_number(text: str) -> str | None:
-    last = None
+    spaced = _whole_spaced_number(text)
+    if spaced is not None:
+        return spaced
+    text = _plain_numbers(text)
+    last = previous = None
     for match in _NUM_RE.finditer(text):
-        last = match
+        previous, last = last, match
     if last is None:
         return None
+    if previous is not None and "approx" in text[previous.end():last.start()] or (
+        previous is not None and "≈" in text[previous.end():last.start()]
+    ):
+        last = previous  # "x = 1/3 \approx 1.3": the exact value, not its rounding
     value = _number_from_match(last)
     return _canonical(value) if value is not None else None
 
 
 def _number_from_match(match: re.Match) -> Fraction | None:
-    digits = (match.group("int") or "0").replace(",", "") + (match.group("dec") or "")
+    groups = match.groupdict()
+    whole = groups["int"] or "0"
+    if whole.startswith("0,") and whole.count(",") == 1:  # "0,111": a decimal comma
+        whole = whole.replace(",", ".")
+    else:
+        whole = whole.replace(",", "")
+    comma_decimals = groups.get("cdec")
+    digits = whole + (groups["dec"] or groups.get("bare") or ("." + comma_decimals[1:] if comma_decimals else ""))
     try:
         value = Fraction(digits)
         if match.group("den"):
@@ -546,7 +731,7 @@ def _normalised_options(choices: tuple[str, ...]) -> list[tuple[str, str]]:
     """``[(letter, normalised text)]``; "A) text" prefixes are dropped when every choice has one."""
     prefixes = [_OPTION_PREFIX_RE.match(text) for text in choices]
     prefixed = all(
-        m is not None and m.group(1) == DEFAULT_LETTERS_26[i] for i, m in enumerate(prefixes[:26])
+        m is not None and m.group(1) == LETTERS[i] for i, m in enumerate(prefixes[:26])
     )
     options = []
     for i, text in enumerate(choices[:26]):
@@ -554,7 +739,7 @@ def _normalised_options(choices: tuple[str, ...]) -> list[tuple[str, str]]:
             text = text[prefixes[i].end():]
         norm = _norm_words(text)
         if norm:
-            options.append((DEFAULT_LETTERS_26[i], norm))
+            options.append((LETTERS[i], norm))
     return options
 
 
@@ -653,8 +838,8 @@ def _last_math_env(text: str) -> str | None:
 # --------------------------------------------------------------------------- #
 
 _PLAIN_NUMBER_RE = re.compile(
-    r"(?P<neg>-)?(?P<int>\d{1,3}(?:,\d{3})+|\d{1,%d})?(?P<dec>\.\d{1,%d})?(?:/(?P<den>\d{1,%d}))?"
-    % (MAX_DIGITS, MAX_DIGITS, MAX_DIGITS)
+    r"(?P<neg>-)?(?P<int>\d{1,3}(?:,\d{3})+|\d{1,%d})?(?:(?P<dec>\.\d{1,%d})|(?P<cdec>,\d{2}|,\d{4,%d}))?"
+    r"(?:/(?P<den>\d{1,%d}))?" % ((MAX_DIGITS,) * 4)
 )
 
 
@@ -667,9 +852,6 @@ def _as_fraction(text: str) -> Fraction | None:
     s = s.lstrip("$").removesuffix("%")
     if not s:
         return None
-    frac = _FRAC_RE.fullmatch(s) or _FRAC_SHORT_RE.fullmatch(s)
-    if frac is not None:
-        return _fraction_from_parts(frac.group("neg"), frac.group("num"), frac.group("den"))
     match = _PLAIN_NUMBER_RE.fullmatch(s)
     if match is None or not (match.group("int") or match.group("dec")):
         return None

@@ -44,7 +44,7 @@ CASES = [
     ("\\boxed{\\frac12}", "numeric", None, "0.5", "0.5", "boxed", True),
     ("\\boxed{25\\%}", "numeric", None, "25", "25", "boxed", True),
     ("\\boxed{{42}}", "numeric", None, "42", "42", "boxed", True),
-    ("\\[\\boxed{1{,}000}\\]", "numeric", None, "1000", "1", "boxed", False),
+    ("\\[\\boxed{1{,}000}\\]", "numeric", None, "1000", "1000", "boxed", True),  # LaTeX thousands separator
     ("First \\boxed{3}. Wait, recount: \\boxed{5}", "numeric", None, "5", "5", "boxed", True),
     ("\\fbox{12}", "numeric", None, "12", "12", "boxed", True),
     ("\\boxed 7", "numeric", None, "7", "7", "boxed", True),

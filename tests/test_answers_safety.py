@@ -150,6 +150,16 @@ BACKTRACK_BAITS = {
     "spaces-then-number": " " * MB + "1",
     "think-unclosed": "<think>" + "answer is 1 " * (MB // 12),
     "harmony-bait": "<|channel|>analysis<|message|>" * (MB // 30),
+    "latex-thousands": "1{,}" * (MB // 4),
+    "latex-thousands-bang": "11,\\! " * (MB // 6),
+    "frac-variants": "\\tfrac1{" * (MB // 8),
+    "boxed-set": "\\boxed{1} and " * (MB // 14),
+    "space-thousands": "1 000 " * (MB // 6),
+    "bare-decimals": ".4 " * (MB // 3),
+    "decimal-commas": "0,11 " * (MB // 5),
+    "approx": "1\\approx" * (MB // 8),
+    "answer-after-boxed": "\\boxed{1} The answer is " * (MB // 25),
+    "cjk-marker": "答案是" * (MB // 3),
 }
 
 
