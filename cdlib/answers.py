@@ -275,6 +275,7 @@ _ANSWER_COLON_RE = re.compile(
 _FINAL_HEADING_RE = re.compile(r"(?i)\bfinal answer[ \t*_#]{0,4}\n")
 # Bold text: "**73**" but not the span between two bold phrases ("** and **").
 _BOLD_RE = re.compile(r"\*\*(?=[^\s*])([^*\n]{0,199}[^\s*])\*\*")
+_HEADING_RE = re.compile(r"(?i)^(?:step|part|case|stage|phase|method|approach)\b|:$")
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox|box)\b")  # "\box{A}": Math-Verify issue 16
 
 # A number: optional sign and "$", thousands groups or plain digits, decimals
@@ -357,39 +358,54 @@ def _cascade(text: str, ctx: _Context) -> tuple[str | None, str]:
             later = _later_statement(text[end:end + TAIL_CHARS], ctx)
             return later if later is not None else (value, "boxed")
     tail = _ascii_minus(text[-TAIL_CHARS:])
-    hash_at = tail.rfind("####")
-    if hash_at >= 0:
-        value = ctx.from_phrase(_line_after(tail, hash_at + 4))
-        if value is not None:
-            return value, "hash"
-    for match in _last_matches(_ANSWER_IS_RE, tail):
-        value = ctx.from_phrase(_line_after(tail, match.end()))
-        if value is not None:
-            return value, "answer_is"
-    colon = _last_matches(_ANSWER_COLON_RE, tail) + _last_matches(_FINAL_HEADING_RE, tail)
-    for match in sorted(colon, key=lambda m: m.start(), reverse=True):
-        value = ctx.from_phrase(_line_after(tail, match.end()))
-        if value is not None:
-            return value, "answer_colon"
+    value_rule = _last_statement(tail, ctx)
+    if value_rule is not None:
+        return value_rule
     for match in _last_matches(_BOLD_RE, tail):
+        if _HEADING_RE.search(match.group(1)):
+            continue  # "**Step 7:**" is a heading, not an answer
         value = ctx.from_phrase(match.group(1))
         if value is not None:
             return value, "bold"
     return _fallback(tail, ctx)
 
 
-def _later_statement(after: str, ctx: _Context) -> tuple[str | None, str] | None:
-    """An "answer is" / "Answer:" statement after the last boxed answer, which then wins
-    ("\\boxed{255} ... The final answer is $10,455$")."""
-    if "nswer" not in after and "NSWER" not in after:
-        return None
-    after = _ascii_minus(after)
-    for pattern, rule in ((_ANSWER_IS_RE, "answer_is"), (_ANSWER_COLON_RE, "answer_colon")):
-        for match in _last_matches(pattern, after):
-            value = ctx.from_phrase(_line_after(after, match.end()))
-            if value is not None:
-                return value, rule
+def _last_statement(tail: str, ctx: _Context) -> tuple[str, str] | None:
+    """The last "#### x", "the answer is x" or "Answer: x" that gives a value (by position:
+    a model's final "The best answer is C." beats a "#### 577" it recited earlier).
+    A question ("Maybe the answer is 578?") states nothing."""
+    marks = [(m.end(), "answer_is") for m in _last_matches(_ANSWER_IS_RE, tail)]
+    marks += [(m.end(), "answer_colon") for m in _last_matches(_ANSWER_COLON_RE, tail)]
+    marks += [(m.end(), "answer_colon") for m in _last_matches(_FINAL_HEADING_RE, tail)]
+    hash_at = tail.rfind("####")
+    if hash_at >= 0:
+        marks.append((hash_at + 4, "hash"))
+    for end, rule in sorted(marks, reverse=True):
+        phrase = _line_after(tail, end)
+        if rule == "answer_is" and _is_question(phrase):
+            continue
+        value = ctx.from_phrase(phrase)
+        if value is not None:
+            return value, rule
     return None
+
+
+def _is_question(phrase: str) -> bool:
+    """Whether the sentence the phrase starts ends with a question mark."""
+    for i, ch in enumerate(phrase):
+        if ch == "?" or ch == "？":
+            return True
+        if ch in "!\n。" or ch == "." and (i + 1 == len(phrase) or phrase[i + 1] in " \n"):
+            return False
+    return False
+
+
+def _later_statement(after: str, ctx: _Context) -> tuple[str, str] | None:
+    """A statement (see :func:`_last_statement`) after the last boxed answer, which then
+    wins ("\\boxed{255} ... The final answer is $10,455$")."""
+    if "nswer" not in after and "NSWER" not in after and "####" not in after and "答案" not in after:
+        return None
+    return _last_statement(_ascii_minus(after), ctx)
 
 
 def _fallback(tail: str, ctx: _Context) -> tuple[str | None, str]:
