@@ -16,11 +16,13 @@ How a response is read:
    (``<think>``, gpt-oss harmony, plain). A truncated response (reasoning never
    closed) is never scored from its unfinished reasoning: rule ``"truncated"``.
 2. The cascade runs on the final answer; only if it finds nothing does it run
-   on the (tail of the) reasoning. In order, each taking the *last* occurrence:
-   ``\\boxed{}`` (nested braces), ``#### x``, "the (final) answer is x",
-   ``Answer: x``, bold ``**x**``, then the type's fallback: last number
-   (numeric), a letter in the valid range or an option's text (letter),
-   yes/no/true/false (boolean), the last ``$...$`` math (latex).
+   on the (tail of the) reasoning. In order: the last ``\\boxed{}`` (nested
+   braces); else the last *statement* by position among ``#### x``, "the (final)
+   answer is x" and ``Answer: x`` (a question, "maybe the answer is 5?", states
+   nothing); else the last bold ``**x**`` that is not a heading (``**Step 3:**``);
+   then the type's fallback: last number (numeric), a letter in the valid range or
+   an option's text (letter), yes/no/true/false (boolean), the last ``$...$`` math
+   or the whole answer when it is bare math (latex).
 3. :func:`verify` compares with exact rational arithmetic (``3.50`` = ``3.5``,
    ``1,000`` = ``1000``, ``\\frac{1}{2}`` = ``0.5``); only what that cannot settle
    (``\\sqrt``, intervals, symbolic LaTeX) goes to math-verify.
@@ -44,6 +46,9 @@ Which answer wins (decided here; tests/test_answers_formats.py holds the realist
   "Answer:" statement written *after* the last boxed answer overrides it (a model that
   boxes 255 and then concludes "The final answer is $10,455$" answered 10,455). A
   repeated or corrected answer therefore counts as its last version.
+- Plain text (Llama) has no reasoning part, so its whole text is the answer part: a
+  "#### 577" recited mid-way beats a closing sentence with no marker ("Tom ends up
+  with 18 pens"); a response with no marker at all gives its last number.
 - Several boxed answers separated only by "and", commas or ``\\quad`` (``\\boxed{-2}
   \\quad\\text{and}\\quad \\boxed{1}``) form one answer set, for LaTeX answers only;
   comma-separated answers compare as sets (math-verify's reading; MATH's own
