@@ -431,6 +431,18 @@ def _label_order(values: list[str], col: str = "source") -> list[str]:
     return [SOURCE_LABELS.get(v, v) for v in _ordered(values, col)]
 
 
+def _in_paper_order(values: list[str], col: str) -> list[str]:
+    """Distinct ``values`` in the paper's order (teachers as in Table 1, students by size), also when
+    the grid spells them its own way (``qwen3.5-0.8b``, see :func:`paper_name`); others after, by name."""
+    order = ORDER.get(col, [])
+
+    def rank(v: str) -> tuple[int, str]:
+        name = v if v in order else paper_name(v, col)
+        return (order.index(name) if name in order else len(order), v)
+
+    return sorted({v for v in values if v is not None}, key=rank)
+
+
 def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
     """Figure 1: mean compression ratio (ratio of means) by domain, per teacher and compressor."""
     _need(compression, ["teacher", "compressor", "domain", "original_chars", "compressed_chars"], "fig1")
@@ -442,13 +454,14 @@ def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
     domains = _ordered(df["domain"].unique().to_list(), "domain")
     comps = _label_order(df["compressor"].unique().to_list(), "compressor")
     bars = alt.Chart(df).mark_bar().encode(
-        x=alt.X("domain:N", sort=domains, title="Domain"),
+        x=alt.X("domain:N", sort=domains, title="Domain", axis=alt.Axis(labelAngle=0)),  # short names read level
         xOffset=alt.XOffset("compressor_label:N", sort=comps),
         y=alt.Y("rho:Q", title="Mean compression ratio ρ (lower = more aggressive)"),
         color=_color(df, "compressor", "Compressor"),
         tooltip=["teacher:N", "compressor_label:N", "domain:N", alt.Tooltip("rho:Q", format=".3f"), alt.Tooltip("n:Q", format=",")],
     ).properties(width=260, height=220)
-    return bars.facet(column=alt.Column("teacher:N", sort=ORDER["teacher"], title="Teacher"))
+    return bars.facet(column=alt.Column("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"),
+                                        title="Teacher"))
 
 
 def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> alt.VConcatChart:
@@ -468,8 +481,7 @@ def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: 
     df = _labelled(df.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width))
     sources = _label_order(df["source"].unique().to_list())
     color = _color(df)
-    teachers = [t for t in ORDER["teacher"] if t in set(df["teacher"])] + sorted(
-        set(df["teacher"]) - set(ORDER["teacher"]))
+    teachers = _in_paper_order(df["teacher"].to_list(), "teacher")
     # One chart per (teacher, source), concatenated: Vega-Lite's facet misplaces panels when
     # some (teacher, source) pairs have no data, putting histograms under the wrong headings.
     rows = []
@@ -515,7 +527,7 @@ def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int 
     every = (pl.col("_n") / points).ceil().cast(pl.Int64).clip(1)
     df = df.filter((pl.col("_i") % every == 0) | (pl.col("_i") == pl.col("_n") - 1))
     df = _labelled(df.select(RUN_KEYS + ["step", "loss", "ema"]))
-    students = _ordered(df["student"].unique().to_list(), "student")
+    students = _in_paper_order(df["student"].to_list(), "student")
     methods = _ordered(df["method"].unique().to_list(), "method")
     legend = {"symbolOpacity": 1, "symbolStrokeWidth": 2.2}  # the bold curve's look, not the faint one's
     color = _color(df).legend(**legend)
@@ -532,7 +544,7 @@ def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int 
     faint = base.mark_line(strokeWidth=0.6, opacity=0.3).encode(y=alt.Y("loss:Q", title=title))
     bold = base.mark_line(strokeWidth=2.2).encode(y=alt.Y("ema:Q", title=title))
     return alt.layer(bold, faint).properties(width=200, height=150).facet(
-        row=alt.Row("teacher:N", sort=ORDER["teacher"], title=None),
+        row=alt.Row("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None),
         column=alt.Column("student:N", sort=students, title=None), data=df).properties(
         title=alt.Title(f"Faint: loss per step (thinned for long runs) · bold: its EMA (α={alpha})", fontSize=12,
                         fontWeight="normal", anchor="start"))
@@ -545,7 +557,7 @@ def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_token
     _need(df, ["accuracy", x], "fig4")
     df = _with_optional(df, ["reasoning_tokens_q1", "reasoning_tokens_q3", "se"])
     df = _labelled(df.filter(pl.col(x) > 0))
-    students = _ordered(df["student"].unique().to_list(), "student")
+    students = _in_paper_order(df["student"].to_list(), "student")
     methods = _ordered(df["method"].unique().to_list(), "method")
     color = _color(df)
     df = _complete_grid(df, "teacher", "student")
@@ -564,7 +576,7 @@ def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_token
     if x == "median_reasoning_tokens" and df["reasoning_tokens_q1"].null_count() < df.height:
         layers.insert(0, base.mark_rule().encode(x="reasoning_tokens_q1:Q", x2="reasoning_tokens_q3:Q", tooltip=tooltip))
     return alt.layer(*layers).properties(width=180, height=170).facet(
-        row=alt.Row("teacher:N", sort=ORDER["teacher"], title=None),
+        row=alt.Row("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None),
         column=alt.Column("student:N", sort=students, title=None))
 
 
@@ -591,16 +603,19 @@ def pareto(runs: pl.DataFrame, x: str = "mean_completion_tokens") -> alt.FacetCh
     tooltip += [c for c in ("budget", "train_cell") if c in df.columns]  # epoch-based or compute-matched
     if df["method"].n_unique() > 1:  # LoRA and full runs of one student get their own marks
         df = df.with_columns(student_method=pl.col("student") + pl.lit(", ") + pl.col("method"))
-        shape = alt.Shape("student_method:N", title="Student, method")
+        pairs = set(df.select("student", "method").unique().iter_rows())
+        legend = [f"{s}, {m}" for s in _in_paper_order(df["student"].to_list(), "student")
+                  for m in _ordered(df["method"].unique().to_list(), "method") if (s, m) in pairs]
+        shape = alt.Shape("student_method:N", sort=legend, title="Student, method")
     else:
-        shape = alt.Shape("student:N", sort=ORDER["student"], title="Student")
+        shape = alt.Shape("student:N", sort=_in_paper_order(df["student"].to_list(), "student"), title="Student")
     base = alt.Chart(df)
     points = base.mark_point(filled=True, size=60).encode(x=xenc, y=yenc, color=_color(df), shape=shape,
                                                           tooltip=tooltip)
     line = base.transform_filter("datum.on_front").mark_line(color="gray", strokeDash=[4, 3]).encode(
         x=xenc, y=yenc, order=f"{x}:Q", tooltip=tooltip)
     return alt.layer(line, points, data=df).properties(width=320, height=260).facet(
-        column=alt.Column("teacher:N", sort=ORDER["teacher"], title=None))
+        column=alt.Column("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None))
 
 
 def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
@@ -669,7 +684,7 @@ def fig_dte_kept_fraction(runs: pl.DataFrame) -> alt.VConcatChart:
     tooltip += [alt.Tooltip(f"{c}:Q", format=",.3g") for c in ("train_flops", "peak_memory_gb", "train_tokens",
                                                                 "kept_token_fraction") if c in df.columns]
     yenc = alt.Y("accuracy:Q", title="Overall accuracy", scale=alt.Scale(zero=False))
-    students = _ordered(df["student"].unique().to_list(), "student")
+    students = _in_paper_order(df["student"].to_list(), "student")
     column = alt.Column("student:N", sort=students, title=None)
 
     def panel(data: pl.DataFrame, x: alt.X, field: str) -> alt.FacetChart:

@@ -176,6 +176,9 @@ def _check_report(out: dict, grid_dir: Path, steps: int) -> None:
     assert data.select(report.RUN_KEYS).drop_nulls().n_unique() == RUNS
     assert data.filter(pl.col("step") == steps).height == RUNS, "every run keeps its last step"
     assert _embedded_rows(chart) <= ALTAIR_MAX_ROWS
+    facet = chart.to_dict()["facet"]  # the grid's slugs in the paper's order: teachers as in Table 1, students by size
+    assert facet["row"]["sort"] == ["qwen3.5-397b", "gpt-oss-120b"]
+    assert facet["column"]["sort"] == ["qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b", "gpt-oss-20b"]
     assert out["tables"]["runs"][0].read_text().count("\n") == RUNS + 2  # header, rule, one line per run
 
 
