@@ -268,9 +268,9 @@ def _check_type(answer_type: str) -> None:
 # "the (final|correct|best) answer is", "the correct option is", "answer would be".
 # Also the French, Spanish, German and Chinese phrasings ("la réponse est", "答案是").
 _ANSWER_IS_RE = re.compile(
-    r"(?i)(?:\b(?:answer|option|choice)[ \t*_]{0,3}(?:is|would be|should be|will be)"
-    r"|\br[ée]ponse (?:est|serait)|\brespuesta es|\bantwort (?:ist|lautet)|答案(?:是|为|應該是|应该是))"
-    r"(?![A-Za-z])[ \t*_:]{0,4}"
+    r"(?i)(?:\b(?:(?:answer|option|choice)[ \t*_]{0,3}(?:is|would be|should be|will be)"
+    r"|r[ée]ponse (?:est|serait)|respuesta es|antwort (?:ist|lautet))\b|答案(?:是|为|應該是|应该是))"
+    r"[ \t*_:]{0,4}"
 )
 # "Answer: x", "**Final Answer:** x", "Answer：x", "Réponse : x", "答案：x".
 _ANSWER_COLON_RE = re.compile(
@@ -441,7 +441,7 @@ def _fallback(tail: str, ctx: _Context) -> tuple[str | None, str]:
     return (value, "last_number") if value is not None else (None, "none")
 
 
-_SYMBOLIC_RE = re.compile(r"\\sqrt|\\pi\b|^-?[\[(][^=]*,[^=]*[\])]$")
+_SYMBOLIC_RE = re.compile(r"\\sqrt|\\pi\b")
 
 
 def _symbolic_ending(tail: str) -> str | None:
@@ -451,7 +451,10 @@ def _symbolic_ending(tail: str) -> str | None:
     if not end.endswith(("$", "\\]", "\\)")):
         return None
     env = _last_math_env(end)
-    if env is None or "=" in env or not _SYMBOLIC_RE.search(env):
+    if env is None or "=" in env:
+        return None
+    interval = env.lstrip("-")[:1] in "[(" and env[-1:] in "])" and "," in env
+    if not interval and not _SYMBOLIC_RE.search(env):
         return None
     return env
 

@@ -87,6 +87,8 @@ POLICY_CASES = [
     ("Donc la réponse est B, pas A.", "letter", FOUR, "B", "B"),
     ("B。不是 A", "letter", FOUR, "B", "B"),
     ("答案是 D", "letter", FOUR, "D", "D"),
+    ("所以答案是D。", "letter", FOUR, "D", "D"),
+    ("答案：C", "letter", FOUR, "C", "C"),
     ("La respuesta es C.", "letter", FOUR, "C", "C"),
     ("Die Antwort ist A.", "letter", FOUR, "A", "A"),
     ("Réponse: Janeth aura encore 220 $ à payer d'ici 12 mois.", "numeric", None, "220", "220"),
