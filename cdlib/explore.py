@@ -42,12 +42,12 @@ import polars as pl
 
 from cdlib import report
 from cdlib import tokenizer as toklib
-from cdlib.store import Store
 
 QUESTION_FIELDS = ["id", "dataset", "domain", "group", "question", "gold"]
 COLUMNS = ["teacher", "source", *QUESTION_FIELDS, "reasoning", "answer", "flag", "chars", "tokens",
            "original_chars", "original_tokens", "rho_chars", "rho_tokens"]
 FLAGGED = ("exclude", "include", "only")
+KEPT = (*QUESTION_FIELDS, "reasoning", "answer", "flag")  # the fields read from each record
 
 
 class ExploreError(ValueError):
@@ -89,11 +89,19 @@ def count_tokens(texts: list[str], tokenizer: str = "whitespace") -> list[int]:
     return toklib.count(texts, tokenizer)
 
 
-def _read(directory: str | Path, filename: str, what: str) -> list[dict[str, Any]]:
+def _read(directory: str | Path, filename: str, what: str) -> pl.DataFrame:
+    """The fields of ``filename`` that explore shows (:data:`KEPT`), read line by line.
+
+    A paper-scale compress cell holds gigabytes (every original trace beside its
+    compression); :class:`cdlib.store.Store` would hold the whole file and every full
+    record at once. A last line cut mid-write is skipped; another bad line raises with
+    the file and line.
+    """
     path = Path(directory) / filename
     if not path.is_file():
         raise ExploreError(f"explore: {what}: {path} does not exist")
-    return Store(path).read()
+    df = report._read_jsonl(path, list(KEPT))
+    return df if df.width else pl.DataFrame(schema={k: pl.String for k in KEPT})
 
 
 def _owner(key: str, teachers: list[str], what: str) -> tuple[str, str]:
@@ -112,15 +120,16 @@ def _owner(key: str, teachers: list[str], what: str) -> tuple[str, str]:
     return teacher, source
 
 
-def _frame(records: list[dict[str, Any]], teacher: str, source: str, tokenizer: str) -> pl.DataFrame:
-    texts = [r.get("reasoning") or "" for r in records]
-    return pl.DataFrame({
-        "teacher": [teacher] * len(records), "source": [source] * len(records),
-        **{k: [None if r.get(k) is None else str(r[k]) for r in records] for k in QUESTION_FIELDS},
-        "reasoning": texts, "answer": [r.get("answer") or "" for r in records],
-        "flag": [r.get("flag") for r in records],
-        "chars": [len(t) for t in texts], "tokens": count_tokens(texts, tokenizer),
-    }, schema={**{c: pl.String for c in COLUMNS[:COLUMNS.index("chars")]}, "chars": pl.Int64, "tokens": pl.Int64})
+def _frame(records: pl.DataFrame, teacher: str, source: str, tokenizer: str) -> pl.DataFrame:
+    """:func:`_read`'s fields as the first columns of :data:`COLUMNS`, with lengths in characters and tokens."""
+    df = records.select(
+        teacher=pl.lit(teacher, pl.String), source=pl.lit(source, pl.String),
+        **{k: pl.col(k).cast(pl.String) for k in QUESTION_FIELDS},
+        reasoning=pl.col("reasoning").cast(pl.String).fill_null(""),
+        answer=pl.col("answer").cast(pl.String).fill_null(""), flag=pl.col("flag").cast(pl.String))
+    tokens = count_tokens(df["reasoning"].to_list(), tokenizer)
+    return df.with_columns(chars=pl.col("reasoning").str.len_chars().cast(pl.Int64),
+                           tokens=pl.Series(tokens, dtype=pl.Int64))
 
 
 def load(generate: dict[str, str], compressed: dict[str, str] | None = None,

@@ -12,7 +12,6 @@ the full-size grid is ``slow``.
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
