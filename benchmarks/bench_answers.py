@@ -146,7 +146,7 @@ def numeric_answer(rng: random.Random, value: int | float) -> tuple[str, str]:
         spelled = f"{value:,}"
     else:
         spelled = str(value)
-    form = rng.randrange(7)
+    form = rng.randrange(9)
     if form == 0:
         text = f"The total is computed above.\n\n\\boxed{{{spelled}}}"
     elif form == 1:
@@ -159,8 +159,12 @@ def numeric_answer(rng: random.Random, value: int | float) -> tuple[str, str]:
         text = f"So Tom needs **{spelled}** minutes in total."
     elif form == 5:
         text = f"After 3 steps the result is {spelled}."
-    else:
+    elif form == 6:
         text = f"**Final Answer**\n\\[\n\\boxed{{{spelled}}}\n\\]"
+    elif form == 7:  # LaTeX thousands separator
+        text = f"So the total is $\\boxed{{{spelled.replace(',', '{,}')}}}$."
+    else:  # a boxed subtotal, then the statement that overrides it
+        text = f"The subtotal is \\boxed{{3}}. Adding the rest, the final answer is ${spelled}$."
     return text, spelled
 
 
@@ -247,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     rules: Counter[str] = Counter()
     by_type: Counter[str] = Counter()
     disagreements = []
-    correct = 0
+    n_disagree = correct = 0
     for begin in range(0, len(plan), args.chunk):
         t0 = time.perf_counter()
         chunk = make_chunk(rng, corpus, plan[begin:begin + args.chunk], args.teacher)
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             rules[rule] += 1
             by_type[answer_type] += 1
             correct += ok
+            n_disagree += ok != expected
             if ok != expected and len(disagreements) < 10:
                 disagreements.append((answer_type, gold, value, rule, response[-160:]))
     n = len(plan)
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     print("mix: " + ", ".join(f"{name}={count:,}" for name, count in counts.items()))
     print("types: " + ", ".join(f"{k}={v:,}" for k, v in sorted(by_type.items())))
     print("rules: " + ", ".join(f"{k}={v:,}" for k, v in rules.most_common()))
-    print(f"scored correct: {correct:,} ({correct / n:.1%}); disagreements with the expected verdict: {len(disagreements)}")
+    print(f"scored correct: {correct:,} ({correct / n:.1%}); disagreements with the expected verdict: {n_disagree:,}")
     for item in disagreements:
         print("  DISAGREE", item)
     print(f"generation (untimed): {gen_seconds:.1f} s")
