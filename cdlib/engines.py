@@ -166,10 +166,11 @@ class Engine:
 def get_engine(params: EngineParams, toy: ToyParams | None = None) -> Engine:
     """The engine for ``params.kind``; ``toy`` sets the toy teacher's slip rate (default ``ToyParams()``).
 
-    The model name ``tiny-random`` is resolved to a tiny random model built on first use
-    (:func:`cdlib.tiny.resolve`), so the model-based paths run on machines without weights.
+    The model names ``tiny-random`` and the tiny family names (``tiny-llama``, ``tiny-gpt-oss``, ...)
+    are resolved to tiny random models built on first use (:func:`cdlib.tiny.resolve`), so the
+    model-based paths run on machines without weights.
     """
-    if params.kind in ("vllm", "hf") and params.model == "tiny-random":
+    if params.kind in ("vllm", "hf") and params.model.startswith("tiny-"):  # tiny-random, tiny-llama, ...
         from cdlib.tiny import resolve
 
         params = params.model_copy(update={"model": resolve(params.model)})
@@ -288,6 +289,9 @@ class VLLMEngine(Engine):
         super().__init__(params)
         if params.model.startswith((".", "/", "~")) and not Path(params.model).expanduser().exists():
             raise FileNotFoundError(f"engine.model {params.model!r}: no such model directory")
+        from cdlib.tiny import check_vllm_loadable
+
+        check_vllm_loadable(params.model)  # e.g. Qwen3.5 without torchvision: a clear error, not vLLM's
         self.llm_kwargs = vllm_llm_kwargs(params)
         self.cache_key = json.dumps(self.llm_kwargs, sort_keys=True, default=str)
 

@@ -92,7 +92,9 @@ def resolve_pretrained(name: str, merge_into: str | Path, what: str = "student")
     ``what`` names the parameter in errors.
     """
     from cdlib.evaluate import resolve_model
+    from cdlib.tiny import resolve
 
+    name = resolve(name)  # a tiny family name ("tiny-llama", ...) is built once and cached
     if Path(name).is_dir() and not (Path(name) / "checkpoint.json").exists() and (Path(name) / "loss.jsonl").exists():
         raise TrainError(f"{what} {name!r} is a train cell without checkpoint.json: did its training finish?")
     target = resolve_model(name)
@@ -317,11 +319,13 @@ def supervised_count(example: dict[str, Any]) -> int:
     return sum(1 for x in example["labels"][1:] if x != sft.IGNORE_INDEX)
 
 
-def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1) -> list[list[list[int]]]:
+def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
+         packing: bool | None = None) -> list[list[list[int]]]:
     """The micro-batches of the whole run, each a list of bins (lists of example indices).
 
     Bins come from :func:`cdlib.pack.pack` at ``seq_len`` (one example per bin
-    when ``packing`` is off) and are grouped ``micro_batch_size`` at a time. Each
+    when ``packing`` is off, or ``packing=False`` is passed because the model refuses
+    it: :func:`cdlib.pack.packed_layout`) and are grouped ``micro_batch_size`` at a time. Each
     pass over the data reshuffles the bins with ``seed + pass``. The run is
 
     * ``epochs``: ``ceil(epochs * micro-batches per pass)`` micro-batches;
@@ -329,7 +333,8 @@ def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1) ->
     * ``tokens``: micro-batches until ``token_budget`` supervised tokens are reached.
     """
     lengths = [len(ex["input_ids"]) for ex in examples]
-    bins = packlib.pack(lengths, P.seq_len) if P.packing else [[i] for i in range(len(examples))]
+    packing = P.packing if packing is None else packing  # False where the model refuses packing
+    bins = packlib.pack(lengths, P.seq_len) if packing else [[i] for i in range(len(examples))]
     sup = [supervised_count(ex) for ex in examples]
     per_pass = math.ceil(len(bins) / P.micro_batch_size)
     mode = budget_mode(P)
@@ -554,14 +559,96 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student: str, teach
 # --------------------------------------------------------------------------- models
 
 
-def attention_layout(P: TrainParams, on_gpu: bool) -> tuple[str, str]:
-    """``(attn_implementation, collate layout)``: flash varlen when available on GPU, sdpa 4D masks otherwise."""
+def attention_layout(P: TrainParams, on_gpu: bool, source: str | None = None) -> tuple[str, str]:
+    """``(attn_implementation, collate layout)``: flash varlen when available on GPU, sdpa 4D masks otherwise.
+
+    With ``source`` (the model to load), ``auto`` falls back to ``eager`` where the model's class
+    supports neither (transformers refuses sdpa and flash-attention 2 for gpt-oss, whose sinks need
+    eager or a sink-aware kernel). Whether the rows may be packed is :func:`cdlib.pack.packed_layout`'s.
+    """
     import importlib.util
 
     impl = P.attn_implementation
     if impl == "auto":
         impl = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+        if source is not None and not _supports_attention(source, impl):
+            impl = "eager"
     return impl, {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}[impl]
+
+
+def _supports_attention(source: str, impl: str) -> bool:
+    """Whether the causal-LM class of the model at ``source`` accepts ``impl`` (sdpa / flash_attention_2)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source))]
+    except (KeyError, OSError, ValueError):
+        return True  # unknown here: let from_pretrained decide
+    if impl == "sdpa":
+        return bool(getattr(cls, "_supports_sdpa", True))
+    compatible = getattr(cls, "_compatible_flash_implementations", None)
+    return bool(getattr(cls, "_supports_flash_attn", True)) and (not compatible or impl in compatible)
+
+
+def lora_targets(model: Any, targets: str | list[str], family: str | None = None) -> dict[str, Any]:
+    """Which of the LoRA ``targets`` (module names, as peft matches them) a model has, before peft runs.
+
+    ``targets`` may also be peft's ``"all-linear"`` (every ``nn.Linear`` but the output head).
+
+    Returns ``targets``, ``adapted`` (target -> number of modules it matches), ``unmatched`` (targets
+    matching no module: e.g. gpt-oss's fused experts have no gate/up/down_proj modules) and
+    ``not_adapted``: the weight matrices no target reaches, as ``module.parameter`` patterns (Qwen3.5's
+    linear-attention projections ``in_proj_qkv.weight``, ..., gpt-oss's ``experts.gate_up_proj``),
+    embeddings and the output head left out. ``family`` only names the model in messages.
+    """
+    import torch
+
+    skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    if isinstance(targets, str):
+        if targets != "all-linear":
+            raise TrainError(f"lora_target_modules {targets!r}: give a list of module names or 'all-linear'")
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and id(m) not in skip})
+    leaves: dict[str, int] = {}
+    for name, _ in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + 1
+    adapted = {t: leaves[t] for t in targets if t in leaves}
+    unmatched = [t for t in targets if t not in leaves]
+    not_adapted: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if id(module) in skip or leaf in adapted or isinstance(module, torch.nn.Embedding):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.ndim >= 2:
+                not_adapted.add(f"{leaf}.{pname}")
+    return {"family": family, "targets": list(targets), "adapted": adapted, "unmatched": unmatched,
+            "not_adapted": sorted(not_adapted)}
+
+
+def layout_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run's metrics say about its rows and adapters, for the notebook: the row layout, whether
+    rows were packed and why not, and for LoRA the modules with adapters (count per target), the
+    adapter parameters, the targets that matched nothing and the weights left without adapters."""
+    lora = metrics.get("lora") or {}
+    return {"attn_implementation": metrics.get("attn_implementation"), "layout": metrics.get("layout"),
+            "packing": metrics.get("packing"), "packing_note": metrics.get("packing_note"),
+            "lora_adapted": lora.get("adapted"), "lora_adapter_modules": lora.get("adapter_modules"),
+            "lora_adapter_params": lora.get("adapter_params"), "lora_unmatched": lora.get("unmatched"),
+            "lora_not_adapted": lora.get("not_adapted")}
+
+
+def warn_lora_targets(info: dict[str, Any], model_name: str) -> list[str]:
+    """Warnings (also issued with :mod:`warnings`) for LoRA targets that match nothing in the model."""
+    import warnings
+
+    messages = [f"LoRA target module {t!r} matches no module of {model_name} ({info.get('family') or 'model'}); "
+                f"it gets no adapter (weights without adapters: {', '.join(info['not_adapted']) or 'none'})"
+                for t in info["unmatched"]]
+    for m in messages:
+        warnings.warn(m, stacklevel=2)
+    return messages
 
 
 def _load_causal_lm(source: str, dtype: Any, attn: str) -> Any:
@@ -637,14 +724,12 @@ class _MicroBatches:
         return self.schedule[i]
 
 
-def _collate_fn(examples: list[dict[str, Any]], layout: str, pad_id: int, packing: bool):
-    """Collate planned micro-batches; ``example_lengths`` (for accounting) rides along, never reaches the model."""
+def _collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
+    """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`); ``example_lengths``
+    (for accounting) rides along, never reaches the model."""
     def collate(items: list[list[list[int]]]) -> dict[str, Any]:
         bins = [b for item in items for b in item]
-        if not packing and layout != "flash":
-            batch = packlib.collate_padded([examples[b[0]] for b in bins], pad_id=pad_id)
-        else:
-            batch = packlib.collate_packed(examples, bins, attention=layout, pad_id=pad_id)
+        batch = packlib.collate(examples, bins, rows, pad_id)
         batch["example_lengths"] = [len(examples[i]["input_ids"]) for b in bins for i in b]
         return batch
 
@@ -881,7 +966,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     # ---- model
-    attn, layout = attention_layout(P, on_gpu)
+    attn, layout = attention_layout(P, on_gpu, data.model_source)
     from cdlib import losses
 
     head = losses.resolve(P.loss_head)  # auto: Cut Cross-Entropy / Liger on a GPU where installed, else chunked
@@ -893,12 +978,32 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                    and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
     if P.gradient_checkpointing and not fsdp_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        raise TrainError(f"student {data.model_source!r}: its tokenizer has {len(tok)} tokens but the model embeds "
+                         f"{model.get_input_embeddings().num_embeddings}: tokenizer and model do not belong together")
+    # packing exact or refused (linear attention), and the masks sliding-window layers need
+    rows = packlib.packed_layout(model.config, layout, P.packing)
+    if rows.reason:
+        say(rows.reason)
+    lora_info = None
     if lora:
         from peft import LoraConfig, get_peft_model
 
+        from cdlib.tiny import UnknownFamilyError, family_of
+
+        try:
+            family = family_of(model.config.to_dict())
+        except UnknownFamilyError:
+            family = getattr(model.config, "model_type", None)
+        lora_info = lora_targets(model, P.lora_target_modules, family)
+        lora_info["warnings"] = warn_lora_targets(lora_info, data.model_source) if is_main else []
         model = get_peft_model(model, LoraConfig(
             r=P.lora_rank, lora_alpha=P.lora_alpha, lora_dropout=P.lora_dropout,
             target_modules=P.lora_target_modules, task_type="CAUSAL_LM"))
+        lora_info["adapter_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        lora_info["adapter_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        say(f"LoRA adapters on {lora_info['adapted']} ({lora_info['adapter_modules']} modules, "
+            f"{lora_info['adapter_params']:,} params); no adapter on {lora_info['not_adapted']}")
     params = count_params(model)
     config = model.config
     n_layers = config.num_hidden_layers
@@ -913,7 +1018,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         teacher_params = count_params(teacher)["flops"]
 
     lr = P.learning_rate or (TOY_LR if is_toy(P.student) or _trained_from_toy(P.student) else DEFAULT_LR[P.method])
-    schedule = plan(data.train, P, world)
+    schedule = plan(data.train, P, world, packing=rows.packing)
     local_batches = math.ceil(len(schedule) / world)
     total_steps = max(1, math.ceil(local_batches / P.grad_accum))
     optimizer, optimizer_name = make_optimizer(model.parameters(), P, lr, on_gpu,
@@ -923,7 +1028,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     # its own generator: starting an iteration then draws no number from the global RNG, whose state a
     # resumed run restores (dropout's random numbers continue exactly where the interrupted run left them)
     loader = torch.utils.data.DataLoader(_MicroBatches(schedule), batch_size=1, shuffle=False,
-                                         collate_fn=_collate_fn(data.train, layout, pad_id, P.packing),
+                                         collate_fn=_collate_fn(data.train, rows, pad_id),
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     head_model = accelerator.unwrap_model(model)  # whose output embedding the fused loss head takes over
@@ -1047,8 +1152,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
 
     # ---- validation
     val_layout_bins = packlib.pack([len(ex["input_ids"]) for ex in data.val], P.seq_len) if (
-        data.val and P.packing) else [[i] for i in range(len(data.val))]
-    collate_val = _collate_fn(data.val, layout, pad_id, P.packing)
+        data.val and rows.packing) else [[i] for i in range(len(data.val))]
+    collate_val = _collate_fn(data.val, rows, pad_id)
     mine = val_layout_bins[accelerator.process_index::world]
     val_batches = [collate_val([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
     val = _evaluate(model, teacher, val_batches, accelerator, P, vocab, head)
@@ -1085,7 +1190,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         "budget_mode": mode, "token_budget": P.token_budget, "max_steps": P.max_steps, "epochs": P.epochs,
         "steps": len(step_losses), "micro_batches": len(schedule),
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
-        "learning_rate": lr, "optimizer": optimizer_name, "attn_implementation": attn, "layout": layout,
+        "learning_rate": lr, "optimizer": optimizer_name, "attn_implementation": attn, "layout": rows.attention,
+        "packing": rows.packing, "packing_note": rows.reason or None, "lora": lora_info,
         "loss_head": head if teacher is None else "full (kl)",
         "precision": "bf16" if mixed == "bf16" else "fp32",
         "distributed_type": str(accelerator.distributed_type.value),

