@@ -489,7 +489,8 @@ def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: 
         panels = []
         for label in sources:
             cell = df.filter((pl.col("teacher") == teacher) & (pl.col("source_label") == label))
-            base = alt.Chart(cell if cell.height else df.head(0), title=f"{teacher} · {label}")
+            base = alt.Chart(cell if cell.height else df.head(0),  # an empty panel keeps the columns aligned
+                             title=f"{teacher} · {label}" + ("" if cell.height else " (none)"))
             panels.append(base.mark_bar().encode(
                 x=alt.X("start:Q", bin="binned", scale=alt.Scale(domain=[0, upper]),
                         title=f"Reasoning tokens (last bin: ≥ {upper - width:,.0f})"),

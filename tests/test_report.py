@@ -208,7 +208,7 @@ def test_fig2_bins_every_trace(tmp_path):
     chart = report.fig2_reasoning_lengths(traces, bins=20)
     panels = [p for row in chart.vconcat for p in row.hconcat]
     titles = [p.title for p in panels]
-    assert len(panels) == 6 and "g · Ministral-14B comp." in titles  # a panel for every (teacher, source)
+    assert len(panels) == 6 and "g · Ministral-14B comp. (none)" in titles  # a panel for every (teacher, source), empty ones named so
     binned = pl.concat([p.data for p in panels if p.data.height])
     assert binned["count"].sum() == 500 and binned["bin"].max() == 19
     for p in panels:  # each panel holds only its own teacher's and source's counts
