@@ -35,7 +35,12 @@ params.json`` is the worker entry point of such a launch.
 
 Packed batches come from ``cdlib.pack`` and carry ``use_cache=False``; they are
 passed to the model unchanged (without it transformers 5.19 builds a cache and
-ignores the packed ``position_ids``, attending across examples).
+ignores the packed ``position_ids``, attending across examples). Whether a model
+is packed at all is :func:`cdlib.pack.packed_layout`'s answer for its config and
+attention path: linear-attention models (Qwen3.5) train one example per row, with
+the reason in the log and in the metrics (``layout``, ``packing``, ``packing_note``);
+sliding-window models (gpt-oss, eager) get a block mask per layer type. The paper's
+families also come as tiny random models (``student: tiny-llama``, ...; ``cdlib.tiny``).
 """
 
 from __future__ import annotations
@@ -593,7 +598,8 @@ def _supports_attention(source: str, impl: str) -> bool:
 def lora_targets(model: Any, targets: str | list[str], family: str | None = None) -> dict[str, Any]:
     """Which of the LoRA ``targets`` (module names, as peft matches them) a model has, before peft runs.
 
-    ``targets`` may also be peft's ``"all-linear"`` (every ``nn.Linear`` but the output head).
+    ``targets`` may also be peft's ``"all-linear"`` (every ``nn.Linear`` but the output head) or a
+    regular expression over full module names (reported by the leaf names it selects).
 
     Returns ``targets``, ``adapted`` (target -> number of modules it matches), ``unmatched`` (targets
     matching no module: e.g. gpt-oss's fused experts have no gate/up/down_proj modules) and
@@ -604,11 +610,17 @@ def lora_targets(model: Any, targets: str | list[str], family: str | None = None
     import torch
 
     skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    if isinstance(targets, str):
-        if targets != "all-linear":
-            raise TrainError(f"lora_target_modules {targets!r}: give a list of module names or 'all-linear'")
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and id(m) not in skip})
+    if isinstance(targets, str):  # "all-linear", or a regex peft matches against full module names
+        import re
+
+        pattern = targets
+
+        def chosen(name: str, module: Any) -> bool:
+            if pattern == "all-linear":
+                return isinstance(module, torch.nn.Linear) and id(module) not in skip
+            return re.fullmatch(pattern, name) is not None
+
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if chosen(n, m)})
     leaves: dict[str, int] = {}
     for name, _ in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]

