@@ -265,6 +265,22 @@ def test_training_text_is_what_the_evaluation_engine_renders(family, tiny_dirs):
     assert sft.audit([ex], tok)
 
 
+def test_qwen3_5_thinking_switch_answer_only_matches_the_engine(tiny_dirs):
+    """Qwen3.5 with enable_thinking=false: the engine's prompt closes an empty think block, and the
+    answer-only example trains exactly the answer after that prompt."""
+    from cdlib import sft
+    from cdlib.engines import HFEngine
+    from cdlib.params import EngineParams
+
+    kwargs = {"enable_thinking": False}
+    engine = HFEngine(EngineParams(kind="hf", model=tiny_dirs["qwen3_5"], chat_template_kwargs=kwargs))
+    texts = sft.format_texts(RECORD, engine.tokenizer, source="answer_only", chat_format="qwen",
+                             chat_template_kwargs=kwargs)
+    prompt = engine._texts([[{"role": "user", "content": RECORD["prompt"]}]], True)[0]
+    assert texts["prompt"] == prompt and prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert texts["completion"] == RECORD["answer"] + "<|im_end|>"
+
+
 def test_harmony_training_text_matches_openai_harmony(tiny_dirs):
     """gpt-oss: the tiny template renders what openai_harmony (vLLM's harmony renderer) renders."""
     harmony = pytest.importorskip("openai_harmony")
