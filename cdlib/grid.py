@@ -428,6 +428,9 @@ def run_cell(cell: Cell, root: Path, progress: bool = False) -> dict[str, Any]:
     }
     _write_json(d / "manifest.json", manifest)
     t0 = time.time()
+    from cdlib.progress import TEXT_ENV
+
+    os.environ.setdefault(TEXT_ENV, "1")  # the kernel draws text bars into log.txt, where `grid run` reads them
     with _output_to(d / "log.txt"):
         try:
             papermill.execute_notebook(
@@ -471,7 +474,14 @@ def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None
     todo = [c for c in selected if c in todo or (not _inputs_declared(grid, c) and order.index(c.stage) > first)]
     print(f"{grid.path}: {len(selected)} cells selected, {len(selected) - len(todo)} already done, "
           f"{len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""), flush=True)
-    results = run_parallel(grid, todo, status, jobs) if jobs > 1 else _run_in_order(grid, todo, status, progress)
+    from cdlib.progress import RunProgress
+
+    view = RunProgress(len(todo), jobs).start()
+    try:
+        results = run_parallel(grid, todo, status, jobs, view=view) if jobs > 1 else \
+            _run_in_order(grid, todo, status, progress, view)
+    finally:
+        view.stop()
     write_results(grid)
     return results
 
@@ -509,25 +519,31 @@ def _finished_message(head: str, c: Cell, m: dict[str, Any]) -> str:
     return msg
 
 
-def _run_in_order(grid: Grid, todo: list[Cell], status: dict[str, str], progress: bool) -> dict[str, str]:
+def _run_in_order(grid: Grid, todo: list[Cell], status: dict[str, str], progress: bool,
+                  view: Any = None) -> dict[str, str]:
+    say = view.say if view is not None else (lambda m: print(m, flush=True))
     results: dict[str, str] = {}
     for i, c in enumerate(todo, 1):
         head = f"[{i}/{len(todo)}] {c.id}"
         if status[c.id] == "conflict":
-            print(_refused_message(head, c), flush=True)
+            say(_refused_message(head, c))
             results[c.id] = "conflict"
             continue
         blocked = [u for u in c.depends_on if status.get(u) != "done"]
         if blocked:
-            print(f"{head}: blocked, waiting for {', '.join(blocked)}", flush=True)
+            say(f"{head}: blocked, waiting for {', '.join(blocked)}")
             results[c.id] = "blocked"
             continue
-        print(f"{head}: running {c.notebook} (log: {c.directory}/log.txt) ...", flush=True)
+        say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt) ...")
+        if view is not None:
+            view.started(c.id, grid.root / c.directory / "log.txt")
         m = run_cell(c, grid.root, progress=progress)
+        if view is not None:
+            view.finished(c.id)
         status[c.id] = results[c.id] = m["status"]
         if m["status"] == "done":
             write_results(grid)  # kept current, so a later report cell in this run reads it
-        print(_finished_message(head, c, m), flush=True)
+        say(_finished_message(head, c, m))
     return results
 
 
@@ -592,7 +608,7 @@ def _child_setup(cpus: list[int]) -> None:
 
 
 def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int,
-                 poll_s: float = 0.5) -> dict[str, str]:
+                 poll_s: float = 0.5, view: Any = None) -> dict[str, str]:
     """Run ``todo`` with up to ``jobs`` cells at once, each as ``python -m cdlib.grid run GRID --cell ID``.
 
     A cell starts as soon as its inputs are done (a stage without inputs waits for
@@ -602,6 +618,8 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     cell's ``log.txt``, as in a sequential run. Interrupting the runner stops them all.
     """
     import tempfile
+
+    say = view.say if view is not None else (lambda m: print(m, flush=True))
 
     slots = slot_resources(jobs)
     free = list(range(jobs))
@@ -617,14 +635,14 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
             waiting = {t.id for t in pending} | set(running)  # not finished yet
             for c in list(pending):
                 if status[c.id] == "conflict":
-                    print(_refused_message(c.id, c), flush=True)
+                    say(_refused_message(c.id, c))
                     results[c.id] = "conflict"
                     pending.remove(c)
                     continue
                 needs = c.depends_on
                 lost = [u for u in needs if status.get(u) in bad or (status.get(u) != "done" and u not in waiting)]
                 if lost:
-                    print(f"{c.id}: blocked, waiting for {', '.join(lost)}", flush=True)
+                    say(f"{c.id}: blocked, waiting for {', '.join(lost)}")
                     status[c.id] = results[c.id] = "blocked"
                     pending.remove(c)
                     continue
@@ -633,21 +651,23 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                     continue
                 slot = free.pop(0)
                 started += 1
-                print(f"[{started}/{n}] {c.id}: running {c.notebook} (log: {c.directory}/log.txt, "
-                      f"slot {slot}) ...", flush=True)
+                say(f"[{started}/{n}] {c.id}: running {c.notebook} (log: {c.directory}/log.txt, "
+                    f"slot {slot}) ...")
                 out = tempfile.TemporaryFile()
                 cpus = [int(x) for x in slots[slot]["CDLIB_CPUS"].split(",")]
                 p = subprocess.Popen([sys.executable, "-m", "cdlib.grid", "run", grid_file, "--cell", c.id],
                                      cwd=grid.root, env={**os.environ, **slots[slot]}, stdout=out,
                                      stderr=subprocess.STDOUT, preexec_fn=lambda cpus=cpus: _child_setup(cpus))
                 running[c.id] = (p, slot, out, c)
+                if view is not None:
+                    view.started(c.id, grid.root / c.directory / "log.txt")
                 status[c.id] = "running"
                 pending.remove(c)
                 launched = True
             if not running:
                 if pending and not launched:  # nothing can ever start (inputs from a later stage)
                     for c in pending:
-                        print(f"{c.id}: blocked, its inputs never became ready", flush=True)
+                        say(f"{c.id}: blocked, its inputs never became ready")
                         status[c.id] = results[c.id] = "blocked"
                     pending = []
                 continue
@@ -665,7 +685,9 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                          "error": {"type": f"exit code {p.returncode}", "message": tail}}
                 out.close()
                 status[cid] = results[cid] = m["status"]
-                print(_finished_message(f"{c.id}", c, m), flush=True)
+                if view is not None:
+                    view.finished(cid)
+                say(_finished_message(f"{c.id}", c, m))
     finally:
         for p, *_ in running.values():  # Ctrl-C: interrupt the cells still running; papermill stops their kernels
             p.send_signal(signal.SIGINT)

@@ -6,7 +6,8 @@ papermill copies into the cell's ``log.txt``, refreshed every ``CDLIB_PROGRESS_S
 (default 10) so logs stay small. The runner reads the last ``x/y`` of each running cell's
 log (:func:`cell_progress`) and :class:`RunProgress` prints cells done / total, each
 running cell with its own progress, elapsed time and an ETA: a line redrawn in place on a
-terminal, plain lines every ``interval`` seconds otherwise (CI logs, ``nohup``).
+terminal, plain lines every ``interval`` seconds otherwise (CI logs, ``nohup``; default 30,
+``CDLIB_PROGRESS_INTERVAL`` sets it).
 """
 
 from __future__ import annotations
@@ -60,6 +61,14 @@ def cell_progress(log: str | Path, tail_bytes: int = 16384) -> tuple[str, int, i
     return ("cells" if label == "Executing" else label), pick[1], pick[2]
 
 
+def _own_stdout() -> TextIO:
+    try:
+        sys.stdout.flush()
+        return os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a captured stream): write to it as is
+        return sys.stdout
+
+
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     h, rest = divmod(s, 3600)
@@ -79,9 +88,14 @@ class RunProgress:
 
     def __init__(self, total: int, jobs: int = 1, stream: TextIO | None = None, interval: float | None = None):
         self.total, self.jobs = total, max(1, jobs)
-        self.stream = stream or sys.stdout
+        # the runner's own stdout, duplicated now: while a cell runs in this process its output
+        # (file descriptors 1 and 2) goes to the cell's log.txt, and the progress lines must not
+        self._owned = stream is None
+        self.stream = stream or _own_stdout()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = interval if interval is not None else (2.0 if self.tty else 30.0)
+        if interval is None:
+            interval = float(os.environ.get("CDLIB_PROGRESS_INTERVAL", 2.0 if self.tty else 30.0))
+        self.interval = interval
         self.t0 = time.monotonic()
         self.done = 0
         self.durations: list[float] = []
@@ -160,4 +174,6 @@ class RunProgress:
             self._thread.join()
         if self.tty:
             self.stream.write("\r\x1b[K")
-            self.stream.flush()
+        self.stream.flush()
+        if self._owned and self.stream is not sys.stdout:
+            self.stream.close()

@@ -73,3 +73,26 @@ def test_text_bars_inside_grid_cells():
     env = {**os.environ, progress.TEXT_ENV: "1"}
     err = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
     assert "train: 100%" in err and "3/3 [" in err
+
+
+def test_grid_run_prints_cells_done_and_the_running_cells_step(tmp_path):
+    """A real grid run, output not a terminal: plain progress lines naming the running cell's x/y."""
+    import yaml
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    grid = {"name": "prog", "output_root": str(tmp_path / "out"),
+            "axes": {"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}},
+            "stages": {"sq": {"notebook": str(repo / "tests/notebooks/square.py"), "axes": ["x"],
+                              "params": {"sleep_s": 4.0, "steps": 40}}}}
+    path = tmp_path / "prog.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    env = {**os.environ, "CDLIB_PROGRESS_INTERVAL": "0.3", "CDLIB_PROGRESS_S": "0"}
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(path)], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "\r" not in out.stdout
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("grid: ")]
+    stepping = [ln for ln in lines if " work (" in ln]
+    assert stepping, out.stdout[-3000:]  # e.g. 'grid: 0/2 cells done · running: sq/2 17/40 work (42%) · elapsed 3s'
+    assert any(ln.startswith("grid: 1/2 cells done") and "ETA ~" in ln for ln in lines), lines

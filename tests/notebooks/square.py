@@ -8,6 +8,7 @@ upstream: str = ""  # an upstream cell directory whose metrics are added
 fail: bool = False  # raise an error in the work cell
 sleep_s: float = 0.0  # seconds to sleep before finishing
 log: str = ""  # file to which 'start <out_dir>' and 'end <out_dir>' lines are appended
+steps: int = 0  # spread sleep_s over this many steps of a progress bar (cdlib.progress.tqdm)
 
 # %%
 import json
@@ -25,7 +26,13 @@ if upstream:
     y += json.loads((Path(upstream) / "metrics.json").read_text())["y"]
 if fail:
     raise RuntimeError(f"asked to fail with x={x}")
-time.sleep(sleep_s)
+if steps:
+    from cdlib.progress import tqdm
+
+    for _ in tqdm(range(steps), desc="work", unit="step", mininterval=0):
+        time.sleep(sleep_s / steps)
+else:
+    time.sleep(sleep_s)
 
 # %%
 import os
