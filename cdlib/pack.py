@@ -82,6 +82,7 @@ class Layout:
     packing: bool
     reason: str = ""
     sliding_window: int | None = None
+    split_linear: bool = False  # run linear-attention layers example by example (:func:`split_linear_attention`)
 
 
 def layer_types(config: Any) -> list[str]:
@@ -102,11 +103,13 @@ def packed_layout(config: Any, attention: str, packing: bool = True) -> Layout:
     ``attention`` is the trainer's path: ``flash`` (varlen kwargs), ``sdpa`` or ``eager``.
 
     * Linear-attention layers (``layer_types`` holding ``linear_attention``: Qwen3.5, Qwen3.5-MoE):
-      packing refused on every path, one example per row. transformers 5.19's torch path of the gated
-      delta-net (``causal_conv1d_fn``, ``torch_chunk_gated_delta_rule``) takes no sequence boundaries,
-      so the convolution and the recurrent state run from one example into the next (measured:
-      gradients off by up to 1e-2). The fla / causal-conv1d kernels take ``cu_seqlens``, but that path
-      has not been checked against the examples one by one, so it is refused too until it is.
+      transformers 5.19's torch path of the gated delta-net (``causal_conv1d_fn``,
+      ``torch_chunk_gated_delta_rule``) takes no sequence boundaries, so the convolution and the
+      recurrent state run from one example into the next (measured: gradients off by up to 1e-2).
+      On ``flash`` the row is packed and ``split_linear`` is set: the trainer makes those layers run
+      each ``cu_seq_lens`` segment on its own (:func:`split_linear_attention`, with whatever kernel
+      the layer uses) while the attention layers and MLPs run the packed row. On sdpa/eager packing
+      is refused: one example per row (right-padded).
     * Sliding-window layers on sdpa/eager (gpt-oss): a block mask per layer type, the sliding one
       within the window (:func:`collate_packed` ``sliding_window``).
     * Otherwise the layout asked for (4D block mask on sdpa/eager, varlen kwargs on flash, which carry
@@ -120,6 +123,11 @@ def packed_layout(config: Any, attention: str, packing: bool = True) -> Layout:
     model_type = getattr(config, "model_type", "?")
     if "linear_attention" in types:
         n = types.count("linear_attention")
+        if attention == "flash":
+            return Layout("flash", True, (
+                f"{model_type}: {n} of its {len(types)} layers are linear attention (gated delta-net); they run "
+                "each packed example on its own (split at cu_seq_lens), the other layers the packed row"),
+                split_linear=True)
         return Layout("padded", False, (
             f"packing refused for {model_type} on {attention}: {n} of its {len(types)} layers are linear attention "
             "(gated delta-net) whose convolution and recurrent state would run across example boundaries "
@@ -402,4 +410,38 @@ def compare_to_one_by_one(model: Any, examples: Sequence[dict[str, Any]], bins: 
     grad_diff = max((float((p.grad - ref_grads[k]).abs().max()) for k, p in model.named_parameters()
                      if p.grad is not None and k in ref_grads), default=0.0)
     return {"loss": ref, "loss_diff": abs(float(loss.detach()) - ref), "grad_diff": grad_diff}
+
+
+def split_linear_attention(model: Any) -> int:
+    """Make every linear-attention module (``*.linear_attn``: Qwen3.5's gated delta-net) of ``model`` run
+    a packed varlen row one ``cu_seq_lens_q`` segment at a time; returns how many were changed.
+
+    Each segment goes through the module's own forward (its torch path or the fla / causal-conv1d
+    kernels, whichever it uses) as a sequence of its own, with no mask and no cache, and the outputs
+    are concatenated: the convolution and the recurrent state start afresh at every example, as when
+    the examples run one by one. Calls without ``cu_seq_lens_q`` (unpacked rows, generation with a
+    cache) go through unchanged. Idempotent.
+    """
+    count = 0
+    for name, module in model.named_modules():
+        if not name.endswith("linear_attn") or getattr(module, "_cdlib_split", False):
+            continue
+
+        def forward(hidden_states, cache_params=None, attention_mask=None, _orig=module.forward, **kwargs):
+            cu = kwargs.get("cu_seq_lens_q")
+            if cu is None or cache_params is not None:
+                return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+            rest = {k: v for k, v in kwargs.items()
+                    if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")}
+            if hidden_states.shape[0] != 1:
+                raise ValueError(f"{name}: a varlen row has batch size 1, got {hidden_states.shape[0]}")
+            bounds = cu.tolist()
+            parts = [_orig(hidden_states[:, s:e], cache_params=None, attention_mask=None, **rest)
+                     for s, e in zip(bounds[:-1], bounds[1:])]
+            return torch.cat(parts, dim=1)
+
+        module.forward = forward
+        module._cdlib_split = True
+        count += 1
+    return count
 

@@ -37,8 +37,9 @@ Packed batches come from ``cdlib.pack`` and carry ``use_cache=False``; they are
 passed to the model unchanged (without it transformers 5.19 builds a cache and
 ignores the packed ``position_ids``, attending across examples). Whether a model
 is packed at all is :func:`cdlib.pack.packed_layout`'s answer for its config and
-attention path: linear-attention models (Qwen3.5) train one example per row, with
-the reason in the log and in the metrics (``layout``, ``packing``, ``packing_note``);
+attention path: linear-attention models (Qwen3.5) train one example per row on
+sdpa/eager, with the reason in the log and in the metrics (``layout``, ``packing``,
+``packing_note``), and packed on flash with those layers run example by example;
 sliding-window models (gpt-oss, eager) get a block mask per layer type. The paper's
 families also come as tiny random models (``student: tiny-llama``, ...; ``cdlib.tiny``).
 """
@@ -997,6 +998,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     rows = packlib.packed_layout(model.config, layout, P.packing)
     if rows.reason:
         say(rows.reason)
+    if rows.split_linear:  # Qwen3.5 on flash: linear-attention layers run each packed example on its own
+        packlib.split_linear_attention(model)
     lora_info = None
     if lora:
         from peft import LoraConfig, get_peft_model
