@@ -38,10 +38,11 @@ Appendix H.3). This module does the two halves of that:
 Whether a model can be packed at all on a layout is :func:`packed_layout`'s
 answer: layers with a recurrence over the sequence (Qwen3.5's gated delta-net
 linear attention and its short convolution) carry state across example
-boundaries in transformers' torch path, which takes no sequence boundaries, so
-packing is refused there and the trainer lays out one example per row
-(right-padded: the recurrence is causal, trailing padding never reaches a real
-token) and records why.
+boundaries in transformers' torch path, which takes no sequence boundaries. On
+the flash layout those layers are made to run each example of the packed row on
+its own (:func:`split_linear_attention`); on sdpa/eager packing is refused and
+the trainer lays out one example per row (right-padded: the recurrence is causal,
+trailing padding never reaches a real token) and records why.
 
 Labels are the SFT labels (``-100`` where masked), with the label of each
 example's first token set to ``-100``: the model shifts labels by one over the
