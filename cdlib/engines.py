@@ -42,6 +42,7 @@ import json
 import os
 import random
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,14 +169,22 @@ def get_engine(params: EngineParams, toy: ToyParams | None = None) -> Engine:
 
     The model names ``tiny-random`` and the tiny family names (``tiny-llama``, ``tiny-gpt-oss``, ...)
     are resolved to tiny random models built on first use (:func:`cdlib.tiny.resolve`), so the
-    model-based paths run on machines without weights.
+    model-based paths run on machines without weights. A ``vllm`` model that vLLM cannot load on this
+    machine (:func:`cdlib.tiny.check_vllm_loadable`: Qwen3.5 without torchvision) gets the HF engine,
+    with a warning saying why; its ``kind`` says which engine runs.
     """
     if params.kind in ("vllm", "hf") and params.model.startswith("tiny-"):  # tiny-random, tiny-llama, ...
         from cdlib.tiny import resolve
 
         params = params.model_copy(update={"model": resolve(params.model)})
     if params.kind == "vllm":
-        return VLLMEngine(params)
+        from cdlib.tiny import VLLMUnsupportedError
+
+        try:
+            return VLLMEngine(params)
+        except VLLMUnsupportedError as e:  # a family vLLM cannot load on this machine: transformers can
+            warnings.warn(f"{e}. Generating with the HF engine (transformers generate) instead.", stacklevel=2)
+            return HFEngine(params.model_copy(update={"kind": "hf"}))
     if params.kind == "openai":
         return OpenAIEngine(params)
     if params.kind == "hf":
