@@ -2,8 +2,9 @@
 
 Every token count comes from the paper's own tables (:func:`cdlib.paper.table`): Table 4 (correct traces and
 mean tokens per dataset and teacher), Table 5 (compressed tokens), Table 11 (GPUs, GPU-hours and trainable
-tokens per training run), Table 9 (evaluation output tokens per run), Table 10 (judge counts). The runs are the
-cells of ``params/paper.yaml`` (:class:`cdlib.grid.Grid`).
+tokens per training run), Table 9 (evaluation output tokens per run; its gaps take the student's mean), Table 10
+(judge counts of the Qwen teacher; Table 4's counts stand in for the gpt-oss teacher, which it does not cover).
+The runs are the cells of ``params/paper.yaml`` (:class:`cdlib.grid.Grid`).
 
 Throughput, per stage:
 
@@ -89,7 +90,7 @@ def prefix_cache_factor() -> float:
     q = traces.filter(pl.col("teacher") == "Qwen3.5-397B-A17B")
     n = q["n"].sum()
     raw_in = (q["n"] * q["raw_tokens"]).sum()
-    out = (q["n"] * q["llama70b"]).sum()
+    out = (q["n"] * (q["llama70b"] + q["ministral14b"])).sum() / 2  # per compressor pass, both averaged
     shared = n * _compress_prompt_tokens()
     full = out + PREFILL_WEIGHT * (raw_in + shared)
     return (full - PREFILL_WEIGHT * shared) / full
@@ -233,11 +234,15 @@ def stages(apply: tuple[str, ...] | None = None, factors: dict[str, float] | Non
         tps=pl.col("student").replace_strict(VLLM_TOKENS_PER_GPU_S, return_dtype=pl.Float64))
     ev_h = (ev["tokens"] / ev["tps"]).sum() / 3600
     rows.append(("evaluate", "evaluate", ev["tokens"].sum(), None, ev["tokens"].sum() / (ev_h * 3600)))
-    # judging: gpt-oss-120B over every compressed trace of both teachers and compressors
+    # judging: gpt-oss-120B over the compressed traces; Table 10's N (Qwen teacher, MMLU excluded), else Table 4's
     t = _traces()
+    t10 = paper.table(10).filter(pl.col("metric") == "n").select("teacher", "dataset", "compressor", n_judged="value")
     for teacher in TEACHERS.values():
-        d = t.filter(pl.col("teacher") == teacher)
         for comp in ("llama70b", "ministral14b"):
+            d = t.filter(pl.col("teacher") == teacher).join(
+                t10.filter(pl.col("compressor") == comp).drop("compressor"), on=["teacher", "dataset"], how="left")
+            if d["n_judged"].is_not_null().any():
+                d = d.with_columns(n=pl.col("n_judged").fill_null(0))
             prompt = (d["n"] * (d["raw_tokens"] + d[comp] + JUDGE_PROMPT_TOKENS)).sum()
             tok = d["n"].sum() * JUDGE_OUTPUT_TOKENS + PREFILL_WEIGHT * prompt
             slug = next(s for s, name in TEACHERS.items() if name == teacher)
