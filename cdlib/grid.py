@@ -175,6 +175,10 @@ def _excluded(values: dict[str, str], rules: list[dict[str, str]]) -> bool:
     return any(all(values.get(k) == v for k, v in rule.items()) for rule in rules if set(rule) <= set(values))
 
 
+#: joins a cell's axis values into its id (``compress/qwen3.5-397b__ministral-14b``); not allowed inside a value
+CELL_SEP = "__"
+
+
 class Grid:
     """A loaded, checked grid file and its cells."""
 
@@ -202,6 +206,9 @@ class Grid:
             for value, scoped in values.items():
                 if not SLUG.match(str(value)):
                     raise ParamsError(f"{where}: key 'axes.{axis}.{value}': value names may hold only letters, digits and . _ + -")
+                if CELL_SEP in str(value):  # cell ids join axis values with it: 'p__q'+'r' and 'p'+'q__r' would meet
+                    raise ParamsError(f"{where}: key 'axes.{axis}.{value}': value names may not contain "
+                                      f"'{CELL_SEP}', which separates axis values in cell ids")
                 for scope, params in scoped.items():
                     if scope != "all" and scope not in self.spec.stages:
                         raise ParamsError(f"{where}: key 'axes.{axis}.{value}.{scope}': not a stage name nor 'all'; "
@@ -232,6 +239,12 @@ class Grid:
                 if _excluded(values, self.spec.exclude) or _excluded(values, stage.exclude):
                     continue
                 cells.append(self._resolve(name, stage, values))
+        by_dir: dict[Path, Cell] = {}
+        for c in cells:  # unique by construction (no separator in values); checked, as a directory is a cell's identity
+            other = by_dir.setdefault(c.directory, c)
+            if other is not c:
+                raise ParamsError(f"{self.path}: cells '{other.id}' ({other.axes}) and '{c.id}' ({c.axes}) would "
+                                  f"share the directory {c.directory}")
         ids = {c.id for c in cells}
         for c in cells:
             missing = [u for u in c.depends_on if u not in ids]
@@ -241,7 +254,7 @@ class Grid:
         return cells
 
     def _resolve(self, name: str, stage: StageSpec, values: dict[str, str]) -> Cell:
-        slug = "__".join(values.values())  # a stage without axes has one cell: outputs/<grid>/<stage>/
+        slug = CELL_SEP.join(values.values())  # a stage without axes has one cell: outputs/<grid>/<stage>/
         params = copy.deepcopy(stage.params)
         inputs = dict(stage.inputs)
         slurm = stage.slurm.model_dump()
@@ -344,8 +357,40 @@ def _params_text(params: dict[str, Any]) -> str:
     return yaml.safe_dump(params, sort_keys=True)
 
 
+LOCK_FILE = ".lock"
+LOCKED_EXIT = 3  # exit code of `grid run --cell` when another process holds the cell's lock
+
+
+@contextlib.contextmanager
+def cell_lock(d: Path):
+    """Hold the cell directory's lock (an OS file lock on ``<cell>/.lock``) for this block; yields False,
+    without waiting, when another process holds it. The OS frees the lock when its holder dies, even by
+    SIGKILL, so a killed runner never leaves a cell locked."""
+    import fcntl
+
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _locked_by_another(d: Path) -> bool:
+    if not (d / LOCK_FILE).exists():
+        return False
+    with cell_lock(d) as mine:
+        return not mine
+
+
 def cell_status(cell: Cell, root: Path) -> str:
-    """One of: pending, running, done, failed, conflict (params.yaml differs from the grid's)."""
+    """One of: pending, running, done, failed, interrupted (its manifest says running but no process
+    holds the cell's lock: the runner died), conflict (params.yaml differs from the grid's)."""
     d = root / cell.directory
     saved = d / "params.yaml"
     if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(_params_text(cell.params)):
@@ -353,7 +398,10 @@ def cell_status(cell: Cell, root: Path) -> str:
     manifest = _read_json(d / "manifest.json")
     if manifest is None:
         return "pending"
-    return manifest.get("status", "pending")
+    status = manifest.get("status", "pending")
+    if status == "running" and not _locked_by_another(d):
+        return "interrupted"
+    return status
 
 
 def _versions() -> dict[str, str]:
@@ -411,12 +459,27 @@ def _output_to(path: Path):
             os.close(saved[1])
 
 
-def run_cell(cell: Cell, root: Path, progress: bool = False) -> dict[str, Any]:
-    """Execute one cell's notebook with papermill; return its manifest. Never raises on notebook errors."""
+def run_cell(cell: Cell, root: Path, progress: bool = False, rerun_done: bool = False) -> dict[str, Any]:
+    """Execute one cell's notebook with papermill, holding the cell's lock; return its manifest.
+
+    Never raises on notebook errors. One writer per cell: when another process holds the
+    lock (a second ``grid run`` on the same grid), nothing is touched and the returned
+    manifest has status ``locked``; a cell that another runner finished while this one
+    waited to start it is not run again (status ``done``), unless ``rerun_done`` (a stale report).
+    """
+    d = root / cell.directory
+    with cell_lock(d) as mine:
+        if not mine:
+            return {"status": "locked", "wall_clock_s": 0.0}
+        if not rerun_done and cell_status(cell, root) == "done":
+            return _read_json(d / "manifest.json") or {"status": "done"}
+        return _run_cell_locked(cell, root, progress)
+
+
+def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
     import papermill
 
     d = root / cell.directory
-    d.mkdir(parents=True, exist_ok=True)
     (d / "params.yaml").write_text(_params_text(cell.params))
     gpu_name, gpus = _device()
     manifest: dict[str, Any] = {
@@ -509,6 +572,8 @@ def _refused_message(head: str, c: Cell) -> str:
 
 
 def _finished_message(head: str, c: Cell, m: dict[str, Any]) -> str:
+    if m["status"] == "locked":
+        return f"{head}: skipped, another runner holds its lock ({c.directory}/{LOCK_FILE}) and runs it"
     msg = f"{head}: {m['status']} in {m.get('wall_clock_s') or 0:.1f} s"
     if m["status"] == "failed":
         e = m.get("error") or {"type": "Error", "message": "no error recorded"}
@@ -537,7 +602,7 @@ def _run_in_order(grid: Grid, todo: list[Cell], status: dict[str, str], progress
         say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt) ...")
         if view is not None:
             view.started(c.id, grid.root / c.directory / "log.txt")
-        m = run_cell(c, grid.root, progress=progress)
+        m = run_cell(c, grid.root, progress=progress, rerun_done=status[c.id] == "done")
         if view is not None:
             view.finished(c.id)
         status[c.id] = results[c.id] = m["status"]
@@ -628,7 +693,7 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     results: dict[str, str] = {}
     grid_file = str(Path(grid.path).resolve())
     n, started = len(todo), 0
-    bad = {"failed", "conflict", "blocked"}
+    bad = {"failed", "conflict", "blocked", "locked"}
     try:
         while pending or running:
             launched = False
@@ -678,7 +743,9 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                 del running[cid]
                 free.append(slot)
                 m = _read_json(grid.root / c.directory / "manifest.json") or {}
-                if m.get("status") not in ("done", "failed"):  # the subprocess died outside the notebook
+                if p.returncode == LOCKED_EXIT:  # another runner holds the cell
+                    m = {"status": "locked"}
+                elif m.get("status") not in ("done", "failed"):  # the subprocess died outside the notebook
                     out.seek(0)
                     tail = out.read().decode(errors="replace")[-1500:]
                     m = {"status": "failed", "wall_clock_s": 0.0,
@@ -856,11 +923,12 @@ def main(argv: list[str] | None = None) -> int:
                 if st == "conflict":
                     print(f"{c.id}: REFUSED: params.yaml differs from the grid's", file=sys.stderr)
                     return 1
-                m = {"status": "done"} if st == "done" and not _stale(grid, c) else run_cell(c, grid.root)
+                m = {"status": "done"} if st == "done" and not _stale(grid, c) else \
+                    run_cell(c, grid.root, rerun_done=st == "done")
                 if m["status"] == "done":
                     write_results(grid)
                 print(f"{c.id}: {m['status']}")
-                return 0 if m["status"] == "done" else 1
+                return 0 if m["status"] == "done" else LOCKED_EXIT if m["status"] == "locked" else 1
             results = run(grid, args.stage, only, jobs=max(1, args.jobs))
             bad = {k: v for k, v in results.items() if v != "done"}
             if bad:
