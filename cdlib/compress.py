@@ -9,17 +9,28 @@ Two kinds of compressor:
   trajectory (Mixed-Policy Distillation): whatever the trajectory, it writes the
   correct minimal solution, one equation per step (:func:`cdlib.toy.solution_steps`),
   and the final answer (:func:`toy_rewrite`);
-* any other name is a model behind ``cdlib.engines`` given the paper's generic
-  prompt (question, trace, verified answer -> a shorter trace keeping the
-  essential steps, insights and the final answer) at temperature 0.3, or, for
+* any other name is a model behind ``cdlib.engines`` given a generic prompt
+  (question, trace, verified answer -> a shorter trace keeping the essential
+  steps, insights and the final answer) at temperature 0.3, or, for
   Mixed-Policy Distillation, a prompt to rewrite a *student's* reasoning.
 
+The paper does not print its compression prompt (section 3.2 only describes it),
+so the shipped one is named ``reconstructed``: our wording of that description,
+not the authors' text. ``prompt`` may also be a path to a text file holding a
+template with the ``{question}``, ``{reasoning}`` and ``{answer}`` fields
+(:func:`prompt_template`).
+
 Every compressed trace gets per-example ratios in characters and tokens and an
-answer-preservation check (the paper's future work): a compression that is
-empty, degenerate, longer than the original, drops the verified answer or
-contradicts it is *flagged* (``flag``), optionally re-compressed, and never
-silently kept: downstream stages skip flagged records unless told otherwise.
-The verified final answer itself is kept unchanged (``answer``).
+answer-preservation check (the paper's future work, section 7): a compression
+that is empty, degenerate, longer than the original, drops the verified answer or
+contradicts it is *flagged* (``flag``). What happens next is two options:
+``recompress_attempts`` retries flagged ones, and ``drop_flagged`` marks what is
+still flagged as ``drop`` so that truncation, training and the compression
+tables leave it out (:func:`dropped`). The paper compresses every trace once
+and trains on every compression (``recompress_attempts: 0``, ``drop_flagged:
+false`` in ``params/paper.yaml``): every source then trains on the same question
+ids and the flags are only reported. The verified final answer itself is kept
+unchanged (``answer``).
 
 Input traces may come from student sampling with ``keep="all"`` (MPD): a trace
 whose ``correct`` is False carries a wrong answer, so the rewriter is given the gold
@@ -41,7 +52,8 @@ from cdlib.params import CompressParams
 from cdlib.store import Store
 from cdlib.traces import parse_response
 
-PAPER_PROMPT = """You are given a question, a model's reasoning trace for it, and the verified final answer.
+# Our reconstruction of the prompt the paper describes in section 3.2 (it is not printed there).
+RECONSTRUCTED_PROMPT = """You are given a question, a model's reasoning trace for it, and the verified final answer.
 Rewrite the reasoning as a much shorter trace that keeps the essential logical steps, the key
 insights and every calculation needed to reach the answer, and drops repetition, false starts,
 hedging and re-checking. Do not add new claims. End with the final answer.
@@ -70,7 +82,42 @@ Student reasoning:
 Verified final answer:
 {answer}"""
 
-PROMPTS = {"paper": PAPER_PROMPT, "rewrite_student": REWRITE_STUDENT_PROMPT}
+PROMPTS = {"reconstructed": RECONSTRUCTED_PROMPT, "rewrite_student": REWRITE_STUDENT_PROMPT}
+PROMPT_FIELDS = ("question", "reasoning", "answer")
+
+
+def prompt_template(prompt: str) -> str:
+    """The compression prompt template named ``prompt``: a key of :data:`PROMPTS` or a text file's path.
+
+    A file must use exactly the fields ``{question}``, ``{reasoning}`` and
+    ``{answer}`` (literal braces doubled, as in :meth:`str.format`).
+    """
+    import string
+
+    if prompt in PROMPTS:
+        return PROMPTS[prompt]
+    path = Path(prompt)
+    if not path.is_file():
+        hint = " (the shipped prompt was renamed 'reconstructed': the paper does not print its prompt)" \
+            if prompt == "paper" else ""
+        raise ValueError(f"compress: prompt {prompt!r} is neither one of {', '.join(PROMPTS)} nor a file{hint}")
+    text = path.read_text()
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"compress: prompt file {path}: {e} (write literal braces as {{{{ and }}}})") from None
+    if fields != set(PROMPT_FIELDS):
+        raise ValueError(f"compress: prompt file {path} has fields {sorted(fields)}; it needs exactly "
+                         f"{{question}}, {{reasoning}} and {{answer}}")
+    return text
+
+
+def dropped(rec: dict[str, Any]) -> bool:
+    """Whether a compress or truncate record is left out downstream (training, truncation, tables).
+
+    Records written with ``drop_flagged`` carry ``drop``; older ones are dropped when flagged.
+    """
+    return bool(rec["drop"]) if rec.get("drop") is not None else rec.get("flag") is not None
 
 RULE_BASED = ("extractive", "toy-rewriter")  # compressors that need no model
 
@@ -207,7 +254,8 @@ def _record(rec: dict[str, Any], compressed: str, P: CompressParams, flag: str |
                  "original_correct": False}
     return {**{k: rec.get(k) for k in keep}, **fixed, "reasoning": compressed,
             "original_reasoning": rec.get("reasoning", ""),
-            "compressor": P.compressor, "flag": flag, "attempts": attempts, "error": error,
+            "compressor": P.compressor, "flag": flag, "drop": flag is not None and P.drop_flagged,
+            "attempts": attempts, "error": error,
             "original_chars": len(rec.get("reasoning", "")), "compressed_chars": len(compressed)}
 
 
@@ -236,7 +284,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         from cdlib.engines import get_engine
 
         engine = engine or get_engine(P.engine)
-        template = PROMPTS[P.prompt]
+        template = prompt_template(P.prompt)
         pending = {r["id"]: r for r in todo}
         last: dict[str, tuple[str, str | None, str | None]] = {}
         for attempt in range(1 + P.recompress_attempts):
@@ -283,7 +331,10 @@ def _add_token_counts(out_dir: Path, P: CompressParams) -> None:
 
 
 def load(out_dir: str | Path, include_flagged: bool = False):
-    """Compressed records joined with token counts and ratios, as a polars frame."""
+    """Compressed records joined with token counts and ratios, as a polars frame.
+
+    Without ``include_flagged``, records :func:`dropped` downstream are left out (none with ``drop_flagged: false``).
+    """
     import polars as pl
 
     out_dir = Path(out_dir)
@@ -296,7 +347,16 @@ def load(out_dir: str | Path, include_flagged: bool = False):
     df = df.with_columns(rho_chars=pl.col("compressed_chars") / pl.col("original_chars"))
     if "original_tokens" in df.columns:
         df = df.with_columns(rho_tokens=pl.col("compressed_tokens") / pl.col("original_tokens"))
-    return df if include_flagged else df.filter(pl.col("flag").is_null())
+    if include_flagged:
+        return df
+    drop = pl.col("drop").fill_null(pl.col("flag").is_not_null()) if "drop" in df.columns else pl.col("flag").is_not_null()
+    return df.filter(~drop)
+
+
+def _dropped_expr():
+    import polars as pl
+
+    return pl.col("drop").fill_null(pl.col("flag").is_not_null())
 
 
 def table5(out_dir: str | Path):
@@ -304,18 +364,26 @@ def table5(out_dir: str | Path):
 
     ``rho`` is the ratio of mean compressed to mean original characters, as in the
     table's caption; ``rho_mean`` is the mean of per-example ratios (the text's "mean ratio").
+    Lengths and ratios cover the records kept for training (every record, as in the
+    paper, with ``drop_flagged: false``); ``n``, ``flagged``, ``flag_rate`` and
+    ``dropped`` count every compression the checker saw.
     """
     import polars as pl
 
     df = load(out_dir, include_flagged=True)
     if df.is_empty():
         return pl.DataFrame()
+    if "drop" not in df.columns:
+        df = df.with_columns(drop=pl.lit(None, dtype=pl.Boolean))
+    kept = ~_dropped_expr()
     aggs = dict(n=pl.len(), flagged=pl.col("flag").is_not_null().sum(),
-                mean_original_chars=pl.col("original_chars").mean(),
-                mean_compressed_chars=pl.col("compressed_chars").mean(),
-                mean_compressed_tokens=pl.col("compressed_tokens").mean(),
-                rho=pl.col("compressed_chars").mean() / pl.col("original_chars").mean(),
-                rho_mean=pl.col("rho_chars").mean(), rho_tokens_mean=pl.col("rho_tokens").mean())
+                flag_rate=pl.col("flag").is_not_null().mean(), dropped=(~kept).sum(),
+                mean_original_chars=pl.col("original_chars").filter(kept).mean(),
+                mean_compressed_chars=pl.col("compressed_chars").filter(kept).mean(),
+                mean_compressed_tokens=pl.col("compressed_tokens").filter(kept).mean(),
+                rho=pl.col("compressed_chars").filter(kept).mean() / pl.col("original_chars").filter(kept).mean(),
+                rho_mean=pl.col("rho_chars").filter(kept).mean(),
+                rho_tokens_mean=pl.col("rho_tokens").filter(kept).mean())
     per = df.group_by("dataset").agg(**aggs).sort("dataset")
     overall = df.select(dataset=pl.lit("overall"), **aggs)
     return pl.concat([per, overall], how="vertical_relaxed")
@@ -331,5 +399,5 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
     overall = t5.filter(pl.col("dataset") == "overall").to_dicts()[0]
     flags = load(out_dir, include_flagged=True).group_by("flag").len().drop_nulls("flag")
     return {"per_dataset": t5.filter(pl.col("dataset") != "overall").to_dicts(), **{k: overall[k] for k in (
-        "n", "flagged", "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean")},
+        "n", "flagged", "flag_rate", "dropped", "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean")},
         "flags": dict(zip(flags["flag"], flags["len"]))}

@@ -140,10 +140,12 @@ class CompressParams(StageParams):
     compressor: str = "extractive"  # "extractive" (no model) or a label for the model engine
     engine: EngineParams = EngineParams()
     sampling: SamplingParams = SamplingParams(temperature=0.3, max_tokens=8192)
-    prompt: Literal["paper", "rewrite_student"] = "paper"
+    # "reconstructed" (our wording of the paper's unprinted prompt), "rewrite_student" (MPD), or a prompt file
+    prompt: str = "reconstructed"
     tokenizer: str | None = None  # for token counts; defaults to engine.tokenizer/model
     check_answer: bool = True  # flag compressions that drop or contradict the answer
-    recompress_attempts: int = Field(1, ge=0)  # retries for flagged compressions
+    recompress_attempts: int = Field(1, ge=0)  # retries for flagged compressions (paper: 0)
+    drop_flagged: bool = True  # leave still-flagged compressions out downstream (paper: false, every trace kept)
     limit: int | None = Field(None, ge=1)
 
 
@@ -156,6 +158,7 @@ class TruncateParams(StageParams):
     ratio: float = Field(0.5, gt=0, le=1)
     tokenizer: str = "whitespace"  # the compressor's tokenizer (paper: Ministral's)
     tolerance: int = Field(1, ge=0)
+    drop_flagged: bool = True  # leave cuts that miss the target by more than tolerance out (paper: false)
 
 
 class TrainParams(StageParams):
@@ -166,6 +169,8 @@ class TrainParams(StageParams):
     student: str = "toy-student"  # HF hub id, local directory, or "toy-student" (from scratch)
     chat_format: Literal["auto", "qwen", "llama3", "harmony", "plain"] = "auto"
     chat_template_kwargs: dict[str, Any] = {}  # same as the evaluate engine's, so training text matches inference
+    # answer-only: "none" removes the whole think block (paper 3.3, H.3), "empty" keeps an empty closed one
+    answer_only_think: Literal["none", "empty"] = "none"
     method: Literal["full", "lora"] = "full"
     learning_rate: float | None = Field(None, gt=0)  # default: 2e-5 full, 1e-4 LoRA
     lora_rank: int = Field(64, ge=1)
@@ -226,6 +231,7 @@ class EvaluateParams(DataParams):
     chat_format: Literal["auto", "qwen", "llama3", "harmony", "plain"] = "auto"
     engine: EngineParams = EngineParams(kind="vllm")
     sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=8192)
+    grouping: Literal["paper", "dataset"] = "paper"  # report groups (cdlib.evaluate.GROUPINGS)
 
 
 class JudgeParams(StageParams):

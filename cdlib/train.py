@@ -140,25 +140,29 @@ def _check_source(source: str, path: Path) -> None:
 
 def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = None,
                  seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records of an input cell, flagged ones skipped, optionally a seeded subsample of ``limit``.
+    """Records of an input cell, dropped ones skipped, optionally a seeded subsample of ``limit``.
 
+    A record is dropped when its stage said so (``cdlib.compress.dropped``: flagged
+    with ``drop_flagged``); with the paper's protocol flagged records are kept.
     Returns ``(records, info)``; ``info`` has ``file``, ``n_read``, ``n_flagged``
-    (skipped: a non-null ``flag``), ``flags`` (count per flag) and ``n_used``.
+    (skipped), ``flags`` (count per flag of the skipped), ``n_flagged_kept`` and ``n_used``.
     """
+    from cdlib.compress import dropped
+
     path = detect_data_file(data_dir)
     _check_source(source, path)
     rows = Store(path).read()
-    kept = [r for r in rows if r.get("flag") is None]
+    kept = [r for r in rows if not dropped(r)]
     flags: dict[str, int] = {}
     for r in rows:
-        if r.get("flag") is not None:
+        if dropped(r):
             flags[str(r["flag"])] = flags.get(str(r["flag"]), 0) + 1
     if limit is not None and len(kept) > limit:
         kept = random.Random(seed).sample(kept, limit)
     if not kept:
         raise TrainError(f"{path}: no unflagged records to train on ({len(rows)} read)")
     return kept, {"file": str(path), "n_read": len(rows), "n_flagged": sum(flags.values()), "flags": flags,
-                  "n_used": len(kept)}
+                  "n_flagged_kept": sum(r.get("flag") is not None for r in kept), "n_used": len(kept)}
 
 
 def toy_corpus(records: list[dict[str, Any]]) -> list[str]:
@@ -296,7 +300,7 @@ def dte_accounting(records: list[dict[str, Any]], examples: list[dict[str, Any]]
     if P.truncate_ratio is None:
         return info
     full, _ = sft.build_examples(records, tokenizer, source=P.source, chat_format=P.chat_format, loss_on=P.loss_on,
-                                 chat_template_kwargs=P.chat_template_kwargs)
+                                 chat_template_kwargs=P.chat_template_kwargs, answer_only_think=P.answer_only_think)
     by_id = {ex["id"]: ex for ex in full}
     cut_all = cut_cot = full_all = full_cot = 0
     for ex in examples:

@@ -3,12 +3,15 @@
 * ``length_matched`` (paper 3.3): tokenize each raw trace with the compressor's
   tokenizer, cut it to the token length of the matching compressed trace, decode,
   and accept a difference of at most ``tolerance`` (1) tokens after re-encoding.
-  The final answer is kept unchanged. Raw traces whose compression was flagged
-  have no target and are skipped.
+  The final answer is kept unchanged. Raw traces whose compression is dropped
+  (``drop_flagged`` in the compress stage) have no target and are skipped; with
+  the paper's protocol nothing is dropped, so every raw trace is cut.
 * ``ratio`` (Distilling the Essence): keep the first ``ratio`` of each trace's tokens.
 
 Output ``truncated.jsonl`` has the same fields as compressed records
 (``reasoning`` is the truncated trace, ``answer`` the untouched final answer).
+A cut that misses its target by more than ``tolerance`` is flagged
+``length_mismatch`` and, with ``drop_flagged``, left out of training.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from cdlib import tokenizer as toklib
+from cdlib.compress import dropped
 from cdlib.params import TruncateParams
 from cdlib.store import Store
 
@@ -64,7 +68,7 @@ def run(P: TruncateParams) -> dict[str, Any]:
     if P.mode == "length_matched":
         if not P.compressed:
             raise ValueError("truncate: mode 'length_matched' needs `compressed` (a compress cell directory)")
-        comp = [r for r in Store(Path(P.compressed) / "compressed.jsonl") if r.get("flag") is None]
+        comp = [r for r in Store(Path(P.compressed) / "compressed.jsonl") if not dropped(r)]
         targets = dict(zip((r["id"] for r in comp), toklib.count([r["reasoning"] for r in comp], P.tokenizer)))
         raw = [r for r in raw if r["id"] in targets]
     batch = []
@@ -77,7 +81,8 @@ def run(P: TruncateParams) -> dict[str, Any]:
                                                "gold", "answer_type", "answer", "extracted")},
                       "reasoning": piece, "original_tokens": n_orig, "target_tokens": target,
                       "truncated_tokens": got, "original_chars": len(text), "truncated_chars": len(piece),
-                      "flag": None if abs(got - target) <= P.tolerance else "length_mismatch"})
+                      "flag": None if abs(got - target) <= P.tolerance else "length_mismatch",
+                      "drop": abs(got - target) > P.tolerance and P.drop_flagged})
         if len(batch) >= 1000:
             out.append(batch)
             batch = []

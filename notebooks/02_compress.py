@@ -4,7 +4,9 @@
 # Paper section 3.2, Appendix B (Tables 2 and 5), Figure 1. A compressor rewrites each
 # verified trace into a shorter one; `extractive` needs no model. Each compression is
 # checked: empty, degenerate, longer-than-original, answer-dropping and
-# answer-contradicting outputs are flagged (and re-compressed when a model is used).
+# answer-contradicting outputs are flagged. Re-compressing them (`recompress_attempts`) and
+# leaving them out downstream (`drop_flagged`) are options; the paper compresses every trace
+# once and keeps every compression (params/paper.yaml), so there the flags are only reported.
 
 # %% tags=["parameters"]
 out_dir: str = "outputs/scratch/compress"  # cell directory (the grid runner sets it)
@@ -13,10 +15,11 @@ traces: str = "outputs/scratch/generate"  # input cell directory holding traces.
 compressor: str = "extractive"  # "extractive" or "toy-rewriter" (no model), or a label for the model in `engine`
 engine: dict = {"kind": "vllm"}  # compressor engine (cdlib.params.EngineParams); unused for extractive
 sampling: dict = {"temperature": 0.3, "max_tokens": 8192}  # compressor sampling (paper: temperature 0.3)
-prompt: str = "paper"  # "paper" (generic compression prompt) or "rewrite_student" (Mixed-Policy Distillation)
+prompt: str = "reconstructed"  # "reconstructed" (our wording of the paper's unprinted prompt), "rewrite_student" (MPD), or a prompt file
 tokenizer: str = None  # tokenizer for token counts (None: the engine's, or whitespace for extractive)
 check_answer: bool = True  # flag compressions that drop or contradict the verified answer
-recompress_attempts: int = 1  # extra attempts for flagged compressions (model compressors)
+recompress_attempts: int = 1  # extra attempts for flagged compressions (model compressors; paper: 0)
+drop_flagged: bool = True  # leave still-flagged compressions out of truncation and training (paper: false)
 limit: int = None  # compress only the first N traces (None: all)
 
 # %%
@@ -41,7 +44,7 @@ cdlib.grid.write_metrics(P.out_dir, metrics)
 cdlib.compress.table5(P.out_dir)
 
 # %% [markdown]
-# One trace before and after, and the flagged compressions (never used for training).
+# One trace before and after, and the flagged compressions (used for training unless `drop_flagged`).
 
 # %%
 df = cdlib.compress.load(P.out_dir, include_flagged=True)

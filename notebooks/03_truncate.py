@@ -15,6 +15,7 @@ mode: str = "length_matched"  # "length_matched" (paper) or "ratio" (Distilling 
 ratio: float = 0.5  # kept fraction of tokens in ratio mode
 tokenizer: str = "whitespace"  # the compressor's tokenizer: HF id/path, or "whitespace" for the toy world
 tolerance: int = 1  # accepted token mismatch after decode and re-encode
+drop_flagged: bool = True  # leave cuts missing their target by more than tolerance out of training (paper: false)
 
 # %%
 import polars as pl

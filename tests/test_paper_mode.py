@@ -1,0 +1,85 @@
+"""Paper mode (issue 14): params/paper.yaml follows the paper's protocol; deviations are named options."""
+
+import math
+
+import polars as pl
+import pytest
+
+from cdlib import compress, evaluate, paper, train, truncate
+from cdlib.datasets import REGISTRY
+from cdlib.grid import Grid
+from cdlib.params import CompressParams, TruncateParams
+from cdlib.store import Store
+
+TRACES = [  # toy stand-ins for a teacher's verified traces; q3's compression loses the answer (flagged)
+    {"id": "q1", "reasoning": "Ann has 3 pens. She buys 2 more. 3 + 2 = 5. So the answer is 5."},
+    {"id": "q2", "reasoning": "Ben has 4 coins. Wait, let me check. He gives 1 away. 4 - 1 = 3. So the answer is 3."},
+    {"id": "q3", "reasoning": "Hmm."},
+]
+GOLD = {"q1": "5", "q2": "3", "q3": "7"}
+
+
+def _write_traces(path):
+    Store(path / "traces.jsonl").append(
+        [{**t, "dataset": "toy", "domain": "toy", "group": "Math", "split": "train", "question": f"Question {t['id']}?",
+          "gold": GOLD[t["id"]], "answer_type": "numeric", "answer": f"The answer is \\boxed{{{GOLD[t['id']]}}}.",
+          "extracted": GOLD[t["id"]], "choices": None} for t in TRACES])
+
+
+def _source_ids(tmp_path, compress_params, truncate_params):
+    """Question ids each source of a Qwen-teacher cell set trains on, with paper.yaml's stage params."""
+    gen, comp, trunc = tmp_path / "generate", tmp_path / "compress", tmp_path / "truncate"
+    _write_traces(gen)
+    keep = ("check_answer", "recompress_attempts", "drop_flagged")
+    compress.run(CompressParams(out_dir=str(comp), traces=str(gen), compressor="extractive",
+                                **{k: compress_params[k] for k in keep}))
+    truncate.run(TruncateParams(out_dir=str(trunc), traces=str(gen), compressed=str(comp), tokenizer="whitespace",
+                                mode="length_matched", drop_flagged=truncate_params["drop_flagged"]))
+    data = {"raw": gen, "answer_only": gen, "extractive": comp, "truncated": trunc}
+    return {s: {r["id"] for r in train.load_records(d, s)[0]} for s, d in data.items()}
+
+
+def test_every_source_of_the_paper_grid_trains_on_the_same_question_ids(tmp_path):
+    g = Grid("params/paper.yaml")
+    comp = {c.params["drop_flagged"] for c in g.select("compress")}
+    assert comp == {False} and {c.params["recompress_attempts"] for c in g.select("compress")} == {0}
+    (cut,) = g.select("truncate")
+    ids = _source_ids(tmp_path / "paper", g.select("compress")[0].params, cut.params)
+    assert all(v == {"q1", "q2", "q3"} for v in ids.values()), ids
+    flags = compress.table5(tmp_path / "paper" / "compress").filter(pl.col("dataset") == "overall").row(0, named=True)
+    assert (flags["flagged"], flags["dropped"]) == (1, 0) and flags["flag_rate"] == pytest.approx(1 / 3)
+    # the ablation (drop_flagged) is what makes the sets differ
+    ablation = _source_ids(tmp_path / "drop", {"check_answer": True, "recompress_attempts": 0, "drop_flagged": True},
+                           {"drop_flagged": True})
+    assert ablation["extractive"] == ablation["truncated"] == {"q1", "q2"} != ablation["raw"]
+
+
+def test_paper_grouping_reproduces_the_n_that_table7_plus_minus_implies():
+    """± = 1.96 sqrt(p(1-p)/n) with n from Table 1's eval sizes under cdlib.evaluate.PAPER_GROUPS."""
+    sizes: dict[str, int] = {}
+    for ds, group in evaluate.PAPER_GROUPS.items():
+        if group != evaluate.OVERALL_ONLY:
+            sizes[group] = sizes.get(group, 0) + REGISTRY[ds].table1_eval
+    assert sizes["Science"] == 1172 and sizes["Medicine"] == 5581
+    names = {"Math": "math", "Science": "science", "Medicine": "medicine", "Common-sense": "commonsense",
+             "OOD-Reasoning": "ood_reasoning", "OOD-Knowledge": "ood_knowledge"}
+    t7 = paper.runs()
+    hits = total = 0
+    for group, col in names.items():
+        rows = t7.filter(pl.col("group") == col)
+        for p, ci in zip(rows["accuracy"], rows["ci95"]):
+            total += 1
+            hits += abs(round(1.96 * math.sqrt(p * (1 - p) / sizes[group]), 3) - ci) <= 0.0011
+    assert hits / total >= 0.95, (hits, total)
+
+
+def test_reconstructed_prompt_and_prompt_files(tmp_path):
+    assert compress.prompt_template("reconstructed") is compress.RECONSTRUCTED_PROMPT
+    with pytest.raises(ValueError, match="renamed 'reconstructed'"):
+        compress.prompt_template("paper")
+    f = tmp_path / "p.txt"
+    f.write_text("Shorten.\n{question}\n{reasoning}\n{answer}")
+    assert compress.prompt_template(str(f)).startswith("Shorten.")
+    f.write_text("Shorten {reasoning}")
+    with pytest.raises(ValueError, match="p.txt has fields"):
+        compress.prompt_template(str(f))
