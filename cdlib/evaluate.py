@@ -6,7 +6,8 @@ the token cap from params (8,192 in the paper), through ``cdlib.engines``
 ``outputs.jsonl`` (resumable). :func:`summarize` computes, exactly as the paper
 defines them:
 
-* accuracy per report group with its standard error sqrt(p(1-p)/n);
+* accuracy per report group with its standard error sqrt(p(1-p)/n) and the
+  paper's Table 7 ± (``ci95`` = 1.96 × SE, a 95% interval half-width);
 * overall accuracy over every record (not the mean of the groups);
 * mean completion tokens over all records and excluding truncated ones;
 * truncation rate: the share of records whose finish reason is ``length``;
@@ -29,7 +30,41 @@ from cdlib.params import EvaluateParams
 from cdlib.store import Store
 from cdlib.traces import parse_response
 
+CI95_Z = 1.96  # Table 7's ± = 1.96 * SE
 GROUPS = ("Math", "Science", "Medicine", "Common-sense", "OOD-Reasoning", "OOD-Knowledge")
+OVERALL_ONLY = "Overall-only"  # datasets that count in Overall but in no group column
+
+# Report groups: which dataset feeds which Table 7 column. One visible table per grouping;
+# a dataset missing from a table (the toy world, a new dataset) keeps its row's own ``group``.
+#
+# "paper" (default) reproduces the group sizes that the paper's ± imply. Its ± is
+# 1.96*sqrt(p(1-p)/n), so n = p(1-p)(1.96/±)^2 can be read back from every cell of Table 7:
+#   Math 1,753 = GSM8k 1,319 + MultiArith 180 + AQUA-RAT 254 (Table 1 eval sizes);
+#   Science 1,172 = ARC-Challenge alone (no MMLU-STEM);
+#   Medicine 5,581 = MedQA 1,273 + MedMCQA 4,183 + MedExpQA 125 (no MMLU-Medical);
+#   Common-sense 1,221 = CommonsenseQA;
+#   the columns printed "OOD Reason." and "OOD Know." have the n of MMLU-STEM (1,274) and
+#   MMLU-Medical (1,417) in 53 of the 55 rows (tests/test_paper_mode.py checks these against Table 7);
+#   the OOD benchmarks (HellaSwag, ..., MMLU humanities/social sciences/other) then count in Overall only.
+# "dataset" is the grouping of cdlib.datasets (MMLU-STEM in Science, MMLU-Medical in Medicine,
+# the OOD benchmarks in the two OOD columns): what section 4's prose describes.
+PAPER_GROUPS = {
+    "gsm8k": "Math", "multiarith": "Math", "aqua_rat": "Math",
+    "arc_challenge": "Science",
+    "medqa": "Medicine", "medmcqa": "Medicine", "medexpqa": "Medicine",
+    "commonsense_qa": "Common-sense",
+    "mmlu_stem": "OOD-Reasoning", "mmlu_medical": "OOD-Knowledge",
+    **{d: OVERALL_ONLY for d in ("hellaswag", "winogrande", "piqa", "arc_easy", "boolq", "truthfulqa",
+                                 "mmlu_humanities", "mmlu_social_sciences", "mmlu_other")},
+}
+GROUPINGS: dict[str, dict[str, str]] = {"paper": PAPER_GROUPS, "dataset": {}}
+
+
+def report_group(record: dict[str, Any], grouping: str = "paper") -> str:
+    """The report group of an evaluated record under ``grouping`` (a key of :data:`GROUPINGS`)."""
+    if grouping not in GROUPINGS:
+        raise ValueError(f"evaluate: grouping {grouping!r} unknown; known: {', '.join(GROUPINGS)}")
+    return GROUPINGS[grouping].get(record.get("dataset"), record.get("group"))
 
 
 def resolve_model(model: str) -> dict[str, Any]:
@@ -94,7 +129,7 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
                              "error": c.error, "reasoning_chars": len(reasoning),
                              "reasoning_tokens": len(tok.encode(reasoning)) if tok else len(reasoning.split())})
             out.append(recs)
-    return {**summarize(out.read()), **trained_with(P.model)}
+    return {**summarize(out.read(), P.grouping), **trained_with(P.model)}
 
 
 def trained_with(model: str) -> dict[str, Any]:
@@ -118,8 +153,11 @@ def _quantile(xs: list[float], q: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The paper's evaluation metrics of a list of scored records (see the module docstring)."""
+def summarize(records: list[dict[str, Any]], grouping: str = "paper") -> dict[str, Any]:
+    """The paper's evaluation metrics of a list of scored records (see the module docstring).
+
+    Groups follow ``grouping`` (:data:`GROUPINGS`); Overall always counts every record.
+    """
     n = len(records)
     if not n:
         return {"n": 0}
@@ -132,17 +170,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     rtoks = [r["reasoning_tokens"] for r in records]
     mean_tokens = sum(tokens) / n
     groups: dict[str, dict[str, Any]] = {}
-    for g in dict.fromkeys([r.get("group") for r in records]):
-        sub = [c for r, c in zip(records, correct) if r.get("group") == g]
+    labels = [report_group(r, grouping) for r in records]
+    for g in dict.fromkeys(labels):
+        sub = [c for lab, c in zip(labels, correct) if lab == g]
         p = sum(sub) / len(sub)
-        groups[str(g)] = {"accuracy": p, "se": math.sqrt(p * (1 - p) / len(sub)), "n": len(sub)}
+        se = math.sqrt(p * (1 - p) / len(sub))
+        groups[str(g)] = {"accuracy": p, "se": se, "ci95": CI95_Z * se, "n": len(sub)}
     rules: dict[str, int] = {}
     for r in records:
         rules[r["rule"]] = rules.get(r["rule"], 0) + 1
     return {
         "n": n,
+        "grouping": grouping,
         "accuracy": acc,
         "accuracy_se": math.sqrt(acc * (1 - acc) / n),
+        "accuracy_ci95": CI95_Z * math.sqrt(acc * (1 - acc) / n),
         "groups": groups,
         "mean_completion_tokens": mean_tokens,
         "mean_completion_tokens_excl_trunc": (sum(not_trunc) / len(not_trunc)) if not_trunc else None,
@@ -160,9 +202,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def group_table(metrics: dict[str, Any]):
-    """Per-group accuracy with standard errors, plus the overall row, as a polars frame (Table 7's row)."""
+    """Per-group accuracy with standard errors and Table 7's ± (ci95), plus the overall row, as a polars frame."""
     import polars as pl
 
     rows = [{"group": g, **v} for g, v in metrics.get("groups", {}).items()]
-    rows.append({"group": "Overall", "accuracy": metrics["accuracy"], "se": metrics["accuracy_se"], "n": metrics["n"]})
+    rows.append({"group": "Overall", "accuracy": metrics["accuracy"], "se": metrics["accuracy_se"],
+                 "ci95": metrics.get("accuracy_ci95"), "n": metrics["n"]})
     return pl.DataFrame(rows)

@@ -86,14 +86,17 @@ def _wide(n: int, index: list[str]) -> pl.DataFrame:
 def runs() -> pl.DataFrame:
     """The 55 published student runs in :mod:`cdlib.report`'s run layout.
 
-    One row per (teacher, student, method, source, group) from Table 7 (accuracy, se);
+    One row per (teacher, student, method, source, group) from Table 7: ``accuracy``,
+    ``ci95`` (the printed ±, which is 1.96·sqrt(p(1-p)/n), a 95% interval; the CSV keeps
+    it in its ``se`` column as transcribed) and ``se`` = ``ci95`` / 1.96;
     run-level columns from Table 9 (inference), Table 6 (speedup) and Table 11 (compute)
     repeat on each group row of a run. ``train_tokens`` is in tokens (the paper gives
     millions). Columns the paper does not publish per run (median reasoning tokens and
     their quartiles) are absent; the Qwen-teacher gpt-oss-20B inference statistics are
     null except where Table 9's notes say they could be deduced.
     """
-    acc = table(7).select(*RUN_KEYS, "group", pl.col("value").alias("accuracy"), "se")
+    acc = table(7).select(*RUN_KEYS, "group", pl.col("value").alias("accuracy"), pl.col("se").alias("ci95"),
+                          (pl.col("se") / 1.96).alias("se"))
     inference = _wide(9, RUN_KEYS)
     speedup = _wide(6, RUN_KEYS).select(*RUN_KEYS, "speedup")
     cost = _wide(11, RUN_KEYS).select(

@@ -53,7 +53,7 @@ import altair as alt
 import polars as pl
 
 RUN_KEYS = ["teacher", "student", "method", "source"]
-GROUPS = ["math", "science", "medicine", "commonsense", "ood_reasoning", "ood_knowledge", "overall"]
+GROUPS = ["math", "science", "medicine", "commonsense", "ood_reasoning", "ood_knowledge", "overall_only", "overall"]
 NON_COMPRESSED = {"raw", "answer_only", "truncated"}
 INFERENCE_COLUMNS = ["mean_completion_tokens", "mean_completion_tokens_excl_trunc", "truncation_rate",
                      "median_reasoning_chars", "acc_per_1k_tokens"]
@@ -210,14 +210,29 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
     return _sort(wide.select("teacher", "student", "method", *cols), ["teacher", "student", "method"])
 
 
+CI95_Z = 1.96  # Table 7's ± is 1.96 * sqrt(p(1-p)/n), a normal 95% interval half-width (not the SE)
+
+
+def with_ci95(runs: pl.DataFrame) -> pl.DataFrame:
+    """``runs`` with ``ci95`` = 1.96 × ``se`` where it is missing (the quantity Table 7 prints after ±)."""
+    r = _with_optional(runs, ["se"]).with_columns(pl.col("se").cast(pl.Float64))
+    ci = (CI95_Z * pl.col("se"))
+    return r.with_columns(ci95=pl.col("ci95").cast(pl.Float64).fill_null(ci) if "ci95" in r.columns else ci)
+
+
 def table7(runs: pl.DataFrame) -> pl.DataFrame:
-    """Table 7: accuracy and its standard error per group (``math``, ``math_se``, ...), one row per run."""
+    """Table 7: accuracy per group with its standard error and the paper's ± (``math``, ``math_se``,
+    ``math_ci95`` = 1.96 × SE, ...), one row per run.
+
+    The paper's ± equals 1.96·sqrt(p(1-p)/n) (Common-sense 0.599 at n = 1,221 prints 0.027),
+    so ``_ci95`` is the column to read against it; ``_se`` is the plain standard error.
+    """
     _need(runs, RUN_KEYS + ["group", "accuracy"], "table7")
-    r = _with_optional(runs, ["se"])
+    r = with_ci95(runs)
     groups = _ordered(r["group"].unique().to_list(), "group")
-    wide = _wide_by(r.with_columns(se=pl.col("se").cast(pl.Float64)), RUN_KEYS, "group", ["accuracy", "se"], "{on}_{value}")
+    wide = _wide_by(r, RUN_KEYS, "group", ["accuracy", "se", "ci95"], "{on}_{value}")
     wide = wide.rename({f"{g}_accuracy": g for g in groups})
-    cols = RUN_KEYS + [c for g in groups for c in (g, f"{g}_se")]
+    cols = RUN_KEYS + [c for g in groups for c in (g, f"{g}_se", f"{g}_ci95")]
     return _sort(wide.select(cols), ["teacher", "student", "source", "method"])
 
 
@@ -786,7 +801,8 @@ KIND_METRICS = {"acc_per_1k_tokens": "evaluate", "train_tokens": "train", "train
                 "rho": "compress", "total_correct": "generate", "kept_fraction": "truncate", "figures": "report"}
 # cdlib.datasets' report groups and Table 1 domains -> the names used here (and in the paper's tables)
 GROUP_NAMES = {"Math": "math", "Science": "science", "Medicine": "medicine", "Common-sense": "commonsense",
-               "OOD-Reasoning": "ood_reasoning", "OOD-Knowledge": "ood_knowledge", "Overall": "overall"}
+               "OOD-Reasoning": "ood_reasoning", "OOD-Knowledge": "ood_knowledge", "Overall-only": "overall_only",
+               "Overall": "overall"}
 DOMAIN_NAMES = {"Mathematics": "math", "Science": "science", "Logic/Commonsense": "logic", "Medical": "medical",
                 "MMLU-STEM": "mmlu", "MMLU-Medical": "mmlu"}
 COST_COLUMNS = ("wall_clock_s", "gpus", "gpu_hours", "device")
@@ -1013,8 +1029,10 @@ def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
 def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFrame | None:
     """Compression layout (Tables 2, 5, Figure 1): one row per compressed trace of every compress cell.
 
-    Flagged compressions (empty, answer-dropping, ...) are left out unless
-    ``include_flagged``: they are never trained on. Token counts come from ``tokens.jsonl``
+    Compressions dropped downstream (flagged with ``drop_flagged``, see
+    :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
+    trained on. With the paper's protocol (``drop_flagged: false``) every compression is kept,
+    as in its Tables 2 and 5; flags stay in ``flag`` for :func:`flag_rates`. Token counts come from ``tokens.jsonl``
     (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer).
     """
     parts = []
@@ -1022,7 +1040,7 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
         path = (c.dir / "compressed.jsonl") if c.dir else None
         if path is None or not path.exists():
             continue
-        df = _read_jsonl(path, ["id", "dataset", "domain", "flag", "original_chars", "compressed_chars"])
+        df = _read_jsonl(path, ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
         if df.is_empty():
             continue
         tokens = c.dir / "tokens.jsonl"
@@ -1030,12 +1048,41 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
         if not tok.is_empty():
             df = df.join(tok, on="id", how="left")
         teacher = g.lineage_axes(c).get("teacher", NO_VALUE)
-        parts.append(df.with_columns(teacher=pl.lit(teacher), compressor=pl.lit(compressor_name(c)),
-                                     flag=pl.col("flag").cast(pl.String)))
+        flag = pl.col("flag").cast(pl.String)
+        parts.append(df.with_columns(teacher=pl.lit(teacher), compressor=pl.lit(compressor_name(c)), flag=flag,
+                                     drop=pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())))
     if not parts:
         return None
     df = _domains(pl.concat(parts, how="diagonal_relaxed"))
-    return df if include_flagged else df.filter(pl.col("flag").is_null())
+    return df if include_flagged else df.filter(~pl.col("drop"))
+
+
+def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
+    """The answer-preservation checker's flags per (teacher, compressor, dataset), beside Table 5.
+
+    ``compression`` is :func:`grid_compression` with every row (``include_flagged=True``).
+    Columns: n, flagged, flag_rate, dropped (left out of training and of Tables 2/5; 0 with
+    the paper's protocol), then one count column per flag kind. The paper checks nothing
+    (answer-preservation checks are its future work), so these rates have no published match.
+    """
+    _need(compression, ["teacher", "compressor", "dataset", "flag"], "flag_rates")
+    c = compression.with_columns(pl.col("flag").cast(pl.String))
+    if "drop" not in c.columns:
+        c = c.with_columns(drop=pl.col("flag").is_not_null())
+    aggs = dict(n=pl.len(), flagged=pl.col("flag").is_not_null().sum(), flag_rate=pl.col("flag").is_not_null().mean(),
+                dropped=pl.col("drop").sum())
+    per = c.group_by("teacher", "compressor", "dataset").agg(**aggs)
+    overall = c.group_by("teacher", "compressor").agg(**aggs).with_columns(dataset=pl.lit("Overall"))
+    df = pl.concat([per, overall.select(per.columns)])
+    kinds = c.filter(pl.col("flag").is_not_null())
+    if not kinds.is_empty():
+        counts = pl.concat([kinds.group_by("teacher", "compressor", "dataset", "flag").len(),
+                            kinds.group_by("teacher", "compressor", "flag").len().with_columns(dataset=pl.lit("Overall"))
+                            .select("teacher", "compressor", "dataset", "flag", "len")])
+        wide = counts.pivot("flag", index=["teacher", "compressor", "dataset"], values="len")
+        df = df.join(wide, on=["teacher", "compressor", "dataset"], how="left")
+    df = df.with_columns(_overall=pl.col("dataset") == "Overall")
+    return _sort(df, ["teacher", "compressor", "_overall", "dataset"]).drop("_overall")
 
 
 def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) -> pl.DataFrame | None:
@@ -1048,7 +1095,8 @@ def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) 
     parts = []
     every = compression if compression is not None else grid_compression(g, include_flagged=True)
     if every is not None and "compressed_tokens" in every.columns:
-        parts.append(every.filter(pl.col("flag").is_null()).select(
+        kept = ~pl.col("drop") if "drop" in every.columns else pl.col("flag").is_null()
+        parts.append(every.filter(kept).select(
             "teacher", pl.col("compressor").alias("source"), pl.col("compressed_tokens").alias("reasoning_tokens")))
         if "original_tokens" in every.columns:
             raw = every.unique(["teacher", "id"], keep="first", maintain_order=True)
@@ -1416,8 +1464,8 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
                       compute_quantities: pl.DataFrame | None = None) -> dict[str, pl.DataFrame]:
     """The grid's numbers beside the published ones, per paper table, where the grid uses the paper's names.
 
-    Keys: ``table2``, ``table4``, ``table5``, ``table6``, ``table7`` (accuracy and SE per
-    group, which covers Tables 3 and 8), ``table9``, ``table10``, ``table11`` and
+    Keys: ``table2``, ``table4``, ``table5``, ``table6``, ``table7`` (accuracy and the ±
+    = 1.96 × SE per group, which covers Tables 3 and 8), ``table9``, ``table10``, ``table11`` and
     ``compute`` (H.4/H.5, only when some other table matched). A table none of whose
     rows match is left out.
     """
@@ -1436,7 +1484,8 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
                                 ["n_correct", "mean_reasoning_chars", "mean_completion_tokens"])
     if runs is not None:
         ours, pub = to_paper_names(runs), paper.runs()
-        out["table7"] = compare(ours, pub, RUN_KEYS + ["group"], ["accuracy", "se"])
+        # like with like: the paper prints 1.96 x SE after its ±, so ours is scaled the same way
+        out["table7"] = compare(with_ci95(ours), with_ci95(pub), RUN_KEYS + ["group"], ["accuracy", "ci95"])
         ov, pov = _overall(ours), _overall(pub)
         out["table6"] = compare(ov, pov, RUN_KEYS, ["train_hours", "train_tokens"])
         out["table9"] = compare(ov, pov, RUN_KEYS, INFERENCE_COLUMNS)
@@ -1660,7 +1709,7 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
 
     generation = load("generation traces", grid_generation)
     every_compression = load("compressions", lambda grid: grid_compression(grid, include_flagged=True))
-    compression = every_compression.filter(pl.col("flag").is_null()) if every_compression is not None else None
+    compression = every_compression.filter(~pl.col("drop")) if every_compression is not None else None
     lengths = load("trace lengths", lambda grid: grid_trace_lengths(grid, every_compression))
     runs = load("runs", grid_runs)
     losses = load("loss curves", grid_losses)
@@ -1694,15 +1743,25 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
     if compression is None:
         page.note("No compress cells with compressed.jsonl: Tables 2, 5 and Figure 1 skipped.")
     else:
+        n_flagged = every_compression["flag"].is_not_null().sum()
         if every_compression.height > compression.height:
             page.note(f"{every_compression.height - compression.height} flagged compression(s) (empty, answer-dropping, longer than "
-                      f"the original, ...) are left out of these numbers, as they are out of training.")
+                      f"the original, ...) are left out of these numbers, as they are out of training (drop_flagged: "
+                      f"a deviation from the paper, which keeps every compression).")
+        elif n_flagged:
+            page.note(f"{n_flagged} flagged compression(s) are kept in these numbers and in training, as the paper "
+                      f"keeps every compression; the flag rates are reported beside Table 5.")
         page.table("table2", lambda: table2(compression), "Table 2: compression per teacher and compressor",
                    "Mean compressed length (characters) and ρ = mean compressed / mean original characters; lower is more aggressive.",
                    {"mean_compressed_chars": 0, "rho": 3})
         page.table("table5", lambda: table5(compression), "Table 5: compression per dataset",
                    "Per dataset: mean compressed characters, compressed tokens and ρ for each compressor, with Overall rows.",
                    lambda df: {c: 0 for c in df.columns if c.endswith(("_chars", "_tokens"))})
+        page.table("flag_rates", lambda: flag_rates(every_compression), "Answer-preservation flags beside Table 5",
+                   "Per dataset and compressor: compressions checked, flagged (empty, degenerate, longer than the "
+                   "original, dropping or contradicting the verified answer), the flag rate, how many were dropped "
+                   "from training, and the count per flag. The paper runs no such check (its future work, section 7).",
+                   {"n": 0, "flagged": 0, "dropped": 0, "flag_rate": 3})
         page.figure("fig1_compression_by_domain", lambda: fig1_compression_by_domain(compression),
                     "Figure 1: compression ratio by domain", "Ratio of mean lengths per domain, one panel per teacher (lower = shorter traces).")
 
@@ -1742,7 +1801,9 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
     else:
         page.table("table3", lambda: table3(scored), "Table 3: overall accuracy", "Overall accuracy per run of the raw and compressed-trace sources.",
                    TABLE_DIGITS[3])
-        page.table("table7", lambda: table7(scored), "Table 7: accuracy per group", "Accuracy and its standard error per report group, one row per run.",
+        page.table("table7", lambda: table7(scored), "Table 7: accuracy per group",
+                   "Accuracy per report group with its standard error (_se) and the paper's ± (_ci95 = 1.96 × SE, "
+                   "a 95% interval half-width), one row per run.",
                    TABLE_DIGITS[7])
         if scored.filter(pl.col("source") == "truncated").is_empty():
             page.note("No runs on truncated traces: Table 8 (truncation ablation) skipped.")

@@ -18,8 +18,10 @@ split: str = "eval"  # which split to answer: eval (held out) or train
 chat_format: str = "auto"  # chat template the student was trained with: auto, qwen, llama3, harmony, plain
 engine: dict = {"kind": "vllm"}  # student engine (cdlib.params.EngineParams); LoRA adapters through vLLM's LoRA support
 sampling: dict = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 8192}  # greedy, paper's 8,192-token cap
+grouping: str = "paper"  # report groups: "paper" (the n its ± imply) or "dataset" (cdlib.datasets' groups)
 
 # %%
+import IPython.display
 import polars as pl
 
 import cdlib.evaluate
@@ -45,9 +47,12 @@ cdlib.grid.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k not in ("groups", "rules")}
 
 # %% [markdown]
-# Accuracy per report group with its standard error (one row of Table 7).
+# Accuracy per report group with its standard error and the paper's ± (ci95 = 1.96 × SE), one
+# row of Table 7. Which dataset feeds which group is one table, `cdlib.evaluate.GROUPINGS[grouping]`:
 
 # %%
+IPython.display.display(pl.DataFrame({"dataset": list(cdlib.evaluate.GROUPINGS[P.grouping]),
+                      "group": list(cdlib.evaluate.GROUPINGS[P.grouping].values())}))
 cdlib.evaluate.group_table(metrics)
 
 # %% [markdown]

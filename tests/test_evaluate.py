@@ -26,7 +26,10 @@ def test_metrics_match_hand_computed_values():
     assert m["n"] == 5
     assert m["accuracy"] == pytest.approx(3 / 5)  # over every record, not the mean of groups (0.667+0.5)/2
     assert m["accuracy_se"] == pytest.approx(math.sqrt(0.6 * 0.4 / 5))
-    assert m["groups"]["Math"] == {"accuracy": pytest.approx(2 / 3), "se": pytest.approx(math.sqrt(2 / 9 / 3)), "n": 3}
+    se = math.sqrt(2 / 9 / 3)
+    assert m["groups"]["Math"] == {"accuracy": pytest.approx(2 / 3), "se": pytest.approx(se),
+                                   "ci95": pytest.approx(1.96 * se), "n": 3}
+    assert m["accuracy_ci95"] == pytest.approx(1.96 * math.sqrt(0.6 * 0.4 / 5))
     assert m["groups"]["Medicine"]["accuracy"] == pytest.approx(0.5)
     assert m["mean_completion_tokens"] == pytest.approx((100 + 8192 + 50 + 4 + 300) / 5)
     assert m["mean_completion_tokens_excl_trunc"] == pytest.approx((100 + 50 + 4 + 300) / 4)
@@ -51,3 +54,16 @@ def test_group_table_has_overall_row():
 
 def test_empty():
     assert summarize([]) == {"n": 0}
+
+
+def test_paper_table7_plus_minus_is_a_95_percent_interval_not_the_se():
+    """Table 7's ± is 1.96*sqrt(p(1-p)/n): Common-sense 0.599 at n = 1,221 prints 0.027; the SE would be 0.014."""
+    from cdlib import paper
+
+    p, n = 0.599, 1221
+    records = [rec("Common-sense", i < round(p * n), 10) for i in range(n)]
+    g = summarize(records)["groups"]["Common-sense"]
+    pub = paper.runs().filter((paper.pl.col("group") == "commonsense") & (paper.pl.col("accuracy") == 0.599)
+                              & (paper.pl.col("source") == "raw")).row(0, named=True)
+    assert round(g["ci95"], 3) == pub["ci95"] == 0.027
+    assert round(g["se"], 3) != pub["ci95"]

@@ -107,7 +107,11 @@ def test_table6_uses_published_speedups_and_computes_missing_ones(published_runs
 
 def test_table7_and_table9_shapes(published_runs):
     t7 = report.table7(published_runs)
-    assert t7.columns[4:6] == ["math", "math_se"] and t7.columns[-2:] == ["overall", "overall_se"]
+    assert t7.columns[4:7] == ["math", "math_se", "math_ci95"]
+    assert t7.columns[-3:] == ["overall", "overall_se", "overall_ci95"]
+    # the paper's ± is 1.96 x SE: the published ± comes back unchanged in _ci95
+    row = t7.row(0, named=True)
+    assert row["math_ci95"] == pytest.approx(1.96 * row["math_se"])
     assert t7.filter((pl.col("source") == "answer_only") & (pl.col("method") == "full"))["overall"].to_list() == [0.001, 0.181, 0.550]
     t9 = report.table9(published_runs)
     assert t9["acc_per_1k_tokens"].null_count() == 4  # the 4 rows lost in the extraction
