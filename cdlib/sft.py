@@ -1,8 +1,10 @@
 """SFT examples: ``User: q -> Assistant: <think>t</think> a`` in the student's own chat format.
 
 Paper section 3.3: the student is trained on ``<think> t~ </think> a`` where the
-trace ``t~`` is the raw teacher trace, a compressor's output, a length-matched
-truncation, or empty (answer-only: the think block is kept, empty and closed),
+trace ``t~`` is the raw teacher trace, a compressor's output or a length-matched
+truncation. Answer-only (section 3.3, Appendix H.3) removes the whole think block:
+``answer_only_think="none"`` (the paper; TrainParams default) trains on the answer alone, per chat format
+(:func:`format_texts`); ``"empty"`` keeps an empty closed block instead,
 with next-token loss on assistant tokens only (Axolotl ``train_on_eot: turn``:
 the end-of-turn token is trained too).
 
@@ -151,6 +153,29 @@ def _template_tail(tokenizer: Any, fmt: str, user: dict[str, str], prompt: str,
     return None
 
 
+def _answer_only_texts(tokenizer: Any, fmt: str, question: str, answer: str, rid: Any,
+                       kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Texts of an answer-only example without a think block (see :func:`format_texts`)."""
+    done = {"cot_end": 0, "format": fmt, "cot_close": None}
+    if fmt == "plain":
+        return {"prompt": f"{tokenizer.bos_token or ''}User: {question}\nAssistant: ",
+                "completion": f"{answer}{tokenizer.eos_token or ''}", **done}
+    if not getattr(tokenizer, "chat_template", None):
+        raise SFTError(f"record {rid!r}: chat_format {fmt!r} needs a tokenizer with a chat template")
+    user = {"role": "user", "content": question}
+    prompt = _render(tokenizer, [user], True, kwargs)
+    full = _render(tokenizer, [user, {"role": "assistant", "content": _ANSWER}], False, kwargs)
+    tail = full[len(prompt):].rstrip() if full.startswith(prompt) else None
+    opens = ("<think>", "<|channel|>analysis")
+    if tail is not None and tail.count(_ANSWER) == 1 and not any(t in tail for t in (*opens, _THINK_CLOSE)):
+        return {"prompt": prompt, "completion": tail.replace(_ANSWER, answer), **done}
+    if prompt.rstrip().endswith(_THINK_CLOSE):  # the template's non-thinking prompt holds the closed empty block
+        return {"prompt": prompt, "completion": f"{answer}{_answer_tail(tokenizer, user, kwargs)}", **done}
+    raise SFTError(f"record {rid!r}: answer-only without a think block: the {fmt} template opens or renders a think "
+                   f"block for every turn (chat_template_kwargs {kwargs or {}}); train and evaluate with "
+                   "chat_template_kwargs {enable_thinking: false}, or set answer_only_think: empty")
+
+
 def format_texts(
     record: dict[str, Any],
     tokenizer: Any,
@@ -159,6 +184,7 @@ def format_texts(
     chat_format: str = "auto",
     reasoning_key: str = "reasoning",
     chat_template_kwargs: dict[str, Any] | None = None,
+    answer_only_think: str = "empty",
 ) -> dict[str, Any]:
     """Prompt and completion texts of one record, and where the think block ends.
 
@@ -167,7 +193,17 @@ def format_texts(
     inference), ``completion`` what it should generate after it (think block,
     answer, end-of-turn marker) and ``cot_end`` the character offset in
     ``completion`` just after the think block's closing marker.
-    ``source="answer_only"`` keeps the think block, empty and closed.
+    ``source="answer_only"`` with ``answer_only_think="empty"`` keeps the think block,
+    empty and closed; with ``"none"`` (the paper: the whole block is stripped) the
+    completion is the answer and the end of turn, as the template renders an
+    assistant turn without reasoning: ``plain`` ``User: q\nAssistant: a<eos>``,
+    ``llama3`` the answer as content, ``harmony`` the ``final`` channel alone, ``qwen``
+    the answer after the generation prompt. A qwen template whose generation prompt
+    opens a think block (``<think>\n``) is used with its non-thinking prompt
+    (``enable_thinking: false``, which closes an empty block inside the prompt, never
+    trained); evaluation must render the same prompt, so an answer-only cell's evaluate
+    stage gets the same ``chat_template_kwargs`` (params/paper.yaml). Then ``cot_close``
+    is None and ``cot_end`` 0.
     ``chat_template_kwargs`` go to every ``apply_chat_template`` call; pass the
     same ones the evaluation engine uses (``EngineParams.chat_template_kwargs``).
     """
@@ -186,6 +222,10 @@ def format_texts(
     fmt = detect_format(tokenizer) if chat_format == "auto" else chat_format
     if fmt not in FORMATS:
         raise SFTError(f"record {rid!r}: unknown chat_format {chat_format!r}; known: auto, {', '.join(FORMATS)}")
+    if answer_only_think not in ("none", "empty"):
+        raise SFTError(f"record {rid!r}: answer_only_think must be 'none' (paper) or 'empty', got {answer_only_think!r}")
+    if source == "answer_only" and answer_only_think == "none":
+        return _answer_only_texts(tokenizer, fmt, question, answer, rid, chat_template_kwargs)
     cot_close = "<|end|>" if fmt == "harmony" else _THINK_CLOSE
 
     if fmt == "plain":
@@ -268,6 +308,7 @@ def build_example(
     truncate_span: str = "sequence",
     reasoning_key: str = "reasoning",
     chat_template_kwargs: dict[str, Any] | None = None,
+    answer_only_think: str = "empty",
 ) -> dict[str, Any]:
     """One training example (see the module docstring for its keys).
 
@@ -293,7 +334,7 @@ def build_example(
         record = {**record, reasoning_key: tokenizer.decode(trace_ids[:keep]).strip()}
 
     texts = format_texts(record, tokenizer, source=source, chat_format=chat_format, reasoning_key=reasoning_key,
-                         chat_template_kwargs=chat_template_kwargs)
+                         chat_template_kwargs=chat_template_kwargs, answer_only_think=answer_only_think)
     input_ids, spans, eot_id = _tokenize(tokenizer, texts, rid)
     cut = None
     if truncate_ratio is not None and truncate_span == "sequence" and truncate_ratio < 1:
@@ -354,6 +395,7 @@ def build_examples(
     overlong: str = "error",
     reasoning_key: str = "reasoning",
     chat_template_kwargs: dict[str, Any] | None = None,
+    answer_only_think: str = "empty",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Examples for all records, with the overlong policy applied at ``max_len``.
 
@@ -363,7 +405,7 @@ def build_examples(
     examples = [
         build_example(r, tokenizer, source=source, chat_format=chat_format, loss_on=loss_on,
                       truncate_ratio=truncate_ratio, truncate_span=truncate_span, reasoning_key=reasoning_key,
-                      chat_template_kwargs=chat_template_kwargs)
+                      chat_template_kwargs=chat_template_kwargs, answer_only_think=answer_only_think)
         for r in records
     ]
     n_records = len(examples)
@@ -383,6 +425,7 @@ def build_dataset(
         records, tokenizer, source=params.source, chat_format=params.chat_format, loss_on=params.loss_on,
         truncate_ratio=params.truncate_ratio, truncate_span=params.truncate_span,
         max_len=params.seq_len, overlong=params.overlong, chat_template_kwargs=chat_template_kwargs,
+        answer_only_think=getattr(params, "answer_only_think", "none"),
     )
 
 
@@ -475,6 +518,8 @@ def audit(
         # the think block ends with the cot span, or with the prompt when the generation
         # prompt itself holds a closed empty block (then the cot span is empty)
         close = ex.get("cot_close", _THINK_CLOSE)
+        if close is None:  # answer-only without a think block: nothing to close
+            continue
         if not _decode(tokenizer, ex["input_ids"][: ex["spans"]["cot"][1]]).rstrip().endswith(close):
             flag(f"think block not closed with {close!r}", ex, i)
 

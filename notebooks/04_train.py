@@ -17,6 +17,7 @@ source: str = "raw"  # raw | answer_only | truncated | <compressor name> | mpd
 student: str = "toy-student"  # HF hub id, local directory, train cell directory (start from it), or toy-* (from scratch)
 chat_format: str = "auto"  # auto, qwen, llama3, harmony or plain
 chat_template_kwargs: dict = {}  # the evaluate engine's chat_template_kwargs, so training text matches inference
+answer_only_think: str = "none"  # answer-only: "none" strips the whole think block (paper), "empty" keeps an empty one
 method: str = "full"  # full or lora
 learning_rate: float = None  # None: 2e-5 full, 1e-4 LoRA (1e-3 for toy students from scratch)
 lora_rank: int = 64  # LoRA rank (paper: 64)
