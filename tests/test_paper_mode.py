@@ -83,3 +83,26 @@ def test_reconstructed_prompt_and_prompt_files(tmp_path):
     f.write_text("Shorten {reasoning}")
     with pytest.raises(ValueError, match="p.txt has fields"):
         compress.prompt_template(str(f))
+
+
+@pytest.mark.parametrize("name,kwargs", [("qwen_think", {}), ("qwen3_5", {"enable_thinking": False}), ("llama3", {}),
+                                         ("harmony", {}), (None, {})])
+def test_answer_only_trains_on_the_answer_after_the_prompt_evaluation_renders(name, kwargs):
+    """No think block in the trained completion, and the prompt is the generation prompt evaluation sends."""
+    from test_sft import make_tokenizer
+
+    from cdlib import sft
+
+    tok = make_tokenizer(sft.load_template(name) if name else None)
+    rec = {"id": "q1", "prompt": "What is 2+3?", "answer": "The answer is \\boxed{5}."}
+    texts = sft.format_texts(rec, tok, source="answer_only", answer_only_think="none", chat_template_kwargs=kwargs)
+    assert rec["answer"] in texts["completion"] and "think" not in texts["completion"]  # harmony: final channel
+    assert "analysis" not in texts["completion"] and texts["cot_close"] is None
+    if name:
+        assert texts["prompt"] == tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], tokenize=False,
+                                                          add_generation_prompt=True, **kwargs)
+    ex = sft.build_example(rec, tok, source="answer_only", answer_only_think="none", chat_template_kwargs=kwargs)
+    sft.audit([ex], tok)
+    if name == "qwen3_5":  # its generation prompt opens <think>: without the non-thinking prompt, a clear error
+        with pytest.raises(sft.SFTError, match="enable_thinking: false"):
+            sft.format_texts(rec, tok, source="answer_only", answer_only_think="none")
