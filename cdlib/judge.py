@@ -140,6 +140,8 @@ def rule_verdict(rec: dict[str, Any]) -> Verdict:
 def run(P: JudgeParams, engine=None) -> dict[str, Any]:
     """Judge every compressed record of ``P.compressed`` not yet in ``judgements.jsonl``; return metrics."""
     recs = Store(Path(P.compressed) / "compressed.jsonl").read()
+    skip = set(P.exclude_datasets)  # Table 10's scope leaves the MMLU groups out (params/paper.yaml)
+    recs = [r for r in recs if r.get("dataset") not in skip]
     if P.limit:
         recs = recs[: P.limit]
     out = Store(Path(P.out_dir) / "judgements.jsonl")

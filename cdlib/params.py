@@ -243,6 +243,7 @@ class JudgeParams(StageParams):
     sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=2048)
     raw_chars: int = Field(40000, ge=100)
     compressed_chars: int = Field(12000, ge=100)
+    exclude_datasets: list[str] = []  # datasets not judged (paper Table 10: the MMLU groups)
     limit: int | None = Field(None, ge=1)
 
 

@@ -15,6 +15,7 @@ engine: dict = {"kind": "vllm"}  # judge engine (cdlib.params.EngineParams)
 sampling: dict = {"temperature": 0.0, "max_tokens": 2048}  # judge sampling: greedy, 2,048-token cap
 raw_chars: int = 40000  # raw trace shown to the judge, middle-truncated to this many characters
 compressed_chars: int = 12000  # compressed trace shown to the judge, middle-truncated likewise
+exclude_datasets: list = []  # datasets not judged (paper Table 10: mmlu_stem, mmlu_medical)
 limit: int = None  # judge only the first N compressions (None: all)
 
 # %%

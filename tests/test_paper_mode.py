@@ -106,3 +106,20 @@ def test_answer_only_trains_on_the_answer_after_the_prompt_evaluation_renders(na
     if name == "qwen3_5":  # its generation prompt opens <think>: without the non-thinking prompt, a clear error
         with pytest.raises(sft.SFTError, match="enable_thinking: false"):
             sft.format_texts(rec, tok, source="answer_only", answer_only_think="none")
+
+
+def test_judge_scope_is_table10s(tmp_path):
+    """Qwen teacher only, MMLU groups left out; the rest is an option."""
+    from cdlib import judge
+    from cdlib.params import JudgeParams
+
+    g = Grid("params/paper.yaml")
+    assert [c.id for c in g.select("judge")] == ["judge/qwen3.5-397b__llama70b", "judge/qwen3.5-397b__ministral14b"]
+    comp = tmp_path / "compress"
+    Store(comp / "compressed.jsonl").append(
+        [{"id": f"{d}-0", "dataset": d, "reasoning": "1 + 1 = 2.", "original_reasoning": "1 + 1 = 2.", "gold": "2",
+          "answer_type": "numeric", "question": "1+1?", "answer": "2", "flag": None} for d in ("gsm8k", "mmlu_stem")])
+    P = JudgeParams(out_dir=str(tmp_path / "judge"), compressed=str(comp), judge="rule",
+                    exclude_datasets=g.select("judge")[0].params["exclude_datasets"])
+    judge.run(P)
+    assert [r["dataset"] for r in Store(tmp_path / "judge" / "judgements.jsonl").read()] == ["gsm8k"]
