@@ -1655,6 +1655,37 @@ class ReportPage:
         return path
 
 
+# The protocol options a grid may deviate on (issue 14): (stage kind, param, the paper's value, what it governs).
+PROTOCOL = [
+    ("compress", "prompt", "reconstructed", "compression prompt (the paper's is unprinted: ours is a reconstruction)"),
+    ("compress", "recompress_attempts", 0, "retries of flagged compressions (paper: one pass)"),
+    ("compress", "drop_flagged", False, "flagged compressions left out of training and Tables 2/5"),
+    ("truncate", "drop_flagged", False, "length-mismatched truncations left out of training"),
+    ("train", "answer_only_think", "none", "answer-only target: whole think block removed (paper) or kept empty"),
+    ("evaluate", "grouping", "paper", "Table 7 groups: the n the paper's ± imply, or cdlib.datasets' groups"),
+    ("judge", "exclude_datasets", ["mmlu_stem", "mmlu_medical"], "datasets left out of Table 10"),
+]
+
+
+def protocol(g: "GridOutputs") -> pl.DataFrame:
+    """Which of the paper's protocol options this grid's cells used: one row per option with the values
+    seen (params.yaml, the stage default where absent), the paper's value and whether it deviates."""
+    from cdlib.params import STAGE_MODELS
+
+    rows = []
+    for kind, key, paper_value, what in PROTOCOL:
+        cells = [c for c in g.cells.values() if c.kind == kind and c.params]
+        if not cells:
+            continue
+        field = STAGE_MODELS[kind].model_fields.get(key)
+        default = field.default if field is not None else None
+        seen = sorted({json.dumps(c.params.get(key, default), default=str) for c in cells})
+        rows.append({"stage": kind, "option": key, "grid": ", ".join(seen), "paper": json.dumps(paper_value),
+                     "deviation": seen != [json.dumps(paper_value)], "governs": what})
+    return pl.DataFrame(rows, schema={"stage": pl.String, "option": pl.String, "grid": pl.String, "paper": pl.String,
+                                      "deviation": pl.Boolean, "governs": pl.String})
+
+
 def _training_modes(runs: pl.DataFrame) -> str:
     ov = _overall(runs)
     if "budget" not in ov.columns or ov["budget"].null_count() == ov.height:
@@ -1725,6 +1756,11 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
                "One row per stage of the grid file; 'kind' is the stage notebook that made its cells.", 0)
     for n in g.notes:
         page.note(n)
+    page.table("protocol", lambda: protocol(g), "Protocol: the paper's options and this grid's",
+               "Each option the paper's protocol fixes, the value(s) this grid's cells used, the paper's value and "
+               "whether the tables below follow a deviation. Definitions: Table 5's ρ = mean compressed / mean "
+               "original characters; Table 7's ± = 1.96 × SE (a 95% interval, column _ci95) beside the SE; Table 7's "
+               "groups per the evaluate stage's grouping; Overall over every record; Table 10 over the judged datasets.", 0)
 
     page.section("generation", "Stage 1: teacher traces", "Rejection sampling kept only verified-correct traces (paper 3.1, App. A).")
     if generation is None:

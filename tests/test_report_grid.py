@@ -35,7 +35,7 @@ TOKENS = {"raw": 900, "truncated": 120, "llama70b": 200, "ministral14b": 150}
 TRAIN_HOURS = {"raw": 2.0, "truncated": 0.5, "llama70b": 0.8, "ministral14b": 0.6}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TABLES = {"cells", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11",
-          "runs", "failure_modes", "compute_stages", "compute"}
+          "runs", "failure_modes", "compute_stages", "compute", "protocol", "flag_rates"}
 FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto"}
 
 
@@ -401,3 +401,10 @@ def test_empty_and_odd_grids_give_a_page_not_a_crash(tmp_path):
     assert "runs" in out["tables"] and "No evaluated runs (evaluate cells with an accuracy)" in "\n".join(out["notes"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report.build_report(tmp_path / "nowhere", tmp_path / "r3")
+
+
+def test_report_names_the_protocol_options_and_deviations(built):
+    """Each protocol option the paper fixes, with the grid's value and whether it deviates (issue 14, item 8)."""
+    rows = {(r["stage"], r["option"]): r for r in md_rows(built["tables"]["protocol"][0])}
+    assert rows[("compress", "drop_flagged")]["paper"] == "false"
+    assert rows[("compress", "drop_flagged")]["deviation"] in ("True", "true")  # the fixture keeps the default (drop)
