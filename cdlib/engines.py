@@ -300,7 +300,8 @@ class VLLMEngine(Engine):
             raise FileNotFoundError(f"engine.model {params.model!r}: no such model directory")
         from cdlib.tiny import check_vllm_loadable
 
-        check_vllm_loadable(params.model)  # e.g. Qwen3.5 without torchvision: a clear error, not vLLM's
+        # e.g. Qwen3.5 without torchvision, gpt-oss LoRA on CPU: a clear error (get_engine falls back to hf)
+        check_vllm_loadable(params.model, lora=bool(params.lora_path))
         self.llm_kwargs = vllm_llm_kwargs(params)
         self.cache_key = json.dumps(self.llm_kwargs, sort_keys=True, default=str)
 

@@ -42,8 +42,9 @@ def tqdm(*args: Any, **kwargs: Any):
 def cell_progress(log: str | Path, tail_bytes: int = 16384) -> tuple[str, int, int] | None:
     """The last progress count in a cell's log: ``(label, done, total)``, or None.
 
-    A stage's own bar (``train: 640/1500``) wins over papermill's notebook-cell bar
-    (``Executing: 4/12``), which is shown only while no stage bar has drawn yet.
+    A stage's own labelled bar (``train: 640/1500``) wins over unlabelled counts (a
+    library's bar, e.g. vLLM loading checkpoint shards) and those over papermill's
+    notebook-cell bar (``Executing: 4/12``).
     """
     try:
         with open(log, "rb") as f:
@@ -52,9 +53,10 @@ def cell_progress(log: str | Path, tail_bytes: int = 16384) -> tuple[str, int, i
             text = f.read().decode(errors="replace")
     except OSError:
         return None
-    found = [(m.group(1) or "", int(m.group(2)), int(m.group(3))) for m in _COUNTS.finditer(text)]
-    stage = [x for x in found if x[0].strip() != "Executing"]
-    pick = (stage or found or [None])[-1]
+    found = [((m.group(1) or "").strip(), int(m.group(2)), int(m.group(3))) for m in _COUNTS.finditer(text)]
+    stage = [x for x in found if x[0] and x[0] != "Executing"]  # a stage's own labelled bar
+    other = [x for x in found if not x[0]]  # unlabelled counts (a library's bar)
+    pick = (stage or other or found or [None])[-1]
     if pick is None or pick[2] <= 0:
         return None
     label = pick[0].strip() or "progress"

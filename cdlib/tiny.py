@@ -406,14 +406,19 @@ def make_family_model(family: str, out_dir: str | Path, *, corpus: list[str] | N
     return out
 
 
-def check_vllm_loadable(model: str) -> None:
+def check_vllm_loadable(model: str, lora: bool = False) -> None:
     """Raise :class:`VLLMUnsupportedError` naming ``model`` and the reason when vLLM cannot load it here.
 
-    Known case (DESIGN.md): vLLM's Qwen3.5 model imports torchvision, which the CPU set-up removes
-    (it breaks ``import transformers`` beside the CPU torch); the HF engine (``kind: hf``) runs it.
+    Known cases: vLLM's Qwen3.5 model imports torchvision, which the CPU set-up removes
+    (it breaks ``import transformers`` beside the CPU torch; DESIGN.md); and with ``lora``, a
+    mixture-of-experts family (gpt-oss, Qwen3.5-MoE) without a GPU: vLLM wraps its expert layers
+    for LoRA with Triton kernels, which fail on the CPU ("triton.language has no attribute
+    float32"; found by params/archs.yaml). The HF engine (``kind: hf``) runs both.
     Models that are not a local directory or one of the paper's names are left to vLLM.
     """
     import importlib.util
+
+    import torch
 
     try:
         family = family_of(model)
@@ -423,6 +428,10 @@ def check_vllm_loadable(model: str) -> None:
         raise VLLMUnsupportedError(
             f"model {model!r} (family {family}) cannot be loaded by vLLM on this machine: vLLM's Qwen3.5 model "
             "imports torchvision, which is not installed here (the CPU set-up removes it); use engine kind 'hf'")
+    if lora and family in ("gpt_oss", "qwen3_5_moe") and not torch.cuda.is_available():
+        raise VLLMUnsupportedError(
+            f"model {model!r} (family {family}) with a LoRA adapter cannot run in vLLM without a GPU: vLLM's LoRA "
+            "layer for mixture-of-experts blocks runs Triton kernels; use engine kind 'hf'")
 
 
 #: Model name that engines resolve to a random tiny model built on first use (see :func:`resolve`).

@@ -19,3 +19,28 @@ def test_qwen3_5_under_vllm_falls_back_to_hf_and_says_why():
     out = engine.generate([[{"role": "user", "content": "Ann has 3 apples."}]],
                           SamplingParams(temperature=0.0, top_p=1.0, max_tokens=6))
     assert out[0].error is None and 1 <= out[0].completion_tokens <= 6
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="vLLM's MoE LoRA runs on a GPU")
+def test_gpt_oss_lora_under_vllm_on_cpu_falls_back_to_hf(tmp_path):
+    """vLLM wraps gpt-oss's expert blocks for LoRA with Triton kernels, which die on the CPU
+    (EngineDeadError in params/archs.yaml): the engine says why and generates with peft instead."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cdlib.tiny import resolve
+
+    base = resolve("tiny-gpt-oss")
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    params = EngineParams(kind="vllm", model="tiny-gpt-oss", dtype="float32", enable_lora=True, max_lora_rank=8,
+                          lora_path=str(tmp_path / "adapter"))
+    with pytest.warns(UserWarning, match=r"gpt_oss.*LoRA.*GPU.*HF engine"):
+        engine = get_engine(params)
+    assert isinstance(engine, HFEngine)
+    out = engine.generate([[{"role": "user", "content": "Ann has 3 apples."}]],
+                          SamplingParams(temperature=0.0, top_p=1.0, max_tokens=4))
+    assert out[0].error is None and out[0].completion_tokens >= 1

@@ -96,3 +96,10 @@ def test_grid_run_prints_cells_done_and_the_running_cells_step(tmp_path):
     stepping = [ln for ln in lines if " work (" in ln]
     assert stepping, out.stdout[-3000:]  # e.g. 'grid: 0/2 cells done · running: sq/2 17/40 work (42%) · elapsed 3s'
     assert any(ln.startswith("grid: 1/2 cells done") and "ETA ~" in ln for ln in lines), lines
+
+
+def test_a_stage_bar_wins_over_a_librarys_unlabelled_counts(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("round 1/1:  25%|##5       | 4/16 [00:02<00:06, 2q/s]\n"
+                   "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 9.9it/s]\n")
+    assert progress.cell_progress(log) == ("round 1/1", 4, 16)
