@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
 from cdlib import answers, tokenizer
 from cdlib.params import CompressParams

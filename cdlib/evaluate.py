@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
 from cdlib import answers, prompts
 from cdlib.params import EvaluateParams

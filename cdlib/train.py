@@ -951,7 +951,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
     from transformers import get_scheduler
 
     t_start = time.time()
