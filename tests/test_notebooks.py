@@ -61,4 +61,4 @@ def test_lint_catches_each_rule(tmp_path):
 def test_declared_parameters_via_papermill():
     d = nbtools.declared_parameters(REPO / "tests/notebooks/square.py")
     assert d["x"] == {"type": "int", "default": "2", "help": "the number to square"}
-    assert list(d) == ["out_dir", "x", "upstream", "fail", "sleep_s", "log"]
+    assert list(d) == ["out_dir", "x", "upstream", "fail", "sleep_s", "log", "steps"]
