@@ -34,6 +34,7 @@ EXPECTED = {
     "boolq": ("eval", REAL / "boolq.jsonl", ["no"]),  # answer false
     "hellaswag": ("eval", REAL / "hellaswag.jsonl", ["D"]),  # label 3
     "piqa": ("eval", REAL / "piqa", ["A"]),  # valid-labels.lst: 0
+    "arc_challenge": ("train", REAL / "arc_challenge.jsonl", ["A"]),  # answerKey "A" (dry palms)
     # MMLU: header-less CSV, answer letter in the last column; subjects in the group's order.
     "mmlu_stem": ("eval", MMLU, ["C", "D", "B", "D"]),  # elementary_mathematics
     "mmlu_medical": ("eval", MMLU, ["C", "B", "D"]),  # professional_medicine
@@ -55,7 +56,6 @@ TRUTHFULQA_TRUE = [
 ]
 # Benchmarks without real rows here, and why (README.md in the fixture folder says more).
 NOT_HERE = {
-    "arc_challenge": "AI2's JSONL is on S3, in no stored repository",
     "arc_easy": "AI2's JSONL is on S3, in no stored repository",
     "gpqa_diamond": "hub only (gated); its authors ask that examples not be shown online",
     "medexpqa": "hub only",
