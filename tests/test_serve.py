@@ -51,6 +51,7 @@ def test_command_for_lora_full_and_missing(lora_cell, tiny_model_dir, tiny_lora_
         serve.command(str(broken))
 
 
+@pytest.mark.slow  # a second vLLM server start (~1 min): the default tier keeps the command test
 def test_served_lora_student_answers_through_openai_client(lora_cell, tiny_model_dir, tmp_path):
     from openai import OpenAI
 
