@@ -38,6 +38,9 @@ def reduced_demo(tmp_path, name="mini"):
     spec["stages"]["report"]["params"]["grid_dir"] = str(tmp_path / "out" / name)
     spec["exclude"] += [{"source": "answer_only"}, {"source": "truncated"}, {"source": "dte-0.5"}]
     spec["axes"]["source"]["dte-0.5-reasoning"]["train"]["max_steps"] = 6
+    # the DtE student trains (and is checked below) but is not evaluated: one vLLM start fewer keeps the
+    # default tier within its budget; the slow tier's demo evaluates it
+    spec["stages"]["evaluate"].setdefault("exclude", []).append({"source": "dte-0.5-reasoning"})
     spec["stages"]["sample"]["params"].update(limit=8)
     spec["stages"]["sample"]["params"]["sampling"]["max_tokens"] = 48
     spec["stages"]["mpd"]["params"].update(max_steps=4, log_every=2)
@@ -59,8 +62,7 @@ def test_reduced_demo_end_to_end(tmp_path):
         "train/toy__tiny__full__dte-0.5-reasoning",
         "sample/toy__tiny__full", "rewrite/toy__tiny__full", "mpd/toy__tiny__full",
         "evaluate/toy__tiny__full__raw", "evaluate/toy__tiny__full__extractive",
-        "evaluate/toy__tiny__lora__extractive", "evaluate/toy__tiny__full__dte-0.5-reasoning",
-        "evaluate/toy__tiny__full__mpd",
+        "evaluate/toy__tiny__lora__extractive", "evaluate/toy__tiny__full__mpd",
         "judge/toy__extractive", "judge/toy__tiny-lm", "report"}
     for c in g.cells:
         m = json.loads((root / c.stage / c.slug / "manifest.json").read_text())
@@ -74,7 +76,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert ckpt["adapter"] and Path(ckpt["adapter"]).exists()
     res = pl.read_parquet(root / "results.parquet")
     ev = res.filter(pl.col("stage") == "evaluate")
-    assert ev.height == 5 and set(ev["method"]) == {"full", "lora"} and ev["accuracy"].is_not_null().all()
+    assert ev.height == 4 and set(ev["method"]) == {"full", "lora"} and ev["accuracy"].is_not_null().all()
     assert (ev["n"] == 12).all() and (ev["mean_completion_tokens"] > 0).all()
     # the neighbouring methods: a DtE student on half of each reasoning span, MPD by KL on rewrites
     tr = res.filter(pl.col("stage").is_in(["train", "mpd"]))
@@ -94,7 +96,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     # a rerun skips every finished cell
     again = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and "19 already done, 0 to run" in again.stdout
+    assert again.returncode == 0 and "18 already done, 0 to run" in again.stdout
 
 
 @pytest.mark.slow
