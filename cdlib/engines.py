@@ -68,7 +68,12 @@ class Completion:
     ``""`` when the reasoning never closed; both are ``None`` for an error.
     Token counts are the engine's own (the toy engine counts whitespace words).
     ``finish_reason`` is ``"stop"``, ``"length"`` or ``"error"``; ``error``
-    holds the message of a failed request.
+    holds the message of a failed request. ``transient`` says whether a failed
+    request may succeed when sent again (network, timeouts, 5xx/429 after the
+    client's retries, an unreadable body): the stages do not count such an error
+    as an answer, leave the item unanswered and end the cell failed, so a rerun
+    sends exactly those items. A request the engine rejects as such (a prompt
+    longer than the context: vLLM's ValueError, HTTP 400/413/422) is not transient.
     """
 
     text: str
@@ -78,6 +83,7 @@ class Completion:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     error: str | None = None
+    transient: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The completion as a plain dict (for JSONL records)."""
@@ -114,8 +120,36 @@ def _completion(
     )
 
 
-def _error(exc: BaseException, prompt_tokens: int = 0) -> Completion:
-    return Completion(text="", prompt_tokens=prompt_tokens, finish_reason="error", error=f"{type(exc).__name__}: {exc}")
+def _error(exc: BaseException, prompt_tokens: int = 0, transient: bool = True) -> Completion:
+    return Completion(text="", prompt_tokens=prompt_tokens, finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                      transient=transient)
+
+
+def _rejects_request(exc: BaseException) -> bool:
+    """True for an HTTP error that says the request itself is invalid (400, 413, 422): sending it again cannot help."""
+    return getattr(exc, "status_code", None) in (400, 413, 422)
+
+
+class UnansweredError(RuntimeError):
+    """A stage ended while some items got no answer because of transient engine errors.
+
+    Everything answered is stored; the failed items are not, so rerunning the cell
+    (``python -m cdlib.grid run`` reruns failed cells) sends exactly those items.
+    """
+
+    def __init__(self, stage: str, failed: dict[str, str | None], total: int):
+        self.failed = failed
+        first = next(iter(failed.values())) or "unknown error"
+        ids = ", ".join(list(failed)[:5]) + (", ..." if len(failed) > 5 else "")
+        super().__init__(f"{stage}: {len(failed)} of {total} items unanswered because of engine errors "
+                         f"(e.g. {first[:300]}); the answered ones are stored, rerun the cell to send "
+                         f"exactly these: {ids}")
+
+
+def raise_if_unanswered(stage: str, failed: dict[str, str | None], total: int) -> None:
+    """Raise :class:`UnansweredError` when ``failed`` (item id -> last error) is not empty."""
+    if failed:
+        raise UnansweredError(stage, failed, total)
 
 
 def _is_chat(prompts: Sequence[Prompt]) -> bool:
@@ -369,7 +403,7 @@ class VLLMEngine(Engine):
                 try:
                     result.extend(self._run([prompt], chat, sp, lora))
                 except (ValueError, VLLMClientError) as e:
-                    result.append(_error(e))
+                    result.append(_error(e, transient=False))
             return result
 
     def close(self) -> None:
@@ -479,7 +513,7 @@ class OpenAIEngine(Engine):
             counts = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
             return _completion(choice.text or "", counts[0], counts[1], choice.finish_reason, prompt_opens_think(prompt))
         except Exception as e:  # noqa: BLE001 - one failed request must not lose the batch
-            return _error(e)
+            return _error(e, transient=not _rejects_request(e))
 
     def generate(self, prompts, sampling, json_schema=None, rows=None):
         prompts = list(prompts)
