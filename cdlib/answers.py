@@ -214,7 +214,9 @@ def verify(pred: str | None, gold: str, answer_type: str) -> bool:
     """Whether an extracted value ``pred`` equals ``gold`` for ``answer_type``.
 
     Never raises on model text and never runs longer than about
-    :data:`LATEX_TIMEOUT_S` seconds.
+    :data:`LATEX_TIMEOUT_S` seconds. Numeric and LaTeX values that are the same
+    string once stripped are equal without asking math-verify (which could time
+    out on them, or fail to parse them, and judge them unequal).
     """
     _check_type(answer_type)
     if pred is None or gold is None:
@@ -227,6 +229,8 @@ def verify(pred: str | None, gold: str, answer_type: str) -> bool:
     if answer_type == "boolean":
         p, g = _as_bool(pred), _as_bool(gold)
         return p is not None and p == g
+    if pred == gold:
+        return True
     p, g = _as_fraction(pred), _as_fraction(gold)
     if g is None and answer_type == "numeric" and not _MATHY_RE.search(gold):
         spelled = _numeric_from_phrase(gold, boxed=False)  # gold such as "$5" or "5 apples"

@@ -101,7 +101,7 @@ def test_hanging_math_verify_is_cut_off_in_a_thread(short_deadline, latex):
     assert result["seconds"] < short_deadline + 1.5, result["seconds"]
     # The killed worker is replaced transparently.
     answers._latex_equal.cache_clear()
-    assert verify("\\frac{\\pi}{4}", "\\frac{\\pi}{4}", "latex") is True
+    assert verify("\\frac{\\pi}{4}", "\\frac{1}{4}\\pi", "latex") is True  # not identical: math-verify runs
 
 
 def test_math_verify_from_many_threads():
@@ -200,3 +200,30 @@ def test_forked_child_gets_its_own_worker():
     assert child_worker != parent_worker
     assert verify("\\sqrt{18}", "3\\sqrt{2}", "latex") is True  # parent's pipe not disturbed
     assert answers._VERIFIER._proc.pid == parent_worker
+
+
+class _CountingVerifier:
+    """Wraps the real math-verify worker and counts the comparisons it is asked for."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+
+    def equal(self, pred, gold):
+        self.calls.append((pred, gold))
+        return self.real.equal(pred, gold)
+
+
+def test_identical_strings_are_equal_without_math_verify(monkeypatch):
+    """Issue 19: a math-verify timeout (or parse failure) judged two identical strings unequal."""
+    counting = _CountingVerifier(answers._VERIFIER)
+    monkeypatch.setattr(answers, "_VERIFIER", counting)
+    answers._latex_equal.cache_clear()
+    for value in HANGING + [" \\frac{\\pi}{4} ", "(1,2]"]:
+        assert verify(value, value.strip(), "latex") is True
+    long_latex = "+".join(f"x_{{{i}}}" for i in range(400))  # past MAX_VERIFY_CHARS: math-verify never sees it
+    assert len(long_latex) > answers.MAX_VERIFY_CHARS and verify(long_latex, long_latex, "latex") is True
+    assert verify("(1,2]", "(1,2]", "numeric") is True  # an interval gold: no number in it, still the same answer
+    assert counting.calls == []
+    assert verify("\\sqrt{12}", "2\\sqrt{3}", "latex") is True  # a different spelling still goes to math-verify
+    assert counting.calls == [("\\sqrt{12}", "2\\sqrt{3}")]
+    answers._latex_equal.cache_clear()
