@@ -20,9 +20,9 @@ GPU nodes) or from local JSONL/JSON/Parquet/CSV files (``path=`` /
 ``DataParams.data_paths``), so an offline cluster works. Local files may be in the
 hub's layout or in the benchmark's own release where that differs: TruthfulQA's
 mc_task.json, CommonsenseQA's and ARC's nested JSONL, MultiArith.json, MMLU's
-header-less CSV, MedMCQA's 1-based cop, PIQA's separate labels file (checked against
-real rows in tests/test_datasets_real.py). A local path is a file, a directory
-searched for files named after the split (``test.jsonl``,
+header-less CSV, MedMCQA's 1-based cop, PIQA's separate labels file, SuperGLUE's BoolQ
+with label for answer (checked against real rows in tests/test_datasets_real.py). A
+local path is a file, a directory searched for files named after the split (``test.jsonl``,
 ``main/test-00000-of-00001.parquet``; for "validation" also ``dev``, ``val``,
 ``valid``), or a pattern with ``{split}`` (and for MMLU groups ``{subject}``)
 placeholders, e.g. ``data/{split}/{subject}_{split}.csv`` for MMLU's release.
