@@ -23,9 +23,15 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    """Base model: unknown keys and wrong types are errors, nothing is coerced silently."""
+    """Base model: unknown keys and wrong types are errors, nothing is coerced silently.
 
-    model_config = ConfigDict(extra="forbid", strict=False, validate_default=True)
+    Pydantic's strict mode: a string is never read as a number or a bool (``"8"`` or
+    ``"true"`` is refused, naming the key), nor a float or a bool as an int. The one
+    conversion made is int -> float (``epochs: 1``). YAML's own scalars keep their types
+    (``8``, ``0.5``, ``true``), and :func:`load_yaml` reads ``1e-4`` as a float too.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
 # --------------------------------------------------------------------------- engines
@@ -337,13 +343,47 @@ def from_notebook(stage: str, namespace: dict[str, Any]) -> Any:
     return validate(cls, values, source=f"notebook parameters of stage '{stage}'")
 
 
+def _loader() -> type:
+    """PyYAML's SafeLoader, made stricter in two ways: a key given twice in one mapping is an
+    error naming both lines (PyYAML keeps the last silently), and ``1e-4`` is read as a float as
+    YAML 1.2 does (PyYAML's YAML 1.1 reads it as a string, which strict params would refuse)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def flatten_mapping(self, node: Any) -> None:
+            # The first call per node comes before ``<<`` merges are folded in; keys they bring may be overridden.
+            checked = self.__dict__.setdefault("_checked", set())
+            if id(node) not in checked:
+                checked.add(id(node))
+                first: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        if key in first:
+                            raise yaml.constructor.ConstructorError(
+                                None, None, f"duplicate key {key!r} (first given on line {first[key]})",
+                                key_node.start_mark)
+                        first[key] = key_node.start_mark.line + 1
+                    except TypeError:  # an unhashable key: PyYAML reports it
+                        continue
+            super().flatten_mapping(node)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; syntax errors name the file, line and column."""
+    """Read a YAML file with :func:`_loader`; syntax errors and duplicate keys name the file, line and column."""
     import yaml
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
