@@ -194,14 +194,20 @@ def table5(compression: pl.DataFrame) -> pl.DataFrame:
 
 
 def table6(runs: pl.DataFrame) -> pl.DataFrame:
-    """Table 6: training hours, speedup vs raw and trainable tokens (M) per source."""
-    df = _with_optional(_overall(runs), ["speedup"])
+    """Table 6: training hours, speedup vs raw and trainable tokens (M) per source.
+
+    The tokens are the paper's "source-dataset trainable-token totals ... before the epoch multiplier"
+    (App. H.4): the supervised tokens of every row of the run's training data, the validation split
+    included (``source_tokens``, recorded by :func:`cdlib.train.run`); a run without it (published
+    numbers, older cells) shows ``train_tokens``.
+    """
+    df = _with_optional(_overall(runs), ["speedup", "source_tokens"])
     _need(df, ["train_hours", "train_tokens"], "table6")
     raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method", pl.col("train_hours").alias("_raw_h"))
     df = df.join(raw, on=["teacher", "student", "method"], how="left").with_columns(
         speedup=pl.when(pl.col("source") == "raw").then(None)
         .otherwise(pl.coalesce(pl.col("speedup"), pl.col("_raw_h") / pl.col("train_hours"))),
-        tokens_m=pl.col("train_tokens") / 1e6,
+        tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6,
         hours=pl.col("train_hours"),
     )
     wide = _wide_by(df, ["teacher", "student", "method"], "source", ["hours", "speedup", "tokens_m"])
@@ -280,9 +286,9 @@ def table10(judge: pl.DataFrame) -> pl.DataFrame:
 
 def table11(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 11: GPUs, wall-clock hours, GPU-hours and trainable tokens (M) per run."""
-    df = _with_optional(_overall(runs), ["gpus", "train_hours", "gpu_hours", "train_tokens"])
+    df = _with_optional(_overall(runs), ["gpus", "train_hours", "gpu_hours", "train_tokens", "source_tokens"])
     df = df.with_columns(gpu_hours=pl.coalesce(pl.col("gpu_hours"), pl.col("gpus") * pl.col("train_hours")),
-                         train_tokens_m=pl.col("train_tokens") / 1e6)
+                         train_tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6)  # as Table 6
     return _sort(df.select(RUN_KEYS + ["gpus", "train_hours", "gpu_hours", "train_tokens_m"]), RUN_KEYS)
 
 
@@ -1204,6 +1210,7 @@ def _train_info(t: GridCell | None) -> dict[str, Any]:
     gpus = first(m.get("gpus"), cost.get("gpus"))
     # names as the issue gives them, then as cdlib.train writes them
     return {"train_tokens": first(m.get("train_tokens"), m.get("trainable_tokens")), "train_hours": hours, "gpus": gpus,
+            "source_tokens": m.get("source_tokens.supervised"),  # whole source data, one pass (Tables 6, 11)
             "gpu_hours": first(m.get("gpu_hours"), cost.get("gpu_hours"),
                                gpus * hours if gpus is not None and hours is not None else None),
             "final_train_loss": first(m.get("final_train_loss"), m.get("train_loss_ema"), m.get("train_loss")),

@@ -368,21 +368,51 @@ def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
     return out  # pragma: no cover
 
 
+def step_tokens(examples: list[dict[str, Any]], schedule: list[list[list[int]]], world: int, grad_accum: int,
+                even_batches: bool = True) -> tuple[list[list[int]], list[int]]:
+    """Supervised tokens planned before training: per rank, its micro-batches' counts in the order it
+    trains them; per optimizer step, the count over every rank (the loss's denominator).
+
+    Rank ``r`` trains the micro-batches accelerate's ``BatchSamplerShard`` gives it (``r``,
+    ``r + world``, ..., wrapping round to the first ones with ``even_batches``); every rank computes
+    the same plan, so no step all-reduces its token count (with one process nothing is reduced at all).
+    """
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    counts = [sum(supervised_count(examples[i]) for b in mb for i in b) for mb in schedule]
+    base = BatchSampler(SequentialSampler(range(len(schedule))), batch_size=1, drop_last=False)
+    order = [list(range(len(schedule)))] if world == 1 else [
+        [b[0] for b in BatchSamplerShard(base, num_processes=world, process_index=r, even_batches=even_batches)]
+        for r in range(world)]
+    per_rank = [[counts[j] for j in seq] for seq in order]
+    steps = max(1, math.ceil(max(len(seq) for seq in order) / grad_accum))
+    per_step = [sum(sum(c[s * grad_accum:(s + 1) * grad_accum]) for c in per_rank) for s in range(steps)]
+    return per_rank, per_step
+
+
 # --------------------------------------------------------------------------- losses
 
 
-def _shifted(logits: Any, labels: Any) -> tuple[Any, Any]:
-    """Logits and targets of the supervised positions (labels shifted by one)."""
+def _shifted(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, Any]:
+    """Logits and targets of the supervised positions (labels shifted by one).
+
+    ``rows``: :func:`_supervised_rows` of ``labels``, planned in the data loader (a batch's
+    ``supervised_rows``); selecting them takes no host synchronisation, a boolean mask does
+    (the size of its result must be read back). Same positions, same order either way.
+    """
+    if rows is not None:
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows + 1)
     shift_labels = labels[..., 1:]
     mask = shift_labels != sft.IGNORE_INDEX
     return logits[..., :-1, :][mask], shift_labels[mask]
 
 
-def cross_entropy_sum(logits: Any, labels: Any) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over supervised tokens (fp32) and their count."""
+def cross_entropy_sum(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, int]:
+    """Summed next-token cross-entropy over supervised tokens (fp32) and their count (``rows``: see :func:`_shifted`)."""
     import torch.nn.functional as F
 
-    sel, target = _shifted(logits, labels)
+    sel, target = _shifted(logits, labels, rows)
     return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())
 
 
@@ -393,15 +423,19 @@ def sft_loss(model: Any, head_model: Any, batch: dict[str, Any], head: str, chun
     (:func:`cdlib.losses.resolve`) computes the loss from the final hidden states in
     chunks or a fused kernel, never building ``tokens x vocab`` logits
     (:func:`cdlib.losses.fused_head`; ``head_model`` is the unwrapped model whose output
-    embedding it takes over).
+    embedding it takes over). A batch from the training loader carries its supervised
+    positions (``supervised_rows``) and their count (``n_supervised``), so nothing is read
+    back from the device.
     """
+    rows = batch.get("supervised_rows")
     if head == "full":
-        return cross_entropy_sum(model(**_model_inputs(batch)).logits, batch["labels"])
+        return cross_entropy_sum(model(**_model_inputs(batch)).logits, batch["labels"], rows)
     from cdlib import losses
 
-    with losses.fused_head(head_model, batch["labels"], chunk_tokens, head):
+    with losses.fused_head(head_model, batch["labels"], chunk_tokens, head, rows=rows):
         ce = model(**_model_inputs(batch)).logits
-    return ce, int((batch["labels"][..., 1:] != sft.IGNORE_INDEX).sum())
+    n = batch.get("n_supervised")
+    return ce, n if n is not None else int((batch["labels"][..., 1:] != sft.IGNORE_INDEX).sum())
 
 
 KL_DIRECTIONS = ("forward", "reverse", "jsd")
@@ -506,7 +540,7 @@ def _chunked_kl_function() -> Any:
 
 
 def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str = "forward",
-           vocab: int | None = None, chunk_tokens: int | None = None) -> tuple[Any, int]:
+           vocab: int | None = None, chunk_tokens: int | None = None, rows: Any = None) -> tuple[Any, int]:
     """Token-level divergence to the teacher, summed over supervised tokens, and their count.
 
     With p the teacher's and q the student's next-token distribution at a position:
@@ -523,7 +557,8 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
     anyway), so nothing of ``tokens x vocab`` in fp32 is kept for backward. The
     teacher logits are constants there (training computes them under ``no_grad``),
     and backward may run once. ``None`` or 0: all positions at once through
-    autograd, the reference implementation.
+    autograd, the reference implementation. ``rows``: the supervised positions planned in the
+    data loader (:func:`_supervised_rows`), so that no host synchronisation is needed.
     """
     import torch
     import torch.nn.functional as F
@@ -531,12 +566,12 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
     if direction not in KL_DIRECTIONS:
         raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
     if chunk_tokens:
-        rows = _supervised_rows(labels)
+        rows = _supervised_rows(labels) if rows is None else rows
         loss = _chunked_kl_function().apply(student_logits, teacher_logits.detach(), rows, direction, vocab,
                                             int(chunk_tokens))
         return loss, int(rows.numel())
-    s, _ = _shifted(student_logits, labels)
-    t, target = _shifted(teacher_logits, labels)
+    s, _ = _shifted(student_logits, labels, rows)
+    t, target = _shifted(teacher_logits, labels, rows)
     if vocab is not None:
         s, t = s[..., :vocab], t[..., :vocab]
     log_q = F.log_softmax(s.float(), dim=-1)
@@ -742,21 +777,37 @@ class _MicroBatches:
 
 
 def _collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
-    """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`); ``example_lengths``
-    (for accounting) rides along, never reaches the model."""
+    """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`), on the host, before
+    anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
+    ``supervised_rows`` (:func:`_supervised_rows`, the positions the loss selects) and ``n_supervised``
+    (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
+    without their ``L x L`` block mask: the loop derives it on the device (:func:`_with_mask`)."""
     def collate(items: list[list[list[int]]]) -> dict[str, Any]:
         bins = [b for item in items for b in item]
-        batch = packlib.collate(examples, bins, rows, pad_id)
+        batch = packlib.collate(examples, bins, rows, pad_id, build_mask=False)
         batch["example_lengths"] = [len(examples[i]["input_ids"]) for b in bins for i in b]
+        batch["supervised_rows"] = _supervised_rows(batch["labels"])
+        batch["n_supervised"] = int(batch["supervised_rows"].numel())
         return batch
 
     return collate
 
 
+def _with_mask(batch: dict[str, Any], rows: packlib.Layout) -> dict[str, Any]:
+    """The batch with its packed block mask, derived from ``position_ids`` on their device
+    (:func:`cdlib.pack.block_mask_from_positions`) when the collate left it out."""
+    if rows.packing and rows.attention != "flash" and "attention_mask" not in batch:
+        return {**batch, "attention_mask": packlib.block_mask_from_positions(batch["position_ids"], rows)}
+    return batch
+
+
+ACCOUNTING_KEYS = ("labels", "example_lengths", "supervised_rows", "n_supervised")
+
+
 def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch as the model takes it: labels (the loss is computed here) and accounting keys removed,
     ``use_cache=False`` kept."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "example_lengths")}
+    return {k: v for k, v in batch.items() if k not in ACCOUNTING_KEYS}
 
 
 def _peak_memory(on_gpu: bool) -> tuple[float, str]:
@@ -781,13 +832,14 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
                 ce, n = sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
             else:
                 logits = model(**_model_inputs(batch)).logits
-                ce, n = cross_entropy_sum(logits, batch["labels"])
-            totals[0] += float(ce)
+                ce, n = cross_entropy_sum(logits, batch["labels"], batch.get("supervised_rows"))
+            totals[0] += ce.detach()  # summed on the device, read once at the end
             totals[2] += n
             if teacher is not None:
                 t_logits = teacher(**_model_inputs(batch)).logits
-                kl, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens)
-                totals[1] += float(kl)
+                kl, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens,
+                               batch.get("supervised_rows"))
+                totals[1] += kl.detach()
     model.train()
     totals = accelerator.reduce(totals, "sum")
     n = float(totals[2])
@@ -797,10 +849,11 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
             "val_tokens": int(n)}
 
 
-def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+def _to_device(batch: dict[str, Any], device: Any, rows: packlib.Layout | None = None) -> dict[str, Any]:
     from accelerate.utils import send_to_device
 
-    return send_to_device(batch, device)
+    batch = send_to_device(batch, device)
+    return _with_mask(batch, rows) if rows is not None else batch
 
 
 # --------------------------------------------------------------------------- resumable state
@@ -961,7 +1014,11 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of earlier work in the process
     mixed = "bf16" if on_gpu and P.bf16 else "no"
     out = Path(P.out_dir)
+    from accelerate.utils import DataLoaderConfiguration
+
+    # on a GPU batches come from pinned memory and are copied without waiting for the GPU (non_blocking)
     accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu,  # cpu=True: torchrun ranks use gloo
+                              dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
                               log_with=None if P.report_to == "none" else P.report_to,
                               project_dir=str(out / "trackers"))
     is_main, world = accelerator.is_main_process, accelerator.num_processes
@@ -1047,7 +1104,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     # its own generator: starting an iteration then draws no number from the global RNG, whose state a
     # resumed run restores (dropout's random numbers continue exactly where the interrupted run left them)
     loader = torch.utils.data.DataLoader(_MicroBatches(schedule), batch_size=1, shuffle=False,
-                                         collate_fn=_collate_fn(data.train, rows, pad_id),
+                                         collate_fn=_collate_fn(data.train, rows, pad_id), pin_memory=on_gpu,
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     head_model = accelerator.unwrap_model(model)  # whose output embedding the fused loss head takes over
@@ -1068,14 +1125,21 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         resume_dir, state = None, None
     ema = None
     step_losses: list[float] = []
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # supervised, all tokens, sum L^2
+    # supervised, all tokens, sum L^2 of this rank: python numbers, summed over the ranks at the end
+    totals = [0, 0, 0]
+    # the loss denominators of every step, planned (no all-reduce per step); the global supervised count so far
+    local_tokens, global_tokens = step_tokens(data.train, schedule, world, P.grad_accum,
+                                              getattr(accelerator, "even_batches", True))
+    local_tokens = local_tokens[accelerator.process_index]
+    seen = 0
     start_step, prior = 0, {"wall_clock_s": 0.0, "train_s": 0.0, "peak_memory_gb": 0.0}
     if state is not None:
         accelerator.load_state(str(resume_dir), strict=not lora)
         start_step, ema, step_losses = int(state["step"]), state["ema"], list(state["step_losses"])
         prior = {k: float(state[k]) for k in prior}
+        seen = int(state["totals"][0])
         if is_main:  # the global totals so far live on the main rank; the end of the run sums the ranks
-            totals += torch.tensor(state["totals"], dtype=torch.float64, device=accelerator.device)
+            totals = [int(x) for x in state["totals"]]
         say(f"resuming from step {start_step} of {total_steps} ({resume_dir})")
     accelerator.wait_for_everyone()
     if is_main:
@@ -1091,7 +1155,28 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
 
     # ---- loop
     curve = Store(loss_store) if is_main else None
-    pending: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # logged steps not yet on disk
+    unread: list[tuple[dict[str, Any], Any]] = []  # steps whose loss sums are still on the device
+
+    def read_losses() -> None:
+        """Read the loss sums of the steps since the last read: one all-reduce and one host read for
+        them all (every ``log_every`` steps, before a resumable state, at the end), then the EMA."""
+        nonlocal ema, unread
+        if not unread:
+            return
+        sums = accelerator.reduce(torch.stack([u[1] for u in unread]), "sum").tolist()
+        for (rec, _), (loss_sum, ce_sum) in zip(unread, sums):
+            n = max(rec.pop("n_global"), 1.0)
+            rec["loss"] = loss_sum / n
+            ema = rec["loss"] if ema is None else EMA_ALPHA * rec["loss"] + (1 - EMA_ALPHA) * ema
+            rec["ema"] = ema
+            if teacher is not None:
+                rec["ce"] = ce_sum / n
+            step_losses.append(rec["loss"])
+            pending.append(rec)
+        bar.set_postfix(loss=f"{pending[-1]['loss']:.3f}", ema=f"{ema:.3f}")
+        unread = []
+
     # the data order is fixed by the plan: a resumed run skips the micro-batches of the steps done
     it = iter(accelerator.skip_first_batches(loader, start_step * P.grad_accum) if start_step else loader)
     model.train()
@@ -1106,28 +1191,32 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                 break
         if not window:
             break
-        local = torch.tensor([float(packlib.supervised_tokens(b)) for b in window], device=accelerator.device)
-        n_global = float(accelerator.reduce(local.sum(), "sum"))
+        n_global = float(global_tokens[step])
         step_sum = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, ce sum
         for k, batch in enumerate(window):
+            if batch["n_supervised"] != local_tokens[step * P.grad_accum + k]:
+                raise TrainError(f"micro-batch {step * P.grad_accum + k} of rank {accelerator.process_index} holds "
+                                 f"{batch['n_supervised']} supervised tokens, the plan says "
+                                 f"{local_tokens[step * P.grad_accum + k]}: the loader does not shard as planned")
+            batch = _with_mask(batch, rows)
             sync = k == len(window) - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 if teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
                     ce, n = sft_loss(model, head_model, batch, head, P.loss_chunk_tokens)
                 else:
                     logits = model(**_model_inputs(batch)).logits
-                    ce, n = cross_entropy_sum(logits, batch["labels"])
+                    ce, n = cross_entropy_sum(logits, batch["labels"], batch["supervised_rows"])
                 if teacher is not None:
                     with torch.no_grad():
                         t_logits = teacher(**_model_inputs(batch)).logits
                     loss, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab,
-                                      P.kl_chunk_tokens)
+                                     P.kl_chunk_tokens, batch["supervised_rows"])
                 else:
                     loss = ce
                 # mean over the step's supervised tokens on all ranks; DDP/FSDP average gradients over ranks
                 accelerator.backward(loss * world / max(n_global, 1.0))
-            step_sum[0] += float(loss.detach())
-            step_sum[1] += float(ce.detach())
+            step_sum[0] += loss.detach()  # kept on the device: read every log_every steps (read_losses)
+            step_sum[1] += ce.detach()
             lengths = batch["example_lengths"]
             totals[0] += n
             totals[1] += sum(lengths)
@@ -1137,37 +1226,34 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_sum = accelerator.reduce(step_sum, "sum")
-        step_loss = float(step_sum[0]) / max(n_global, 1.0)
-        step_losses.append(step_loss)
-        ema = step_loss if ema is None else EMA_ALPHA * step_loss + (1 - EMA_ALPHA) * ema
-        seen = float(accelerator.reduce(totals[0].clone(), "sum"))
-        rec = {"id": str(step + 1), "step": step + 1, "loss": step_loss, "ema": ema,
-               "lr": scheduler.get_last_lr()[0], "tokens": int(seen)}
-        if teacher is not None:
-            rec["ce"] = float(step_sum[1]) / max(n_global, 1.0)
-        pending.append(rec)
+        seen += int(n_global)
+        unread.append(({"id": str(step + 1), "step": step + 1, "loss": None, "ema": None,
+                        "lr": scheduler.get_last_lr()[0], "tokens": seen, "n_global": n_global}, step_sum))
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", ema=f"{ema:.3f}")
-        if is_main and ((step + 1) % P.log_every == 0 or step + 1 == total_steps):
-            curve.append(pending)
-            track_steps(accelerator, tracker, pending)
+        if (step + 1) % P.log_every == 0 or step + 1 == total_steps:
+            read_losses()
+            if is_main:
+                curve.append(pending)
+                track_steps(accelerator, tracker, pending)
             pending = []
         if P.save_every and (step + 1) % P.save_every == 0 and step + 1 < total_steps:
+            read_losses()
             if is_main:
                 curve.append(pending)  # the curve up to this step is on disk before the state that follows it
-                pending = []
+            pending = []
             now = time.time()
             save_resume(accelerator, out, {
                 "step": step + 1, "fingerprint": fingerprint, "ema": ema, "step_losses": step_losses,
-                "totals": [float(x) for x in accelerator.reduce(totals.clone(), "sum")],
+                "totals": accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
+                                             "sum").tolist(),
                 "wall_clock_s": prior["wall_clock_s"] + now - t_start, "train_s": prior["train_s"] + now - t_loop,
                 "peak_memory_gb": max(prior["peak_memory_gb"], _peak_memory(on_gpu)[0]), "saved_at": now})
+    read_losses()
     bar.close()
     if is_main and pending:
         curve.append(pending)
     train_seconds = prior["train_s"] + time.time() - t_loop
-    totals = accelerator.reduce(totals, "sum")
+    totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device), "sum")
 
     # ---- validation
     val_layout_bins = packlib.pack([len(ex["input_ids"]) for ex in data.val], P.seq_len) if (
@@ -1218,7 +1304,10 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         "activation_checkpointing": "fsdp" if fsdp_ac else "transformers" if P.gradient_checkpointing else None,
         "params_total": params["total"], "params_trainable": params["trainable"],
         "trainable_tokens": sup_seen, "total_tokens_seen": all_seen,
-        "dataset_tokens": dataset_tokens,  # one pass over the training split, per section (Table 6's counts)
+        "dataset_tokens": dataset_tokens,  # one pass over the training split, per section
+        # one pass over the whole source data (training + validation split): Tables 6 and 11 count these
+        # ("source-dataset trainable-token totals ... before the epoch multiplier", paper App. H.4)
+        "source_tokens": sft.section_tokens([*data.train, *data.val]),
         "tokens_per_section": _sections_seen(data.train, schedule),
         "train_loss": step_losses[-1] if step_losses else None,
         "train_loss_first": step_losses[0] if step_losses else None,
