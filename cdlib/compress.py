@@ -260,7 +260,13 @@ def _record(rec: dict[str, Any], compressed: str, P: CompressParams, flag: str |
 
 
 def run(P: CompressParams, engine=None) -> dict[str, Any]:
-    """Compress every trace of ``P.traces`` not yet in ``P.out_dir/compressed.jsonl``; return the metrics."""
+    """Compress every trace of ``P.traces`` not yet in ``P.out_dir/compressed.jsonl``; return the metrics.
+
+    A flagged compression is sent again up to ``recompress_attempts`` times. A
+    transient engine error uses up no attempt and is never stored: traces still
+    without an answer because of errors at the end raise
+    :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
+    """
     src = Store(Path(P.traces) / "traces.jsonl").read()
     if P.limit:
         src = src[: P.limit]
@@ -287,31 +293,52 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         template = prompt_template(P.prompt)
         pending = {r["id"]: r for r in todo}
         last: dict[str, tuple[str, str | None, str | None]] = {}
-        for attempt in range(1 + P.recompress_attempts):
-            if not pending:
+        tries: dict[str, int] = {}  # answered requests per trace (a transient engine error is not one)
+        failed: dict[str, str | None] = {}  # last transient error of a trace with no answer since
+        errors_now: dict[str, int] = {}
+        budget = 1 + P.recompress_attempts
+        while True:
+            by_attempt: dict[int, list[dict[str, Any]]] = {}
+            for i, r in pending.items():
+                if tries.get(i, 0) < budget and errors_now.get(i, 0) < budget:
+                    by_attempt.setdefault(tries.get(i, 0), []).append(r)
+            if not by_attempt:
                 break
-            rows = list(pending.values())
-            chats = [[{"role": "user", "content": template.format(
-                question=r.get("question", ""), reasoning=r.get("reasoning", ""),
-                answer=verified_answer(r))}] for r in rows]
-            sampling = P.sampling.model_copy(update={"seed": (P.sampling.seed or 0) + attempt}) if attempt else P.sampling
-            good = []
-            for r, c in zip(rows, engine.generate(chats, sampling, rows=rows)):
-                text = _model_output(c.text) if c.finish_reason != "error" else ""
-                if c.finish_reason == "error":
-                    flag = "error"
-                elif P.check_answer:
-                    flag = check(text, r.get("reasoning", ""), r, allow_longer=longer_ok)
-                else:
-                    flag = None if text.strip() else "empty"
-                last[r["id"]] = (text, flag, c.error)
-                if flag is None:
-                    good.append(_record(r, text, P, None, attempt + 1))
-                    del pending[r["id"]]
-            out.append(good)  # sound compressions are kept as soon as they exist
-        # what is still flagged after every attempt is kept, with its flag, so it is seen and counted
-        out.append([_record(r, last[i][0], P, last[i][1], 1 + P.recompress_attempts, last[i][2])
-                    for i, r in pending.items()])
+            for attempt, rows in sorted(by_attempt.items()):
+                chats = [[{"role": "user", "content": template.format(
+                    question=r.get("question", ""), reasoning=r.get("reasoning", ""),
+                    answer=verified_answer(r))}] for r in rows]
+                sampling = (P.sampling.model_copy(update={"seed": (P.sampling.seed or 0) + attempt}) if attempt
+                            else P.sampling)
+                good = []
+                for r, c in zip(rows, engine.generate(chats, sampling, rows=rows)):
+                    if c.finish_reason == "error" and c.transient:
+                        failed[r["id"]] = c.error
+                        errors_now[r["id"]] = errors_now.get(r["id"], 0) + 1
+                        continue
+                    failed.pop(r["id"], None)
+                    tries[r["id"]] = attempt + 1
+                    text = _model_output(c.text) if c.finish_reason != "error" else ""
+                    if c.finish_reason == "error":
+                        flag = "error"
+                    elif P.check_answer:
+                        flag = check(text, r.get("reasoning", ""), r, allow_longer=longer_ok)
+                    else:
+                        flag = None if text.strip() else "empty"
+                    last[r["id"]] = (text, flag, c.error)
+                    if flag is None:
+                        good.append(_record(r, text, P, None, attempt + 1))
+                        del pending[r["id"]]
+                out.append(good)  # sound compressions are kept as soon as they exist
+        # what is still flagged after every attempt is kept, with its flag, so it is seen and counted;
+        # a trace left without an answer by engine errors is not stored: a rerun sends it again
+        out.append([_record(r, last[i][0], P, last[i][1], tries[i], last[i][2])
+                    for i, r in pending.items() if i not in failed])
+        if failed:
+            from cdlib.engines import raise_if_unanswered
+
+            _add_token_counts(Path(P.out_dir), P)
+            raise_if_unanswered("compress", failed, len(todo))
     _add_token_counts(Path(P.out_dir), P)
     return metrics(P.out_dir)
 

@@ -91,7 +91,12 @@ def think_prefilled(tokenizer: Any) -> bool:
 
 
 def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
-    """Generate for every eval question not yet in ``outputs.jsonl``, score, and return the metrics."""
+    """Generate for every eval question not yet in ``outputs.jsonl``, score, and return the metrics.
+
+    A transient engine error is not an answer (it would count as a wrong one): it is
+    not stored, and questions left so raise :class:`cdlib.engines.UnansweredError`
+    after the rest is stored (the cell fails; a rerun sends exactly those).
+    """
     from cdlib import datasets
     from cdlib import tokenizer as toklib
 
@@ -113,12 +118,16 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
                 ep = ep.model_copy(update={"enable_lora": True, "lora_path": target["adapter"]})
             engine = get_engine(ep, P.toy)
         chats = [prompts.build_messages(r) for r in todo]
+        failed: dict[str, str | None] = {}
         step = 512
         for k in tqdm(range(0, len(todo), step), desc="evaluate", unit="batch"):
             part = todo[k:k + step]
             comps = engine.generate(chats[k:k + step], P.sampling, rows=part)
             recs = []
             for r, c in zip(part, comps):
+                if c.finish_reason == "error" and c.transient:  # not an answer: not stored, sent again by a rerun
+                    failed[r["id"]] = c.error
+                    continue
                 ex = answers.extract_detailed(c.text, r["answer_type"], r.get("choices"), think_prefilled=prefilled)
                 reasoning = parse_response(c.text, think_prefilled=prefilled).reasoning
                 recs.append({**{f: r.get(f) for f in ("id", "dataset", "domain", "group", "split", "gold",
@@ -129,6 +138,9 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
                              "error": c.error, "reasoning_chars": len(reasoning),
                              "reasoning_tokens": len(tok.encode(reasoning)) if tok else len(reasoning.split())})
             out.append(recs)
+        from cdlib.engines import raise_if_unanswered
+
+        raise_if_unanswered("evaluate", failed, len(todo))
     return {**summarize(out.read(), P.grouping), **trained_with(P.model)}
 
 

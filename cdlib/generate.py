@@ -49,7 +49,8 @@ def _trace_record(row: dict[str, Any], c: Completion, ex: answers.Extraction, rn
                                        "gold", "answer_type")},
             "response": c.text, "reasoning": c.reasoning or "", "answer": c.answer or "",
             "extracted": ex.value, "rule": ex.rule, "round": rnd, "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason, "correct": ok}
+            "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason, "correct": ok,
+            "truncated": ex.truncated}
 
 
 def _attempt_record(row: dict[str, Any], c: Completion, ex: answers.Extraction, rnd: int, ok: bool) -> dict[str, Any]:
@@ -76,6 +77,23 @@ def engine_params(P: GenerateParams):
     return ep
 
 
+def _restore_attempts(traces: Store, attempts: Store) -> int:
+    """Write the attempt record of every stored trace whose attempt is missing (a kill between the two appends).
+
+    A trace is written before its attempt, so a kill in between leaves a trace
+    without its attempt record; everything an attempt record holds is in the trace,
+    so it is derived here and a resumed cell counts exactly the attempts of an
+    uninterrupted one (Table 4). Returns the number restored.
+    """
+    missing = [t for t in traces if f"{t['id']}#r{t['round']}" not in attempts]
+    attempts.append({"id": f"{t['id']}#r{t['round']}", "question_id": t["id"], "dataset": t["dataset"],
+                     "round": t["round"], "correct": t["correct"], "extracted": t["extracted"], "rule": t["rule"],
+                     "truncated": t.get("truncated", t.get("finish_reason") == "length"),
+                     "finish_reason": t["finish_reason"], "error": None, "completion_tokens": t["completion_tokens"],
+                     "reasoning_chars": len(t.get("reasoning") or "")} for t in missing)
+    return len(missing)
+
+
 def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None = None,
         on_round: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     """Run rejection sampling for the cell ``P.out_dir``; return the metrics (also written by the notebook).
@@ -83,37 +101,75 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
     ``engine`` defaults to ``get_engine(P.engine, P.toy)``; ``chunk_size`` (default
     ``P.chunk_size``) bounds how many questions go to the engine per call.
     ``on_round(round, asked, correct)`` is called after each round.
+
+    A transient engine error (network, 5xx after the client's retries) is not an
+    answer: it is recorded in ``attempts.jsonl`` as ``<id>#r<round>#e<k>`` with
+    ``transient: true`` but uses up no round, the question is asked again (at most
+    ``rounds`` failed requests per question per run), and if questions are still
+    unanswered because of errors at the end the stage raises
+    :class:`cdlib.engines.UnansweredError`: the cell ends failed and a rerun sends
+    exactly those questions.
     """
     out = Path(P.out_dir)
     traces, attempts = Store(out / "traces.jsonl"), Store(out / "attempts.jsonl")
     pool = load_questions(P)
+    _restore_attempts(traces, attempts)
+    rounds_used: dict[str, int] = {}  # answered attempts per question (a transient error is not one)
+    errors: dict[str, int] = {}  # transient errors per question, over every run (names the next error record)
+    last_error: dict[str, str | None] = {}
+    for a in attempts:
+        if a.get("transient"):
+            errors[a["question_id"]] = errors.get(a["question_id"], 0) + 1
+        else:
+            rounds_used[a["question_id"]] = max(rounds_used.get(a["question_id"], 0), a["round"] + 1)
+    errors_now: dict[str, int] = {}  # transient errors in this run
     engine = engine or get_engine(engine_params(P), P.toy)
     chunk = chunk_size or P.chunk_size or len(pool) or 1
-    for rnd in range(P.rounds):
-        pending = [r for r in pool if r["id"] not in traces and f"{r['id']}#r{rnd}" not in attempts]
+    while True:
+        pending = [r for r in pool if r["id"] not in traces and rounds_used.get(r["id"], 0) < P.rounds
+                   and errors_now.get(r["id"], 0) < P.rounds]
         if not pending:
-            continue
-        sampling = P.sampling if P.sampling.seed is None else P.sampling.model_copy(update={"seed": P.sampling.seed + rnd})
-        n_ok = 0
-        bar = tqdm(total=len(pending), desc=f"round {rnd + 1}/{P.rounds}", unit="q")
-        for k in range(0, len(pending), chunk):
-            rows = [{**r, "attempt": rnd} for r in pending[k:k + chunk]]
-            completions = engine.generate([prompts.build_messages(r) for r in rows], sampling, rows=rows)
-            good, tried = [], []
-            for row, c in zip(rows, completions):
-                ex = answers.extract_detailed(c.text, row["answer_type"], row.get("choices"))
-                ok = c.finish_reason != "error" and answers.verify(ex.value, row["gold"], row["answer_type"])
-                tried.append(_attempt_record(row, c, ex, rnd, ok))
-                if ok or (P.keep == "all" and c.finish_reason != "error"):
-                    good.append(_trace_record(row, c, ex, rnd, ok))
-            traces.append(good)  # traces first: a crash between the two never loses a correct trace
-            attempts.append(tried)
-            n_ok += sum(r["correct"] for r in good)
-            bar.update(len(rows))
-            bar.set_postfix(correct=n_ok)
-        bar.close()
-        if on_round:
-            on_round(rnd, len(pending), n_ok)
+            break
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        for r in pending:
+            by_round.setdefault(rounds_used.get(r["id"], 0), []).append(r)
+        for rnd, todo in sorted(by_round.items()):
+            sampling = P.sampling if P.sampling.seed is None else P.sampling.model_copy(
+                update={"seed": P.sampling.seed + rnd})
+            n_ok = 0
+            bar = tqdm(total=len(todo), desc=f"round {rnd + 1}/{P.rounds}", unit="q")
+            for k in range(0, len(todo), chunk):
+                rows = [{**r, "attempt": rnd} for r in todo[k:k + chunk]]
+                completions = engine.generate([prompts.build_messages(r) for r in rows], sampling, rows=rows)
+                good, tried = [], []
+                for row, c in zip(rows, completions):
+                    qid = row["id"]
+                    if c.finish_reason == "error" and c.transient:
+                        tried.append({"id": f"{qid}#r{rnd}#e{errors.get(qid, 0)}", "question_id": qid,
+                                      "dataset": row["dataset"], "round": rnd, "correct": False,
+                                      "finish_reason": "error", "error": c.error, "transient": True})
+                        errors[qid] = errors.get(qid, 0) + 1
+                        errors_now[qid] = errors_now.get(qid, 0) + 1
+                        last_error[qid] = c.error
+                        continue
+                    ex = answers.extract_detailed(c.text, row["answer_type"], row.get("choices"))
+                    ok = c.finish_reason != "error" and answers.verify(ex.value, row["gold"], row["answer_type"])
+                    tried.append(_attempt_record(row, c, ex, rnd, ok))
+                    rounds_used[qid] = rnd + 1
+                    last_error.pop(qid, None)
+                    if ok or (P.keep == "all" and c.finish_reason != "error"):
+                        good.append(_trace_record(row, c, ex, rnd, ok))
+                traces.append(good)  # traces first: a kill before the attempts is repaired by _restore_attempts
+                attempts.append(tried)
+                n_ok += sum(r["correct"] for r in good)
+                bar.update(len(rows))
+                bar.set_postfix(correct=n_ok)
+            bar.close()
+            if on_round:
+                on_round(rnd, len(todo), n_ok)
+    from cdlib.engines import raise_if_unanswered
+
+    raise_if_unanswered("generate", {q: e for q, e in last_error.items() if q not in traces}, len(pool))
     return metrics(out, pool)
 
 
@@ -122,8 +178,9 @@ def table4(out_dir: str | Path):
 
     Columns: dataset, questions, total (correct traces kept), accuracy (final yield:
     total / questions), first_round_accuracy, mean_reasoning_chars and
-    mean_completion_tokens (over kept traces), attempts, rounds (largest round used),
-    truncated and errors (attempts that hit the token cap or failed), kept (every
+    mean_completion_tokens (over kept traces), attempts (answered ones: a transient
+    engine error is not an attempt), rounds (largest round used), truncated and
+    errors (attempts that hit the token cap; failed requests, transient ones included), kept (every
     trace kept: equal to total unless ``keep="all"`` also kept wrong ones).
     """
     import polars as pl
@@ -133,11 +190,14 @@ def table4(out_dir: str | Path):
     at = Store(out / "attempts.jsonl").to_polars()
     if at.is_empty():
         return pl.DataFrame()
+    if "transient" not in at.columns:  # stores written before transient errors were recorded
+        at = at.with_columns(transient=pl.lit(False))
+    answered = ~pl.col("transient").fill_null(False)
     per_attempt = at.group_by("dataset").agg(
         questions=pl.col("question_id").n_unique(),
-        first_round_accuracy=pl.col("correct").filter(pl.col("round") == 0).mean(),
-        attempts=pl.len(),
-        rounds=pl.col("round").max() + 1,
+        first_round_accuracy=pl.col("correct").filter((pl.col("round") == 0) & answered).mean(),
+        attempts=answered.sum(),
+        rounds=pl.col("round").filter(answered).max() + 1,
         truncated=(pl.col("finish_reason") == "length").sum(),
         errors=(pl.col("finish_reason") == "error").sum(),
     )

@@ -138,7 +138,11 @@ def rule_verdict(rec: dict[str, Any]) -> Verdict:
 
 
 def run(P: JudgeParams, engine=None) -> dict[str, Any]:
-    """Judge every compressed record of ``P.compressed`` not yet in ``judgements.jsonl``; return metrics."""
+    """Judge every compressed record of ``P.compressed`` not yet in ``judgements.jsonl``; return metrics.
+
+    A transient engine error is no verdict: it is not stored, and records left so
+    raise :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
+    """
     recs = Store(Path(P.compressed) / "compressed.jsonl").read()
     skip = set(P.exclude_datasets)  # Table 10's scope leaves the MMLU groups out (params/paper.yaml)
     recs = [r for r in recs if r.get("dataset") not in skip]
@@ -154,14 +158,21 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
 
         engine = engine or get_engine(P.engine)
         chats = [[{"role": "user", "content": build_prompt(r, P.raw_chars, P.compressed_chars)}] for r in todo]
+        failed: dict[str, str | None] = {}
         step = 1024
         for k in range(0, len(todo), step):
             comps = engine.generate(chats[k:k + step], P.sampling, json_schema=SCHEMA, rows=todo[k:k + step])
             batch = []
             for r, c in zip(todo[k:k + step], comps):
+                if c.finish_reason == "error" and c.transient:  # no verdict: not stored, sent again by a rerun
+                    failed[r["id"]] = c.error
+                    continue
                 v, err = parse(c.answer if c.answer else c.text, c.finish_reason)
                 batch.append({**base(r), **(v.model_dump() if v else {}), "parse_error": err, "raw_response": c.text})
             out.append(batch)
+        from cdlib.engines import raise_if_unanswered
+
+        raise_if_unanswered("judge", failed, len(todo))
     return metrics(P.out_dir)
 
 

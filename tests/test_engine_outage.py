@@ -1,0 +1,199 @@
+"""Errors are not answers (issue 19 items 2 and 5).
+
+An OpenAI-compatible server on 127.0.0.1 answers the toy world correctly, then
+goes down (HTTP 500) after a number of requests. Every stage that asks an engine
+(generate, compress, evaluate, judge) must end failed while items are unanswered
+because of the outage, store nothing for them, and a rerun against the healthy
+server must send exactly those items, once each. And a kill between generate's
+trace and attempt appends must not change Table 4 after the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cdlib import compress, evaluate, generate, judge
+from cdlib.engines import UnansweredError
+from cdlib.params import (CompressParams, EngineParams, EvaluateParams, GenerateParams, JudgeParams, SamplingParams,
+                          ToyParams)
+from cdlib.store import Store
+
+TOY = ToyParams(n_train=40, n_test=20, slip_rate=0.0)
+
+
+class OutageServer(ThreadingHTTPServer):
+    """Answers chat completions with ``respond(prompt)``; after ``fail_after`` requests, HTTP 500 for every one."""
+
+    daemon_threads = True
+
+    def __init__(self, respond):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.respond, self.fail_after, self.reject = respond, None, False
+        self.prompts: list[str] = []  # prompts answered (not failed)
+        self.count = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        srv: OutageServer = self.server  # type: ignore[assignment]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        with srv.lock:
+            srv.count += 1
+            down = srv.fail_after is not None and srv.count > srv.fail_after
+            if not down:
+                srv.prompts.append(prompt)
+        if srv.reject:
+            data, status = b'{"error": {"message": "prompt longer than the context"}}', 400
+        elif down:
+            data, status = b'{"error": {"message": "upstream unavailable"}}', 500
+        else:
+            msg = {"role": "assistant", "content": srv.respond(prompt)}
+            data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}],
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+            status = 200
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _toy_answer(prompt: str) -> str:
+    """The toy world's right answer, computed from the question inside any stage's prompt."""
+    from cdlib import toy
+
+    m = re.search(r"([A-Z]\w* has \d+ \w+\..*?have now\?)", prompt, re.DOTALL)
+    answer = toy.parse_question(m.group(1)).answer if m else 0
+    return f"<think>\nWorking it out step by step, with every number checked twice before the end.\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+
+
+def _respond(prompt: str) -> str:
+    if "faithful" in prompt.lower() and "compressed" in prompt.lower():
+        return json.dumps({"faithfulness": 5, "coverage": 5, "clarity": 5, "verdict": "faithful",
+                           "answer_alignment": True, "failure_modes": [], "rationale": "ok"})
+    return _toy_answer(prompt)
+
+
+@pytest.fixture
+def server():
+    srv = OutageServer(_respond)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def _engine(srv, tokenizer=None) -> EngineParams:
+    return EngineParams(kind="openai", model="teacher", base_url=srv.base_url, max_retries=0, max_concurrency=4,
+                        tokenizer=tokenizer)
+
+
+def _outage_then_rerun(srv, run, fail_after: int):
+    """Run a stage through an outage (it must fail), then against the healthy server; return both prompt lists."""
+    srv.fail_after, srv.count, srv.prompts = fail_after, 0, []
+    with pytest.raises(UnansweredError, match="unanswered because of engine errors") as err:
+        run()
+    served_during = list(srv.prompts)
+    assert len(served_during) == fail_after
+    srv.fail_after, srv.prompts = None, []
+    run()
+    return served_during, list(srv.prompts), err.value
+
+
+def test_every_stage_fails_through_an_outage_and_a_rerun_sends_exactly_the_rest(server, tmp_path, tiny_model_dir):
+    gen = GenerateParams(out_dir=str(tmp_path / "gen"), toy=TOY, rounds=2, engine=_engine(server),
+                         sampling=SamplingParams(max_tokens=64, seed=0))
+    before, after, err = _outage_then_rerun(server, lambda: generate.run(gen), fail_after=15)
+    assert len(err.failed) == 25
+    assert len(after) == 25 and not set(after) & set(before), "the rerun asks exactly the unanswered questions"
+    traces = Store(tmp_path / "gen/traces.jsonl").read()
+    assert len(traces) == 40 == len({t["id"] for t in traces})
+    t4 = generate.table4(gen.out_dir).row(0, named=True)
+    assert t4["attempts"] == 40 and t4["accuracy"] == 1.0 and t4["first_round_accuracy"] == 1.0, \
+        "an engine error used up a round"
+    assert t4["errors"] == 50  # 25 questions x 2 failed requests in the first run (rounds=2 per run)
+
+    comp = CompressParams(out_dir=str(tmp_path / "comp"), traces=gen.out_dir, compressor="teacher",
+                          engine=_engine(server, str(tiny_model_dir)), recompress_attempts=1)
+    before, after, err = _outage_then_rerun(server, lambda: compress.run(comp), fail_after=10)
+    assert len(after) == 30 and not set(after) & set(before)
+    recs = Store(tmp_path / "comp/compressed.jsonl").read()
+    assert len(recs) == 40 and not any(r["flag"] for r in recs) and all(r["attempts"] == 1 for r in recs)
+
+    ev = EvaluateParams(out_dir=str(tmp_path / "eval"), model=str(tiny_model_dir), toy=TOY,
+                        engine=_engine(server, str(tiny_model_dir)), sampling=SamplingParams(max_tokens=64))
+    before, after, err = _outage_then_rerun(server, lambda: evaluate.run(ev), fail_after=5)
+    outs = Store(tmp_path / "eval/outputs.jsonl").read()
+    assert len(after) == 15 and len(outs) == 20 and all(o["correct"] for o in outs), "an error was scored as wrong"
+
+    jd = JudgeParams(out_dir=str(tmp_path / "judge"), compressed=comp.out_dir, engine=_engine(server))
+    before, after, err = _outage_then_rerun(server, lambda: judge.run(jd), fail_after=10)
+    verdicts = Store(tmp_path / "judge/judgements.jsonl").read()
+    assert len(after) == 30 and len(verdicts) == 40 and not any(v["parse_error"] for v in verdicts)
+
+
+def test_a_rejected_request_is_an_answer_and_uses_its_round(server, tmp_path):
+    """HTTP 400 (e.g. a prompt longer than the context) cannot succeed when sent again: it uses its round."""
+    server.reject = True
+    gen = GenerateParams(out_dir=str(tmp_path / "gen"), toy=TOY, rounds=2, engine=_engine(server),
+                         sampling=SamplingParams(max_tokens=64))
+    generate.run(gen)  # no UnansweredError: every question had its rounds
+    t4 = generate.table4(gen.out_dir).row(0, named=True)
+    assert t4["attempts"] == 80 and t4["errors"] == 80 and t4["total"] == 0
+    assert server.count == 80
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from cdlib import generate
+    from cdlib.params import GenerateParams, SamplingParams, ToyParams
+    from cdlib.store import Store
+
+    real_append, calls = Store.append, {"n": 0}
+
+    def append(self, records):
+        records = list(records)
+        if self.path.name == "attempts.jsonl":
+            calls["n"] += 1
+            if calls["n"] == int(sys.argv[2]):  # traces of this chunk are on disk, its attempts are not
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_append(self, records)
+
+    Store.append = append
+    P = GenerateParams(out_dir=sys.argv[1], toy=ToyParams(n_train=60, n_test=5, slip_rate=0.5), rounds=3,
+                       chunk_size=10, sampling=SamplingParams(temperature=1.0, max_tokens=2000, seed=0))
+    generate.run(P)
+""")
+
+
+def test_a_kill_between_trace_and_attempt_leaves_table4_as_an_uninterrupted_run(tmp_path):
+    P = GenerateParams(out_dir=str(tmp_path / "whole"), toy=ToyParams(n_train=60, n_test=5, slip_rate=0.5), rounds=3,
+                       chunk_size=10, sampling=SamplingParams(temperature=1.0, max_tokens=2000, seed=0))
+    generate.run(P)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    p = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(killed), "3"], env=env, capture_output=True)
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    assert len(Store(killed / "traces.jsonl")) > 0
+    generate.run(P.model_copy(update={"out_dir": str(killed)}))
+    assert generate.table4(killed).to_dicts() == generate.table4(P.out_dir).to_dicts()
+    assert len(Store(killed / "attempts.jsonl")) == len(Store(tmp_path / "whole/attempts.jsonl"))
