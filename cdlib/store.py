@@ -9,7 +9,8 @@ Every stage writes its records through :class:`Store`. The contract:
   them (:meth:`Store.pending`) and :meth:`Store.append` never writes an id twice;
 * a half-written last line (the process died mid-write) is cut off on open and
   reported through :attr:`Store.repaired`; it is never fatal;
-* any other line that is not a JSON object with an ``id`` raises
+* any other line that is not a JSON object with an ``id`` (invalid UTF-8,
+  invalid JSON, no string id) or that repeats an id raises
   :class:`StoreCorruptError`, naming the file and the 1-based line number.
 """
 
@@ -28,7 +29,10 @@ class StoreCorruptError(ValueError):
 
 def _parse_line(line: bytes, path: Path, lineno: int) -> dict[str, Any]:
     try:
-        rec = json.loads(line)
+        rec = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise StoreCorruptError(f"{path}:{lineno}: not valid UTF-8 (byte {e.object[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
     except json.JSONDecodeError as e:
         raise StoreCorruptError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
@@ -61,9 +65,15 @@ class Store:
         lines = data.split(b"\n")
         tail = lines.pop()  # bytes after the last newline: empty unless the last write was cut
         good_len = len(data) - len(tail)
+        first_line: dict[str, int] = {}
         for lineno, line in enumerate(lines, start=1):
             if line.strip():
-                self._ids.add(_parse_line(line, self.path, lineno)["id"])
+                rid = _parse_line(line, self.path, lineno)["id"]
+                if rid in first_line:
+                    raise StoreCorruptError(f"{self.path}:{lineno}: duplicate id {rid!r} (first at line "
+                                            f"{first_line[rid]}); a store holds each id once")
+                first_line[rid] = lineno
+        self._ids = set(first_line)
         if tail.strip():
             # A last line without its newline was cut mid-write, unless it happens
             # to be a complete record (a writer that died between the bytes and "\n").

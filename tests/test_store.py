@@ -100,3 +100,17 @@ def test_merge_shards(tmp_path):
     out = merge([a.path, b.path], tmp_path / "all.jsonl")
     assert {r["id"]: r["src"] for r in out} == {"1": "a", "2": "a", "3": "b"}
     assert out.to_polars().height == 3
+
+
+def test_invalid_utf8_names_file_line_and_byte(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_bytes(b'{"id": "a"}\n{"id": "b", "text": "caf\xe9"}\n{"id": "c"}\n')
+    with pytest.raises(StoreCorruptError, match=r"s\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        Store(p)
+
+
+def test_duplicate_id_names_both_lines(tmp_path):
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n')
+    with pytest.raises(StoreCorruptError, match=r"s\.jsonl:3: duplicate id 'a' \(first at line 1\)"):
+        Store(p)
