@@ -57,3 +57,39 @@ def test_table6_counts_every_source_row_once(tmp_path):
     assert t6["tokens_m_raw"][0] * 1e6 == pytest.approx(expected, abs=0.5)
     t11 = report.table11(runs)
     assert t11["train_tokens_m"][0] * 1e6 == pytest.approx(expected, abs=0.5), "Table 11 matches Table 6 (H.4)"
+
+
+def _upstream_grid(root: Path, teachers: list[str], hours: dict[str, float]) -> None:
+    """generate and compress cells (two compressors) per teacher, each with its GPU-hours in the manifest."""
+    for t in teachers:
+        _cell(root, "generate", t, {"teacher": t}, {"total_correct": 1}, {"gpu_hours": hours[t], "gpus": 8})
+        for comp, share in (("llama70b", 0.2), ("ministral14b", 0.03)):
+            _cell(root, "compress", f"{t}__{comp}", {"teacher": t, "compressor": comp}, {"n": 1},
+                  {"gpu_hours": hours[t] * share, "gpus": 8})
+    _cell(root, "train", "run", {"teacher": teachers[0], "student": "s", "method": "full", "source": "raw"},
+          {"trainable_tokens": 10, "gpu_hours": 100.0, "gpus": 4})
+
+
+def test_upstream_counts_the_qwen_teacher_and_its_two_compressions(tmp_path):
+    """H.4's 424 H100-h are the Qwen teacher's pass and its two compressions; the gpt-oss teacher's are beside."""
+    _upstream_grid(tmp_path, ["qwen3.5-397b", "gpt-oss-120b"], {"qwen3.5-397b": 348.0, "gpt-oss-120b": 70.0})
+    g = report.read_grid(tmp_path)
+    assert report.upstream_teachers(g) == ["qwen3.5-397b"]
+    _, q = report.grid_compute(g)
+    q = dict(zip(q["quantity"], q["value"]))
+    assert q["teacher_gpu_hours"] == pytest.approx(348.0)
+    assert q["compress_llama70b_gpu_hours"] == pytest.approx(348 * 0.2)
+    assert q["compression_gpu_hours"] == pytest.approx(348 * 0.23)
+    assert q["upstream_gpu_hours"] == pytest.approx(348 * 1.23)
+    assert q["other_upstream_gpu_hours"] == pytest.approx(70 * 1.23)
+    assert q["total_gpu_hours"] == pytest.approx(100 + 348 * 1.23)
+    assert q["all_cells_gpu_hours"] == pytest.approx(100 + 418 * 1.23)
+
+
+def test_upstream_without_the_papers_teacher_counts_every_teacher(tmp_path):
+    _upstream_grid(tmp_path, ["toy-a", "toy-b"], {"toy-a": 1.0, "toy-b": 2.0})
+    g = report.read_grid(tmp_path)
+    assert report.upstream_teachers(g) == ["toy-a", "toy-b"]
+    _, q = report.grid_compute(g)
+    q = dict(zip(q["quantity"], q["value"]))
+    assert q["upstream_gpu_hours"] == pytest.approx(3 * 1.23) and q["other_upstream_gpu_hours"] == 0
