@@ -12,12 +12,13 @@ Throughput, per stage:
   ``k*N*D / (GPU-seconds * peak)`` with ``k`` = 6 (Full) or 4 (LoRA) as in :func:`cdlib.train.flops_estimate`,
   ``N`` the student's active parameters, ``D`` its trainable tokens and the H100 dense BF16 peak;
 * teacher generation and compression under the Qwen teacher: calibrated on the paper's measured GPU-hours
-  (Appendix H.4) over the tokens its tables give;
+  (Appendix H.4, derived from its wall-clock times in :func:`paper_upstream`) over the tokens its tables give;
 * what the paper did not measure (the gpt-oss teacher's generation, evaluation, judging): the stated vLLM
   throughputs of :data:`VLLM_TOKENS_PER_GPU_S`, each with its source.
 
-The paper's 705 H100-hours count the Qwen teacher's generation and compression plus the 55 training runs
-(:data:`PAPER_SCOPE`); the other stages are projected beside them but outside that comparison.
+The paper's 705 H100-hours count the Qwen teacher's generation and its two compressions (424, App. H.4) plus
+the 55 training runs (280.9) (:data:`PAPER_SCOPE`); the gpt-oss teacher's generation and compressions,
+evaluation and judging are projected beside them but outside that comparison, as H.4 leaves them out.
 Levers (:data:`LEVERS`) are multipliers on one stage's GPU-hours relative to what the paper did; a factor of
 1.0 means the paper already had the lever, and the note says so.
 """
@@ -53,6 +54,12 @@ VLLM_TOKENS_PER_GPU_S = {
     "gpt-oss-20B": 12_500.0,  # 3.6B active MoE: assumed no faster than a dense 8B
     "gpt-oss-120B": 4_741 / 2,  # GPT-OSS-120B, 2xH100, 100 concurrent (morphllm): teacher and judge
 }
+# A published figure near the teacher stage, to judge whether the paper's teacher pass left throughput unused:
+# Qwen3-235B-A22B-Instruct-2507-FP8 (22B active; Qwen3.5-397B-A17B has 17B) under vLLM on H100, TP4, ShareGPT,
+# 1,000 requests: 8,425 total (prompt + output) tokens/s per 4-GPU replica, unoptimised; 7,787 per replica
+# tuned (GPUStack performance lab, docs.gpustack.ai/latest/performance-lab/qwen3-235b-a22b/h100). ShareGPT's
+# outputs are a few hundred tokens; the teacher's are ~3,700 (Table 4) in a 16k context, which decodes slower.
+TEACHER_REFERENCE_TOKENS_PER_GPU_S = 8_425 / 4
 PREFILL_WEIGHT = 0.1  # one prompt token costs ~1/10 of a decoded one (prefill is batched thousands per forward)
 CHARS_PER_TOKEN = 3.5  # Table 4: mean reasoning chars / mean total tokens is 2.7-4.0 across datasets
 TEACHER_ROUNDS = 4  # params/paper.yaml generate.rounds: attempts of a question never answered correctly
@@ -66,6 +73,26 @@ JUDGE_PROMPT_TOKENS = 600  # the rubric and instructions around the two traces (
 ENGINE_OVERHEAD = 1.0  # benchmarks/README.md: cdlib's engine path vs vLLM direct measured -7.7% (noise): no gain claimed
 
 PAPER_SCOPE = ("generate/qwen3.5-397b", "compress/qwen3.5-397b", "train")  # what the paper's 705 H100-h count
+UPSTREAM_NODE_GPUS = 8  # App. H.1: "Trace generation and trace compression use 8 H100s on a single node"
+
+
+def paper_upstream() -> pl.DataFrame:
+    """Appendix H.4's upstream GPU-hours rebuilt from its own wall-clock times: wall-clock x 8 GPUs per pass.
+
+    H.4 counts exactly three passes, each on one 8 x H100 node (H.1, H.2): the Qwen3.5-397B-A17B teacher pass
+    over 345,383 questions, "≈ 43.5 h (≈ 348 H100-h)"; compressing its 283,335 correct traces (Table 4's Qwen
+    total) with Ministral-3-14B, "1 h 09 m (≈ 9.2 H100-h)", and with Llama-3.3-70B, "8 h 19 m (≈ 66.5 H100-h)".
+    43.5 x 8 = 348.0, 1.15 x 8 = 9.2, 8.317 x 8 = 66.5: 423.7 in all, printed "≈ 424" and equal to H.5's
+    704.9 - 280.9 = 424.0. Not counted (H.4 names neither): the gpt-oss-120B teacher's pass over the same
+    questions and the two compressions of its 281,911 traces, evaluation, judging. The paper gives no
+    throughput; :func:`stages` derives one from these hours and the token counts of Tables 4 and 5.
+    Columns: stage, wall_hours, gpus, gpu_hours (derived), printed (the paper's rounded figure).
+    """
+    passes = (("generate/qwen3.5-397b", "teacher"), ("compress/qwen3.5-397b__llama70b", "compress_llama70b"),
+              ("compress/qwen3.5-397b__ministral14b", "compress_ministral14b"))
+    return pl.DataFrame([{"stage": stage, "wall_hours": _compute(f"{q}_wall_hours"), "gpus": UPSTREAM_NODE_GPUS,
+                          "gpu_hours": _compute(f"{q}_wall_hours") * UPSTREAM_NODE_GPUS,
+                          "printed": _compute(f"{q}_gpu_hours")} for stage, q in passes])
 
 
 @dataclass(frozen=True)
@@ -213,16 +240,18 @@ def stages(apply: tuple[str, ...] | None = None, factors: dict[str, float] | Non
     factors = {**{n: lv.factor for n, lv in all_levers.items()}, **(factors or {})}
     rows = []
     judge_tps = VLLM_TOKENS_PER_GPU_S["gpt-oss-120B"]
+    up = dict(paper_upstream().select("stage", "gpu_hours").iter_rows())  # H.4: wall-clock x 8 GPUs
     # teacher generation: the Qwen pass is calibrated on the paper's 348 H100-h; gpt-oss is not in the paper's 705
     q_gen = _generate_tokens("Qwen3.5-397B-A17B")
-    q_gen_tps = q_gen / (_compute("teacher_gpu_hours") * 3600)
-    rows.append(("generate/qwen3.5-397b", "generate", q_gen, _compute("teacher_gpu_hours"), q_gen_tps))
+    q_gen_tps = q_gen / (up["generate/qwen3.5-397b"] * 3600)
+    rows.append(("generate/qwen3.5-397b", "generate", q_gen, up["generate/qwen3.5-397b"], q_gen_tps))
     rows.append(("generate/gpt-oss-120b", "generate", _generate_tokens("gpt-oss-120B"), None, judge_tps))
     # compression: calibrated per compressor on the Qwen teacher's pass, applied to the gpt-oss teacher's traces
-    for comp, q in (("llama70b", "compress_llama70b_gpu_hours"), ("ministral14b", "compress_ministral14b_gpu_hours")):
+    for comp in ("llama70b", "ministral14b"):
         tok = _compress_cost_tokens("Qwen3.5-397B-A17B", comp)
-        tps = tok / (_compute(q) * 3600)
-        rows.append((f"compress/qwen3.5-397b__{comp}", "compress", tok, _compute(q), tps))
+        hours = up[f"compress/qwen3.5-397b__{comp}"]
+        tps = tok / (hours * 3600)
+        rows.append((f"compress/qwen3.5-397b__{comp}", "compress", tok, hours, tps))
         rows.append((f"compress/gpt-oss-120b__{comp}", "compress", _compress_cost_tokens("gpt-oss-120B", comp), None, tps))
     # training: 55 runs at the paper's calibrated MFU
     train = training_hours(token_budget="token_budget" in apply)
@@ -266,6 +295,23 @@ def summary(df: pl.DataFrame) -> dict[str, float]:
     proj = float(scope["projected_h"].sum())
     return {"paper_h": paper_total, "projected_h": proj, "ratio": proj / paper_total,
             "goal_h": paper_total / 3, "full_grid_h": float(df["projected_h"].sum())}
+
+
+def goal_gap(df: pl.DataFrame) -> pl.DataFrame:
+    """Per paper-scope stage: projected H100-h, and what the 1/3 goal (issue 18 item 5) would ask of it.
+
+    ``alone_over_goal``: the stage by itself already exceeds the goal; ``speedup_if_alone``: the factor this
+    stage alone would need with every other stage as projected (null when impossible: the others already
+    exceed the goal); ``speedup_if_uniform``: the factor every paper-scope stage would need, cut alike.
+    """
+    s = summary(df)
+    scope = df.filter("in_paper_scope")
+    rest = s["projected_h"] - scope["projected_h"]
+    budget = s["goal_h"] - rest  # what this stage may cost if every other stage stays as projected
+    return scope.select("stage", "projected_h").with_columns(
+        alone_over_goal=pl.col("projected_h") > s["goal_h"],
+        speedup_if_alone=pl.when(budget > 0).then(pl.col("projected_h") / budget).otherwise(None),
+        speedup_if_uniform=pl.lit(s["projected_h"] / s["goal_h"]))
 
 
 def grid_train_cells(path: str | Path = "params/paper.yaml") -> list[tuple[str, str, str, str]]:

@@ -62,3 +62,32 @@ def test_token_budget_moves_only_training_and_caps_raw_runs():
 def test_unknown_lever_is_named():
     with pytest.raises(KeyError, match="warp_drive"):
         cost.stages(apply=("warp_drive",))
+
+
+def test_upstream_is_h4s_three_passes_rebuilt_from_wall_clock():
+    """App. H.4: the Qwen teacher pass and its two compressions, wall-clock x 8 GPUs, give the printed 348 / 66.5 /
+    9.2 and 424 (= H.5's 704.9 - 280.9); the gpt-oss teacher's passes, evaluation and judging are outside it."""
+    up = cost.paper_upstream()
+    for r in up.iter_rows(named=True):
+        assert r["gpu_hours"] == pytest.approx(r["printed"], abs=0.05), r["stage"]
+    assert up["gpu_hours"].sum() == pytest.approx(_paper("upstream_gpu_hours"), abs=0.5)
+    assert up["gpu_hours"].sum() == pytest.approx(_paper("total_gpu_hours") - _paper("student_training_gpu_hours"),
+                                                  abs=0.5)
+    df = cost.stages(apply=())
+    scope = df.filter("in_paper_scope")
+    assert set(scope["stage"]) == set(up["stage"]) | {"train"}
+    assert not df.filter(df["stage"].str.contains("gpt-oss") | df["kind"].is_in(["evaluate", "judge"]))[
+        "in_paper_scope"].any()
+
+
+def test_goal_gap_says_which_stage_alone_exceeds_the_goal():
+    gap = cost.goal_gap(cost.stages())
+    row = {r["stage"]: r for r in gap.iter_rows(named=True)}
+    assert row["generate/qwen3.5-397b"]["alone_over_goal"] and row["train"]["alone_over_goal"]
+    assert row["generate/qwen3.5-397b"]["speedup_if_alone"] is None  # training alone is already over the goal
+    s = cost.summary(cost.stages())
+    assert gap["speedup_if_uniform"][0] == pytest.approx(s["projected_h"] / s["goal_h"])
+    budget = cost.goal_gap(cost.stages(apply=("token_budget",)))
+    teacher = budget.filter(budget["stage"] == "generate/qwen3.5-397b")
+    others = budget["projected_h"].sum() - teacher["projected_h"][0]
+    assert teacher["speedup_if_alone"][0] == pytest.approx(teacher["projected_h"][0] / (s["goal_h"] - others))
