@@ -26,7 +26,10 @@ Backends (``EngineParams.kind``):
 - ``openai``: any OpenAI-compatible server, through the ``openai`` client
   (its retries with exponential backoff on connection errors, 408/409/429 and
   5xx), with at most ``max_concurrency`` requests in flight. The API key is read
-  from the environment variable *named* by ``api_key_env``.
+  from the environment variable *named* by ``api_key_env``; error messages are
+  scrubbed of it (:func:`scrub`) before anyone stores them. A body that is not a
+  completion (truncated JSON, an HTML page, no choices) is an error naming the
+  endpoint and what was wrong.
 - ``hf``: transformers ``generate``, batched with left padding: the fallback
   where vLLM is not available. No structured output.
 - ``toy``: the scripted teacher of the toy world (:mod:`cdlib.toy`).
@@ -42,6 +45,7 @@ import json
 import os
 import random
 import re
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -150,6 +154,21 @@ def raise_if_unanswered(stage: str, failed: dict[str, str | None], total: int) -
     """Raise :class:`UnansweredError` when ``failed`` (item id -> last error) is not empty."""
     if failed:
         raise UnansweredError(stage, failed, total)
+
+
+_SECRET_HEADER_RE = re.compile(
+    r"(?i)\b((?:proxy-)?authorization|x-api-key|api[-_]key)([\"']?\s*[:=]\s*[\"']?)([^\"'\r\n,;&}]*)"
+)
+
+
+def scrub(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` with the values of ``Authorization`` / ``api-key`` headers (or ``api_key=`` parameters) and
+    every occurrence of each of ``secrets`` replaced by ``***``: for error messages that quote a server's
+    body, which may echo the request's headers, before they are stored or shown."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return _SECRET_HEADER_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
 
 
 def _is_chat(prompts: Sequence[Prompt]) -> bool:
@@ -435,14 +454,100 @@ def close_all() -> None:
 # --------------------------------------------------------------------------- openai
 
 
+#: Characters of a server's body quoted in an error message (scrubbed, whitespace collapsed).
+BODY_QUOTE_CHARS = 200
+#: Extra tries (at most ``max_retries``) for a request answered with a body that is not a completion.
+BAD_BODY_RETRIES = 2
+#: Seconds before the first such retry; doubled for the next.
+BAD_BODY_BACKOFF_S = 0.25
+
+
+class BadBodyError(ValueError):
+    """A server answered a request with a body that is not a completion; the message names the URL and the fault."""
+
+
+def _quote_body(response: Any, secrets: Sequence[str] = ()) -> str:
+    """``(content type, N bytes): 'first characters'`` of an HTTP response, for error messages.
+
+    The body is scrubbed before it is cut, so no prefix of a secret survives the cut.
+    """
+    kind = response.headers.get("content-type", "no content type")
+    text = scrub(response.content[:65536].decode("utf-8", "replace"), secrets)
+    return f"({kind}, {len(response.content)} bytes): {' '.join(text.split())[:BODY_QUOTE_CHARS]!r}"
+
+
+def _read_choice(response: Any, chat: bool, secrets: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The first choice and the usage (``{}`` when absent) of a completion response.
+
+    Raises :class:`BadBodyError` naming the endpoint and what was wrong: a body
+    that is not JSON (an HTML error page, JSON cut short), JSON that is not an
+    object, no or an empty ``choices`` list, a choice without its ``message`` /
+    ``text``.
+    """
+
+    def bad(what: str) -> BadBodyError:
+        return BadBodyError(f"{response.url} returned {what} {_quote_body(response, secrets)}")
+
+    try:
+        body = json.loads(response.content)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise bad("a non-JSON body") from None
+    if not isinstance(body, dict):
+        raise bad("JSON that is not an object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise bad("an empty 'choices' list" if choices == [] else "no 'choices' list")
+    choice = choices[0]
+    if chat:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("content", ""), (str, type(None))):
+            raise bad("a choice without a 'message' with text content")
+    elif not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        raise bad("a choice without 'text'")
+    usage = body.get("usage")
+    return choice, usage if isinstance(usage, dict) else {}
+
+
+def _token_counts(usage: dict[str, Any]) -> tuple[int, int]:
+    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return tuple(n if isinstance(n, int) else 0 for n in counts)  # type: ignore[return-value]
+
+
+def _describe_failure(exc: BaseException, max_retries: int, secrets: Sequence[str] = ()) -> str:
+    """An error message for a failed request that names the endpoint and what went wrong (not yet scrubbed)."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        response = exc.response
+        retried = f" after {max_retries} retries" if exc.status_code in (408, 409, 429) or exc.status_code >= 500 else ""
+        return f"{type(exc).__name__}: {response.url} answered HTTP {exc.status_code}{retried} {_quote_body(response, secrets)}"
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts; the cause says what broke
+        cause = exc.__cause__
+        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+        return f"{type(exc).__name__}: {exc.request.url}: {exc}{why} after {max_retries} retries"
+    return f"{type(exc).__name__}: {exc}"
+
+
 class OpenAIEngine(Engine):
     """An OpenAI-compatible server (``vllm serve``, a hosted teacher) with bounded concurrency and retries.
 
     Retries with exponential backoff and jitter are the ``openai`` client's own
-    (``max_retries``; connection errors, 408, 409, 429 and 5xx). Requests run on
-    a thread pool of ``max_concurrency`` workers, which also works inside
-    Jupyter's running event loop. The key comes from ``os.environ[api_key_env]``
-    and is kept only inside the client.
+    (``max_retries``; connection errors, timeouts, 408, 409, 429 and 5xx). A body
+    that is not a completion (an HTML page from a proxy, JSON cut short, no or
+    empty ``choices``, a choice without its text) is tried again
+    :data:`BAD_BODY_RETRIES` times (at most ``max_retries``; a cut-off body is
+    often transient, a proxy's page seldom is), then becomes an error completion
+    (``finish_reason="error"``, ``transient``) whose message names the endpoint,
+    the fault, the content type and size, and quotes the body's first
+    :data:`BODY_QUOTE_CHARS` characters. Other 4xx answers are not retried. Requests
+    run on a thread pool of ``max_concurrency`` workers, which also works inside
+    Jupyter's running event loop.
+
+    The key comes from ``os.environ[api_key_env]`` and is kept only inside the
+    client: every error message is passed through :func:`scrub` (header values
+    of ``Authorization`` / ``api-key`` and the key itself become ``***``) before
+    it reaches a :class:`Completion`, so a server that echoes the request's
+    headers in an error body leaks nothing into a stage's stores.
     """
 
     def __init__(self, params: EngineParams):
@@ -455,8 +560,10 @@ class OpenAIEngine(Engine):
             if not os.environ.get(params.api_key_env):
                 raise KeyError(f"engine.api_key_env: environment variable {params.api_key_env!r} is not set")
             api_key = os.environ[params.api_key_env]
+            self._secrets: tuple[str, ...] = (api_key,)
         else:
             api_key = "EMPTY"  # local vLLM servers accept any key
+            self._secrets = ()
         self.client = openai.OpenAI(
             base_url=params.base_url,
             api_key=api_key,
@@ -479,41 +586,50 @@ class OpenAIEngine(Engine):
         extra: dict[str, Any] = {}  # vLLM server extensions, sent only when used
         if sampling.top_k > 0:
             extra["top_k"] = sampling.top_k
-        try:
-            if chat:
-                if p.chat_template_kwargs:
-                    extra["chat_template_kwargs"] = p.chat_template_kwargs
-                if json_schema is not None:
-                    common["response_format"] = {
-                        "type": "json_schema",
-                        "json_schema": {"name": "output", "schema": json_schema},
-                    }
-                resp = self.client.chat.completions.create(messages=prompt, extra_body=extra or None, **common)
-                choice = resp.choices[0]
-                message = choice.message
-                content = message.content or ""
-                server_reasoning = getattr(message, "reasoning", None) or getattr(message, "reasoning_content", None)
-                usage = resp.usage
-                counts = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-                if server_reasoning:  # the server's reasoning parser split it already
-                    return Completion(
-                        text=f"<think>\n{server_reasoning}\n</think>\n\n{content}",
-                        reasoning=server_reasoning,
-                        answer=content,
-                        prompt_tokens=counts[0],
-                        completion_tokens=counts[1],
-                        finish_reason="length" if choice.finish_reason == "length" else "stop",
-                    )
-                return _completion(content, counts[0], counts[1], choice.finish_reason)
+        if chat:
+            if p.chat_template_kwargs:
+                extra["chat_template_kwargs"] = p.chat_template_kwargs
+            if json_schema is not None:
+                common["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": json_schema}}
+            create, common["messages"] = self.client.chat.completions.with_raw_response.create, prompt
+        else:
             if json_schema is not None:
                 extra["structured_outputs"] = {"json": json_schema, "disable_any_whitespace": True}
-            resp = self.client.completions.create(prompt=prompt, extra_body=extra or None, **common)
-            choice = resp.choices[0]
-            usage = resp.usage
-            counts = (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
-            return _completion(choice.text or "", counts[0], counts[1], choice.finish_reason, prompt_opens_think(prompt))
-        except Exception as e:  # noqa: BLE001 - one failed request must not lose the batch
-            return _error(e, transient=not _rejects_request(e))
+            create, common["prompt"] = self.client.completions.with_raw_response.create, prompt
+        tries = 1 + min(BAD_BODY_RETRIES, p.max_retries)
+        for attempt in range(tries):
+            try:  # the raw response: its body is read here, so a bad one is named rather than a KeyError
+                choice, usage = _read_choice(create(extra_body=extra or None, **common).http_response, chat, self._secrets)
+                break
+            except BadBodyError as e:
+                if attempt + 1 < tries:
+                    time.sleep(BAD_BODY_BACKOFF_S * 2**attempt)
+                    continue
+                return self._failed(BadBodyError(f"{e} ({tries} tries)" if tries > 1 else str(e)))
+            except Exception as e:  # noqa: BLE001 - one failed request must not lose the batch
+                return self._failed(e)
+        prompt_tokens, completion_tokens = _token_counts(usage)
+        if not chat:
+            return _completion(choice["text"], prompt_tokens, completion_tokens, choice.get("finish_reason"),
+                               prompt_opens_think(prompt))
+        message = choice["message"]
+        content = message.get("content") or ""
+        server_reasoning = message.get("reasoning") or message.get("reasoning_content")
+        if server_reasoning:  # the server's reasoning parser split it already
+            return Completion(
+                text=f"<think>\n{server_reasoning}\n</think>\n\n{content}",
+                reasoning=server_reasoning,
+                answer=content,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+            )
+        return _completion(content, prompt_tokens, completion_tokens, choice.get("finish_reason"))
+
+    def _failed(self, exc: BaseException) -> Completion:
+        """The error completion for a failed request, its message scrubbed of the key and auth headers."""
+        message = scrub(_describe_failure(exc, self.params.max_retries, self._secrets), self._secrets)
+        return Completion(text="", finish_reason="error", error=message, transient=not _rejects_request(exc))
 
     def generate(self, prompts, sampling, json_schema=None, rows=None):
         prompts = list(prompts)
