@@ -1798,7 +1798,9 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
                "Each option the paper's protocol fixes, the value(s) this grid's cells used, the paper's value and "
                "whether the tables below follow a deviation. Definitions: Table 5's ρ = mean compressed / mean "
                "original characters; Table 7's ± = 1.96 × SE (a 95% interval, column _ci95) beside the SE; Table 7's "
-               "groups per the evaluate stage's grouping; Overall over every record; Table 10 over the judged datasets.", 0)
+               "groups per the evaluate stage's grouping; Overall over every record; Table 10 over the judged datasets; "
+               "Tables 6 and 11's tokens = supervised tokens of every source row, validation split included, one pass "
+               "(App. H.4); upstream GPU-hours = the Qwen teacher's pass and its two compressions (App. H.4).", 0)
 
     page.section("generation", "Stage 1: teacher traces", "Rejection sampling kept only verified-correct traces (paper 3.1, App. A).")
     if generation is None:
