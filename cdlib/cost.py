@@ -140,6 +140,11 @@ def levers() -> dict[str, Lever]:
                               "instructions' prefill; whether the paper's vLLM had it on is not stated"),
         "no_resample_answered": Lever("generate", 1.0, True,
                                       "cdlib.generate drops answered questions each round; so did the paper (Sec. 3.1)"),
+        "mtp_speculative": Lever("generate", 1.0, False,
+                                 "Qwen3.5's multi-token-prediction head as vLLM speculative decoding, reachable through "
+                                 "engine.vllm_kwargs (speculative_config); lossless, but the 2-3x quoted for it "
+                                 "(lambda.ai model page) is not stated for a batch of 512, and speculative gains "
+                                 "shrink as batches fill the GPU: no measured factor, so 1.0 and off"),
         "token_budget": Lever("train", float("nan"), False,
                               "compute-matched budgets (train.token_budget): every run capped at the trainable tokens "
                               "of its Llama-70B-compressed counterpart; changes the experiment, so off by default"),
