@@ -74,9 +74,10 @@ def main() -> None:
                   f"lever has a factor below 1.0 against the paper's own setup there (see the levers table).")
     teacher = default.filter(default["stage"] == "generate/qwen3.5-397b")["tokens_per_gpu_s"][0]
     ref = cost.TEACHER_REFERENCE_TOKENS_PER_GPU_S
+    need = cost.summary(default)["ratio"] * 3
     print(f"\nIs the teacher pass slow? The paper's implied {teacher:,.0f} decoded tokens/s per H100 (plus prompts) "
           f"against {ref:,.0f} total tokens/s per H100 published for Qwen3-235B-A22B-FP8 under vLLM on ShareGPT "
-          f"(short outputs, GPUStack): at most {ref / teacher:.1f}x headroom, short of the {cost.summary(default)['ratio'] * 3:.1f}x "
+          f"(short outputs, GPUStack): at most {ref / teacher:.1f}x headroom, short of the {need:.1f}x "
           f"the goal would need of every stage.")
 
 
