@@ -25,9 +25,29 @@ def test_notebook_is_clean(path):
 
 @pytest.mark.parametrize("stage", sorted(set(STAGE_NOTEBOOKS) & set(STAGE_MODELS)))
 def test_stage_notebook_declares_exactly_the_model_fields(stage):
+    """Same names, and the same default values as the model (issue 17 item 5).
+
+    The grid runner injects only the keys a grid sets and validates cells with the model's
+    defaults, so a notebook default that differs would run what was not validated. Exempt:
+    keys the model requires (the notebook gives a scratch value so it runs in JupyterLab), and
+    an optional input cell the model leaves None that the notebook points at the scratch chain
+    (``outputs/scratch/<stage>``), so 01 -> 02 -> 03 run in order with their defaults.
+    """
+    import ast
+
+    model = STAGE_MODELS[stage]
     declared = nbtools.declared_parameters(STAGE_NOTEBOOKS[stage])
-    assert set(declared) == set(STAGE_MODELS[stage].model_fields)
+    assert set(declared) == set(model.model_fields)
     assert all(p["help"] for p in declared.values())
+    values = {k: ast.literal_eval(p["default"]) for k, p in declared.items()}
+    required = {k for k, f in model.model_fields.items() if f.is_required()}
+    scratch_inputs = {k for k, v in values.items() if isinstance(v, str) and v.startswith("outputs/scratch/")
+                      and model.model_fields[k].default is None}
+    from_notebook = model.model_validate(values).model_dump()
+    from_model = model.model_validate({k: values[k] for k in required}).model_dump()
+    differ = {k: (from_notebook[k], from_model[k]) for k in model.model_fields
+              if k not in required | scratch_inputs and from_notebook[k] != from_model[k]}
+    assert differ == {}, f"{STAGE_NOTEBOOKS[stage].name}: notebook default != model default (notebook, model): {differ}"
 
 
 def test_no_ipynb_is_tracked():
