@@ -12,10 +12,11 @@ one; the toy world overrides them in ``params/demo.yaml``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -32,6 +33,13 @@ class Strict(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hide_keys(cls, data: Any) -> Any:
+        """An ``api_key_env`` that is no variable name may be the key itself: replace it (:func:`hide_keys`)
+        before any error message of this model, which may quote its whole input, can show it."""
+        return hide_keys(data)
 
 
 # --------------------------------------------------------------------------- engines
@@ -66,6 +74,37 @@ class EngineParams(Strict):
     max_concurrency: int = Field(32, ge=1)
     max_retries: int = Field(5, ge=0)
     request_timeout_s: float = Field(600, gt=0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_env_name(value):  # a key-shaped value arrives as NOT_SHOWN
+            raise ValueError("must be the NAME of the environment variable that holds the API key (letters, digits "
+                             "and '_', e.g. OPENAI_API_KEY), not the key; the value given is not shown")
+        return value
+
+
+NOT_SHOWN = "<not shown>"
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# sk-/hf_-style prefixes, or 20+ characters mixing lower case, upper case and digits: a token, not a name
+_TOKEN_SHAPED_RE = re.compile(r"(?:sk|pk|rk|hf|ghp|gho|ghs|github_pat)_.{16}|(?=.*[a-z])(?=.*[A-Z])(?=.*[0-9]).{20}")
+
+
+def is_env_name(value: str) -> bool:
+    """Whether ``value`` looks like an environment variable's name (``OPENAI_API_KEY``) rather than a secret
+    (``sk-...``, ``hf_...``, a long random mix of cases and digits)."""
+    return bool(_ENV_NAME_RE.fullmatch(value)) and not _TOKEN_SHAPED_RE.match(value)
+
+
+def hide_keys(value: Any) -> Any:
+    """``value`` with every ``api_key_env`` that is no variable name (perhaps the key) replaced by
+    :data:`NOT_SHOWN`, in nested dicts and lists too: for error messages that quote a whole input."""
+    if isinstance(value, dict):
+        return {k: NOT_SHOWN if k == "api_key_env" and isinstance(v, str) and not is_env_name(v) else hide_keys(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [hide_keys(v) for v in value]
+    return value
 
 
 class SamplingParams(Strict):
@@ -309,7 +348,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{source}: key '{key}': {msg}" + (f" (got {e['input']!r})" if e["type"] not in ("extra_forbidden", "missing") else ""))
+        lines.append(f"{source}: key '{key}': {msg}" + (f" (got {hide_keys(e['input'])!r})" if e["type"] not in ("extra_forbidden", "missing") else ""))
     return "\n".join(lines)
 
 
