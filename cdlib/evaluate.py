@@ -221,3 +221,61 @@ def group_table(metrics: dict[str, Any]):
     rows.append({"group": "Overall", "accuracy": metrics["accuracy"], "se": metrics["accuracy_se"],
                  "ci95": metrics.get("accuracy_ci95"), "n": metrics["n"]})
     return pl.DataFrame(rows)
+
+
+def grouping_table(grouping: str = "paper"):
+    """Which dataset feeds which report group under ``grouping`` (a key of :data:`GROUPINGS`), as a polars frame.
+
+    A dataset not listed keeps its row's own ``group`` (the "dataset" grouping lists none).
+    """
+    import polars as pl
+
+    if grouping not in GROUPINGS:
+        raise ValueError(f"evaluate: grouping {grouping!r} unknown; known: {', '.join(GROUPINGS)}")
+    table = GROUPINGS[grouping]
+    return pl.DataFrame({"dataset": list(table), "group": list(table.values())},
+                        schema={"dataset": pl.String, "group": pl.String})
+
+
+def count_table(counts: dict[str, int], name: str):
+    """``{label: count}`` as a polars frame of ``name`` and ``count``, most frequent first."""
+    import polars as pl
+
+    return pl.DataFrame({name: list(counts), "count": list(counts.values())},
+                        schema={name: pl.String, "count": pl.Int64}).sort("count", descending=True)
+
+
+def rule_table(metrics: dict[str, Any]):
+    """How often each extraction rule found the answer (:func:`summarize`'s ``rules``), most frequent first.
+
+    Many ``none`` or ``truncated`` means the student rarely finishes or ignores the answer format.
+    """
+    return count_table(metrics.get("rules", {}), "rule")
+
+
+OUTPUT_COLUMNS = ("id", "group", "gold", "extracted", "correct", "rule", "completion_tokens", "finish_reason")
+
+
+def worst_outputs(out_dir: str | Path, n: int = 10):
+    """The first ``n`` scored outputs of an evaluate cell, wrong ones first and, among them, those cut at
+    the token cap first: :data:`OUTPUT_COLUMNS` as a polars frame."""
+    import polars as pl
+
+    df = Store(Path(out_dir) / "outputs.jsonl").to_polars()
+    if df.is_empty():
+        return df
+    return df.sort("correct", pl.col("finish_reason") != "length").select(OUTPUT_COLUMNS).head(n)
+
+
+def wrong_endings(out_dir: str | Path, n: int = 2, chars: int = 1500) -> str:
+    """How many outputs of an evaluate cell are wrong, then the last ``chars`` characters of the first ``n``
+    wrong ones (where the answer should be), each under a line with its id, gold, extracted answer and finish."""
+    import polars as pl
+
+    df = Store(Path(out_dir) / "outputs.jsonl").to_polars()
+    wrong = df.filter(~pl.col("correct")) if not df.is_empty() else df
+    parts = [f"{wrong.height} wrong of {df.height}"]
+    for rec in wrong.head(n).to_dicts():
+        parts.append(f"--- {rec['id']}: gold {rec['gold']}, extracted {rec['extracted']} ({rec['finish_reason']})\n"
+                     f"{rec['text'][-chars:]}\n")
+    return "\n".join(parts)

@@ -208,3 +208,40 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
     return {"per_dataset": t.filter(pl.col("dataset") != "overall").to_dicts(),
             **{k: overall[k] for k in ("n", "parse_failures", "faithfulness", "pct_faithful", "pct_aligned")},
             "failure_modes": modes}
+
+
+def failure_mode_table(metrics: dict[str, Any]):
+    """Failure modes named by the judge (:func:`metrics`' ``failure_modes``; a trace can have several) and
+    how often, most frequent first, as a polars frame."""
+    from cdlib.evaluate import count_table
+
+    return count_table(metrics.get("failure_modes", {}), "failure_mode")
+
+
+EXAMPLE_COLUMNS = ("id", "dataset", "faithfulness", "verdict", "answer_alignment", "failure_modes", "rationale")
+
+
+def _least_faithful_first(out_dir: str | Path, compressed: str | Path):
+    """The judgements of a judge cell beside each compression's ``reasoning`` (from the compress cell
+    ``compressed``, flagged ones included), least faithful first, parse failures (no score) before all."""
+    from cdlib.compress import load
+
+    judged = Store(Path(out_dir) / "judgements.jsonl").to_polars()
+    if judged.is_empty():
+        return judged
+    joined = judged.join(load(compressed, include_flagged=True).select("id", "reasoning"), on="id", how="left")
+    return joined.sort("faithfulness", nulls_last=False)
+
+
+def least_faithful(out_dir: str | Path, compressed: str | Path, n: int = 10):
+    """The ``n`` least faithful judged compressions with the judge's verdict: :data:`EXAMPLE_COLUMNS`."""
+    df = _least_faithful_first(out_dir, compressed)
+    return df.select(EXAMPLE_COLUMNS).head(n) if not df.is_empty() else df
+
+
+def least_faithful_text(out_dir: str | Path, compressed: str | Path, n: int = 2, chars: int = 1500) -> str:
+    """The ``n`` least faithful compressions as text: a line with id, verdict, faithfulness and the judge's
+    rationale, then the compression's first ``chars`` characters."""
+    rows = _least_faithful_first(out_dir, compressed).head(n).to_dicts()
+    return "\n".join(f"--- {r['id']}: {r['verdict']} (faithfulness {r['faithfulness']}); {r['rationale']}\n"
+                     f"{(r['reasoning'] or '')[:chars]}\n" for r in rows)

@@ -22,12 +22,10 @@ grouping: str = "paper"  # report groups: "paper" (the n its ± imply) or "datas
 
 # %%
 import IPython.display
-import polars as pl
 
 import cdlib.evaluate
 import cdlib.grid
 import cdlib.params
-import cdlib.store
 
 P = cdlib.params.from_notebook("evaluate", globals())
 P
@@ -51,8 +49,7 @@ cdlib.grid.write_metrics(P.out_dir, metrics)
 # row of Table 7. Which dataset feeds which group is one table, `cdlib.evaluate.GROUPINGS[grouping]`:
 
 # %%
-IPython.display.display(pl.DataFrame({"dataset": list(cdlib.evaluate.GROUPINGS[P.grouping]),
-                      "group": list(cdlib.evaluate.GROUPINGS[P.grouping].values())}))
+IPython.display.display(cdlib.evaluate.grouping_table(P.grouping))
 cdlib.evaluate.group_table(metrics)
 
 # %% [markdown]
@@ -60,22 +57,16 @@ cdlib.evaluate.group_table(metrics)
 # rarely finishes or ignores the answer format).
 
 # %%
-pl.DataFrame({"rule": list(metrics.get("rules", {})), "count": list(metrics.get("rules", {}).values())}).sort(
-    "count", descending=True)
+cdlib.evaluate.rule_table(metrics)
 
 # %% [markdown]
 # A few outputs, wrong ones and those cut at the token cap first.
 
 # %%
-outputs = cdlib.store.Store(f"{P.out_dir}/outputs.jsonl").to_polars()
-outputs.sort("correct", pl.col("finish_reason") != "length").select(
-    "id", "group", "gold", "extracted", "correct", "rule", "completion_tokens", "finish_reason").head(10)
+cdlib.evaluate.worst_outputs(P.out_dir, n=10)
 
 # %% [markdown]
 # The end of two wrong outputs, where the answer should be.
 
 # %%
-wrong = outputs.filter(~pl.col("correct"))
-print(f"{wrong.height} wrong of {outputs.height}")
-for rec in wrong.head(2).to_dicts():
-    print(f"--- {rec['id']}: gold {rec['gold']}, extracted {rec['extracted']} ({rec['finish_reason']})\n{rec['text'][-1500:]}\n")
+print(cdlib.evaluate.wrong_endings(P.out_dir, n=2))

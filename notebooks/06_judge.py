@@ -19,13 +19,9 @@ exclude_datasets: list = []  # datasets not judged (paper Table 10: mmlu_stem, m
 limit: int = None  # judge only the first N compressions (None: all)
 
 # %%
-import polars as pl
-
-import cdlib.compress
 import cdlib.grid
 import cdlib.judge
 import cdlib.params
-import cdlib.store
 
 P = cdlib.params.from_notebook("judge", globals())
 P
@@ -45,18 +41,13 @@ cdlib.judge.table10(P.out_dir)
 # Failure modes named by the judge (a trace can have several).
 
 # %%
-pl.DataFrame({"failure_mode": list(metrics.get("failure_modes", {})),
-              "count": list(metrics.get("failure_modes", {}).values())}).sort("count", descending=True)
+cdlib.judge.failure_mode_table(metrics)
 
 # %% [markdown]
 # A few judged examples, least faithful first: the compression and the judge's verdict.
 
 # %%
-judged = cdlib.store.Store(f"{P.out_dir}/judgements.jsonl").to_polars()
-examples = judged.join(cdlib.compress.load(P.compressed, include_flagged=True).select("id", "reasoning"), on="id", how="left")
-examples = examples.sort("faithfulness", nulls_last=False)
-examples.select("id", "dataset", "faithfulness", "verdict", "answer_alignment", "failure_modes", "rationale").head(10)
+cdlib.judge.least_faithful(P.out_dir, P.compressed, n=10)
 
 # %%
-for rec in examples.head(2).to_dicts():
-    print(f"--- {rec['id']}: {rec['verdict']} (faithfulness {rec['faithfulness']}); {rec['rationale']}\n{rec['reasoning'][:1500]}\n")
+print(cdlib.judge.least_faithful_text(P.out_dir, P.compressed, n=2))

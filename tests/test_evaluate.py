@@ -67,3 +67,30 @@ def test_paper_table7_plus_minus_is_a_95_percent_interval_not_the_se():
                               & (paper.pl.col("source") == "raw")).row(0, named=True)
     assert round(g["ci95"], 3) == pub["ci95"] == 0.027
     assert round(g["se"], 3) != pub["ci95"]
+
+
+def test_notebook_tables_come_from_cdlib_evaluate(tmp_path):
+    """What 05_evaluate shows (issue 17 item 6): groupings, rule counts, wrong and capped outputs first."""
+    from cdlib import evaluate
+    from cdlib.store import Store
+
+    paper = evaluate.grouping_table("paper")
+    assert dict(zip(paper["dataset"], paper["group"]))["medexpqa"] == "Medicine"
+    assert evaluate.grouping_table("dataset").columns == ["dataset", "group"]
+    with pytest.raises(ValueError, match="grouping 'papr' unknown"):
+        evaluate.grouping_table("papr")
+    assert sorted(evaluate.rule_table(summarize(RECORDS)).rows()) == [
+        ("answer_is", 1), ("boxed", 1), ("letter", 1), ("none", 1), ("truncated", 1)]
+    assert evaluate.rule_table(summarize(RECORDS + [rec("Math", True, 1)])).row(0) == ("boxed", 2)
+    assert evaluate.rule_table({}).height == 0
+    base = {"group": "Math", "gold": "7", "rule": "boxed", "completion_tokens": 5}
+    Store(tmp_path / "outputs.jsonl").append([
+        {**base, "id": "right", "extracted": "7", "correct": True, "finish_reason": "stop", "text": "so 7"},
+        {**base, "id": "wrong", "extracted": "6", "correct": False, "finish_reason": "stop", "text": "x" * 2000 + "so 6"},
+        {**base, "id": "capped", "extracted": None, "correct": False, "finish_reason": "length", "text": "and then"}])
+    worst = evaluate.worst_outputs(tmp_path, n=2)
+    assert worst["id"].to_list() == ["capped", "wrong"] and worst.columns == list(evaluate.OUTPUT_COLUMNS)
+    text = evaluate.wrong_endings(tmp_path, n=1, chars=100)
+    assert text.startswith("2 wrong of 3\n--- wrong: gold 7, extracted 6 (stop)\n") and "x" * 96 + "so 6\n" in text
+    assert "x" * 97 not in text and "capped" not in text
+    assert evaluate.wrong_endings(tmp_path / "none") == "0 wrong of 0"

@@ -65,3 +65,26 @@ BASE = {"answer_type": "numeric", "gold": "7", "choices": None, "original_reason
 def test_rule_judge(comp, verdict, modes):
     v = judge.rule_verdict({**BASE, "reasoning": comp})
     assert v.verdict == verdict and v.failure_modes == modes
+
+
+def test_notebook_tables_come_from_cdlib_judge(tmp_path):
+    """What 06_judge shows (issue 17 item 6): failure-mode counts, least faithful first, parse failures before all."""
+    from cdlib.store import Store
+
+    assert judge.failure_mode_table({"failure_modes": {"incoherent": 1, "contradiction": 3}}).rows() == [
+        ("contradiction", 3), ("incoherent", 1)]
+    comp, out = tmp_path / "compress", tmp_path / "judge"
+    Store(comp / "compressed.jsonl").append(
+        {"id": i, "reasoning": f"compressed {i}", "flag": None, "original_chars": 10, "compressed_chars": 5}
+        for i in ("a", "b", "c"))
+    base = {"dataset": "toy", "compressor": "extractive", "flag": None, "parse_error": None}
+    Store(out / "judgements.jsonl").append([
+        {**base, "id": "a", **GOOD},
+        {**base, "id": "b", **GOOD, "faithfulness": 2, "verdict": "unfaithful", "rationale": "adds a step"},
+        {**base, "id": "c", "parse_error": "invalid JSON: x"}])
+    worst = judge.least_faithful(out, comp, n=2)
+    assert worst["id"].to_list() == ["c", "b"] and worst.columns == list(judge.EXAMPLE_COLUMNS)
+    text = judge.least_faithful_text(out, comp, n=3, chars=12)
+    assert text.splitlines()[3:5] == ["--- b: unfaithful (faithfulness 2); adds a step", "compressed b"]
+    assert text.index("--- c") < text.index("--- b") < text.index("--- a")
+    assert judge.least_faithful(tmp_path / "empty", comp).height == 0

@@ -82,3 +82,10 @@ def test_declared_parameters_via_papermill():
     d = nbtools.declared_parameters(REPO / "tests/notebooks/square.py")
     assert d["x"] == {"type": "int", "default": "2", "help": "the number to square"}
     assert list(d) == ["out_dir", "x", "upstream", "fail", "sleep_s", "log", "steps"]
+
+
+@pytest.mark.parametrize("name", ["05_evaluate.py", "06_judge.py"])
+def test_evaluate_and_judge_notebooks_hold_no_frame_logic(name):
+    """Issue 17 item 6: their tables come from cdlib.evaluate / cdlib.judge; the notebook only calls them."""
+    text = (REPO / "notebooks" / name).read_text()
+    assert "polars" not in text and "pl." not in text and ".to_polars(" not in text
