@@ -143,4 +143,8 @@ def test_a_grid_cell_against_a_server_echoing_headers_leaks_no_key_anywhere(echo
     assert {"params.yaml", "manifest.json", "attempts.jsonl", "01_generate.ipynb"} <= written, (written, out.stderr)
     assert _files_holding(tmp_path, key) == []
     assert "answered HTTP 500" in (cell / "attempts.jsonl").read_text()
+    # the failed cell's error (questions left unanswered) reached the manifest and the notebook, scrubbed
+    manifest = json.loads((cell / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "invalid api key *** for this model" in manifest["error"]["message"]
+    assert "invalid api key *** for this model" in (cell / "01_generate.ipynb").read_text()
     assert key not in out.stdout + out.stderr and key[-12:] not in out.stdout + out.stderr
