@@ -42,8 +42,11 @@ Each cell runs its notebook with papermill into ``outputs/<grid>/<stage>/<cell>/
 which holds the executed notebook, ``params.yaml``, the notebook's own outputs,
 ``metrics.json`` and ``manifest.json``. Done cells are skipped, failed or
 interrupted ones rerun in place (their stores resume), a failure never stops the
-other cells, and a cell directory whose ``params.yaml`` differs from the grid's
-is refused. ``results.parquet`` collects a row per finished cell. A finished cell of a
+other cells (nor does a full disk or a read-only directory: the cell fails naming the
+path and errno, and leaves no temporary file behind), and a cell directory whose
+``params.yaml`` differs from the grid's is refused. Grids are checked before anything
+runs, by ``status`` and ``slurm`` as by ``run``: params against strict stage models,
+cells whose inputs form a cycle, a selection that matches no cell. ``results.parquet`` collects a row per finished cell. A finished cell of a
 stage without inputs (a report) runs again when earlier-stage cells run after it.
 
 ``--jobs N`` runs up to N cells at once, each in its own subprocess pinned to its
@@ -58,6 +61,7 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
+import errno
 import importlib.metadata
 import json
 import os
@@ -367,14 +371,26 @@ class Grid:
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` atomically: a temporary file beside it, then a rename. On an OS error (a full
+    disk, a read-only one) the temporary file is removed and the error names ``path``; a write
+    that fails on close (ENOSPC) otherwise names no file at all."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
@@ -416,8 +432,11 @@ def cell_lock(d: Path):
 def _locked_by_another(d: Path) -> bool:
     if not (d / LOCK_FILE).exists():
         return False
-    with cell_lock(d) as mine:
-        return not mine
+    try:
+        with cell_lock(d) as mine:
+            return not mine
+    except OSError:  # a read-only disk: nobody can be writing there
+        return False
 
 
 def cell_status(cell: Cell, root: Path) -> str:
@@ -459,15 +478,50 @@ def _device() -> tuple[str, int]:
     return (names[0] if names else "cpu"), count
 
 
+#: an OS error as Python prints it inside a notebook: "[Errno 28] No space left on device: '/x/traces.jsonl'"
+_ERRNO_TEXT = re.compile(r"^\[Errno (\d+)\] [^:]*(?:: '(.*?)')?")
+
+
+def _os_error(exc: OSError, path: Path | None = None) -> dict[str, Any]:
+    """An OS error as a manifest's error: the file (``exc.filename``, else ``path``), errno and its name."""
+    where = exc.filename or path
+    n = exc.errno
+    if n is None:  # raised by a Rust library (polars): "Read-only file system (os error 30): <path>"
+        found = re.search(r"os error (\d+)", str(exc))
+        n = int(found.group(1)) if found else None
+    name = errno.errorcode.get(n or 0, "")
+    return {"type": type(exc).__name__, "errno": n, "errno_name": name, "path": str(where) if where else None,
+            "message": f"{where}: [Errno {n}] {exc.strerror or exc}" + (f" ({name})" if name else "")}
+
+
 def _cell_error(exc: BaseException) -> dict[str, Any]:
-    """The failing notebook cell's error, from a papermill execution error when there is one."""
+    """The failing notebook cell's error, from a papermill execution error when there is one;
+    an OS error raised in the notebook (a full disk, say) also gets its ``errno`` and ``path``."""
+    if isinstance(exc, OSError):
+        return _os_error(exc)
     err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc).strip()[-2000:]}
     ename = getattr(exc, "ename", None)
     if ename is not None:
         err.update(type=ename, message=str(getattr(exc, "evalue", "")).strip()[-2000:],
                    notebook_cell=getattr(exc, "exec_count", None),
                    source=str(getattr(exc, "source", "")).strip()[:500])
+        m = _ERRNO_TEXT.match(err["message"])
+        if m:
+            n = int(m.group(1))
+            err.update(errno=n, errno_name=errno.errorcode.get(n, ""), path=m.group(2))
     return err
+
+
+def _drop_if_cut(path: Path) -> None:
+    """Remove a file that a failed write left cut short (not valid JSON): an executed notebook
+    that papermill could not finish writing is no record of anything."""
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 @contextlib.contextmanager
@@ -483,8 +537,9 @@ def _output_to(path: Path):
         try:
             yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError):  # a full disk: what did not reach log.txt is lost, not fatal
+                    stream.flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
@@ -494,25 +549,33 @@ def _output_to(path: Path):
 def run_cell(cell: Cell, root: Path, progress: bool = False, rerun_done: bool = False) -> dict[str, Any]:
     """Execute one cell's notebook with papermill, holding the cell's lock; return its manifest.
 
-    Never raises on notebook errors. One writer per cell: when another process holds the
+    Never raises on notebook errors, nor on disk and permission faults (a full disk, a read-only
+    output root, a file where the cell's directory belongs): the cell ends ``failed`` with the
+    error's ``path`` and ``errno``, its temporary files removed, so the other cells still run and a
+    rerun after the fault is mended resumes it. One writer per cell: when another process holds the
     lock (a second ``grid run`` on the same grid), nothing is touched and the returned
     manifest has status ``locked``; a cell that another runner finished while this one
     waited to start it is not run again (status ``done``), unless ``rerun_done`` (a stale report).
     """
     d = root / cell.directory
-    with cell_lock(d) as mine:
-        if not mine:
-            return {"status": "locked", "wall_clock_s": 0.0}
-        if not rerun_done and cell_status(cell, root) == "done":
-            return _read_json(d / "manifest.json") or {"status": "done"}
-        return _run_cell_locked(cell, root, progress)
+    try:
+        with cell_lock(d) as mine:
+            if not mine:
+                return {"status": "locked", "wall_clock_s": 0.0}
+            if not rerun_done and cell_status(cell, root) == "done":
+                return _read_json(d / "manifest.json") or {"status": "done"}
+            return _run_cell_locked(cell, root, progress)
+    except OSError as exc:  # the cell directory or its lock file cannot be made: nothing ran, no manifest
+        return {"status": "failed", "wall_clock_s": 0.0, "error": _os_error(exc)}
 
 
 def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
+    import traceback
+
     import papermill
 
     d = root / cell.directory
-    (d / "params.yaml").write_text(_params_text(cell.params))
+    executed = d / (cell.notebook.stem + ".ipynb")
     gpu_name, gpus = _device()
     manifest: dict[str, Any] = {
         "cell": cell.id, "stage": cell.stage, "axes": cell.axes, "notebook": str(cell.notebook),
@@ -521,22 +584,32 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
         "slurm_job": os.environ.get("SLURM_JOB_ID"), "start": dt.datetime.now(dt.timezone.utc).isoformat(),
         "attempts": ((_read_json(d / "manifest.json") or {}).get("attempts", 0) + 1),
     }
-    _write_json(d / "manifest.json", manifest)
     t0 = time.time()
     from cdlib.progress import TEXT_ENV
 
     os.environ.setdefault(TEXT_ENV, "1")  # the kernel draws text bars into log.txt, where `grid run` reads them
-    with _output_to(d / "log.txt"):
-        try:
-            papermill.execute_notebook(
-                nbtools.read(root / cell.notebook), str(d / (cell.notebook.stem + ".ipynb")),
-                parameters=cell.params, kernel_name="python3", cwd=str(root),
-                progress_bar=progress, log_output=True, report_mode=False,
-            )
-            manifest["status"] = "done"
-        except Exception as exc:  # a failing cell is recorded, never allowed to stop the grid
-            manifest["status"] = "failed"
-            manifest["error"] = _cell_error(exc)
+    try:
+        _write_text(d / "params.yaml", _params_text(cell.params))
+        _write_json(d / "manifest.json", manifest)
+        with _output_to(d / "log.txt"):
+            try:
+                papermill.execute_notebook(
+                    nbtools.read(root / cell.notebook), str(executed),
+                    parameters=cell.params, kernel_name="python3", cwd=str(root),
+                    progress_bar=progress, log_output=True, report_mode=False,
+                )
+                manifest["status"] = "done"
+            except OSError:
+                raise
+            except Exception as exc:  # a failing cell is recorded, never allowed to stop the grid
+                manifest["status"] = "failed"
+                manifest["error"] = _cell_error(exc)
+    except OSError as exc:  # a disk or permission fault in this process: papermill's or ours
+        in_papermill = any("papermill" in f.filename for f in traceback.extract_tb(exc.__traceback__))
+        manifest["status"] = "failed"
+        manifest["error"] = _os_error(exc, executed if in_papermill else d)
+    if manifest["status"] == "failed":
+        _drop_if_cut(executed)  # frees its space too, so the manifest below has room
     wall = time.time() - t0
     manifest.update(end=dt.datetime.now(dt.timezone.utc).isoformat(), wall_clock_s=round(wall, 3),
                     gpu_hours=round(wall / 3600 * gpus, 6))
@@ -544,7 +617,14 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
     if metrics is None and manifest["status"] == "done":
         manifest["status"] = "failed"
         manifest["error"] = {"type": "MissingMetrics", "message": f"{cell.notebook} wrote no metrics.json"}
-    _write_json(d / "manifest.json", manifest)
+    try:
+        _write_json(d / "manifest.json", manifest)
+    except OSError as exc:  # still no room: on disk the cell says running, which reads as interrupted
+        if "error" in manifest:
+            manifest["manifest_error"] = f"manifest not written: {_os_error(exc)['message']}"
+        else:
+            manifest["error"] = _os_error(exc)
+        manifest["status"] = "failed"
     return manifest
 
 
@@ -577,7 +657,7 @@ def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None
             _run_in_order(grid, todo, status, progress, view)
     finally:
         view.stop()
-    write_results(grid)
+    _write_results_or_say(grid, lambda m: print(m, flush=True))
     return results
 
 
@@ -612,6 +692,8 @@ def _finished_message(head: str, c: Cell, m: dict[str, Any]) -> str:
         msg += f"\n    {e['type']}: {e['message'][:300]}"
         if e.get("notebook_cell") is not None:
             msg += f" (notebook cell [{e['notebook_cell']}])"
+        if m.get("manifest_error"):
+            msg += f"\n    {m['manifest_error']}"
         msg += f"\n    see {c.directory}/log.txt and {c.directory}/{c.notebook.stem}.ipynb"
     return msg
 
@@ -639,9 +721,17 @@ def _run_in_order(grid: Grid, todo: list[Cell], status: dict[str, str], progress
             view.finished(c.id)
         status[c.id] = results[c.id] = m["status"]
         if m["status"] == "done":
-            write_results(grid)  # kept current, so a later report cell in this run reads it
+            _write_results_or_say(grid, say)  # kept current, so a later report cell in this run reads it
         say(_finished_message(head, c, m))
     return results
+
+
+def _write_results_or_say(grid: Grid, say: Any) -> None:
+    """:func:`write_results`, where a disk fault is said (path, errno) instead of stopping the run."""
+    try:
+        write_results(grid)
+    except OSError as exc:
+        say(f"results.parquet not written: {_os_error(exc, grid.root / grid.out_dir)['message']}")
 
 
 def slot_resources(jobs: int, cpus: list[int] | None = None, gpus: list[str] | None = None) -> list[dict[str, str]]:
@@ -856,8 +946,16 @@ def write_results(grid: Grid) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     df = pl.DataFrame(rows, infer_schema_length=None)
     tmp = path.with_suffix(f".parquet.{os.getpid()}.tmp")  # Slurm array tasks may write at once
-    df.write_parquet(tmp)
-    os.replace(tmp, path)
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        found = re.search(r"os error (\d+)", str(e))  # polars reports a full disk as a ComputeError
+        if isinstance(e, OSError) or not found:
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1))), str(path)) from e
     return path
 
 
@@ -965,8 +1063,8 @@ def main(argv: list[str] | None = None) -> int:
                 m = {"status": "done"} if st == "done" and not _stale(grid, c) else \
                     run_cell(c, grid.root, rerun_done=st == "done")
                 if m["status"] == "done":
-                    write_results(grid)
-                print(f"{c.id}: {m['status']}")
+                    _write_results_or_say(grid, lambda msg: print(msg, file=sys.stderr))
+                print(_finished_message(c.id, c, m) if m["status"] == "failed" else f"{c.id}: {m['status']}")
                 return 0 if m["status"] == "done" else LOCKED_EXIT if m["status"] == "locked" else 1
             results = run(grid, args.stage, only, jobs=max(1, args.jobs))
             bad = {k: v for k, v in results.items() if v != "done"}
@@ -991,6 +1089,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk fault outside any cell (the grid file unreadable, say): no traceback
+        print(f"error: {_os_error(e)['message']}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

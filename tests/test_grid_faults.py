@@ -1,0 +1,99 @@
+"""Disk and permission faults in the grid runner (issue 19 item 4).
+
+A full disk is emulated with RLIMIT_FSIZE on the runner (``resource.setrlimit``, inherited by the
+kernels it starts, with SIGXFSZ ignored): a write past the limit fails with EFBIG, as a write to a full disk fails with
+ENOSPC, at the same point (papermill writing the executed notebook) and leaving the same debris (a
+cut notebook). It needs no privileges; a read-only directory would not do, as these tests may run
+as root, where permissions do not stop writes. The permission-style fault is a regular file where
+a cell's directory belongs (EEXIST), which stops root too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdlib.grid import main
+
+REPO = Path(__file__).resolve().parents[1]
+NB = "tests/notebooks/square.py"
+LIMIT = 16_000  # bytes per file: sq/ok's executed notebook is ~9 kB, sq/big's (100 progress steps) ~26 kB
+
+
+def _grid(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "out"
+    spec = {"name": "f", "output_root": str(root),
+            "axes": {"x": {"big": {"all": {"x": 3, "steps": 100}}, "blocked": {"all": {"x": 4}},
+                           "ok": {"all": {"x": 2}}}},
+            "stages": {"sq": {"notebook": NB, "axes": ["x"]}}}
+    path = tmp_path / "f.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    cells = root / "f/sq"
+    cells.mkdir(parents=True)
+    (cells / "blocked").write_text("a file where the cell's directory belongs\n")
+    return path, cells
+
+
+@contextlib.contextmanager
+def _full_disk(limit: int):
+    """No file of this process or of the kernels it starts grows past ``limit`` bytes while in the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+
+
+def _faulted_run(tmp_path: Path, capsys) -> tuple[Path, Path]:
+    """``grid run`` (in this process, as the CLI) with a full disk and a blocked cell directory."""
+    grid, cells = _grid(tmp_path)
+    with _full_disk(LIMIT):
+        rc = main(["run", str(grid)])  # a raw traceback would fail the test here
+    text = "".join(capsys.readouterr())
+    assert rc == 1, text
+    assert "Traceback" not in text, text
+    # each faulted cell says which file and which errno; the runner went on to the next cell
+    assert "sq/big: failed" in text and f"{cells}/big/square.ipynb: [Errno 27] File too large (EFBIG)" in text, text
+    assert "sq/blocked: failed" in text and f"{cells}/blocked: [Errno 17] File exists (EEXIST)" in text, text
+    assert "sq/ok: done" in text, text
+    assert "2 cell(s) not done: sq/big (failed), sq/blocked (failed)" in text, text
+    m = json.loads((cells / "big/manifest.json").read_text())
+    assert m["status"] == "failed", m
+    assert (m["error"]["errno"], m["error"]["errno_name"], m["error"]["path"]) == (
+        27, "EFBIG", str(cells / "big/square.ipynb"))
+    assert not (cells / "big/square.ipynb").exists(), "the cut executed notebook is removed"
+    assert not list(tmp_path.rglob("*.tmp")), list(tmp_path.rglob("*.tmp"))
+    json.loads((cells / "ok/square.ipynb").read_text())
+    return grid, cells
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # grid files name notebooks relative to the repository root
+
+
+def test_disk_faults_fail_their_cell_only_with_path_and_errno(tmp_path, capsys, in_repo):
+    _faulted_run(tmp_path, capsys)
+
+
+@pytest.mark.slow
+def test_a_rerun_after_the_fault_is_mended_resumes(tmp_path, capsys, in_repo):
+    grid, cells = _faulted_run(tmp_path, capsys)
+    (cells / "blocked").unlink()  # space freed, path mended
+    rc = main(["run", str(grid)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "1 already done, 2 to run" in out, out
+    attempts = {x: json.loads((cells / x / "manifest.json").read_text())["attempts"] for x in ("big", "blocked", "ok")}
+    assert attempts == {"big": 2, "blocked": 1, "ok": 1}
+    assert json.loads((cells / "big/metrics.json").read_text())["y"] == 9
+    json.loads((cells / "big/square.ipynb").read_text())
