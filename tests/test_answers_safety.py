@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cdlib import answers
+from cdlib import answer_values, answers, latex_verify
 from cdlib.answers import ANSWER_TYPES, extract_with_rule, is_correct, verify
 
 MED = ["Pneumothorax", "Cardiac tamponade", "Myocardial infarction", "Pulmonary embolism"]
@@ -51,8 +51,9 @@ def test_hostile_boxed_does_nothing(tmp_path, answer_type, template):
     assert not marker.exists()
 
 
-def test_module_never_calls_code_executing_functions():
-    tree = ast.parse(inspect.getsource(answers))
+@pytest.mark.parametrize("module", [answers, answer_values, latex_verify], ids=lambda m: m.__name__)
+def test_module_never_calls_code_executing_functions(module):
+    tree = ast.parse(inspect.getsource(module))
     builtins = {"eval", "exec", "compile", "__import__"}
     anywhere = {"sympify", "parse_expr", "ExprExtractionConfig", "simplify", "S"}
     used = set()
@@ -74,10 +75,10 @@ def test_module_never_calls_code_executing_functions():
 @pytest.fixture
 def short_deadline(monkeypatch):
     """A 2 s math-verify deadline and an empty result cache for this test."""
-    monkeypatch.setattr(answers._VERIFIER, "timeout_s", 2.0)
-    answers._latex_equal.cache_clear()
+    monkeypatch.setattr(latex_verify.VERIFIER, "timeout_s", 2.0)
+    latex_verify.latex_equal.cache_clear()
     yield 2.0
-    answers._latex_equal.cache_clear()
+    latex_verify.latex_equal.cache_clear()
 
 
 HANGING = ["9^{9^{9^{9}}}", "2003^{2002^{2001}}", "(x+1)^{100000}"]
@@ -100,7 +101,7 @@ def test_hanging_math_verify_is_cut_off_in_a_thread(short_deadline, latex):
     assert result["value"] is False
     assert result["seconds"] < short_deadline + 1.5, result["seconds"]
     # The killed worker is replaced transparently.
-    answers._latex_equal.cache_clear()
+    latex_verify.latex_equal.cache_clear()
     assert verify("\\frac{\\pi}{4}", "\\frac{1}{4}\\pi", "latex") is True  # not identical: math-verify runs
 
 
@@ -180,7 +181,7 @@ def test_answer_at_the_end_of_1mb_is_still_found():
 
 
 def _verify_and_worker_pid(pred: str, gold: str) -> tuple[bool, int]:
-    return verify(pred, gold, "latex"), answers._VERIFIER._proc.pid
+    return verify(pred, gold, "latex"), latex_verify.VERIFIER._proc.pid
 
 
 def test_forked_child_gets_its_own_worker():
@@ -191,15 +192,15 @@ def test_forked_child_gets_its_own_worker():
     """
     import multiprocessing
 
-    answers._latex_equal.cache_clear()
+    latex_verify.latex_equal.cache_clear()
     assert verify("\\sqrt{12}", "2\\sqrt{3}", "latex") is True  # parent's worker running
-    parent_worker = answers._VERIFIER._proc.pid
+    parent_worker = latex_verify.VERIFIER._proc.pid
     with multiprocessing.get_context("fork").Pool(1) as pool:
         same, child_worker = pool.apply(_verify_and_worker_pid, ("\\sqrt{8}", "2\\sqrt{2}"))
     assert same is True
     assert child_worker != parent_worker
     assert verify("\\sqrt{18}", "3\\sqrt{2}", "latex") is True  # parent's pipe not disturbed
-    assert answers._VERIFIER._proc.pid == parent_worker
+    assert latex_verify.VERIFIER._proc.pid == parent_worker
 
 
 class _CountingVerifier:
@@ -215,9 +216,9 @@ class _CountingVerifier:
 
 def test_identical_strings_are_equal_without_math_verify(monkeypatch):
     """Issue 19: a math-verify timeout (or parse failure) judged two identical strings unequal."""
-    counting = _CountingVerifier(answers._VERIFIER)
-    monkeypatch.setattr(answers, "_VERIFIER", counting)
-    answers._latex_equal.cache_clear()
+    counting = _CountingVerifier(latex_verify.VERIFIER)
+    monkeypatch.setattr(latex_verify, "VERIFIER", counting)
+    latex_verify.latex_equal.cache_clear()
     for value in HANGING + [" \\frac{\\pi}{4} ", "(1,2]"]:
         assert verify(value, value.strip(), "latex") is True
     long_latex = "+".join(f"x_{{{i}}}" for i in range(400))  # past MAX_VERIFY_CHARS: math-verify never sees it
@@ -226,4 +227,4 @@ def test_identical_strings_are_equal_without_math_verify(monkeypatch):
     assert counting.calls == []
     assert verify("\\sqrt{12}", "2\\sqrt{3}", "latex") is True  # a different spelling still goes to math-verify
     assert counting.calls == [("\\sqrt{12}", "2\\sqrt{3}")]
-    answers._latex_equal.cache_clear()
+    latex_verify.latex_equal.cache_clear()
