@@ -14,6 +14,8 @@ import contextlib
 import json
 import resource
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,56 @@ def test_a_rerun_after_the_fault_is_mended_resumes(tmp_path, capsys, in_repo):
     assert attempts == {"big": 2, "blocked": 1, "ok": 1}
     assert json.loads((cells / "big/metrics.json").read_text())["y"] == 9
     json.loads((cells / "big/square.ipynb").read_text())
+
+
+def _tmpfs_namespace() -> bool:
+    """Whether this process may mount a tmpfs in a private mount namespace (root with CAP_SYS_ADMIN)."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tmpfs_namespace(), reason="mounting a tmpfs needs root (CAP_SYS_ADMIN)")
+def test_a_full_tmpfs_under_toy_generate_and_compress(tmp_path):
+    """The issue's scenario on a real full disk: a small tmpfs, mounted in a private mount namespace
+    (invisible outside, gone when the script ends), under toy generate and compress cells."""
+    mnt, copy = tmp_path / "mnt", tmp_path / "copy"
+    mnt.mkdir()
+    spec = {"name": "g", "output_root": str(mnt / "out"),
+            "axes": {"teacher": {"a": {"generate": {"seed": 0}}, "b": {"generate": {"seed": 1}}}},
+            "stages": {"generate": {"notebook": "notebooks/01_generate.py", "axes": ["teacher"],
+                                    "params": {"datasets": ["toy"], "toy": {"n_train": 300, "n_test": 10},
+                                               "rounds": 2}},
+                       "compress": {"notebook": "notebooks/02_compress.py", "axes": ["teacher"],
+                                    "inputs": {"traces": "generate/{teacher}"}, "params": {"compressor": "extractive"}}}}
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run = f"{sys.executable} -m cdlib.grid run {grid}"
+    script = f"""
+    mount -t tmpfs -o size=4m tmpfs {mnt}
+    head -c $((4096 * 1024 - 560 * 1024)) /dev/zero > {mnt}/filler  # about 0.5 MB left
+    {run} > {tmp_path}/first.txt 2>&1; echo $? > {tmp_path}/first.rc
+    cp -r {mnt}/out {copy}
+    rm {mnt}/filler
+    {run} > {tmp_path}/second.txt 2>&1; echo $? > {tmp_path}/second.rc
+    cp -r {mnt}/out/g {copy}/second
+    """
+    subprocess.run(["unshare", "-m", "bash", "-c", script], cwd=REPO, check=True, timeout=1200)
+    first = (tmp_path / "first.txt").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "1", first
+    assert "Traceback" not in first and "[Errno 28] No space left on device (ENOSPC)" in first, first
+    failed = [json.loads(m.read_text()) for m in (copy / "g/generate").glob("*/manifest.json")]
+    assert failed and all(m["status"] == "failed" and m["error"]["errno"] == 28 for m in failed), failed
+    assert not list(copy.rglob("*.tmp")), list(copy.rglob("*.tmp"))
+    for nb in copy.rglob("*.ipynb"):
+        json.loads(nb.read_text())  # no cut notebook remains
+    second = (tmp_path / "second.txt").read_text()
+    assert (tmp_path / "second.rc").read_text().strip() == "0", second
+    for store in ("generate/a/traces.jsonl", "generate/a/attempts.jsonl", "compress/b/compressed.jsonl"):
+        ids = [json.loads(line)["id"] for line in (copy / "second" / store).read_text().splitlines()]
+        assert ids and len(ids) == len(set(ids)), (store, len(ids), len(set(ids)))
