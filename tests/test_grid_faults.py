@@ -152,3 +152,18 @@ def test_a_full_tmpfs_under_toy_generate_and_compress(tmp_path):
     for store in ("generate/a/traces.jsonl", "generate/a/attempts.jsonl", "compress/b/compressed.jsonl"):
         ids = [json.loads(line)["id"] for line in (copy / "second" / store).read_text().splitlines()]
         assert ids and len(ids) == len(set(ids)), (store, len(ids), len(set(ids)))
+
+
+def test_an_os_error_raised_inside_a_notebook_keeps_its_errno_and_path():
+    """A store append that hits a full disk inside the kernel reaches the runner as papermill's
+    execution error; the manifest's error still names the file and the errno."""
+    from papermill.exceptions import PapermillExecutionError
+
+    from cdlib.grid import _cell_error
+
+    exc = PapermillExecutionError(cell_index=3, exec_count=4, source="store.append(row)", ename="OSError",
+                                  evalue="[Errno 28] No space left on device: '/o/generate/a/traces.jsonl'",
+                                  traceback=[])
+    err = _cell_error(exc)
+    assert (err["errno"], err["errno_name"], err["path"], err["notebook_cell"]) == (
+        28, "ENOSPC", "/o/generate/a/traces.jsonl", 4)
