@@ -128,24 +128,31 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 @contextlib.contextmanager
-def fused_head(model: Any, labels: torch.Tensor, chunk_tokens: int = 512, impl: str = "chunked"):
+def fused_head(model: Any, labels: torch.Tensor, chunk_tokens: int = 512, impl: str = "chunked",
+               rows: torch.Tensor | None = None):
     """Within the context, ``model(**inputs).logits`` is the summed next-token cross-entropy over the
     positions whose shifted ``labels`` are not -100 (the SFT loss), computed by
     :func:`linear_cross_entropy` from the final hidden states: no logits are built.
 
     ``model`` is the unwrapped transformers model (or its peft wrapper); its output
     embedding must be a linear layer. Labels are shifted here as the model's own loss
-    shifts them (position t predicts label t + 1).
+    shifts them (position t predicts label t + 1). ``rows``: the flat indices of the supervised
+    positions (``cdlib.train._supervised_rows``), planned in the data loader: selecting them needs no
+    host synchronisation, where a boolean mask must read its result's size back from the device.
     """
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"fused loss head: {type(model).__name__} has no linear output embedding")
-    targets = labels[..., 1:]
-    mask = targets != IGNORE_INDEX
+    if rows is None:
+        targets = labels[..., 1:]
+        mask = targets != IGNORE_INDEX
+        targets = targets[mask]
+    else:
+        targets = labels.reshape(-1).index_select(0, rows + 1)
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        h = hidden[..., :-1, :][mask]
-        return linear_cross_entropy(h, head.weight, getattr(head, "bias", None), targets[mask], chunk_tokens, impl)
+        h = hidden[..., :-1, :][mask] if rows is None else hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        return linear_cross_entropy(h, head.weight, getattr(head, "bias", None), targets, chunk_tokens, impl)
 
     head.forward = forward
     try:

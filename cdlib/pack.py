@@ -237,15 +237,37 @@ def _block_causal_mask(segment_lengths: list[list[int]], row_len: int, dtype: to
     seg_ids = torch.empty(rows, row_len, dtype=torch.long)
     for r, segs in enumerate(segment_lengths):
         seg_ids[r] = torch.repeat_interleave(torch.arange(len(segs)), torch.tensor(segs))
+    return _segment_mask(seg_ids, dtype, window)
+
+
+def _segment_mask(seg_ids: torch.Tensor, dtype: torch.dtype, window: int | None) -> torch.Tensor:
+    """The block-diagonal causal mask of rows of segment ids ``[rows, L]``, on their device."""
+    row_len = seg_ids.shape[-1]
     same = seg_ids[:, :, None] == seg_ids[:, None, :]
-    causal = torch.ones(row_len, row_len, dtype=torch.bool).tril()
+    causal = torch.ones(row_len, row_len, dtype=torch.bool, device=seg_ids.device).tril()
     if window is not None:
         causal = causal.triu(-(window - 1))
     allowed = (same & causal)[:, None]
     if dtype == torch.bool:
         return allowed
-    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg_ids.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def block_mask_from_positions(position_ids: torch.Tensor, layout: Layout,
+                              mask_dtype: torch.dtype | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The ``attention_mask`` :func:`collate_packed` builds for ``layout`` (sdpa/eager), derived from the batch's
+    ``position_ids`` ``[rows, L]`` where they are (on the GPU: no ``L x L`` mask built on the host and copied).
+
+    Every example, and the padding of a row, starts at position 0, so a segment begins where the
+    position is 0; the result equals the collated mask element for element.
+    """
+    dtype = mask_dtype or (torch.bool if layout.attention == "sdpa" else torch.float32)
+    seg_ids = (position_ids == 0).cumsum(-1)
+    mask = _segment_mask(seg_ids, dtype, None)
+    if layout.sliding_window is None:
+        return mask
+    return {"full_attention": mask, "sliding_attention": _segment_mask(seg_ids, dtype, layout.sliding_window)}
 
 
 def collate_packed(
@@ -257,6 +279,7 @@ def collate_packed(
     pad_to: int | None = None,
     mask_dtype: torch.dtype | None = None,
     sliding_window: int | None = None,
+    build_mask: bool = True,
 ) -> dict[str, Any]:
     """One micro-batch from ``bins`` (lists of indices into ``examples``).
 
@@ -276,6 +299,8 @@ def collate_packed(
     * ``sliding_window`` (sdpa/eager): ``attention_mask`` is a dict by layer type,
       ``full_attention`` the block mask above and ``sliding_attention`` the same
       limited to the last ``sliding_window`` tokens (for models with sliding layers).
+    * ``build_mask=False`` (sdpa/eager): no ``attention_mask``; the trainer derives it on the device
+      from ``position_ids`` (:func:`block_mask_from_positions`).
     """
     if attention not in LAYOUTS:
         raise ValueError(f"attention must be one of {', '.join(LAYOUTS)}, got {attention!r}")
@@ -331,19 +356,21 @@ def collate_packed(
             labels += [IGNORE_INDEX] * n_pad
             pos += range(n_pad)
             segs.append(n_pad)
+    batch = {
+        "input_ids": torch.tensor(rows_ids),
+        "labels": torch.tensor(rows_labels),
+        "position_ids": torch.tensor(rows_pos),
+        "use_cache": False,
+    }
+    if not build_mask:
+        return batch
     if mask_dtype is None:
         mask_dtype = torch.bool if attention == "sdpa" else torch.float32
     mask = _block_causal_mask(rows_segs, row_len, mask_dtype)
     if sliding_window is not None:
         mask = {"full_attention": mask,
                 "sliding_attention": _block_causal_mask(rows_segs, row_len, mask_dtype, sliding_window)}
-    return {
-        "input_ids": torch.tensor(rows_ids),
-        "labels": torch.tensor(rows_labels),
-        "position_ids": torch.tensor(rows_pos),
-        "attention_mask": mask,
-        "use_cache": False,
-    }
+    return {**batch, "attention_mask": mask}
 
 
 def collate_padded(examples: Sequence[dict[str, Any]], *, pad_id: int = 0) -> dict[str, Any]:
@@ -365,15 +392,17 @@ def supervised_tokens(batch: dict[str, Any]) -> int:
 
 
 def collate(examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]], layout: Layout,
-            pad_id: int = 0) -> dict[str, Any]:
+            pad_id: int = 0, build_mask: bool = True) -> dict[str, Any]:
     """A micro-batch in ``layout`` (:func:`packed_layout`): packed rows, or one example per row when
-    packing is off or refused (every bin is then a single example)."""
+    packing is off or refused (every bin is then a single example). ``build_mask=False``: packed
+    sdpa/eager rows come without their block mask (:func:`block_mask_from_positions` derives it)."""
     if not layout.packing:
         if any(len(b) != 1 for b in bins):
             raise ValueError(f"layout {layout.attention!r} does not pack: bins must hold one example each")
         return collate_padded([examples[b[0]] for b in bins], pad_id=pad_id)
     return collate_packed(examples, bins, attention=layout.attention, pad_id=pad_id,
-                          sliding_window=layout.sliding_window if layout.attention != "flash" else None)
+                          sliding_window=layout.sliding_window if layout.attention != "flash" else None,
+                          build_mask=build_mask)
 
 
 def compare_to_one_by_one(model: Any, examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]],

@@ -233,9 +233,12 @@ class TrainParams(StageParams):
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw_8bit", "adamw"] = "adamw_8bit"  # 8-bit falls back to adamw on CPU
+    # paper H.3: adamw_bnb_8bit (bitsandbytes, LoRA), adamw_torch_8bit (torchao, 0.8B full); adamw_8bit is
+    # adamw_bnb_8bit (transformers' alias). Without a CUDA GPU or the package: torch AdamW, saying why
+    optimizer: Literal["adamw_8bit", "adamw_bnb_8bit", "adamw_torch_8bit", "adamw"] = "adamw_8bit"
     gradient_checkpointing: bool = True
     bf16: bool = True  # ignored on CPU
+    tf32: bool = True  # paper H.3: TF32 matmuls and convolutions on a CUDA GPU (ignored without one)
     val_fraction: float = Field(0.05, ge=0, lt=1)
     loss_on: list[Literal["prompt", "cot", "answer"]] = ["cot", "answer"]  # section masks
     truncate_ratio: float | None = Field(None, gt=0, le=1)  # Distilling the Essence
@@ -258,6 +261,7 @@ class TrainParams(StageParams):
     save_every: int = Field(200, ge=0)  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
     loss_head: Literal["auto", "full", "chunked", "liger", "cce"] = "auto"  # SFT loss head: auto = cce/liger on GPU where installed, else chunked (no full logits)
     loss_chunk_tokens: int = Field(512, ge=1)  # chunked loss head: positions per chunk (memory ~ chunk x vocab fp32)
+    liger_kernels: bool = False  # paper H.3's Liger plugin: fused RMSNorm, RoPE, SwiGLU on a GPU where liger-kernel is installed
     report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"  # experiment tracker (accelerate): loss, lr, throughput
     tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 

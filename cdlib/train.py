@@ -725,23 +725,76 @@ def count_params(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "flops": total - untied_emb}
 
 
-def make_optimizer(params: Any, P: TrainParams, lr: float, on_gpu: bool, sharded: bool = False) -> tuple[Any, str]:
-    """8-bit AdamW (bitsandbytes) on GPU when asked and installed, else torch AdamW; returns (optimizer, name).
+def make_optimizer(params: Any, P: TrainParams, lr: float, on_gpu: bool,
+                   sharded: bool = False) -> tuple[Any, str, str | None]:
+    """``P.optimizer`` as transformers names it (paper H.3); returns (optimizer, class used, why not the one asked).
 
-    ``sharded`` (FSDP): torch AdamW, since bitsandbytes' 8-bit states are not written
-    for FSDP2's DTensor parameters; sharding already divides the states by the GPUs.
+    ``adamw_bnb_8bit`` (alias ``adamw_8bit``): bitsandbytes' 8-bit AdamW (the paper's LoRA runs);
+    ``adamw_torch_8bit``: torchao's 8-bit AdamW (the paper's 0.8B full runs; block size 256 as
+    transformers uses it); ``adamw``: torch AdamW. Both 8-bit ones need a CUDA GPU and their package:
+    without them torch AdamW runs and the third value says why (the run prints it and records it in
+    its metrics). ``sharded`` (FSDP): bitsandbytes' 8-bit states are not written for FSDP2's DTensor
+    parameters, so torch AdamW (sharding already divides the states by the GPUs); torchao's are.
     """
+    import importlib.util
+
     import torch
 
     params = [p for p in params if p.requires_grad]
-    if P.optimizer == "adamw_8bit" and on_gpu and not sharded:
-        try:
+    asked, note = P.optimizer, None
+    package = {"adamw_8bit": "bitsandbytes", "adamw_bnb_8bit": "bitsandbytes", "adamw_torch_8bit": "torchao"}.get(asked)
+    if package is not None:
+        if not on_gpu:
+            note = f"optimizer {asked!r} ({package} 8-bit AdamW) needs a CUDA GPU: torch AdamW instead"
+        elif importlib.util.find_spec(package) is None:
+            note = f"optimizer {asked!r}: {package} is not installed (the 'gpu' extra): torch AdamW instead"
+        elif package == "bitsandbytes" and sharded:
+            note = (f"optimizer {asked!r}: bitsandbytes' 8-bit states do not take FSDP2's sharded parameters: "
+                    "torch AdamW instead")
+        elif package == "bitsandbytes":
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=P.weight_decay), "bitsandbytes.AdamW8bit"
-        except ImportError:
-            pass
-    return torch.optim.AdamW(params, lr=lr, weight_decay=P.weight_decay), "torch.AdamW"
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=P.weight_decay), "bitsandbytes.AdamW8bit", None
+        else:
+            from torchao.optim import AdamW8bit
+
+            return AdamW8bit(params, lr=lr, weight_decay=P.weight_decay, block_size=256), "torchao.AdamW8bit", None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=P.weight_decay), "torch.AdamW", note
+
+
+def set_tf32(on: bool) -> bool | None:
+    """TF32 for float32 matmuls and cuDNN convolutions on a CUDA GPU (paper H.3: "BF16 mixed precision with
+    TF32 enabled"); returns the setting, None without CUDA (nothing is changed). Process-wide, as in torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def apply_liger(model: Any, on: bool, on_gpu: bool) -> str | None:
+    """Paper H.3's Liger plugin on the loaded model (fused RMSNorm, RoPE, SwiGLU/GLU kernels, patched in place by
+    liger-kernel for the model's type); returns what was done or why not (recorded in the metrics), None when off.
+    The loss head is ``loss_head``'s business (Cut Cross-Entropy or Liger's fused linear cross-entropy)."""
+    import importlib.util
+
+    if not on:
+        return None
+    if not on_gpu:
+        return "off: needs a CUDA GPU"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "off: liger-kernel is not installed (the 'gpu' extra)"
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        return f"off: liger-kernel has no kernels for model type {model_type!r}"
+    _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return f"on ({model_type}: rms_norm, rope, swiglu)"
 
 
 def flops_estimate(n_params: int, tokens: int, n_layers: int, d_attn: int, sq_lengths: int, method: str,
@@ -862,7 +915,7 @@ RESUME_DIR = "resume"  # <out_dir>/resume/: the latest resumable training state
 RESUME_STATE = "trainer_state.json"  # written last: a state directory without it is incomplete
 # keys that change how a run computes, not what it trains: a resumed run may change them
 # (e.g. a smaller kl_chunk_tokens after running out of memory)
-RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head", "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing",
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head", "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing", "tf32", "liger_kernels",
                     "accelerate_config")
 
 
@@ -1047,7 +1100,11 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     lora = P.method == "lora"
     # full: fp32 master weights, bf16 autocast; LoRA: frozen base in bf16, adapters in fp32 (peft's default)
     load_dtype = torch.bfloat16 if (on_gpu and P.bf16 and lora) else torch.float32
+    tf32 = set_tf32(P.tf32)
     model = _load_causal_lm(data.model_source, load_dtype, attn)
+    liger = apply_liger(model, P.liger_kernels, on_gpu)
+    if liger and liger.startswith("off"):
+        say(f"liger_kernels: {liger}")
     fsdp_ac = bool(getattr(accelerator.state, "fsdp_plugin", None)
                    and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
     if P.gradient_checkpointing and not fsdp_ac:
@@ -1097,8 +1154,10 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     schedule = plan(data.train, P, world, packing=rows.packing)
     local_batches = math.ceil(len(schedule) / world)
     total_steps = max(1, math.ceil(local_batches / P.grad_accum))
-    optimizer, optimizer_name = make_optimizer(model.parameters(), P, lr, on_gpu,
-                                               sharded=accelerator.distributed_type.value == "FSDP")
+    optimizer, optimizer_name, optimizer_note = make_optimizer(model.parameters(), P, lr, on_gpu,
+                                                               sharded=accelerator.distributed_type.value == "FSDP")
+    if optimizer_note:
+        say(optimizer_note)
     scheduler = get_scheduler(P.lr_scheduler, optimizer, num_warmup_steps=math.ceil(P.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     # its own generator: starting an iteration then draws no number from the global RNG, whose state a
@@ -1295,7 +1354,9 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         "budget_mode": mode, "token_budget": P.token_budget, "max_steps": P.max_steps, "epochs": P.epochs,
         "steps": len(step_losses), "micro_batches": len(schedule),
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
-        "learning_rate": lr, "optimizer": optimizer_name, "attn_implementation": attn, "layout": rows.attention,
+        "learning_rate": lr, "optimizer": optimizer_name, "optimizer_requested": P.optimizer,
+        "optimizer_note": optimizer_note, "tf32": tf32, "liger_kernels": liger,
+        "attn_implementation": attn, "layout": rows.attention,
         "packing": rows.packing, "packing_note": rows.reason or None, "lora": lora_info,
         "loss_head": head if teacher is None else "full (kl)",
         "precision": "bf16" if mixed == "bf16" else "fp32",
