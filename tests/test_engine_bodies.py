@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cdlib import engines
+from cdlib import engine_openai
 from cdlib.engines import get_engine
 from cdlib.params import EngineParams, SamplingParams
 
@@ -148,7 +148,7 @@ def test_bad_bodies_are_retried_and_a_good_second_answer_is_kept(scripted):
     engine = get_engine(EngineParams(kind="openai", model="m", base_url=server.base_url, max_retries=5))
     [c] = engine.generate(["complete me"], GREEDY)
     assert (c.finish_reason, c.text, c.error) == ("stop", "recovered", None)
-    assert len(sent) == 1 + engines.BAD_BODY_RETRIES
+    assert len(sent) == 1 + engine_openai.BAD_BODY_RETRIES
 
 
 def test_plain_completion_without_text_and_no_retries(scripted):

@@ -353,7 +353,7 @@ def test_bad_input_names_the_model_and_the_reason(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:  # the CPU set-up: vLLM cannot load Qwen3.5
-        from cdlib.engines import VLLMEngine
+        from cdlib.engine_vllm import VLLMEngine
         from cdlib.tiny import resolve as resolve_tiny
 
         with pytest.raises(VLLMUnsupportedError, match=r"tiny-qwen3.5' \(family qwen3_5\) cannot be loaded by "
