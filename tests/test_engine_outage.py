@@ -18,6 +18,7 @@ import sys
 import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ from cdlib.params import (CompressParams, EngineParams, EvaluateParams, Generate
                           ToyParams)
 from cdlib.store import Store
 
+REPO = Path(__file__).resolve().parents[1]
 TOY = ToyParams(n_train=40, n_test=20, slip_rate=0.0)
 
 
@@ -197,3 +199,30 @@ def test_a_kill_between_trace_and_attempt_leaves_table4_as_an_uninterrupted_run(
     generate.run(P.model_copy(update={"out_dir": str(killed)}))
     assert generate.table4(killed).to_dicts() == generate.table4(P.out_dir).to_dicts()
     assert len(Store(killed / "attempts.jsonl")) == len(Store(tmp_path / "whole/attempts.jsonl"))
+
+
+@pytest.mark.slow
+def test_a_grid_cell_ends_failed_through_an_outage_and_a_rerun_completes_it(server, tmp_path):
+    """The grid's view: the cell is failed (status says so, naming the unanswered count), a rerun finishes it."""
+    import yaml
+
+    spec = {"name": "o", "output_root": str(tmp_path / "out"),
+            "stages": {"generate": {"notebook": "notebooks/01_generate.py", "params": {
+                "toy": {"n_train": 12, "n_test": 2}, "rounds": 2,
+                "engine": {"kind": "openai", "model": "teacher", "base_url": server.base_url, "max_retries": 0},
+                "sampling": {"temperature": 0, "max_tokens": 64}}}}}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "cdlib.grid"]
+    server.fail_after = 5
+    first = subprocess.run(cmd + ["run", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0
+    status = subprocess.run(cmd + ["status", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert "failed" in status.stdout and "7 of 12 items unanswered" in status.stdout + status.stderr, status.stdout
+    server.fail_after, server.prompts = None, []
+    second = subprocess.run(cmd + ["run", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-2000:]
+    assert len(server.prompts) == 7
+    cell = tmp_path / "out/o/generate"
+    assert json.loads((cell / "manifest.json").read_text())["status"] == "done"
+    assert len(Store(cell / "traces.jsonl")) == 12
