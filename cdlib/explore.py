@@ -40,7 +40,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from cdlib import report
+from cdlib import figures, results, tables
 from cdlib import tokenizer as toklib
 
 QUESTION_FIELDS = ["id", "dataset", "domain", "group", "question", "gold"]
@@ -100,7 +100,7 @@ def _read(directory: str | Path, filename: str, what: str) -> pl.DataFrame:
     path = Path(directory) / filename
     if not path.is_file():
         raise ExploreError(f"explore: {what}: {path} does not exist")
-    df = report._read_jsonl(path, list(KEPT))
+    df = results._read_jsonl(path, list(KEPT))
     return df if df.width else pl.DataFrame(schema={k: pl.String for k in KEPT})
 
 
@@ -251,7 +251,7 @@ def binned(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> tup
                           bin=(pl.col("tokens") / width).floor().clip(0, bins - 1).cast(pl.Int64))
     out = out.group_by("teacher", "source", "dataset", "flagged", "bin").agg(count=pl.len())
     out = out.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width,
-                           source_label=pl.col("source").replace(report.SOURCE_LABELS))
+                           source_label=pl.col("source").replace(tables.SOURCE_LABELS))
     return out.sort("teacher", "source", "dataset", "flagged", "bin"), width
 
 
@@ -273,8 +273,8 @@ def lengths_chart(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99,
     data, width = binned(df, bins, clip_quantile)
     top = float(data["end"].max())
     sources = _source_order(df)
-    extra = iter(report.EXTRA_COLORS * 4)
-    colors = {s: report.PALETTE.get(s) or next(extra) for s in sources}
+    extra = iter(figures.EXTRA_COLORS * 4)
+    colors = {s: figures.PALETTE.get(s) or next(extra) for s in sources}
     teachers = df["teacher"].unique(maintain_order=True).to_list()
     present = set(df.select("teacher", "source").unique().iter_rows())
     params: list[alt.Parameter] = []
@@ -292,7 +292,7 @@ def lengths_chart(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99,
     for teacher in teachers:
         panels = []
         for source in sources:
-            label = report.SOURCE_LABELS.get(source, source)
+            label = tables.SOURCE_LABELS.get(source, source)
             title = (f"{teacher} · {label}" if len(teachers) > 1 else label) + (
                 "" if (teacher, source) in present else " (none)")  # an empty panel keeps the columns aligned
             panel = alt.Chart(title=title).transform_filter(
@@ -350,7 +350,7 @@ def _header(r: dict[str, Any]) -> str:
     rho = "" if r["rho_tokens"] is None or r["source"] == "raw" else (
         f", ρ = {r['rho_tokens']:.2f} tokens / {r['rho_chars']:.2f} chars")
     flag = f' <span style="color:#c00">flag: {html.escape(r["flag"])}</span>' if r["flag"] else ""
-    name = html.escape(report.SOURCE_LABELS.get(r["source"], r["source"]))
+    name = html.escape(tables.SOURCE_LABELS.get(r["source"], r["source"]))
     return f"<b>{html.escape(r['teacher'])} · {name}</b><br>{r['tokens']:,} tokens, {r['chars']:,} chars{rho}{flag}"
 
 

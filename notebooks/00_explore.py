@@ -33,7 +33,7 @@ from IPython.display import HTML
 import cdlib.explore
 import cdlib.grid
 import cdlib.params
-import cdlib.report
+import cdlib.figures
 
 P = cdlib.params.from_notebook("explore", globals())
 P
@@ -75,7 +75,7 @@ cdlib.explore.length_stats(view, by=["teacher", "source", "dataset"])
 
 # %%
 chart = cdlib.explore.lengths_chart(view, bins=P.bins, include_flagged=P.flagged != "exclude")
-cdlib.report.save_chart(chart, f"{P.out_dir}/fig2_lengths")
+cdlib.figures.save_chart(chart, f"{P.out_dir}/fig2_lengths")
 chart
 
 # %% [markdown]

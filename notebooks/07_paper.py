@@ -23,6 +23,7 @@ import polars as pl
 import cdlib.grid
 import cdlib.params
 import cdlib.report
+import cdlib.results
 
 P = cdlib.params.from_notebook("report", globals())
 P
@@ -31,7 +32,7 @@ P
 # Which finished cells the grid holds, per stage.
 
 # %%
-grid = cdlib.report.read_grid(P.grid_dir)
+grid = cdlib.results.read_grid(P.grid_dir)
 pl.DataFrame([{"cell": c.id, "kind": c.kind, **c.axes} for c in grid.cells.values()])
 
 # %% [markdown]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib import report, sft
+from cdlib import accounting, results, sft, tables
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 
@@ -52,10 +52,10 @@ def test_table6_counts_every_source_row_once(tmp_path):
     assert expected > m["dataset_tokens"]["supervised"], "the validation split holds supervised tokens too"
     assert expected != m["trainable_tokens"], "two steps see a different number of tokens than one pass"
 
-    runs = report.grid_runs(report.read_grid(grid))
-    t6 = report.table6(runs)
+    runs = results.grid_runs(results.read_grid(grid))
+    t6 = tables.table6(runs)
     assert t6["tokens_m_raw"][0] * 1e6 == pytest.approx(expected, abs=0.5)
-    t11 = report.table11(runs)
+    t11 = tables.table11(runs)
     assert t11["train_tokens_m"][0] * 1e6 == pytest.approx(expected, abs=0.5), "Table 11 matches Table 6 (H.4)"
 
 
@@ -73,9 +73,9 @@ def _upstream_grid(root: Path, teachers: list[str], hours: dict[str, float]) -> 
 def test_upstream_counts_the_qwen_teacher_and_its_two_compressions(tmp_path):
     """H.4's 424 H100-h are the Qwen teacher's pass and its two compressions; the gpt-oss teacher's are beside."""
     _upstream_grid(tmp_path, ["qwen3.5-397b", "gpt-oss-120b"], {"qwen3.5-397b": 348.0, "gpt-oss-120b": 70.0})
-    g = report.read_grid(tmp_path)
-    assert report.upstream_teachers(g) == ["qwen3.5-397b"]
-    _, q = report.grid_compute(g)
+    g = results.read_grid(tmp_path)
+    assert accounting.upstream_teachers(g) == ["qwen3.5-397b"]
+    _, q = accounting.grid_compute(g)
     q = dict(zip(q["quantity"], q["value"]))
     assert q["teacher_gpu_hours"] == pytest.approx(348.0)
     assert q["compress_llama70b_gpu_hours"] == pytest.approx(348 * 0.2)
@@ -88,8 +88,8 @@ def test_upstream_counts_the_qwen_teacher_and_its_two_compressions(tmp_path):
 
 def test_upstream_without_the_papers_teacher_counts_every_teacher(tmp_path):
     _upstream_grid(tmp_path, ["toy-a", "toy-b"], {"toy-a": 1.0, "toy-b": 2.0})
-    g = report.read_grid(tmp_path)
-    assert report.upstream_teachers(g) == ["toy-a", "toy-b"]
-    _, q = report.grid_compute(g)
+    g = results.read_grid(tmp_path)
+    assert accounting.upstream_teachers(g) == ["toy-a", "toy-b"]
+    _, q = accounting.grid_compute(g)
     q = dict(zip(q["quantity"], q["value"]))
     assert q["upstream_gpu_hours"] == pytest.approx(3 * 1.23) and q["other_upstream_gpu_hours"] == 0

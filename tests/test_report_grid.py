@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import compress, evaluate, generate, grid, judge, paper, report, toy, truncate
+from cdlib import compress, evaluate, figures, generate, grid, judge, paper, report, tables, toy, truncate
 from cdlib.params import ReportParams, ToyParams, validate
 from cdlib.store import Store
 
@@ -274,18 +274,18 @@ def test_side_by_side_with_published_numbers_where_names_match(built):
 
 
 def test_paper_name_matching():
-    assert report.paper_name("qwen3.5-397b", "teacher") == QWEN
-    assert report.paper_name("Qwen3.5-0.8B", "student") == STUDENT
-    assert report.paper_name("ministral-14b", "compressor") == "ministral14b"
-    assert report.paper_name("gsm8k", "dataset") == "GSM8k"
-    assert report.paper_name("toy", "teacher") is None
-    assert report.paper_name("qwen3.5", "student") is None  # 0.8B or 9B: ambiguous
+    assert tables.paper_name("qwen3.5-397b", "teacher") == QWEN
+    assert tables.paper_name("Qwen3.5-0.8B", "student") == STUDENT
+    assert tables.paper_name("ministral-14b", "compressor") == "ministral14b"
+    assert tables.paper_name("gsm8k", "dataset") == "GSM8k"
+    assert tables.paper_name("toy", "teacher") is None
+    assert tables.paper_name("qwen3.5", "student") is None  # 0.8B or 9B: ambiguous
     # the slugs a paper grid file uses for its axis values
     slugs = {"teacher": ["qwen3.5-397b", "gpt-oss-120b"], "student": ["qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b", "gpt-oss-20b"],
              "dataset": ["aqua_rat", "arc_challenge", "gpqa_diamond", "commonsense_qa", "mmlu_stem", "mmlu_medical", "medexpqa"]}
-    assert [report.paper_name(v, "teacher") for v in slugs["teacher"]] == list(paper.TEACHERS)
-    assert [report.paper_name(v, "student") for v in slugs["student"]] == list(paper.STUDENTS)
-    assert [report.paper_name(v, "dataset") for v in slugs["dataset"]] == [
+    assert [tables.paper_name(v, "teacher") for v in slugs["teacher"]] == list(paper.TEACHERS)
+    assert [tables.paper_name(v, "student") for v in slugs["student"]] == list(paper.STUDENTS)
+    assert [tables.paper_name(v, "dataset") for v in slugs["dataset"]] == [
         "AQUA-RAT", "ARC-Challenge", "GPQA Diamond", "CommonsenseQA", "Mmlu-Stem", "Mmlu-Medical", "MedExpQA"]
 
 
@@ -361,10 +361,10 @@ def test_long_loss_curves_are_thinned_after_the_ema():
     n = 5000
     losses = pl.DataFrame({"teacher": "t", "student": "s", "method": "full", "source": "raw",
                            "step": list(range(1, n + 1)), "loss": [2 + math.sin(i) for i in range(n)]})
-    data = report.fig3_loss_curves(losses, max_points=400).data  # one row per kept step: its loss and EMA
+    data = figures.fig3_loss_curves(losses, max_points=400).data  # one row per kept step: its loss and EMA
     assert 300 < data.height <= 401 and data["loss"].null_count() == data["ema"].null_count() == 0
     last = data.filter(pl.col("step") == n)["ema"][0]
-    assert last == pytest.approx(report.ema(losses)["ema"][-1]), "EMA over every step, not the thinned ones"
+    assert last == pytest.approx(figures.ema(losses)["ema"][-1]), "EMA over every step, not the thinned ones"
 
 
 def test_evaluate_and_judge_notebooks_run_headless(fixture_grid, tmp_path):

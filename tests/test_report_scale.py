@@ -1,6 +1,6 @@
 """The report and 00_explore's Figure 2 at the paper grid's size: every figure drawn, the page a sane size.
 
-A synthetic grid in the layout :func:`cdlib.report.read_grid` reads, written directly
+A synthetic grid in the layout :func:`cdlib.results.read_grid` reads, written directly
 (no stage runs, short texts): the 55 train and evaluate cells that ``params/paper.yaml``
 expands to, its 2 generate, 4 compress, 1 truncate and 4 judge cells, traces split over
 the paper's datasets in Table 4's proportions (283,335 per teacher at full size) and one
@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import datasets, explore, grid, paper, report
+from cdlib import datasets, explore, figures, grid, paper, report, results, tables
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TRACES = 283_335  # Qwen3.5-397B-A17B's verified-correct traces (paper 4.1, Table 4)
@@ -47,8 +47,8 @@ def _done(d: Path, axes: dict, params: dict, metrics: dict, gpus: int = 0, hours
 def _dataset_counts(total: int) -> dict[str, int]:
     """Traces per training dataset in Table 4's proportions (Qwen teacher), summing to ``total``."""
     t4 = paper.generation().filter(pl.col("teacher") == paper.TEACHERS[0])
-    slug = {report._canon(n): n for n in datasets.REGISTRY}
-    shares = {slug[report._canon(d)]: n for d, n in zip(t4["dataset"], t4["n"]) if report._canon(d) in slug}
+    slug = {tables._canon(n): n for n in datasets.REGISTRY}
+    shares = {slug[tables._canon(d)]: n for d, n in zip(t4["dataset"], t4["n"]) if tables._canon(d) in slug}
     scale = total / sum(shares.values())
     counts = {d: max(1, round(n * scale)) for d, n in shares.items()}
     biggest = max(counts, key=counts.get)
@@ -120,7 +120,7 @@ def build_paper_grid(root: Path, traces_per_teacher: int = PAPER_TRACES, steps: 
             _done(d, axes, params, {"n": t.height, "parse_failures": 0, "faithfulness": 4.98,
                                     "failure_modes.omission": t.height // 50}, gpus=8, hours=3.0)
         elif stage in ("train", "evaluate"):
-            names = {k: report.paper_name(v, k) or v for k, v in axes.items()}
+            names = {k: tables.paper_name(v, k) or v for k, v in axes.items()}
             row = published.filter(pl.col("teacher") == names["teacher"], pl.col("student") == names["student"],
                                    pl.col("method") == names["method"], pl.col("source") == names["source"])
             overall = row.filter(pl.col("group") == "overall").row(0, named=True)
@@ -136,7 +136,7 @@ def build_paper_grid(root: Path, traces_per_teacher: int = PAPER_TRACES, steps: 
                       gpus=overall["gpus"], hours=overall["train_hours"])
             else:
                 groups = {g: {"accuracy": r["accuracy"], "se": r["se"], "n": 500}
-                          for g, r in ((dict(zip(report.GROUP_NAMES.values(), report.GROUP_NAMES))[r["group"]], r)
+                          for g, r in ((dict(zip(results.GROUP_NAMES.values(), results.GROUP_NAMES))[r["group"]], r)
                                        for r in row.iter_rows(named=True)) if g != "Overall"}
                 median = overall["median_reasoning_chars"] or 0
                 _write_ndjson(d / "outputs.jsonl", pl.DataFrame({"id": ["1"], "text": ["A"], "correct": [True]}))
@@ -170,14 +170,14 @@ def _check_report(out: dict, grid_dir: Path, steps: int) -> None:
         assert png.stat().st_size > 5000 and "<svg" in svg.read_text()[:500], name
         assert html.stat().st_size < MAX_PAGE_MB * 2**20, (name, html.stat().st_size)
     assert out["index"].stat().st_size < MAX_PAGE_MB * 2**20, out["index"].stat().st_size
-    losses = report.grid_losses(report.read_grid(grid_dir))
-    chart = report.fig3_loss_curves(losses)
+    losses = results.grid_losses(results.read_grid(grid_dir))
+    chart = figures.fig3_loss_curves(losses)
     data = chart.data
-    assert data.select(report.RUN_KEYS).drop_nulls().n_unique() == RUNS
+    assert data.select(tables.RUN_KEYS).drop_nulls().n_unique() == RUNS
     assert data.filter(pl.col("step") == steps).height == RUNS, "every run keeps its last step"
     assert _embedded_rows(chart) <= ALTAIR_MAX_ROWS
     with pytest.raises(alt.MaxRowsError):  # the former budget, 400 steps per run, is past altair's limit here
-        report.fig3_loss_curves(losses, max_points=400, max_rows=10**9).to_dict()
+        figures.fig3_loss_curves(losses, max_points=400, max_rows=10**9).to_dict()
     facet = chart.to_dict()["facet"]  # the grid's slugs in the paper's order: teachers as in Table 1, students by size
     assert facet["row"]["sort"] == ["qwen3.5-397b", "gpt-oss-120b"]
     assert facet["column"]["sort"] == ["qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b", "gpt-oss-20b"]
@@ -201,10 +201,10 @@ def test_loss_curves_keep_to_a_budget_for_the_whole_chart():
     sources = ["raw", "answer_only", "truncated", "llama70b", "ministral14b"]
     losses = pl.concat([pl.DataFrame({"teacher": f"t{r % 2}", "student": f"s{r % 4}", "method": f"full (seed={r})",
                                       "source": sources[r % 5], "step": step, "loss": 1 + 1 / step}) for r in range(150)])
-    chart = report.fig3_loss_curves(losses)
+    chart = figures.fig3_loss_curves(losses)
     assert _embedded_rows(chart) <= ALTAIR_MAX_ROWS
     assert chart.data.group_by("method").len()["len"].min() >= 3, "each run keeps its first, some middle and last steps"
-    few = report.fig3_loss_curves(losses.filter(pl.col("method").is_in(["full (seed=0)", "full (seed=1)"])), max_points=400)
+    few = figures.fig3_loss_curves(losses.filter(pl.col("method").is_in(["full (seed=0)", "full (seed=1)"])), max_points=400)
     assert few.data.height > 2 * 300, "a few runs keep up to max_points each"
 
 
@@ -249,7 +249,7 @@ def test_fig_dte_at_55_runs():
               "accuracy": 0.75} for s in ("qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b")]
     runs = pl.DataFrame(rows[:52] + rows[-3:])
     assert runs.height == RUNS
-    chart = report.fig_dte_kept_fraction(runs)
+    chart = figures.fig_dte_kept_fraction(runs)
     assert 0 < _embedded_rows(chart) <= ALTAIR_MAX_ROWS
 
 
@@ -263,4 +263,4 @@ def test_report_and_explore_at_the_full_paper_size(tmp_path):
     traces = explore.load({"qwen3.5-397b": str(grid_dir / "generate/qwen3.5-397b")}, cells,
                           {"truncated": str(grid_dir / "truncate/qwen3.5-397b")})
     assert traces.filter(pl.col("source") == "raw").height == PAPER_TRACES
-    report.save_chart(explore.lengths_chart(traces), tmp_path / "fig2_lengths")
+    figures.save_chart(explore.lengths_chart(traces), tmp_path / "fig2_lengths")

@@ -1,0 +1,375 @@
+"""Every chart of the workbench, from the tidy layouts of :mod:`cdlib.tables`, in altair.
+
+The paper's Figures 1 to 4, the Pareto plot, the Distilling-the-Essence figure, the explore
+stage's interactive Figure 2 and a single run's loss curve. One palette and one order of
+sources, so every figure agrees; :func:`save_chart` writes PNG, SVG and interactive HTML;
+:func:`paper_figures` draws what the published numbers allow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import polars as pl
+
+from cdlib.results import DEFAULT_LOSS_ON
+from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, _need, _ordered, _overall, _weights, _with_optional,
+                          paper_name)
+
+def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale: float = 2.0, inline: bool = True) -> list[Path]:
+    """Write ``<stem>.png`` and ``<stem>.svg`` (through vl-convert) and an interactive ``<stem>.html``.
+
+    ``inline`` embeds the Vega JavaScript in the HTML so it opens without internet.
+    """
+    import vl_convert as vlc
+
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    spec = chart.to_json()
+    png, svg, html = (stem.with_name(stem.name + ext) for ext in (".png", ".svg", ".html"))
+    png.write_bytes(vlc.vegalite_to_png(spec, scale=scale))
+    svg.write_text(vlc.vegalite_to_svg(spec))
+    chart.save(str(html), inline=inline)
+    return [png, svg, html]
+
+
+PALETTE = {"raw": "#4c78a8", "answer_only": "#f58518", "truncated": "#e45756",
+           "llama70b": "#54a24b", "ministral14b": "#b279a2",
+           "extractive": "#72b7b2", "mpd": "#9d755d"}  # the toy world's compressor and MPD keep theirs too
+
+
+EXTRA_COLORS = ["#eeca3b", "#ff9da6", "#bab0ac",
+                "#17becf", "#bcbd22", "#e377c2", "#393b79", "#8c6d31"]  # eight more, so neighbouring sources do not share one
+
+
+def _color(df: pl.DataFrame, col: str = "source", title: str = "Source") -> alt.Color:
+    """Colour by ``<col>_label`` with a fixed colour per known source, so every figure agrees."""
+    values = _ordered(df[col].drop_nulls().unique().to_list(), col)
+    extra = iter(EXTRA_COLORS * 4)
+    colors = [PALETTE.get(v) or next(extra) for v in values]
+    labels = [SOURCE_LABELS.get(v, v) for v in values]
+    return alt.Color(f"{col}_label:N", sort=labels, scale=alt.Scale(domain=labels, range=colors), title=title)
+
+
+def _complete_grid(df: pl.DataFrame, row: str, column: str) -> pl.DataFrame:
+    """Add an all-null row for each missing (row, column) pair: Vega-Lite misplaces facet cells
+    when some pairs have no data (a teacher without gpt-oss-20B results shifts its row)."""
+    pairs = df.select(row).unique().join(df.select(column).unique(), how="cross")
+    missing = pairs.join(df.select(row, column).unique(), on=[row, column], how="anti", nulls_equal=True)
+    return pl.concat([df, missing], how="diagonal_relaxed") if missing.height else df
+
+
+def _labelled(df: pl.DataFrame, col: str = "source") -> pl.DataFrame:
+    return df.with_columns(pl.col(col).replace(SOURCE_LABELS).alias(f"{col}_label"))
+
+
+def _label_order(values: list[str], col: str = "source") -> list[str]:
+    return [SOURCE_LABELS.get(v, v) for v in _ordered(values, col)]
+
+
+def _in_paper_order(values: list[str], col: str) -> list[str]:
+    """Distinct ``values`` in the paper's order (teachers as in Table 1, students by size), also when
+    the grid spells them its own way (``qwen3.5-0.8b``, see :func:`paper_name`); others after, by name."""
+    order = ORDER.get(col, [])
+
+    def rank(v: str) -> tuple[int, str]:
+        name = v if v in order else paper_name(v, col)
+        return (order.index(name) if name in order else len(order), v)
+
+    return sorted({v for v in values if v is not None}, key=rank)
+
+
+def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
+    """Figure 1: mean compression ratio (ratio of means) by domain, per teacher and compressor."""
+    _need(compression, ["teacher", "compressor", "domain", "original_chars", "compressed_chars"], "fig1")
+    df = _weights(compression).group_by("teacher", "compressor", "domain").agg(
+        rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum(),
+        n=pl.col("n").sum(),
+    )
+    df = _labelled(df, "compressor")
+    domains = _ordered(df["domain"].unique().to_list(), "domain")
+    comps = _label_order(df["compressor"].unique().to_list(), "compressor")
+    bars = alt.Chart(df).mark_bar().encode(
+        x=alt.X("domain:N", sort=domains, title="Domain", axis=alt.Axis(labelAngle=0)),  # short names read level
+        xOffset=alt.XOffset("compressor_label:N", sort=comps),
+        y=alt.Y("rho:Q", title="Mean compression ratio ρ (lower = more aggressive)"),
+        color=_color(df, "compressor", "Compressor"),
+        tooltip=["teacher:N", "compressor_label:N", "domain:N", alt.Tooltip("rho:Q", format=".3f"), alt.Tooltip("n:Q", format=",")],
+    ).properties(width=260, height=220)
+    return bars.facet(column=alt.Column("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"),
+                                        title="Teacher"))
+
+
+def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> alt.VConcatChart:
+    """Figure 2: reasoning-token histograms, one panel per (teacher, source), from per-trace rows.
+
+    Lengths above the ``clip_quantile`` of all traces fall into the last bin, so rare
+    outliers do not flatten the plot. Binning is done here, not in the browser.
+    """
+    _need(traces, ["teacher", "source", "reasoning_tokens"], "fig2")
+    if traces.is_empty():
+        raise ValueError("fig2: no traces")
+    upper = float(traces["reasoning_tokens"].quantile(clip_quantile)) or 1.0
+    width = upper / bins
+    df = traces.with_columns(
+        bin=(pl.col("reasoning_tokens") / width).floor().clip(0, bins - 1).cast(pl.Int64)
+    ).group_by("teacher", "source", "bin").agg(count=pl.len())
+    df = _labelled(df.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width))
+    sources = _label_order(df["source"].unique().to_list())
+    color = _color(df)
+    teachers = _in_paper_order(df["teacher"].to_list(), "teacher")
+    # One chart per (teacher, source), concatenated: Vega-Lite's facet misplaces panels when
+    # some (teacher, source) pairs have no data, putting histograms under the wrong headings.
+    rows = []
+    for teacher in teachers:
+        panels = []
+        for label in sources:
+            cell = df.filter((pl.col("teacher") == teacher) & (pl.col("source_label") == label))
+            base = alt.Chart(cell if cell.height else df.head(0),  # an empty panel keeps the columns aligned
+                             title=f"{teacher} · {label}" + ("" if cell.height else " (none)"))
+            panels.append(base.mark_bar().encode(
+                x=alt.X("start:Q", bin="binned", scale=alt.Scale(domain=[0, upper]),
+                        title=f"Reasoning tokens (last bin: ≥ {upper - width:,.0f})"),
+                x2="end:Q",
+                y=alt.Y("count:Q", title="Traces"),
+                color=color,
+                tooltip=["teacher:N", "source_label:N", alt.Tooltip("start:Q", format=",.0f"),
+                         alt.Tooltip("end:Q", format=",.0f"), alt.Tooltip("count:Q", format=",")],
+            ).properties(width=200, height=140))
+        rows.append(alt.hconcat(*panels))
+    return alt.vconcat(*rows)
+
+
+def ema(losses: pl.DataFrame, alpha: float = 0.08) -> pl.DataFrame:
+    """Add ``ema``: per-run exponential moving average of ``loss`` over ``step`` (ema_t = a*x_t + (1-a)*ema_{t-1})."""
+    _need(losses, RUN_KEYS + ["step", "loss"], "loss curves")
+    return losses.sort(RUN_KEYS + ["step"]).with_columns(
+        ema=pl.col("loss").ewm_mean(alpha=alpha, adjust=False).over(RUN_KEYS))
+
+
+def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int = 400,
+                     max_rows: int = 4000) -> alt.FacetChart:
+    """Figure 3: training loss per run (faint) and its EMA (bold), rows = teacher, columns = student,
+    colour = source, dash = method (solid LoRA, dashed full).
+
+    The EMA is computed over every logged step; then each run is thinned to evenly spaced
+    steps (always keeping the last): at most ``max_points`` per run and about ``max_rows``
+    in the whole chart (a row holds one step's loss and EMA), so the paper's 55 runs stay
+    under altair's 5,000 embedded rows and the page stays small (72 steps per run there).
+    """
+    df = ema(losses, alpha)
+    runs = max(df.select(RUN_KEYS).n_unique(), 1)
+    points = max(2, min(max_points, max_rows // runs - 1))  # -1: the kept last step
+    df = df.with_columns(_i=pl.int_range(pl.len()).over(RUN_KEYS), _n=pl.len().over(RUN_KEYS))
+    every = (pl.col("_n") / points).ceil().cast(pl.Int64).clip(1)
+    df = df.filter((pl.col("_i") % every == 0) | (pl.col("_i") == pl.col("_n") - 1))
+    df = _labelled(df.select(RUN_KEYS + ["step", "loss", "ema"]))
+    students = _in_paper_order(df["student"].to_list(), "student")
+    methods = _ordered(df["method"].unique().to_list(), "method")
+    legend = {"symbolOpacity": 1, "symbolStrokeWidth": 2.2}  # the bold curve's look, not the faint one's
+    color = _color(df).legend(**legend)
+    df = _complete_grid(df, "teacher", "student")
+    base = alt.Chart().encode(
+        x=alt.X("step:Q", title="Step"),
+        color=color,
+        strokeDash=alt.StrokeDash("method:N", title="Method", legend=alt.Legend(**legend), scale=alt.Scale(
+            domain=methods, range=[{"lora": [1, 0], "full": [6, 3]}.get(m, [2, 2]) for m in methods])),
+        tooltip=["teacher:N", "student:N", "method:N", "source_label:N", "step:Q",
+                 alt.Tooltip("loss:Q", format=".4f"), alt.Tooltip("ema:Q", format=".4f", title=f"EMA (α={alpha})")],
+    )
+    title = "Training loss"  # short enough for one panel's height: the row labels stay clear
+    faint = base.mark_line(strokeWidth=0.6, opacity=0.3).encode(y=alt.Y("loss:Q", title=title))
+    bold = base.mark_line(strokeWidth=2.2).encode(y=alt.Y("ema:Q", title=title))
+    return alt.layer(bold, faint).properties(width=200, height=150).facet(
+        row=alt.Row("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None),
+        column=alt.Column("student:N", sort=students, title=None), data=df).properties(
+        title=alt.Title(f"Faint: loss per step (thinned for long runs) · bold: its EMA (α={alpha})", fontSize=12,
+                        fontWeight="normal", anchor="start"))
+
+
+def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_tokens") -> alt.FacetChart:
+    """Figure 4: overall accuracy vs median reasoning length per student (log x), IQR bars where the
+    quartiles ``reasoning_tokens_q1``/``_q3`` are given. Runs with no reasoning (x = 0) are left out."""
+    df = _overall(runs)
+    _need(df, ["accuracy", x], "fig4")
+    df = _with_optional(df, ["reasoning_tokens_q1", "reasoning_tokens_q3", "se"])
+    df = _labelled(df.filter(pl.col(x) > 0))
+    students = _in_paper_order(df["student"].to_list(), "student")
+    methods = _ordered(df["method"].unique().to_list(), "method")
+    color = _color(df)
+    df = _complete_grid(df, "teacher", "student")
+    title = x.replace("_", " ").capitalize() + " (log)"
+    base = alt.Chart(df).encode(
+        x=alt.X(f"{x}:Q", scale=alt.Scale(type="log"), title=title, axis=alt.Axis(labelOverlap="greedy", labelSeparation=6)),
+        y=alt.Y("accuracy:Q", title="Overall accuracy", scale=alt.Scale(zero=False)),
+        color=color,
+    )
+    tooltip = RUN_KEYS + [alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("se:Q", format=".3f"), alt.Tooltip(f"{x}:Q", format=",")]
+    points = base.mark_point(filled=True, size=70).encode(
+        shape=alt.Shape("method:N", scale=alt.Scale(domain=methods), title="Method"),
+        tooltip=tooltip,
+    )
+    layers = [points]
+    if x == "median_reasoning_tokens" and df["reasoning_tokens_q1"].null_count() < df.height:
+        layers.insert(0, base.mark_rule().encode(x="reasoning_tokens_q1:Q", x2="reasoning_tokens_q3:Q", tooltip=tooltip))
+    return alt.layer(*layers).properties(width=180, height=170).facet(
+        row=alt.Row("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None),
+        column=alt.Column("student:N", sort=students, title=None))
+
+
+def pareto_front(runs: pl.DataFrame, by: list[str] | None = None,
+                 x: str = "mean_completion_tokens", y: str = "accuracy") -> pl.DataFrame:
+    """Runs not dominated by another run of the same ``by`` group (fewer-or-equal ``x`` and higher ``y``)."""
+    df = _overall(runs).drop_nulls([x, y]).sort([x, pl.col(y)], descending=[False, True])
+    by = by or []
+    best = pl.col(y).cum_max().shift(1).over(by) if by else pl.col(y).cum_max().shift(1)
+    return df.with_columns(_best=best).filter(pl.col("_best").is_null() | (pl.col(y) > pl.col("_best"))).drop("_best")
+
+
+def pareto(runs: pl.DataFrame, x: str = "mean_completion_tokens") -> alt.FacetChart:
+    """Accuracy vs mean completion tokens (log x) for every run, with the Pareto front per teacher."""
+    df = _overall(runs)
+    _need(df, ["accuracy", x], "pareto")
+    df = _labelled(df.drop_nulls([x, "accuracy"]))
+    front = pareto_front(df, ["teacher"], x=x).select(RUN_KEYS).with_columns(on_front=pl.lit(True))
+    df = df.join(front, on=RUN_KEYS, how="left").with_columns(pl.col("on_front").fill_null(False))
+    xenc = alt.X(f"{x}:Q", scale=alt.Scale(type="log"), title=x.replace("_", " ").capitalize() + " (log)",
+                 axis=alt.Axis(labelOverlap="greedy", labelSeparation=6))
+    yenc = alt.Y("accuracy:Q", title="Overall accuracy")
+    tooltip = RUN_KEYS + [alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip(f"{x}:Q", format=",.0f"), "on_front:N"]
+    tooltip += [c for c in ("budget", "train_cell") if c in df.columns]  # epoch-based or compute-matched
+    if df["method"].n_unique() > 1:  # LoRA and full runs of one student get their own marks
+        df = df.with_columns(student_method=pl.col("student") + pl.lit(", ") + pl.col("method"))
+        pairs = set(df.select("student", "method").unique().iter_rows())
+        legend = [f"{s}, {m}" for s in _in_paper_order(df["student"].to_list(), "student")
+                  for m in _ordered(df["method"].unique().to_list(), "method") if (s, m) in pairs]
+        shape = alt.Shape("student_method:N", sort=legend, title="Student, method")
+    else:
+        shape = alt.Shape("student:N", sort=_in_paper_order(df["student"].to_list(), "student"), title="Student")
+    base = alt.Chart(df)
+    points = base.mark_point(filled=True, size=60).encode(x=xenc, y=yenc, color=_color(df), shape=shape,
+                                                          tooltip=tooltip)
+    line = base.transform_filter("datum.on_front").mark_line(color="gray", strokeDash=[4, 3]).encode(
+        x=xenc, y=yenc, order=f"{x}:Q", tooltip=tooltip)
+    return alt.layer(line, points, data=df).properties(width=320, height=260).facet(
+        column=alt.Column("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None))
+
+
+def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
+    """The overall rows of a Distilling-the-Essence comparison, with a ``variant`` column.
+
+    Needs ``accuracy`` and ``kept_fraction`` (= ``truncate_ratio``, 1.0 uncut); reads
+    ``truncate_span``, ``loss_on``, ``dte``, ``objective`` and ``data_source`` when given
+    (as :func:`grid_runs` writes them). Kept: every DtE run (a ratio cut or a non-default
+    ``loss_on``) and, as the uncut reference at kept fraction 1.0, the plain SFT runs on
+    the same data (``data_source``) as a DtE run of the same teacher and student. The
+    reference is repeated once per cut span so each span's curve ends at the full run.
+    ``variant``: ``cut: sequence``, ``cut: reasoning``, ``no cut`` (reference), plus
+    ``, loss on <sections>`` for a non-default ``loss_on``.
+    """
+    df = _overall(runs)
+    _need(df, ["accuracy", "kept_fraction"], "dte_runs")
+    default = "+".join(DEFAULT_LOSS_ON)
+    df = df.with_columns(
+        pl.lit(None, dtype=pl.String).alias(c) for c in ("truncate_span", "data_source") if c not in df.columns
+    ).with_columns(
+        loss_on=pl.col("loss_on").fill_null(default) if "loss_on" in df.columns else pl.lit(default),
+        objective=pl.col("objective").fill_null("sft") if "objective" in df.columns else pl.lit("sft"))
+    if "dte" not in df.columns:
+        df = df.with_columns(dte=(pl.col("kept_fraction") < 1) | (pl.col("loss_on") != default))
+    df = df.filter(pl.col("accuracy").is_not_null())
+    dte = df.filter(pl.col("dte"))
+    keys = ["teacher", "student", "data_source"]
+    ref = df.filter(~pl.col("dte") & (pl.col("objective") == "sft")).join(
+        dte.select(keys).unique(), on=keys, how="semi", nulls_equal=True)
+    spans = dte["truncate_span"].drop_nulls().unique().sort().to_list() or [None]
+    mask = pl.when(pl.col("loss_on") != default).then(pl.lit(", loss on ") + pl.col("loss_on")).otherwise(pl.lit(""))
+    cut = pl.when(pl.col("truncate_span").is_not_null()).then(pl.lit("cut: ") + pl.col("truncate_span"))
+    parts = [dte.with_columns(variant=cut.otherwise(pl.lit("no cut")) + mask)]
+    for span in spans:  # the uncut reference closes each span's curve at kept fraction 1.0
+        name = f"cut: {span}" if span else "no cut"
+        parts.append(ref.with_columns(variant=pl.lit(name) + mask, truncate_span=pl.lit(span, dtype=pl.String)))
+    return pl.concat(parts, how="diagonal_relaxed").sort("variant", "kept_fraction")
+
+
+def fig_dte_kept_fraction(runs: pl.DataFrame) -> alt.VConcatChart:
+    """Distilling the Essence: overall accuracy against the kept fraction of each training sequence.
+
+    Top row: accuracy vs kept fraction (``truncate_ratio``; 1.0 = uncut), one line per
+    cut span (``sequence``: the first X% of the whole sequence, ``reasoning``: of the
+    trace only) and training setup, ending at the uncut run; section-mask runs are
+    points at 1.0. Bottom row, when ``train_flops`` is known: the same accuracies
+    against training FLOPs (log), the compute-quality trade-off. One column per
+    student; colour = variant, shape = training budget (epoch-based or compute-matched).
+    """
+    df = dte_runs(runs)
+    if df.is_empty():
+        raise ValueError("fig_dte_kept_fraction: no evaluated Distilling-the-Essence runs")
+    if "budget" not in df.columns:
+        df = df.with_columns(budget=pl.lit(None, dtype=pl.String))
+    df = df.with_columns(pl.col("budget").fill_null("not recorded"))
+    # one curve per variant and training setup (other axes of the grid, such as the ratio, are not part of it)
+    setup = ["teacher", "student", "train_method" if "train_method" in df.columns else "method", "budget"]
+    df = df.with_columns(series=pl.concat_str([pl.col("variant"), *[pl.col(c).cast(pl.String) for c in setup]],
+                                              separator=" | ", ignore_nulls=True))
+    variants = df["variant"].unique().sort().to_list()
+    color = alt.Color("variant:N", sort=variants, title="Variant",
+                      scale=alt.Scale(domain=variants, range=(EXTRA_COLORS + list(PALETTE.values()))[:len(variants)]))
+    shape = alt.Shape("budget:N", title="Training length")
+    tooltip = RUN_KEYS + ["variant:N", "budget:N", alt.Tooltip("kept_fraction:Q", format=".2f"),
+                          alt.Tooltip("accuracy:Q", format=".3f")]
+    tooltip += [alt.Tooltip(f"{c}:Q", format=",.3g") for c in ("train_flops", "peak_memory_gb", "train_tokens",
+                                                                "kept_token_fraction") if c in df.columns]
+    yenc = alt.Y("accuracy:Q", title="Overall accuracy", scale=alt.Scale(zero=False))
+    students = _in_paper_order(df["student"].to_list(), "student")
+    column = alt.Column("student:N", sort=students, title=None)
+
+    def panel(data: pl.DataFrame, x: alt.X, field: str) -> alt.FacetChart:
+        base = alt.Chart(data)
+        return alt.layer(
+            base.mark_line(opacity=0.6).encode(x=x, y=yenc, color=color, detail="series:N", order=f"{field}:Q"),
+            base.mark_point(filled=True, size=70).encode(x=x, y=yenc, color=color, shape=shape, tooltip=tooltip),
+        ).properties(width=260, height=200).facet(column=column)
+
+    xkept = alt.X("kept_fraction:Q", title="Kept fraction of each training sequence", scale=alt.Scale(domain=[0, 1.05]))
+    rows = [panel(df, xkept, "kept_fraction").properties(title="Accuracy vs kept fraction")]
+    with_flops = df.filter(pl.col("train_flops").is_not_null()) if "train_flops" in df.columns else df.clear()
+    if with_flops.height:
+        xflops = alt.X("train_flops:Q", scale=alt.Scale(type="log"), title="Training FLOPs (log)",
+                       axis=alt.Axis(format=".0e", labelOverlap="greedy", tickCount=4))
+        rows.append(panel(with_flops, xflops, "train_flops").properties(title="Accuracy vs training compute"))
+    return alt.vconcat(*rows).resolve_scale(color="shared", shape="shared")
+
+
+def paper_figures(out_dir: str | Path) -> dict[str, list[Path]]:
+    """Draw what the published numbers allow: Figure 1, Figure 4 and the Pareto plot.
+
+    Figure 4 uses median reasoning *characters* (Table 9), since the paper publishes
+    no per-run token medians or quartiles, so it has no IQR bars. Figures 2 and 3
+    need per-trace lengths and loss logs, which the paper does not publish; draw them
+    with :func:`fig2_reasoning_lengths` and :func:`fig3_loss_curves` from a grid's own
+    outputs. A README in ``out_dir`` says the same.
+    """
+    from cdlib import paper
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = paper.runs()
+    made = {
+        "fig1_compression_by_domain": save_chart(fig1_compression_by_domain(paper.compression()), out / "fig1_compression_by_domain"),
+        "fig4_accuracy_vs_length": save_chart(fig4_accuracy_vs_length(runs, x="median_reasoning_chars"), out / "fig4_accuracy_vs_length"),
+        "pareto": save_chart(pareto(runs), out / "pareto"),
+    }
+    (out / "README.md").write_text(
+        "# Figures from the published numbers\n\n"
+        f"Source: {paper.TITLE} (Tables 4, 5, 7, 9).\n\n"
+        "- fig1_compression_by_domain: Figure 1, from Tables 4 and 5 (ratio of mean lengths per domain).\n"
+        "- fig4_accuracy_vs_length: Figure 4 with median reasoning *characters* (Table 9) on x; the paper\n"
+        "  publishes no per-run token medians or quartiles, so there are no IQR bars.\n"
+        "- pareto: overall accuracy (Table 7) vs mean completion tokens (Table 9).\n\n"
+        "Figures 2 (reasoning-token distributions) and 3 (training-loss curves) need per-trace\n"
+        "lengths and per-step loss logs, which the paper does not publish: draw them from a\n"
+        "grid's outputs with cdlib.figures.fig2_reasoning_lengths and fig3_loss_curves.\n")
+    return made
+

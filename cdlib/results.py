@@ -1,0 +1,542 @@
+"""Reading a grid's outputs into the layouts of :mod:`cdlib.tables`.
+
+A grid's outputs live in ``outputs/<grid>/``: ``results.parquet`` (one row per finished
+cell, written by the runner) and one directory per cell, ``<stage>/<cell>/`` with
+params.yaml, metrics.json, manifest.json and the stage's record files. :func:`read_grid`
+collects the finished cells; ``grid_*`` turn them into the generation, compression,
+judge, trace-length, run and loss layouts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from cdlib.tables import RUN_KEYS, _sort
+
+KINDS = ("generate", "compress", "truncate", "train", "evaluate", "judge", "report")
+
+
+KIND_FILES = {"generate": "traces.jsonl", "compress": "compressed.jsonl", "truncate": "truncated.jsonl",
+              "train": "loss.jsonl", "evaluate": "outputs.jsonl", "judge": "judgements.jsonl"}
+
+
+KIND_METRICS = {"acc_per_1k_tokens": "evaluate", "train_tokens": "train", "trainable_tokens": "train",
+                "faithfulness": "judge",
+                "rho": "compress", "total_correct": "generate", "kept_fraction": "truncate", "figures": "report"}
+
+
+# cdlib.datasets' report groups and Table 1 domains -> the names used here (and in the paper's tables)
+GROUP_NAMES = {"Math": "math", "Science": "science", "Medicine": "medicine", "Common-sense": "commonsense",
+               "OOD-Reasoning": "ood_reasoning", "OOD-Knowledge": "ood_knowledge", "Overall-only": "overall_only",
+               "Overall": "overall"}
+
+
+DOMAIN_NAMES = {"Mathematics": "math", "Science": "science", "Logic/Commonsense": "logic", "Medical": "medical",
+                "MMLU-STEM": "mmlu", "MMLU-Medical": "mmlu"}
+
+
+COST_COLUMNS = ("wall_clock_s", "gpus", "gpu_hours", "device")
+
+
+NO_VALUE = "—"
+
+
+@dataclass
+class GridCell:
+    """One finished cell of a grid, from its directory and/or its row of ``results.parquet``."""
+
+    id: str  # "<stage>/<slug>"
+    stage: str  # the stage's name in the grid file
+    kind: str | None  # which stage notebook made it: one of KINDS
+    axes: dict[str, str]
+    params: dict[str, Any]  # params.yaml (empty when only results.parquet is there)
+    cost: dict[str, Any]  # wall_clock_s, gpus, gpu_hours, device (the runner's manifest)
+    metrics: dict[str, Any]  # metrics.json flattened with dots
+    dir: Path | None  # None when only results.parquet knows the cell
+    upstream: list[str] = dc_field(default_factory=list)  # ids of cells its params point to
+
+
+@dataclass
+class GridOutputs:
+    """Every finished cell of a grid, plus notes about what was missing or skipped."""
+
+    dir: Path
+    cells: dict[str, GridCell]
+    notes: list[str]
+
+    def of(self, kind: str) -> list[GridCell]:
+        return [c for c in self.cells.values() if c.kind == kind]
+
+    def lineage_axes(self, cell: GridCell) -> dict[str, str]:
+        """The axis values of a cell and of every cell upstream of it (its own win)."""
+        out: dict[str, str] = {}
+        seen: set[str] = set()
+
+        def walk(c: GridCell) -> None:
+            if c.id in seen:
+                return
+            seen.add(c.id)
+            for u in c.upstream:
+                walk(self.cells[u])
+            out.update(c.axes)
+
+        walk(cell)
+        return out
+
+    def upstream_of(self, cell: GridCell, kind: str) -> GridCell | None:
+        """The nearest cell of ``kind`` upstream of ``cell`` (breadth first)."""
+        todo, seen = list(cell.upstream), set()
+        while todo:
+            c = self.cells[todo.pop(0)]
+            if c.id in seen:
+                continue
+            seen.add(c.id)
+            if c.kind == kind:
+                return c
+            todo += c.upstream
+        return None
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys, scalars only (as cdlib.grid.write_results stores metrics)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)) or v is None:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _json_file(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+
+
+def _kind(stage: str, notebook: str, d: Path | None, metrics: dict[str, Any]) -> str | None:
+    """A cell's stage kind: its stage name, else its notebook's name, else its files, else its metrics."""
+    if stage in KINDS:
+        return stage
+    tail = Path(notebook).stem.split("_", 1)[-1] if notebook else ""
+    if tail in KINDS or tail == "paper":
+        return "report" if tail == "paper" else tail
+    for kind, name in KIND_FILES.items():
+        if d is not None and (d / name).exists():
+            return kind
+    return next((kind for key, kind in KIND_METRICS.items() if key in metrics), None)
+
+
+def _axes_from_slug(slug: str, row: dict[str, Any], skip: set[str]) -> dict[str, str]:
+    """Recover a results.parquet row's axes: the string columns holding the slug's parts (``a__b``)."""
+    if slug == "all":
+        return {}
+    axes: dict[str, str] = {}
+    for part in slug.split("__"):
+        col = next((k for k, v in row.items() if v == part and k not in axes and k not in skip and "." not in k), None)
+        if col is not None:
+            axes[col] = part
+    return axes
+
+
+def read_grid(grid_dir: str | Path) -> GridOutputs:
+    """Collect a grid's finished cells from ``results.parquet`` and the cell directories.
+
+    A cell directory with a ``done`` manifest wins over its results.parquet row (it is
+    never older); cells that are not done are left out and counted in the notes, as is
+    a missing results.parquet (the cell directories are read instead). The report
+    stage's own cells are ignored.
+    """
+    import yaml
+
+    root = Path(grid_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"grid directory {root} does not exist")
+    notes: list[str] = []
+    cells: dict[str, GridCell] = {}
+    results = root / "results.parquet"
+    if results.exists():
+        for row in pl.read_parquet(results).to_dicts():
+            stage, cid = row.get("stage"), row.get("cell")
+            if not stage or not cid:
+                continue
+            slug = cid.split("/", 1)[-1]
+            axes = _axes_from_slug(slug, row, {"stage", "cell", *COST_COLUMNS})
+            metrics = {k.removeprefix("metric."): v for k, v in row.items() if v is not None
+                       and k not in ("stage", "cell", *COST_COLUMNS) and k not in axes}
+            cells[cid] = GridCell(cid, stage, _kind(stage, "", None, metrics), axes, {},
+                                  {k: row.get(k) for k in COST_COLUMNS}, metrics, None)
+    else:
+        notes.append(f"{results} not found: read every cell directory's metrics.json instead.")
+    not_done: list[str] = []
+    for manifest_path in sorted(root.glob("*/*/manifest.json")):
+        d = manifest_path.parent
+        cid = f"{d.parent.name}/{d.name}"
+        try:
+            manifest = _json_file(manifest_path) or {}
+            metrics = _json_file(d / "metrics.json")
+            params_path = d / "params.yaml"
+            params = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
+        except (ValueError, yaml.YAMLError) as e:
+            notes.append(f"cell {cid} skipped: {e}")
+            continue
+        kind = _kind(d.parent.name, manifest.get("notebook", ""), d, _flatten(metrics or {}))
+        if kind == "report":
+            continue
+        if manifest.get("status") != "done" or metrics is None:
+            not_done.append(f"{cid} ({manifest.get('status', 'no status')})")
+            cells.pop(cid, None)
+            continue
+        axes = dict(manifest.get("axes") or (cells[cid].axes if cid in cells else {}))
+        cells[cid] = GridCell(cid, d.parent.name, kind, axes, params, {k: manifest.get(k) for k in COST_COLUMNS},
+                              _flatten(metrics), d)
+    cells = {k: c for k, c in cells.items() if c.kind != "report"}
+    if not_done:
+        notes.append(f"{len(not_done)} cell(s) not done and left out: {', '.join(not_done[:12])}"
+                     + (" ..." if len(not_done) > 12 else ""))
+    for c in cells.values():
+        for v in c.params.values():
+            if isinstance(v, str) and v:
+                ref = "/".join(Path(v).parts[-2:])
+                if ref in cells and ref != c.id:
+                    c.upstream.append(ref)
+    return GridOutputs(root, cells, notes)
+
+
+def _read_jsonl(path: Path, fields: list[str], lengths: tuple[str, ...] = ()) -> pl.DataFrame:
+    """Some fields of a JSONL store (``<f>_chars`` = len(text) for each field in ``lengths``).
+
+    A last line cut mid-write (a killed stage) is ignored, as the store does; any other
+    bad line raises naming the file and line.
+    """
+    rows = []
+    with path.open("rb") as f:  # line by line: a paper-scale traces.jsonl holds gigabytes of text
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not line.endswith(b"\n"):  # the last line, cut mid-write
+                    break
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e.msg})") from None
+            row = {k: rec.get(k) for k in fields}
+            for k in lengths:
+                row[f"{k}_chars"] = len(rec.get(k) or "")
+            rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+def _domains(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(pl.col("domain").replace(DOMAIN_NAMES)) if "domain" in df.columns else df
+
+
+def compressor_name(cell: GridCell) -> str:
+    """A compress cell's compressor as the grid names it: its ``compressor`` or ``source`` axis, else the param."""
+    return cell.axes.get("compressor") or cell.axes.get("source") or str(cell.params.get("compressor") or cell.id)
+
+
+def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
+    """Generation layout (Table 4) from every generate cell's ``traces.jsonl``; None if there is none.
+
+    Cells that kept every attempt (``keep: all``, a student sampling for MPD) are left out, with a note."""
+    parts = []
+    for c in g.of("generate"):
+        if c.params.get("keep") == "all":  # a student's samples (Mixed-Policy Distillation), not teacher traces
+            g.notes.append(f"{c.id}: student samples (keep: all), left out of Table 4.")
+            continue
+        path = (c.dir / "traces.jsonl") if c.dir else None
+        if path is None or not path.exists():
+            continue
+        df = _read_jsonl(path, ["id", "dataset", "domain", "completion_tokens"], lengths=("reasoning",))
+        if not df.is_empty():
+            teacher = g.lineage_axes(c).get("teacher", c.id.split("/", 1)[1])
+            parts.append(df.with_columns(teacher=pl.lit(teacher)))
+    return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
+
+
+def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFrame | None:
+    """Compression layout (Tables 2, 5, Figure 1): one row per compressed trace of every compress cell.
+
+    Compressions dropped downstream (flagged with ``drop_flagged``, see
+    :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
+    trained on. With the paper's protocol (``drop_flagged: false``) every compression is kept,
+    as in its Tables 2 and 5; flags stay in ``flag`` for :func:`flag_rates`. Token counts come from ``tokens.jsonl``
+    (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer).
+    """
+    parts = []
+    for c in g.of("compress"):
+        path = (c.dir / "compressed.jsonl") if c.dir else None
+        if path is None or not path.exists():
+            continue
+        df = _read_jsonl(path, ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
+        if df.is_empty():
+            continue
+        tokens = c.dir / "tokens.jsonl"
+        tok = _read_jsonl(tokens, ["id", "original_tokens", "compressed_tokens"]) if tokens.exists() else pl.DataFrame()
+        if not tok.is_empty():
+            df = df.join(tok, on="id", how="left")
+        teacher = g.lineage_axes(c).get("teacher", NO_VALUE)
+        flag = pl.col("flag").cast(pl.String)
+        parts.append(df.with_columns(teacher=pl.lit(teacher), compressor=pl.lit(compressor_name(c)), flag=flag,
+                                     drop=pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())))
+    if not parts:
+        return None
+    df = _domains(pl.concat(parts, how="diagonal_relaxed"))
+    return df if include_flagged else df.filter(~pl.col("drop"))
+
+
+def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) -> pl.DataFrame | None:
+    """Trace-length layout (Figure 2): reasoning tokens per trace for raw, each compressor and truncated.
+
+    Raw lengths are the compress cells' ``original_tokens`` (one count per trace and
+    teacher), so raw and compressed traces are counted with the same tokenizer.
+    ``compression`` is :func:`grid_compression` with flagged rows, when already read.
+    """
+    parts = []
+    every = compression if compression is not None else grid_compression(g, include_flagged=True)
+    if every is not None and "compressed_tokens" in every.columns:
+        kept = ~pl.col("drop") if "drop" in every.columns else pl.col("flag").is_null()
+        parts.append(every.filter(kept).select(
+            "teacher", pl.col("compressor").alias("source"), pl.col("compressed_tokens").alias("reasoning_tokens")))
+        if "original_tokens" in every.columns:
+            raw = every.unique(["teacher", "id"], keep="first", maintain_order=True)
+            parts.insert(0, raw.select("teacher", source=pl.lit("raw"), reasoning_tokens=pl.col("original_tokens")))
+    for c in g.of("truncate"):
+        path = (c.dir / "truncated.jsonl") if c.dir else None
+        if path is None or not path.exists():
+            continue
+        df = _read_jsonl(path, ["truncated_tokens"])
+        if not df.is_empty():
+            parts.append(df.select(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)), source=pl.lit("truncated"),
+                                   reasoning_tokens=pl.col("truncated_tokens")))
+    if not parts:
+        return None
+    return pl.concat([p.with_columns(pl.col("reasoning_tokens").cast(pl.Float64)) for p in parts]).drop_nulls()
+
+
+def grid_judge(g: GridOutputs) -> pl.DataFrame | None:
+    """Judge layout (Table 10) from every judge cell's parsed verdicts (parse failures left out)."""
+    parts = []
+    for c in g.of("judge"):
+        path = (c.dir / "judgements.jsonl") if c.dir else None
+        if path is None or not path.exists():
+            continue
+        df = _read_jsonl(path, ["id", "dataset", "domain", "faithfulness", "verdict", "answer_alignment", "parse_error"])
+        if df.is_empty():
+            continue
+        comp = g.upstream_of(c, "compress")
+        compressor = compressor_name(comp) if comp else (c.axes.get("compressor") or c.axes.get("source") or NO_VALUE)
+        df = df.filter(pl.col("parse_error").is_null()).select(
+            "dataset", "domain", "faithfulness", faithful=pl.col("verdict") == "faithful",
+            answer_aligned=pl.col("answer_alignment").cast(pl.Boolean))
+        parts.append(df.with_columns(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)),
+                                     compressor=pl.lit(compressor)))
+    return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
+
+
+def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
+    """Judge failure-mode counts per (teacher, compressor), from the judge cells' metrics."""
+    rows = []
+    for c in g.of("judge"):
+        comp = g.upstream_of(c, "compress")
+        compressor = compressor_name(comp) if comp else (c.axes.get("compressor") or c.axes.get("source") or NO_VALUE)
+        n = c.metrics.get("n") or 0
+        for k, v in c.metrics.items():
+            if k.startswith("failure_modes.") and v:
+                rows.append({"teacher": g.lineage_axes(c).get("teacher", NO_VALUE), "compressor": compressor,
+                             "failure_mode": k.split(".", 1)[1], "count": int(v), "pct_of_judged": 100 * v / n if n else None})
+        if c.metrics.get("parse_failures"):
+            rows.append({"teacher": g.lineage_axes(c).get("teacher", NO_VALUE), "compressor": compressor,
+                         "failure_mode": "(judge parse failure)", "count": int(c.metrics["parse_failures"]),
+                         "pct_of_judged": 100 * c.metrics["parse_failures"] / n if n else None})
+    if not rows:
+        return None
+    return _sort(pl.DataFrame(rows), ["teacher", "compressor"]).sort(["teacher", "compressor", "count"],
+                                                                     descending=[False, False, True], maintain_order=True)
+
+
+def _budget(params: dict[str, Any], metrics: dict[str, Any] | None = None) -> str | None:
+    """How a train cell's length was set: compute-matched (``token_budget``), ``max_steps`` or epochs.
+
+    Read from the cell's params.yaml; without one, from its metrics (``budget_mode``,
+    ``token_budget``, ``max_steps``, ``epochs`` as cdlib.train records them); else None.
+    """
+    src = params or {}
+    if not src and metrics and metrics.get("budget_mode"):
+        mode = metrics["budget_mode"]
+        src = {"token_budget": metrics.get("token_budget") if mode == "tokens" else None,
+               "max_steps": metrics.get("max_steps") if mode == "steps" else None, "epochs": metrics.get("epochs")}
+    if not src:
+        return None
+    if src.get("token_budget"):
+        return f"compute-matched ({int(src['token_budget']):,} tokens)"
+    if src.get("max_steps"):
+        return f"max_steps {src['max_steps']}"
+    epochs = float(src.get("epochs") or 1.0)
+    return f"epoch-based ({epochs:g} epoch{'s' if epochs != 1 else ''})"
+
+
+def _run_keys(g: GridOutputs, cells: list[GridCell | None]) -> dict[str, str]:
+    """teacher/student/method/source of a run from its cells' axes (and the train params when
+    an axis is absent); extra axes of these cells are appended to ``method`` so runs stay distinct."""
+    present = [c for c in cells if c is not None]
+    lineage: dict[str, str] = {}
+    for c in reversed(present):
+        lineage.update(g.lineage_axes(c))
+    train = next((c for c in present if c.kind == "train"), None)
+    tp = train.params if train else {}
+    keys = {"teacher": lineage.get("teacher"), "student": lineage.get("student") or tp.get("student"),
+            "method": lineage.get("method") or tp.get("method"), "source": lineage.get("source") or tp.get("source")}
+    extra = {k: v for c in present for k, v in c.axes.items() if k not in RUN_KEYS and k != "compressor"}
+    if extra and keys["method"]:
+        keys["method"] += " (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")"
+    return {k: (str(v) if v is not None else NO_VALUE) for k, v in keys.items()}
+
+
+def _train_info(t: GridCell | None) -> dict[str, Any]:
+    """Run-level training columns of a train cell: train_tokens, train_hours, gpus, gpu_hours, losses, budget."""
+    if t is None:
+        return {}
+    m, cost = t.metrics, t.cost
+    first = lambda *vals: next((v for v in vals if v is not None), None)  # noqa: E731
+    wall = first(m.get("train_wall_clock_s"), m.get("wall_clock_s"), cost.get("wall_clock_s"))
+    hours = first(m.get("train_hours"), wall / 3600 if wall is not None else None)
+    gpus = first(m.get("gpus"), cost.get("gpus"))
+    # names as the issue gives them, then as cdlib.train writes them
+    return {"train_tokens": first(m.get("train_tokens"), m.get("trainable_tokens")), "train_hours": hours, "gpus": gpus,
+            "source_tokens": m.get("source_tokens.supervised"),  # whole source data, one pass (Tables 6, 11)
+            "gpu_hours": first(m.get("gpu_hours"), cost.get("gpu_hours"),
+                               gpus * hours if gpus is not None and hours is not None else None),
+            "final_train_loss": first(m.get("final_train_loss"), m.get("train_loss_ema"), m.get("train_loss")),
+            "final_val_loss": first(m.get("final_val_loss"), m.get("val_loss")),
+            "budget": _budget(t.params, m), "train_cell": t.id, **_neighbour_info(t)}
+
+
+DEFAULT_LOSS_ON = ("cot", "answer")  # cdlib.params.TrainParams.loss_on
+
+
+def _train_setting(t: GridCell, key: str) -> Any:
+    """A train cell's parameter from its params.yaml, else as cdlib.train recorded it in its metrics."""
+    if key in t.params:
+        return t.params[key]
+    return t.metrics.get(key)
+
+
+def neighbour_label(params: dict[str, Any]) -> str | None:
+    """The source label of a neighbouring-method run from its train params, or None for a plain SFT run.
+
+    Mixed-Policy Distillation (``source: mpd``): ``mpd`` (``mpd-sft`` without the KL
+    objective); any other KL run: ``kl-<source>``. Distilling the Essence: ``dte-<ratio>``
+    (``-reasoning`` when only the reasoning span is cut) and ``-<sections>`` for a
+    non-default ``loss_on`` (``dte-cot``, ``dte-0.5-cot``); on data other than raw traces
+    the source comes first (``extractive+dte-0.5``).
+    """
+    source = str(params.get("source") or "raw")
+    objective = params.get("objective") or "sft"
+    if source == "mpd":
+        return "mpd" if objective == "kl" else "mpd-sft"
+    ratio = params.get("truncate_ratio")
+    loss_on = params.get("loss_on") or list(DEFAULT_LOSS_ON)
+    loss_on = loss_on.split("+") if isinstance(loss_on, str) else list(loss_on)
+    parts = []
+    if ratio is not None:
+        parts.append(f"{float(ratio):g}" + ("-reasoning" if params.get("truncate_span") == "reasoning" else ""))
+    if set(loss_on) != set(DEFAULT_LOSS_ON):
+        parts.append("+".join(loss_on))
+    label = None
+    if parts:
+        label = "dte-" + "-".join(parts)
+        label = label if source == "raw" else f"{source}+{label}"
+    if objective == "kl":
+        return f"kl-{label or source}"
+    return label
+
+
+def _neighbour_info(t: GridCell) -> dict[str, Any]:
+    """Distilling the Essence / MPD columns of a train cell: kept fraction, span, sections, objective, cost."""
+    ratio = _train_setting(t, "truncate_ratio")
+    loss_on = _train_setting(t, "loss_on") or list(DEFAULT_LOSS_ON)
+    loss_on = "+".join(loss_on) if isinstance(loss_on, list) else str(loss_on)
+    settings = {k: _train_setting(t, k) for k in ("source", "objective", "truncate_span", "kl_direction")}
+    settings.update(truncate_ratio=ratio, loss_on=loss_on)
+    return {"kept_fraction": float(ratio) if ratio is not None else 1.0,
+            "truncate_span": settings["truncate_span"] if ratio is not None else None,
+            "loss_on": loss_on, "objective": settings["objective"] or "sft",
+            "dte": ratio is not None or set(loss_on.split("+")) != set(DEFAULT_LOSS_ON),
+            "data_source": settings["source"], "neighbour": neighbour_label(settings),
+            "train_method": _train_setting(t, "method"),
+            "kept_token_fraction": t.metrics.get("kept_token_fraction"),
+            "train_flops": t.metrics.get("flops"), "peak_memory_gb": t.metrics.get("peak_memory_gb")}
+
+
+EVAL_RUN_COLUMNS = ("n", "mean_completion_tokens", "mean_completion_tokens_excl_trunc", "truncation_rate",
+                    "median_reasoning_chars", "median_reasoning_tokens", "reasoning_tokens_q1", "reasoning_tokens_q3",
+                    "acc_per_1k_tokens")
+
+
+def grid_runs(g: GridOutputs) -> pl.DataFrame | None:
+    """Run layout (Tables 3, 6-9, 11, Figure 4, Pareto): a row per (run, group) from the evaluate cells,
+    with the training columns of the train cell each was evaluated from; trained runs without an
+    evaluation give an overall row with null accuracy. None if there are no runs."""
+    rows: list[dict[str, Any]] = []
+    used_train: set[str] = set()
+    trains = g.of("train")
+    for e in g.of("evaluate"):
+        t = g.upstream_of(e, "train")
+        if t is None:  # no path link (results.parquet only): the train cell with the same run axes
+            mine = {k: v for k, v in g.lineage_axes(e).items() if k in RUN_KEYS}
+            t = next((c for c in trains if mine and {k: v for k, v in c.axes.items() if k in RUN_KEYS} == mine), None)
+        if t is not None:
+            used_train.add(t.id)
+        keys = _run_keys(g, [e, t])
+        if t is None and keys["source"] == NO_VALUE:
+            keys["source"] = "untrained"  # a model evaluated as it is (e.g. the student before distillation)
+        base = {**keys, **_train_info(t), "eval_cell": e.id,
+                **{k: e.metrics.get(k) for k in EVAL_RUN_COLUMNS}}
+        groups = sorted({k.split(".")[1] for k in e.metrics if k.startswith("groups.") and k.endswith(".accuracy")})
+        for grp in groups:
+            rows.append({**base, "group": GROUP_NAMES.get(grp, grp), "accuracy": e.metrics.get(f"groups.{grp}.accuracy"),
+                         "se": e.metrics.get(f"groups.{grp}.se"), "group_n": e.metrics.get(f"groups.{grp}.n")})
+        rows.append({**base, "group": "overall", "accuracy": e.metrics.get("accuracy"),
+                     "se": e.metrics.get("accuracy_se"), "group_n": e.metrics.get("n")})
+    for t in trains:
+        if t.id not in used_train:
+            rows.append({**_run_keys(g, [t]), **_train_info(t), "group": "overall", "accuracy": None})
+    if not rows:
+        return None
+    for row in rows:
+        # a neighbouring method's run is named after it (dte-0.5, mpd) unless the grid named its source itself
+        named = any("source" in g.cells[c].axes for c in (row.get("eval_cell"), row.get("train_cell")) if c in g.cells)
+        if row.get("neighbour") and not named:
+            row["source"] = row["neighbour"]
+    df = pl.DataFrame(rows, infer_schema_length=None)
+    # two cells with the same keys (e.g. re-evaluations): keep them apart by cell id
+    dup = pl.struct(RUN_KEYS + ["group"]).is_duplicated()
+    if df.select(dup.any()).item():
+        cell = pl.coalesce(pl.col("eval_cell"), pl.col("train_cell")) if "eval_cell" in df.columns else pl.col("train_cell")
+        df = df.with_columns(method=pl.when(dup).then(pl.col("method") + " [" + cell + "]").otherwise(pl.col("method")))
+    return df
+
+
+def grid_losses(g: GridOutputs) -> pl.DataFrame | None:
+    """Loss layout (Figure 3) from every train cell's ``loss.jsonl``."""
+    parts = []
+    for t in g.of("train"):
+        path = (t.dir / "loss.jsonl") if t.dir else None
+        if path is None or not path.exists():
+            continue
+        df = _read_jsonl(path, ["step", "loss"])
+        if not df.is_empty():
+            parts.append(df.drop_nulls().with_columns(**{k: pl.lit(v) for k, v in _run_keys(g, [t]).items()}))
+    return pl.concat(parts, how="diagonal_relaxed") if parts else None
+
