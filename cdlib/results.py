@@ -59,7 +59,8 @@ class GridCell:
     cost: dict[str, Any]  # wall_clock_s, gpus, gpu_hours, device (the runner's manifest)
     metrics: dict[str, Any]  # metrics.json flattened with dots
     dir: Path | None  # None when only results.parquet knows the cell
-    upstream: list[str] = dc_field(default_factory=list)  # ids of cells its params point to
+    upstream: list[str] = dc_field(default_factory=list)  # ids of its input cells
+    inputs_recorded: bool = False  # upstream as the runner recorded it (else guessed from params, older grids)
 
 
 @dataclass
@@ -124,7 +125,8 @@ def _json_file(path: Path) -> dict[str, Any] | None:
 
 
 def _kind(stage: str, notebook: str, d: Path | None, metrics: dict[str, Any]) -> str | None:
-    """A cell's stage kind: its stage name, else its notebook's name, else its files, else its metrics."""
+    """The stage kind of a cell recorded before the runner wrote ``kind`` (published or older grids):
+    its stage name, else its notebook's name, else its files, else its metrics."""
     if stage in KINDS:
         return stage
     tail = Path(notebook).stem.split("_", 1)[-1] if notebook else ""
@@ -134,6 +136,15 @@ def _kind(stage: str, notebook: str, d: Path | None, metrics: dict[str, Any]) ->
         if d is not None and (d / name).exists():
             return kind
     return next((kind for key, kind in KIND_METRICS.items() if key in metrics), None)
+
+
+def _inputs(recorded: Any) -> list[str] | None:
+    """The input cell ids the runner recorded (a dict, or its JSON in results.parquet); None when not recorded."""
+    if recorded is None:
+        return None
+    if isinstance(recorded, str):
+        recorded = json.loads(recorded) if recorded else {}
+    return [str(v) for v in recorded.values() if v]
 
 
 def _axes_from_slug(slug: str, row: dict[str, Any], skip: set[str]) -> dict[str, str]:
@@ -148,67 +159,101 @@ def _axes_from_slug(slug: str, row: dict[str, Any], skip: set[str]) -> dict[str,
     return axes
 
 
+RECORD_COLUMNS = ("stage", "cell", "kind", "inputs", *COST_COLUMNS)  # the runner's columns of results.parquet
+
+
+def _cells_from_results(path: Path) -> dict[str, GridCell]:
+    """The cells of results.parquet: kind and inputs as the runner recorded them (guessed for older rows)."""
+    cells: dict[str, GridCell] = {}
+    for row in pl.read_parquet(path).to_dicts():
+        stage, cid = row.get("stage"), row.get("cell")
+        if not stage or not cid:
+            continue
+        axes = _axes_from_slug(cid.split("/", 1)[-1], row, set(RECORD_COLUMNS))
+        metrics = {k.removeprefix("metric."): v for k, v in row.items() if v is not None
+                   and k not in RECORD_COLUMNS and k not in axes}
+        cells[cid] = GridCell(cid, stage, row.get("kind") or _kind(stage, "", None, metrics), axes, {},
+                              {k: row.get(k) for k in COST_COLUMNS}, metrics, None, _inputs(row.get("inputs")) or [],
+                              row.get("inputs") is not None)
+    return cells
+
+
+def _cell_from_dir(d: Path, known: GridCell | None) -> tuple[GridCell | None, str | None]:
+    """A cell directory as (cell, None) when done, (None, its status) when not; raises ValueError when unreadable."""
+    import yaml
+
+    manifest = _json_file(d / "manifest.json") or {}
+    metrics = _json_file(d / "metrics.json")
+    params_path = d / "params.yaml"
+    try:
+        params = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{params_path}: {e}") from None
+    flat = _flatten(metrics or {})
+    kind = manifest.get("kind") or _kind(d.parent.name, manifest.get("notebook", ""), d, flat)
+    if kind != "report" and (manifest.get("status") != "done" or metrics is None):
+        return None, manifest.get("status", "no status")
+    axes = dict(manifest.get("axes") or (known.axes if known else {}))
+    cell = GridCell(f"{d.parent.name}/{d.name}", d.parent.name, kind, axes, params,
+                    {k: manifest.get(k) for k in COST_COLUMNS}, flat, d, _inputs(manifest.get("inputs")) or [],
+                    "inputs" in manifest)
+    if not cell.inputs_recorded and known is not None and known.inputs_recorded:
+        cell.upstream, cell.inputs_recorded = list(known.upstream), True
+    return cell, None
+
+
+def _guess_upstream(cells: dict[str, GridCell]) -> None:
+    """Cells recorded before the runner wrote ``inputs`` (published or older grids): a cell's upstream
+    cells are those its params point to (``.../<stage>/<cell>`` paths)."""
+    for c in cells.values():
+        if c.inputs_recorded:
+            continue
+        for v in c.params.values():
+            if isinstance(v, str) and v:
+                ref = "/".join(Path(v).parts[-2:])
+                if ref in cells and ref != c.id:
+                    c.upstream.append(ref)
+
+
 def read_grid(grid_dir: str | Path) -> GridOutputs:
     """Collect a grid's finished cells from ``results.parquet`` and the cell directories.
 
-    A cell directory with a ``done`` manifest wins over its results.parquet row (it is
-    never older); cells that are not done are left out and counted in the notes, as is
-    a missing results.parquet (the cell directories are read instead). The report
-    stage's own cells are ignored.
+    Each cell's stage kind and input cells are read as the runner recorded them (``kind``
+    and ``inputs`` in manifest.json and results.parquet); only cells recorded before it
+    did have them guessed from names, files and paths. A cell directory with a ``done``
+    manifest wins over its results.parquet row (it is never older); cells that are not
+    done are left out and counted in the notes, as is a missing results.parquet (the cell
+    directories are read instead). The report stage's own cells are ignored.
     """
-    import yaml
-
     root = Path(grid_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"grid directory {root} does not exist")
     notes: list[str] = []
-    cells: dict[str, GridCell] = {}
     results = root / "results.parquet"
-    if results.exists():
-        for row in pl.read_parquet(results).to_dicts():
-            stage, cid = row.get("stage"), row.get("cell")
-            if not stage or not cid:
-                continue
-            slug = cid.split("/", 1)[-1]
-            axes = _axes_from_slug(slug, row, {"stage", "cell", *COST_COLUMNS})
-            metrics = {k.removeprefix("metric."): v for k, v in row.items() if v is not None
-                       and k not in ("stage", "cell", *COST_COLUMNS) and k not in axes}
-            cells[cid] = GridCell(cid, stage, _kind(stage, "", None, metrics), axes, {},
-                                  {k: row.get(k) for k in COST_COLUMNS}, metrics, None)
-    else:
+    cells = _cells_from_results(results) if results.exists() else {}
+    if not results.exists():
         notes.append(f"{results} not found: read every cell directory's metrics.json instead.")
     not_done: list[str] = []
     for manifest_path in sorted(root.glob("*/*/manifest.json")):
         d = manifest_path.parent
         cid = f"{d.parent.name}/{d.name}"
         try:
-            manifest = _json_file(manifest_path) or {}
-            metrics = _json_file(d / "metrics.json")
-            params_path = d / "params.yaml"
-            params = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
-        except (ValueError, yaml.YAMLError) as e:
+            cell, status = _cell_from_dir(d, cells.get(cid))
+        except ValueError as e:
             notes.append(f"cell {cid} skipped: {e}")
             continue
-        kind = _kind(d.parent.name, manifest.get("notebook", ""), d, _flatten(metrics or {}))
-        if kind == "report":
-            continue
-        if manifest.get("status") != "done" or metrics is None:
-            not_done.append(f"{cid} ({manifest.get('status', 'no status')})")
+        if cell is None:
+            not_done.append(f"{cid} ({status})")
             cells.pop(cid, None)
-            continue
-        axes = dict(manifest.get("axes") or (cells[cid].axes if cid in cells else {}))
-        cells[cid] = GridCell(cid, d.parent.name, kind, axes, params, {k: manifest.get(k) for k in COST_COLUMNS},
-                              _flatten(metrics), d)
+        else:
+            cells[cid] = cell
     cells = {k: c for k, c in cells.items() if c.kind != "report"}
+    for c in cells.values():  # inputs outside the finished cells (a report's, a cell not done) are not followed
+        c.upstream = [u for u in c.upstream if u in cells and u != c.id]
     if not_done:
         notes.append(f"{len(not_done)} cell(s) not done and left out: {', '.join(not_done[:12])}"
                      + (" ..." if len(not_done) > 12 else ""))
-    for c in cells.values():
-        for v in c.params.values():
-            if isinstance(v, str) and v:
-                ref = "/".join(Path(v).parts[-2:])
-                if ref in cells and ref != c.id:
-                    c.upstream.append(ref)
+    _guess_upstream(cells)
     return GridOutputs(root, cells, notes)
 
 
@@ -366,7 +411,8 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
 
 
 def _budget(params: dict[str, Any], metrics: dict[str, Any] | None = None) -> str | None:
-    """How a train cell's length was set: compute-matched (``token_budget``), ``max_steps`` or epochs.
+    """How a train cell's length was set, for cells recorded before cdlib.train wrote its ``budget_label``
+    (published or older grids): compute-matched (``token_budget``), ``max_steps`` or epochs.
 
     Read from the cell's params.yaml; without one, from its metrics (``budget_mode``,
     ``token_budget``, ``max_steps``, ``epochs`` as cdlib.train records them); else None.
@@ -419,7 +465,7 @@ def _train_info(t: GridCell | None) -> dict[str, Any]:
                                gpus * hours if gpus is not None and hours is not None else None),
             "final_train_loss": first(m.get("final_train_loss"), m.get("train_loss_ema"), m.get("train_loss")),
             "final_val_loss": first(m.get("final_val_loss"), m.get("val_loss")),
-            "budget": _budget(t.params, m), "train_cell": t.id, **_neighbour_info(t)}
+            "budget": m.get("budget_label") or _budget(t.params, m), "train_cell": t.id, **_neighbour_info(t)}
 
 
 DEFAULT_LOSS_ON = ("cot", "answer")  # cdlib.params.TrainParams.loss_on

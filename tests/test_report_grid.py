@@ -411,3 +411,54 @@ def test_report_names_the_protocol_options_and_deviations(built):
     rows = {(r["stage"], r["option"]): r for r in md_rows(built["tables"]["protocol"][0])}
     assert rows[("compress", "drop_flagged")]["paper"] == "false"
     assert rows[("compress", "drop_flagged")]["deviation"] in ("True", "true")  # the fixture keeps the default (drop)
+
+
+def _recorded_grid(root: Path) -> Path:
+    """Three cells whose stage names, params and files say nothing of their kind or inputs: only what the
+    runner recorded (``kind``, ``inputs`` in manifest.json; ``budget_label`` in metrics.json) links them."""
+    cells = {
+        "squeeze/c1": ("compress", {}, {"teacher": "toy-a"}, {"n": 3}),
+        "distill/t1": ("train", {"data": "squeeze/c1"}, {"student": "s"},
+                       {"n_examples": 3, "budget_label": "1500 steps", "train_wall_clock_s": 36.0}),
+        "score/e1": ("evaluate", {"model": "distill/t1"}, {}, {"n": 4, "accuracy": 0.5, "accuracy_se": 0.25}),
+    }
+    for cid, (kind, inputs, axes, metrics) in cells.items():
+        d = root / cid
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"status": "done", "kind": kind, "inputs": inputs, "axes": axes}))
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "params.yaml").write_text(yaml.safe_dump({"epochs": 3} if kind == "train" else {}))
+    return root
+
+
+def test_kind_inputs_and_budget_are_read_as_recorded_not_guessed(tmp_path):
+    """Issue 17 item 2: a renamed stage or metric cannot mislead the report; only older cells are guessed."""
+    from cdlib import results
+
+    g = results.read_grid(_recorded_grid(tmp_path / "grid"))
+    assert {c.id: (c.kind, c.upstream) for c in g.cells.values()} == {
+        "squeeze/c1": ("compress", []), "distill/t1": ("train", ["squeeze/c1"]), "score/e1": ("evaluate", ["distill/t1"])}
+    run = results.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
+    assert (run["teacher"], run["student"], run["train_cell"]) == ("toy-a", "s", "distill/t1")
+    assert run["budget"] == "1500 steps", "the label training recorded, not one derived from params.yaml's epochs"
+    # results.parquet alone (no cell directories): kind and inputs as its columns, inputs as JSON
+    rows = [{"stage": cid.split("/")[0], "cell": cid, "kind": c.kind, "inputs": json.dumps(
+        {f"in{i}": u for i, u in enumerate(c.upstream)}), **{k: v for k, v in c.metrics.items()}}
+        for cid, c in g.cells.items()]
+    only = tmp_path / "only"
+    only.mkdir()
+    pl.DataFrame(rows, infer_schema_length=None).write_parquet(only / "results.parquet")
+    g2 = results.read_grid(only)
+    assert {c.id: (c.kind, c.upstream) for c in g2.cells.values()} == {
+        c.id: (c.kind, c.upstream) for c in g.cells.values()}
+    # an older cell (no kind or inputs recorded) still gets them guessed from its stage name and param paths
+    old = tmp_path / "old/evaluate/e2"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"status": "done", "axes": {}}))
+    (old / "metrics.json").write_text(json.dumps({"n": 1, "accuracy": 1.0}))
+    (old / "params.yaml").write_text(yaml.safe_dump({"model": str(tmp_path / "old/distill/t1")}))
+    shutil.copytree(tmp_path / "grid/distill/t1", tmp_path / "old/distill/t1")
+    (tmp_path / "old/distill/t1/manifest.json").write_text(json.dumps({"status": "done", "axes": {}}))
+    g3 = results.read_grid(tmp_path / "old")
+    assert (g3.cells["evaluate/e2"].kind, g3.cells["evaluate/e2"].upstream) == ("evaluate", ["distill/t1"])
+    assert g3.cells["distill/t1"].kind is None, "no telltale name, file or metric: why the runner records kind"
