@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import polars as pl
 
-from cdlib.results import KINDS, GridOutputs, _train_info, compressor_name
+from cdlib.results import KINDS, GridOutputs, compressor_name
+from cdlib.student_runs import _train_info
 from cdlib.tables import paper_name, table11
 
 def compute_energy(gpu_hours: float, gpu_watts: float = 700.0, pue: float = 1.15,

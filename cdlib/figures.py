@@ -13,7 +13,7 @@ from pathlib import Path
 import altair as alt
 import polars as pl
 
-from cdlib.results import DEFAULT_LOSS_ON
+from cdlib.student_runs import DEFAULT_LOSS_ON
 from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, _need, _ordered, _overall, _weights, _with_optional,
                           paper_name)
 

@@ -35,7 +35,7 @@ Outputs: ``tableN(...)`` return polars frames in the paper's arrangement (the st
 own per-cell tables use the same aggregations and column names); :func:`compare` and
 :func:`grid_side_by_side` put a grid's numbers beside the published ones. The charts drawn
 from the same layouts are in :mod:`cdlib.figures`; a grid's outputs are read into these
-layouts by :mod:`cdlib.results`; :mod:`cdlib.report` writes the tables and the page.
+layouts by :mod:`cdlib.results` and :mod:`cdlib.student_runs`; :mod:`cdlib.report` writes the tables and the page.
 """
 
 from __future__ import annotations

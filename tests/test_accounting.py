@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib import accounting, results, sft, tables
+from cdlib import accounting, results, sft, student_runs, tables
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 
@@ -52,7 +52,7 @@ def test_table6_counts_every_source_row_once(tmp_path):
     assert expected > m["dataset_tokens"]["supervised"], "the validation split holds supervised tokens too"
     assert expected != m["trainable_tokens"], "two steps see a different number of tokens than one pass"
 
-    runs = results.grid_runs(results.read_grid(grid))
+    runs = student_runs.grid_runs(results.read_grid(grid))
     t6 = tables.table6(runs)
     assert t6["tokens_m_raw"][0] * 1e6 == pytest.approx(expected, abs=0.5)
     t11 = tables.table11(runs)

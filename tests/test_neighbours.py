@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib import compress, figures, generate, report, results, toy
+from cdlib import compress, figures, generate, report, results, student_runs, toy
 from cdlib import train as T
 from cdlib.grid import Grid
 from cdlib.params import CompressParams, EngineParams, GenerateParams, SamplingParams, ToyParams, TrainParams
@@ -128,7 +128,7 @@ def test_ratio_truncation_trains_and_records_kept_fraction_tokens_memory_and_flo
     tokens = data.build_info["tokens"]
     assert tokens["supervised_cot"] > 0 and tokens["supervised_prompt"] == tokens["supervised_answer"] == 0
     assert tokens["total_answer"] > 0 and data.extra["dte"]["loss_on"] == "cot"
-    assert results.neighbour_label(P.model_dump()) == "dte-cot"
+    assert student_runs.neighbour_label(P.model_dump()) == "dte-cot"
 
 
 # --------------------------------------------------------------------------- MPD: real chain
@@ -225,20 +225,20 @@ def _neighbour_grid(root: Path) -> Path:
 
 
 def test_neighbour_labels():
-    assert results.neighbour_label({"source": "raw"}) is None
-    assert results.neighbour_label({"source": "raw", "truncate_ratio": 0.5}) == "dte-0.5"
-    assert results.neighbour_label({"truncate_ratio": 0.25, "truncate_span": "reasoning"}) == "dte-0.25-reasoning"
-    assert results.neighbour_label({"loss_on": ["prompt", "cot", "answer"]}) == "dte-prompt+cot+answer"
-    assert results.neighbour_label({"loss_on": ["answer", "cot"]}) is None, "the default mask in any order"
-    assert results.neighbour_label({"source": "extractive", "truncate_ratio": 0.5}) == "extractive+dte-0.5"
-    assert results.neighbour_label({"source": "mpd", "objective": "kl"}) == "mpd"
-    assert results.neighbour_label({"source": "mpd"}) == "mpd-sft"
-    assert results.neighbour_label({"source": "extractive", "objective": "kl"}) == "kl-extractive"
+    assert student_runs.neighbour_label({"source": "raw"}) is None
+    assert student_runs.neighbour_label({"source": "raw", "truncate_ratio": 0.5}) == "dte-0.5"
+    assert student_runs.neighbour_label({"truncate_ratio": 0.25, "truncate_span": "reasoning"}) == "dte-0.25-reasoning"
+    assert student_runs.neighbour_label({"loss_on": ["prompt", "cot", "answer"]}) == "dte-prompt+cot+answer"
+    assert student_runs.neighbour_label({"loss_on": ["answer", "cot"]}) is None, "the default mask in any order"
+    assert student_runs.neighbour_label({"source": "extractive", "truncate_ratio": 0.5}) == "extractive+dte-0.5"
+    assert student_runs.neighbour_label({"source": "mpd", "objective": "kl"}) == "mpd"
+    assert student_runs.neighbour_label({"source": "mpd"}) == "mpd-sft"
+    assert student_runs.neighbour_label({"source": "extractive", "objective": "kl"}) == "kl-extractive"
 
 
 def test_report_draws_the_dte_figure_and_neighbours_on_the_pareto_plot(tmp_path):
     grid_dir = _neighbour_grid(tmp_path / "grid")
-    runs = results.grid_runs(results.read_grid(grid_dir))
+    runs = student_runs.grid_runs(results.read_grid(grid_dir))
     ov = runs.filter(runs["group"] == "overall")
     by_cell = dict(zip(ov["train_cell"], ov["source"]))
     assert by_cell == {"train/full": "raw", "train/seq-0.5": "dte-0.5", "train/seq-0.25": "dte-0.25",
@@ -269,7 +269,7 @@ def test_report_draws_the_dte_figure_and_neighbours_on_the_pareto_plot(tmp_path)
 
 
 def test_pareto_gives_every_source_its_own_colour(tmp_path):
-    runs = results.grid_runs(results.read_grid(_neighbour_grid(tmp_path / "grid")))
+    runs = student_runs.grid_runs(results.read_grid(_neighbour_grid(tmp_path / "grid")))
     layers = figures.pareto(runs).to_dict()["spec"]["layer"]
     color = next(layer["encoding"]["color"] for layer in layers if "color" in layer.get("encoding", {}))
     domain, colours = color["scale"]["domain"], color["scale"]["range"]

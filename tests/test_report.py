@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 import polars as pl
 import pytest
 
-from cdlib import accounting, figures, paper, report, tables
+from cdlib import accounting, figures, page, paper, report, tables
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_ROWS = {2: 4, 3: 14, 4: 26, 5: 22, 6: 14, 7: 55, 8: 7, 9: 55, 10: 11, 11: 55}
@@ -145,7 +145,7 @@ def test_side_by_side_on_a_hand_made_frame():
 
 def test_markdown_and_latex_formatting(tmp_path):
     df = pl.DataFrame({"name": ["a|b", "x_y & 5%"], "n": [1, 2], "acc": [0.12345, None]})
-    md, tex = report.write_table(df, tmp_path / "sub" / "t", digits={"acc": 2})
+    md, tex = page.write_table(df, tmp_path / "sub" / "t", digits={"acc": 2})
     lines = md.read_text().splitlines()
     assert lines[0] == "| name | n | acc |"
     assert lines[2] == "| a\\|b | 1 | 0.12 |" and lines[3].endswith("| 2 | — |")

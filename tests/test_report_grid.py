@@ -433,12 +433,12 @@ def _recorded_grid(root: Path) -> Path:
 
 def test_kind_inputs_and_budget_are_read_as_recorded_not_guessed(tmp_path):
     """Issue 17 item 2: a renamed stage or metric cannot mislead the report; only older cells are guessed."""
-    from cdlib import results
+    from cdlib import results, student_runs
 
     g = results.read_grid(_recorded_grid(tmp_path / "grid"))
     assert {c.id: (c.kind, c.upstream) for c in g.cells.values()} == {
         "squeeze/c1": ("compress", []), "distill/t1": ("train", ["squeeze/c1"]), "score/e1": ("evaluate", ["distill/t1"])}
-    run = results.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
+    run = student_runs.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
     assert (run["teacher"], run["student"], run["train_cell"]) == ("toy-a", "s", "distill/t1")
     assert run["budget"] == "1500 steps", "the label training recorded, not one derived from params.yaml's epochs"
     # results.parquet alone (no cell directories): kind and inputs as its columns, inputs as JSON

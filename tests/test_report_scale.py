@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import datasets, explore, figures, grid, paper, report, results, tables
+from cdlib import datasets, explore, figures, grid, paper, report, results, student_runs, tables
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TRACES = 283_335  # Qwen3.5-397B-A17B's verified-correct traces (paper 4.1, Table 4)
@@ -170,7 +170,7 @@ def _check_report(out: dict, grid_dir: Path, steps: int) -> None:
         assert png.stat().st_size > 5000 and "<svg" in svg.read_text()[:500], name
         assert html.stat().st_size < MAX_PAGE_MB * 2**20, (name, html.stat().st_size)
     assert out["index"].stat().st_size < MAX_PAGE_MB * 2**20, out["index"].stat().st_size
-    losses = results.grid_losses(results.read_grid(grid_dir))
+    losses = student_runs.grid_losses(results.read_grid(grid_dir))
     chart = figures.fig3_loss_curves(losses)
     data = chart.data
     assert data.select(tables.RUN_KEYS).drop_nulls().n_unique() == RUNS
