@@ -373,3 +373,16 @@ def paper_figures(out_dir: str | Path) -> dict[str, list[Path]]:
         "grid's outputs with cdlib.figures.fig2_reasoning_lengths and fig3_loss_curves.\n")
     return made
 
+
+def loss_chart(losses: pl.DataFrame, title: str | None = None) -> alt.Chart:
+    """One run's loss per step (thin) and its EMA (``ema``, as training logs it; bold), as in the paper's Figure 3.
+
+    ``losses`` is a run's ``loss.jsonl`` as a frame (:func:`cdlib.train.loss_frame`); Figure 3 itself, every run
+    of a grid at once, is :func:`fig3_loss_curves`."""
+    df = losses.select("step", "loss", "ema").unpivot(index="step", variable_name="curve", value_name="value")
+    return alt.Chart(df).mark_line().encode(
+        x=alt.X("step:Q", title="optimizer step"),
+        y=alt.Y("value:Q", title="training loss"),
+        color=alt.Color("curve:N", title=None),
+        strokeWidth=alt.condition(alt.datum.curve == "ema", alt.value(2.5), alt.value(1)),
+    ).properties(title=title or "training loss", width=480, height=260)

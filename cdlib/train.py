@@ -1564,20 +1564,6 @@ def loss_frame(out_dir: str | Path):
     return Store(Path(out_dir) / "loss.jsonl").to_polars().sort("step")
 
 
-def loss_chart(out_dir: str | Path, title: str | None = None):
-    """Altair chart of the loss per step (thin) and its EMA (alpha 0.08, bold), as in the paper's Figure 3."""
-    import altair as alt
-
-    df = loss_frame(out_dir).select("step", "loss", "ema").unpivot(index="step", variable_name="curve",
-                                                                      value_name="value")
-    return alt.Chart(df).mark_line().encode(
-        x=alt.X("step:Q", title="optimizer step"),
-        y=alt.Y("value:Q", title="training loss"),
-        color=alt.Color("curve:N", title=None),
-        strokeWidth=alt.condition(alt.datum.curve == "ema", alt.value(2.5), alt.value(1)),
-    ).properties(title=title or str(out_dir), width=480, height=260)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point of a launch: ``python -m cdlib.train params.json`` (run on every rank)."""
     from cdlib.params import validate

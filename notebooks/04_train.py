@@ -65,6 +65,7 @@ report_to: str = "none"  # experiment tracker through accelerate: none, tensorbo
 tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 
 # %%
+import cdlib.figures
 import cdlib.grid
 import cdlib.params
 import cdlib.train
@@ -103,7 +104,7 @@ cdlib.train.layout_summary(metrics)
 # Loss curve (thin: per step; bold: EMA with alpha 0.08, as in the paper's Figure 3).
 
 # %%
-cdlib.train.loss_chart(P.out_dir, title=f"{P.student} {P.method} on {P.source}")
+cdlib.figures.loss_chart(cdlib.train.loss_frame(P.out_dir), title=f"{P.student} {P.method} on {P.source}")
 
 # %% [markdown]
 # Tokens per section seen in training (Table 6 counts the supervised tokens of one pass)
