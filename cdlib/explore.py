@@ -18,7 +18,7 @@ rho_chars/tokens   chars / original_chars and tokens / original_tokens (raw: 1.0
 
 On that frame: :func:`filter_traces` (datasets, token range, flags),
 :func:`length_stats` (median, quartiles, 90th percentile, ratios),
-:func:`lengths_chart` (the paper's Figure 2: token histograms per teacher and
+:func:`cdlib.figures.lengths_chart` (the paper's Figure 2: token histograms per teacher and
 source, optionally with a dataset menu, token-range sliders and a flagged switch
 that work in the browser with no kernel),
 :func:`side_by_side` / :func:`side_by_side_html` (one question's raw, compressed
@@ -37,7 +37,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import altair as alt
 import polars as pl
 
 from cdlib import figures, results, tables
@@ -207,12 +206,6 @@ def filter_traces(df: pl.DataFrame, datasets: Iterable[str] | None = None, min_t
     return df.filter(cond)
 
 
-def _source_order(df: pl.DataFrame) -> list[str]:
-    """Sources in reading order: raw first, then as they appear (the order of the params)."""
-    seen = list(dict.fromkeys(df["source"].to_list()))
-    return (["raw"] if "raw" in seen else []) + [s for s in seen if s != "raw"]
-
-
 def length_stats(df: pl.DataFrame, by: Iterable[str] = ("teacher", "source")) -> pl.DataFrame:
     """Reasoning-length statistics per group: traces, flagged, mean/median/quartile/p90/max tokens,
     mean chars, rho (ratio of mean tokens to mean original tokens) and the mean per-trace rho."""
@@ -229,7 +222,7 @@ def length_stats(df: pl.DataFrame, by: Iterable[str] = ("teacher", "source")) ->
         mean_rho_tokens=pl.col("rho_tokens").mean(), mean_rho_chars=pl.col("rho_chars").mean(),
     )
     if "source" in by:
-        order = {s: i for i, s in enumerate(_source_order(df))}
+        order = {s: i for i, s in enumerate(figures.source_order(df))}
         out = out.sort([*(c for c in by if c != "source" and c != "dataset"),
                         pl.col("source").replace_strict(order, return_dtype=pl.Int64),
                         *(["dataset"] if "dataset" in by else [])], maintain_order=True)
@@ -237,82 +230,6 @@ def length_stats(df: pl.DataFrame, by: Iterable[str] = ("teacher", "source")) ->
 
 
 # --------------------------------------------------------------------------- charts
-
-
-def binned(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> tuple[pl.DataFrame, float]:
-    """Trace counts per (teacher, source, dataset, flagged, bin) and the bin width.
-
-    Lengths above the ``clip_quantile`` of all rows fall into the last bin (as in
-    Figure 2). Small enough to embed in a chart whatever the number of traces.
-    """
-    upper = float(df["tokens"].quantile(clip_quantile) or 0) or 1.0
-    width = upper / bins
-    out = df.with_columns(flagged=pl.col("flag").is_not_null(),
-                          bin=(pl.col("tokens") / width).floor().clip(0, bins - 1).cast(pl.Int64))
-    out = out.group_by("teacher", "source", "dataset", "flagged", "bin").agg(count=pl.len())
-    out = out.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width,
-                           source_label=pl.col("source").replace(tables.SOURCE_LABELS))
-    return out.sort("teacher", "source", "dataset", "flagged", "bin"), width
-
-
-def lengths_chart(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99,
-                  controls: bool = True, include_flagged: bool = False) -> alt.VConcatChart:
-    """The paper's Figure 2 for these traces: reasoning-token histograms, one row per teacher and
-    one panel per source (raw first), with tooltips.
-
-    With ``controls`` the chart carries a dataset menu, minimum and maximum token
-    sliders and an "include flagged" switch that work in JupyterLab and in the
-    exported HTML without a kernel (static PNGs show the start values: all
-    datasets, the full range, flagged rows as ``include_flagged`` says). Counts are pre-binned by :func:`binned`, so the
-    token range has the bins' resolution and the chart stays small. Panels are
-    concatenated, not faceted: Vega-Lite misplaces facet cells that a filter
-    empties (their sort keys become undefined).
-    """
-    if df.is_empty():
-        raise ExploreError("explore: no traces left to plot (check the filters)")
-    data, width = binned(df, bins, clip_quantile)
-    top = float(data["end"].max())
-    sources = _source_order(df)
-    extra = iter(figures.EXTRA_COLORS * 4)
-    colors = {s: figures.PALETTE.get(s) or next(extra) for s in sources}
-    teachers = df["teacher"].unique(maintain_order=True).to_list()
-    present = set(df.select("teacher", "source").unique().iter_rows())
-    params: list[alt.Parameter] = []
-    if controls:
-        datasets = sorted(data["dataset"].drop_nulls().unique().to_list())
-        params = [
-            alt.param(name="dataset", value="all", bind=alt.binding_select(options=["all", *datasets], name="Dataset ")),
-            alt.param(name="min_tokens", value=0, bind=alt.binding_range(min=0, max=top, step=width, name="Min tokens ")),
-            alt.param(name="max_tokens", value=top, bind=alt.binding_range(min=0, max=top, step=width,
-                                                                            name="Max tokens ")),
-            alt.param(name="include_flagged", value=include_flagged, bind=alt.binding_checkbox(name="Include flagged ")),
-        ]
-    x_title = f"Reasoning tokens (last bin holds all ≥ {top - width:,.0f})"
-    rows = []
-    for teacher in teachers:
-        panels = []
-        for source in sources:
-            label = tables.SOURCE_LABELS.get(source, source)
-            title = (f"{teacher} · {label}" if len(teachers) > 1 else label) + (
-                "" if (teacher, source) in present else " (none)")  # an empty panel keeps the columns aligned
-            panel = alt.Chart(title=title).transform_filter(
-                (alt.datum.teacher == teacher) & (alt.datum.source == source))
-            if controls:
-                panel = panel.transform_filter(
-                    "(dataset == 'all' || datum.dataset == dataset) && datum.end > min_tokens"
-                    " && datum.start < max_tokens && (include_flagged || !datum.flagged)")
-            panels.append(panel.mark_bar(color=colors[source]).encode(
-                x=alt.X("start:Q", bin="binned", title=x_title, scale=alt.Scale(domain=[0, top])),
-                x2="end:Q",
-                y=alt.Y("sum(count):Q", title="Traces"),
-                tooltip=[alt.Tooltip("teacher:N"), alt.Tooltip("source_label:N", title="source"),
-                         alt.Tooltip("start:Q", format=",.0f", title="from"),
-                         alt.Tooltip("end:Q", format=",.0f", title="to"),
-                         alt.Tooltip("sum(count):Q", format=",", title="traces")],
-            ).properties(width=200, height=140))
-        rows.append(alt.hconcat(*panels))
-    chart = alt.vconcat(*rows, data=alt.Data(values=data.to_dicts()))
-    return chart.add_params(*params) if params else chart
 
 
 # --------------------------------------------------------------------------- side by side
@@ -341,7 +258,7 @@ def side_by_side(df: pl.DataFrame, example_id: str, teacher: str | None = None) 
         rows = rows.filter(pl.col("teacher") == teacher)
     if rows.is_empty():
         raise ExploreError(f"explore: no trace with id {example_id!r}" + (f" for teacher {teacher!r}" if teacher else ""))
-    order = {s: i for i, s in enumerate(_source_order(df))}
+    order = {s: i for i, s in enumerate(figures.source_order(df))}
     rows = rows.sort(pl.col("teacher"), pl.col("source").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
     return rows.select("teacher", "source", "tokens", "chars", "rho_tokens", "rho_chars", "flag", "reasoning", "answer")
 

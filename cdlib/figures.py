@@ -101,6 +101,26 @@ def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
                                         title="Teacher"))
 
 
+def bin_lengths(df: pl.DataFrame, column: str, by: list[str], bins: int = 50,
+                clip_quantile: float = 0.99) -> tuple[pl.DataFrame, float, float]:
+    """Figure 2's histogram counts: rows per ``by`` and bin of ``column`` (``count``, ``bin``, ``start``, ``end``),
+    the bin width and the upper edge. Lengths above the ``clip_quantile`` of all rows fall into the last bin, so rare
+    outliers do not flatten the plot; binning is done here, not in the browser."""
+    upper = float(df[column].quantile(clip_quantile) or 0) or 1.0
+    width = upper / bins
+    out = df.with_columns(bin=(pl.col(column) / width).floor().clip(0, bins - 1).cast(pl.Int64))
+    out = out.group_by(*by, "bin").agg(count=pl.len())
+    return out.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width), width, upper
+
+
+def binned(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> tuple[pl.DataFrame, float]:
+    """:func:`bin_lengths` of explore's ``tokens`` per (teacher, source, dataset, flagged), with source labels."""
+    out, width, _ = bin_lengths(df.with_columns(flagged=pl.col("flag").is_not_null()), "tokens",
+                             ["teacher", "source", "dataset", "flagged"], bins, clip_quantile)
+    out = out.with_columns(source_label=pl.col("source").replace(SOURCE_LABELS))
+    return out.sort("teacher", "source", "dataset", "flagged", "bin"), width
+
+
 def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99) -> alt.VConcatChart:
     """Figure 2: reasoning-token histograms, one panel per (teacher, source), from per-trace rows.
 
@@ -110,12 +130,8 @@ def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: 
     _need(traces, ["teacher", "source", "reasoning_tokens"], "fig2")
     if traces.is_empty():
         raise ValueError("fig2: no traces")
-    upper = float(traces["reasoning_tokens"].quantile(clip_quantile)) or 1.0
-    width = upper / bins
-    df = traces.with_columns(
-        bin=(pl.col("reasoning_tokens") / width).floor().clip(0, bins - 1).cast(pl.Int64)
-    ).group_by("teacher", "source", "bin").agg(count=pl.len())
-    df = _labelled(df.with_columns(start=pl.col("bin") * width, end=(pl.col("bin") + 1) * width))
+    df, width, upper = bin_lengths(traces, "reasoning_tokens", ["teacher", "source"], bins, clip_quantile)
+    df = _labelled(df)
     sources = _label_order(df["source"].unique().to_list())
     color = _color(df)
     teachers = _in_paper_order(df["teacher"].to_list(), "teacher")
@@ -386,3 +402,69 @@ def loss_chart(losses: pl.DataFrame, title: str | None = None) -> alt.Chart:
         color=alt.Color("curve:N", title=None),
         strokeWidth=alt.condition(alt.datum.curve == "ema", alt.value(2.5), alt.value(1)),
     ).properties(title=title or "training loss", width=480, height=260)
+
+
+def source_order(df: pl.DataFrame) -> list[str]:
+    """Sources in reading order: raw first, then as they appear (the order of the params)."""
+    seen = list(dict.fromkeys(df["source"].to_list()))
+    return (["raw"] if "raw" in seen else []) + [s for s in seen if s != "raw"]
+
+
+def lengths_chart(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99,
+                  controls: bool = True, include_flagged: bool = False) -> alt.VConcatChart:
+    """The paper's Figure 2 for these traces: reasoning-token histograms, one row per teacher and
+    one panel per source (raw first), with tooltips.
+
+    With ``controls`` the chart carries a dataset menu, minimum and maximum token
+    sliders and an "include flagged" switch that work in JupyterLab and in the
+    exported HTML without a kernel (static PNGs show the start values: all
+    datasets, the full range, flagged rows as ``include_flagged`` says). Counts are pre-binned by :func:`binned`, so the
+    token range has the bins' resolution and the chart stays small. Panels are
+    concatenated, not faceted: Vega-Lite misplaces facet cells that a filter
+    empties (their sort keys become undefined).
+    """
+    if df.is_empty():
+        raise ValueError("lengths_chart: no traces left to plot (check the filters)")
+    data, width = binned(df, bins, clip_quantile)
+    top = float(data["end"].max())
+    sources = source_order(df)
+    extra = iter(EXTRA_COLORS * 4)
+    colors = {s: PALETTE.get(s) or next(extra) for s in sources}
+    teachers = df["teacher"].unique(maintain_order=True).to_list()
+    present = set(df.select("teacher", "source").unique().iter_rows())
+    params: list[alt.Parameter] = []
+    if controls:
+        datasets = sorted(data["dataset"].drop_nulls().unique().to_list())
+        params = [
+            alt.param(name="dataset", value="all", bind=alt.binding_select(options=["all", *datasets], name="Dataset ")),
+            alt.param(name="min_tokens", value=0, bind=alt.binding_range(min=0, max=top, step=width, name="Min tokens ")),
+            alt.param(name="max_tokens", value=top, bind=alt.binding_range(min=0, max=top, step=width,
+                                                                            name="Max tokens ")),
+            alt.param(name="include_flagged", value=include_flagged, bind=alt.binding_checkbox(name="Include flagged ")),
+        ]
+    x_title = f"Reasoning tokens (last bin holds all ≥ {top - width:,.0f})"
+    rows = []
+    for teacher in teachers:
+        panels = []
+        for source in sources:
+            label = SOURCE_LABELS.get(source, source)
+            title = (f"{teacher} · {label}" if len(teachers) > 1 else label) + (
+                "" if (teacher, source) in present else " (none)")  # an empty panel keeps the columns aligned
+            panel = alt.Chart(title=title).transform_filter(
+                (alt.datum.teacher == teacher) & (alt.datum.source == source))
+            if controls:
+                panel = panel.transform_filter(
+                    "(dataset == 'all' || datum.dataset == dataset) && datum.end > min_tokens"
+                    " && datum.start < max_tokens && (include_flagged || !datum.flagged)")
+            panels.append(panel.mark_bar(color=colors[source]).encode(
+                x=alt.X("start:Q", bin="binned", title=x_title, scale=alt.Scale(domain=[0, top])),
+                x2="end:Q",
+                y=alt.Y("sum(count):Q", title="Traces"),
+                tooltip=[alt.Tooltip("teacher:N"), alt.Tooltip("source_label:N", title="source"),
+                         alt.Tooltip("start:Q", format=",.0f", title="from"),
+                         alt.Tooltip("end:Q", format=",.0f", title="to"),
+                         alt.Tooltip("sum(count):Q", format=",", title="traces")],
+            ).properties(width=200, height=140))
+        rows.append(alt.hconcat(*panels))
+    chart = alt.vconcat(*rows, data=alt.Data(values=data.to_dicts()))
+    return chart.add_params(*params) if params else chart

@@ -31,9 +31,9 @@ bins: int = 50  # histogram bins of the length figure
 from IPython.display import HTML
 
 import cdlib.explore
+import cdlib.figures
 import cdlib.grid
 import cdlib.params
-import cdlib.figures
 
 P = cdlib.params.from_notebook("explore", globals())
 P
@@ -74,7 +74,7 @@ cdlib.explore.length_stats(view, by=["teacher", "source", "dataset"])
 # `fig2_lengths.html`; `fig2_lengths.png` and `.svg` show the parameters' view.
 
 # %%
-chart = cdlib.explore.lengths_chart(view, bins=P.bins, include_flagged=P.flagged != "exclude")
+chart = cdlib.figures.lengths_chart(view, bins=P.bins, include_flagged=P.flagged != "exclude")
 cdlib.figures.save_chart(chart, f"{P.out_dir}/fig2_lengths")
 chart
 

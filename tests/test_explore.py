@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cdlib import compress, explore, generate, truncate
+from cdlib import compress, explore, figures, generate, truncate
 from cdlib.params import (CompressParams, EngineParams, ExploreParams, GenerateParams, SamplingParams, ToyParams,
                           TruncateParams)
 from cdlib.store import Store
@@ -187,7 +187,7 @@ def test_length_stats_by_hand(traces):
 def test_lengths_chart_panels_counts_and_png(traces, tmp_path):
     import vl_convert as vlc
 
-    chart = explore.lengths_chart(traces, bins=20)
+    chart = figures.lengths_chart(traces, bins=20)
     spec = chart.to_dict()
     titles = [[p["title"] for p in row["hconcat"]] for row in spec["vconcat"]]
     assert titles == [["a · Raw", "a · extractive", "a · rewriter", "a · Truncated"],
@@ -199,12 +199,12 @@ def test_lengths_chart_panels_counts_and_png(traces, tmp_path):
     assert values.filter(pl.col("flagged"))["count"].sum() == traces["flag"].is_not_null().sum()
     assert values["bin"].max() == 19 and values["bin"].min() >= 0
     assert {p["name"] for p in spec["params"]} == {"dataset", "min_tokens", "max_tokens", "include_flagged"}
-    static = explore.lengths_chart(traces, controls=False).to_dict()
+    static = figures.lengths_chart(traces, controls=False).to_dict()
     assert "params" not in static
     png = vlc.vegalite_to_png(chart.to_json(), scale=1)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    with pytest.raises(explore.ExploreError, match="no traces left"):
-        explore.lengths_chart(traces.head(0))
+    with pytest.raises(ValueError, match="no traces left"):
+        figures.lengths_chart(traces.head(0))
 
 
 # --------------------------------------------------------------------------- side by side and browser

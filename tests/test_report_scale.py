@@ -231,7 +231,7 @@ def test_explore_figure2_on_283k_traces_per_teacher(tmp_path):
     """00_explore's Figure 2 (with its dataset menu, token sliders and flagged switch) on the paper's trace count."""
     df = _paper_frame(PAPER_TRACES)
     assert df.height > 1_900_000
-    chart = explore.lengths_chart(df)
+    chart = figures.lengths_chart(df)
     assert _embedded_rows(chart) <= ALTAIR_MAX_ROWS
     assert len(chart.to_json()) < 2**20
     stats = explore.length_stats(explore.filter_traces(df, flagged="exclude"))
@@ -263,4 +263,4 @@ def test_report_and_explore_at_the_full_paper_size(tmp_path):
     traces = explore.load({"qwen3.5-397b": str(grid_dir / "generate/qwen3.5-397b")}, cells,
                           {"truncated": str(grid_dir / "truncate/qwen3.5-397b")})
     assert traces.filter(pl.col("source") == "raw").height == PAPER_TRACES
-    figures.save_chart(explore.lengths_chart(traces), tmp_path / "fig2_lengths")
+    figures.save_chart(figures.lengths_chart(traces), tmp_path / "fig2_lengths")
