@@ -397,23 +397,25 @@ def table5(out_dir: str | Path):
     """
     import polars as pl
 
+    from cdlib.tables import compression_means, flag_counts
+
     df = load(out_dir, include_flagged=True)
     if df.is_empty():
         return pl.DataFrame()
     if "drop" not in df.columns:
         df = df.with_columns(drop=pl.lit(None, dtype=pl.Boolean))
-    kept = ~_dropped_expr()
-    aggs = dict(n=pl.len(), flagged=pl.col("flag").is_not_null().sum(),
-                flag_rate=pl.col("flag").is_not_null().mean(), dropped=(~kept).sum(),
-                mean_original_chars=pl.col("original_chars").filter(kept).mean(),
-                mean_compressed_chars=pl.col("compressed_chars").filter(kept).mean(),
-                mean_compressed_tokens=pl.col("compressed_tokens").filter(kept).mean(),
-                rho=pl.col("compressed_chars").filter(kept).mean() / pl.col("original_chars").filter(kept).mean(),
-                rho_mean=pl.col("rho_chars").filter(kept).mean(),
-                rho_tokens_mean=pl.col("rho_tokens").filter(kept).mean())
-    per = df.group_by("dataset").agg(**aggs).sort("dataset")
-    overall = df.select(dataset=pl.lit("overall"), **aggs)
-    return pl.concat([per, overall], how="vertical_relaxed")
+    kept = df.filter(~_dropped_expr())
+    own = dict(mean_original_chars=pl.col("original_chars").mean(), rho_mean=pl.col("rho_chars").mean(),
+               rho_tokens_mean=pl.col("rho_tokens").mean())
+    columns = ["dataset", "n", "flagged", "flag_rate", "dropped", "mean_original_chars", "mean_compressed_chars",
+               "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean"]
+    per = df.group_by("dataset").agg(**flag_counts(_dropped_expr())).join(
+        kept.group_by("dataset").agg(**own).join(compression_means(kept, ["dataset"]), on="dataset"),
+        on="dataset", how="left")
+    overall = df.select(dataset=pl.lit("overall"), **flag_counts(_dropped_expr()))
+    if kept.height:  # else every mean stays null
+        overall = pl.concat([overall, kept.select(**own), compression_means(kept, [])], how="horizontal")
+    return pl.concat([per.sort("dataset").select(columns), overall], how="diagonal_relaxed").select(columns)
 
 
 def metrics(out_dir: str | Path) -> dict[str, Any]:

@@ -180,15 +180,20 @@ def table10(out_dir: str | Path):
     """Per-dataset verdicts (paper Table 10) plus an overall row: N, mean faithfulness, % faithful, % aligned."""
     import polars as pl
 
+    from cdlib.tables import judge_means, judged
+
     df = Store(Path(out_dir) / "judgements.jsonl").to_polars()
     if df.is_empty():
         return pl.DataFrame()
-    ok = pl.col("parse_error").is_null()
-    aggs = dict(n=pl.len(), parse_failures=(~ok).sum(), faithfulness=pl.col("faithfulness").filter(ok).mean(),
-                pct_faithful=(pl.col("verdict").filter(ok) == "faithful").mean() * 100,
-                pct_aligned=pl.col("answer_alignment").filter(ok).cast(pl.Float64).mean() * 100)
-    per = df.group_by("dataset").agg(**aggs).sort("dataset")
-    return pl.concat([per, df.select(dataset=pl.lit("overall"), **aggs)], how="vertical_relaxed")
+    counts = dict(n=pl.len(), parse_failures=pl.col("parse_error").is_not_null().sum())
+    means = ["faithfulness", "pct_faithful", "pct_aligned"]  # over the parsed verdicts, as in Table 10
+    ok = judged(df)
+    per = df.group_by("dataset").agg(**counts).join(judge_means(ok, ["dataset"]).select("dataset", *means),
+                                                    on="dataset", how="left").sort("dataset")
+    none = pl.DataFrame({m: [None] for m in means}, schema={m: pl.Float64 for m in means})  # nothing parsed
+    overall = pl.concat([df.select(dataset=pl.lit("overall"), **counts),
+                         judge_means(ok, []).select(means) if ok.height else none], how="horizontal")
+    return pl.concat([per, overall], how="vertical_relaxed")
 
 
 def metrics(out_dir: str | Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from cdlib.tables import _sort
+from cdlib.tables import _sort, judged
 
 KINDS = ("generate", "compress", "truncate", "train", "evaluate", "judge", "report")
 
@@ -381,9 +381,7 @@ def grid_judge(g: GridOutputs) -> pl.DataFrame | None:
             continue
         comp = g.upstream_of(c, "compress")
         compressor = compressor_name(comp) if comp else (c.axes.get("compressor") or c.axes.get("source") or NO_VALUE)
-        df = df.filter(pl.col("parse_error").is_null()).select(
-            "dataset", "domain", "faithfulness", faithful=pl.col("verdict") == "faithful",
-            answer_aligned=pl.col("answer_alignment").cast(pl.Boolean))
+        df = judged(df)
         parts.append(df.with_columns(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)),
                                      compressor=pl.lit(compressor)))
     return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None

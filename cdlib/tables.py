@@ -129,13 +129,30 @@ def _compressors(sources: list[str]) -> list[str]:
     return _ordered([s for s in sources if s not in NON_COMPRESSED], "source")
 
 
+def compression_means(compression: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Per ``by`` (every row when empty): ``mean_compressed_chars``, ``mean_compressed_tokens`` and ``rho`` = mean
+    compressed / mean original characters (a ratio of means, as the paper's Tables 2 and 5), weighted by ``n``.
+    The one computation behind Tables 2 and 5, the compress stage's own table (:func:`cdlib.compress.table5`)
+    and the side-by-side."""
+    c = _with_optional(_weights(compression), ["compressed_tokens"])
+    mean = lambda col: (pl.col("n") * pl.col(col)).sum() / pl.col("n").sum()  # noqa: E731
+    aggs = dict(mean_compressed_chars=mean("compressed_chars"), mean_compressed_tokens=mean("compressed_tokens"),
+                rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum())
+    return c.group_by(by).agg(**aggs) if by else c.select(**aggs)
+
+
+def flag_counts(drop: pl.Expr) -> dict[str, pl.Expr]:
+    """The answer-preservation checker's counts as aggregations: ``n``, ``flagged``, ``flag_rate`` and ``dropped``
+    (rows where ``drop``: left out of training)."""
+    flagged = pl.col("flag").is_not_null()
+    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), dropped=drop.sum())
+
+
 def table2(compression: pl.DataFrame) -> pl.DataFrame:
     """Table 2: mean compressed length (chars) and rho per (teacher, compressor)."""
     _need(compression, ["teacher", "compressor", "original_chars", "compressed_chars"], "table2")
-    df = _weights(compression).group_by("teacher", "compressor").agg(
-        mean_compressed_chars=(pl.col("n") * pl.col("compressed_chars")).sum() / pl.col("n").sum(),
-        rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum(),
-    )
+    df = compression_means(compression, ["teacher", "compressor"]).select("teacher", "compressor",
+                                                                         "mean_compressed_chars", "rho")
     return _sort(df, ["teacher", "compressor"])
 
 
@@ -170,22 +187,15 @@ def table4(generation: pl.DataFrame) -> pl.DataFrame:
 
 
 def table5(compression: pl.DataFrame) -> pl.DataFrame:
-    """Table 5: per-dataset compressed chars, tokens and rho, one column group per compressor, with Overall rows."""
+    """Table 5: per-dataset compressed chars, tokens and rho, one column group per compressor, with Overall rows
+    (whose tokens the paper prints as a dash)."""
     _need(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"], "table5")
-    c = _with_optional(_weights(compression), ["compressed_tokens"])
-
-    def agg(by: list[str]) -> pl.DataFrame:
-        return c.group_by(by).agg(
-            chars=(pl.col("n") * pl.col("compressed_chars")).sum() / pl.col("n").sum(),
-            tokens=(pl.col("n") * pl.col("compressed_tokens")).sum() / pl.col("n").sum(),
-            rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum(),
-        )
-
-    per = agg(["teacher", "compressor", "domain", "dataset"])
-    overall = agg(["teacher", "compressor"]).with_columns(
-        domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"), tokens=pl.lit(None, pl.Float64))
+    values = ["mean_compressed_chars", "mean_compressed_tokens", "rho"]
+    per = compression_means(compression, ["teacher", "compressor", "domain", "dataset"])
+    overall = compression_means(compression, ["teacher", "compressor"]).with_columns(
+        domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"), mean_compressed_tokens=pl.lit(None, pl.Float64))
     df = pl.concat([per, overall.select(per.columns)])
-    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", ["chars", "tokens", "rho"], "{on}_{value}")
+    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", values, "{on}_{value}")
     wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
     return _sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
 
@@ -259,24 +269,34 @@ def table9(runs: pl.DataFrame) -> pl.DataFrame:
     return _sort(df.select(RUN_KEYS + INFERENCE_COLUMNS), ["teacher", "student", "source", "method"])
 
 
+def judged(records: pl.DataFrame) -> pl.DataFrame:
+    """A judge cell's ``judgements.jsonl`` records in the judge layout: its parsed verdicts (parse failures left
+    out) as dataset, domain, faithfulness, faithful and answer_aligned."""
+    return records.filter(pl.col("parse_error").is_null()).select(
+        "dataset", "domain", "faithfulness", faithful=pl.col("verdict") == "faithful",
+        answer_aligned=pl.col("answer_alignment").cast(pl.Boolean))
+
+
+def judge_means(judge: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Per ``by`` (every row when empty): judged traces ``n``, mean ``faithfulness`` (1-5), ``pct_faithful``
+    and ``pct_aligned`` (% reaching the canonical answer), weighted by ``n``. The one computation behind
+    Table 10, the judge stage's own table (:func:`cdlib.judge.table10`) and the side-by-side."""
+    j = _weights(judge).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
+    w = pl.col("n") / pl.col("n").sum()
+    aggs = dict(n=pl.col("n").sum(), faithfulness=(w * pl.col("faithfulness")).sum(),
+                pct_faithful=(w * pl.col("faithful")).sum() * 100, pct_aligned=(w * pl.col("answer_aligned")).sum() * 100)
+    return j.group_by(by).agg(**aggs) if by else j.select(**aggs)
+
+
 def table10(judge: pl.DataFrame) -> pl.DataFrame:
     """Table 10: judge N, mean faithfulness, % faithful and % answer-aligned per dataset and compressor."""
     _need(judge, ["teacher", "compressor", "domain", "dataset", "faithfulness", "faithful", "answer_aligned"], "table10")
-    j = _weights(judge).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
-
-    def agg(by: list[str]) -> pl.DataFrame:
-        w = pl.col("n") / pl.col("n").sum()
-        return j.group_by(by).agg(
-            n=pl.col("n").sum(),
-            faith=(w * pl.col("faithfulness")).sum(),
-            pct_faithful=(w * pl.col("faithful")).sum() * 100,
-            pct_align=(w * pl.col("answer_aligned")).sum() * 100,
-        )
-
-    per = agg(["teacher", "compressor", "domain", "dataset"])
-    overall = agg(["teacher", "compressor"]).with_columns(domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"))
+    per = judge_means(judge, ["teacher", "compressor", "domain", "dataset"])
+    overall = judge_means(judge, ["teacher", "compressor"]).with_columns(domain=pl.lit(None, pl.String),
+                                                                        dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
-    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", ["n", "faith", "pct_faithful", "pct_align"], "{on}_{value}")
+    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", ["n", "faithfulness", "pct_faithful", "pct_aligned"],
+                    "{on}_{value}")
     wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
     return _sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
 
@@ -301,8 +321,7 @@ def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
     c = compression.with_columns(pl.col("flag").cast(pl.String))
     if "drop" not in c.columns:
         c = c.with_columns(drop=pl.col("flag").is_not_null())
-    aggs = dict(n=pl.len(), flagged=pl.col("flag").is_not_null().sum(), flag_rate=pl.col("flag").is_not_null().mean(),
-                dropped=pl.col("drop").sum())
+    aggs = flag_counts(pl.col("drop"))
     per = c.group_by("teacher", "compressor", "dataset").agg(**aggs)
     overall = c.group_by("teacher", "compressor").agg(**aggs).with_columns(dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
@@ -333,7 +352,7 @@ def tables(runs: pl.DataFrame | None = None, compression: pl.DataFrame | None = 
 
 
 TABLE_DIGITS: dict[int, int | dict[str, int]] = {
-    2: 3, 3: 3, 4: 0, 5: {"llama70b_chars": 0, "llama70b_tokens": 0, "ministral14b_chars": 0, "ministral14b_tokens": 0},
+    2: 3, 3: 3, 4: 0, 5: {f"{c}_mean_compressed_{v}": 0 for c in ("llama70b", "ministral14b") for v in ("chars", "tokens")},
     6: 1, 7: 3, 8: 3, 9: {"mean_completion_tokens": 0, "mean_completion_tokens_excl_trunc": 0, "median_reasoning_chars": 0,
                           "acc_per_1k_tokens": 4}, 10: 2, 11: 1,
 }
@@ -396,22 +415,6 @@ def to_paper_names(df: pl.DataFrame) -> pl.DataFrame:
     return df
 
 
-def _per_dataset_compression(c: pl.DataFrame) -> pl.DataFrame:
-    c = _with_optional(_weights(c), ["compressed_tokens"])
-    return c.group_by("teacher", "compressor", "dataset").agg(
-        compressed_chars=(pl.col("n") * pl.col("compressed_chars")).sum() / pl.col("n").sum(),
-        compressed_tokens=(pl.col("n") * pl.col("compressed_tokens")).sum() / pl.col("n").sum(),
-        rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum())
-
-
-def _per_dataset_judge(j: pl.DataFrame) -> pl.DataFrame:
-    j = _weights(j).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
-    w = pl.col("n") / pl.col("n").sum()
-    return j.group_by("teacher", "compressor", "dataset").agg(
-        faithfulness=(w * pl.col("faithfulness")).sum(), faithful=(w * pl.col("faithful")).sum(),
-        answer_aligned=(w * pl.col("answer_aligned")).sum())
-
-
 def compare(ours: pl.DataFrame, published: pl.DataFrame, keys: list[str], metrics: list[str]) -> pl.DataFrame:
     """Long side-by-side frame: keys, metric, ours, paper, diff, for every row of ``ours`` with a value.
 
@@ -446,8 +449,9 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
     if compression is not None:
         ours, pub = to_paper_names(compression), paper.compression()
         out["table2"] = compare(table2(ours), table2(pub), ["teacher", "compressor"], ["mean_compressed_chars", "rho"])
-        out["table5"] = compare(_per_dataset_compression(ours), _per_dataset_compression(pub),
-                                ["teacher", "compressor", "dataset"], ["compressed_chars", "compressed_tokens", "rho"])
+        keys = ["teacher", "compressor", "dataset"]
+        out["table5"] = compare(compression_means(ours, keys), compression_means(pub, keys), keys,
+                                ["mean_compressed_chars", "mean_compressed_tokens", "rho"])
     if generation is not None:
         not_total = pl.col("dataset") != "Total"
         out["table4"] = compare(table4(to_paper_names(generation)).filter(not_total),
@@ -462,8 +466,9 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
         out["table9"] = compare(ov, pov, RUN_KEYS, INFERENCE_COLUMNS)
         out["table11"] = compare(ov, pov, RUN_KEYS, ["gpus", "gpu_hours"])
     if judge is not None:
-        out["table10"] = compare(_per_dataset_judge(to_paper_names(judge)), _per_dataset_judge(paper.judge()),
-                                 ["teacher", "compressor", "dataset"], ["faithfulness", "faithful", "answer_aligned"])
+        keys = ["teacher", "compressor", "dataset"]
+        out["table10"] = compare(judge_means(to_paper_names(judge), keys), judge_means(paper.judge(), keys), keys,
+                                 ["faithfulness", "pct_faithful", "pct_aligned"])
     out = {k: v for k, v in out.items() if not v.is_empty()}
     if out and compute_quantities is not None:
         c = compare(compute_quantities, paper.compute(), ["quantity"], ["value"])

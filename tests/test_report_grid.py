@@ -237,11 +237,14 @@ def test_compression_and_judge_tables_come_from_the_records(built, fixture_grid)
     kept = compress.load(grid_dir / f"compress/{QWEN}__llama70b")
     rho = kept["compressed_chars"].mean() / kept["original_chars"].mean()
     assert float(t2[(QWEN, "llama70b")]["rho"]) == pytest.approx(rho, abs=5e-4)
+    own = compress.table5(grid_dir / f"compress/{QWEN}__llama70b").filter(pl.col("dataset") == "overall").row(0, named=True)
+    assert own["rho"] == pytest.approx(rho) and float(t2[(QWEN, "llama70b")]["mean_compressed_chars"]) == pytest.approx(
+        own["mean_compressed_chars"], abs=0.5), "the stage's own table and Table 2: one computation, one set of names"
     t4 = {(r["teacher"], r["dataset"]): r for r in md_rows(built["tables"]["table4"][0])}
     assert int(t4[(GPTOSS, "toy")]["n_correct"]) == written[f"generate/{GPTOSS}"]["total_correct"]
     t10 = {(r["teacher"], r["dataset"]): r for r in md_rows(built["tables"]["table10"][0])}
     j = written[f"judge/{QWEN}__ministral14b"]
-    assert float(t10[(QWEN, "Overall")]["ministral14b_faith"]) == pytest.approx(j["faithfulness"], abs=5e-3)
+    assert float(t10[(QWEN, "Overall")]["ministral14b_faithfulness"]) == pytest.approx(j["faithfulness"], abs=5e-3)
     assert int(t10[(QWEN, "Overall")]["ministral14b_n"]) == j["n"] - j["parse_failures"]
 
 
