@@ -176,12 +176,12 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
 def table4(out_dir: str | Path):
     """Per-dataset statistics of the paper's Table 4 as a polars frame.
 
-    Columns: dataset, questions, total (correct traces kept), accuracy (final yield:
-    total / questions), first_round_accuracy, mean_reasoning_chars and
+    Columns: dataset, questions, n_correct (correct traces kept; :func:`cdlib.tables.table4`'s name), accuracy
+    (final yield: n_correct / questions), first_round_accuracy, mean_reasoning_chars and
     mean_completion_tokens (over kept traces), attempts (answered ones: a transient
     engine error is not an attempt), rounds (largest round used), truncated and
     errors (attempts that hit the token cap; failed requests, transient ones included), kept (every
-    trace kept: equal to total unless ``keep="all"`` also kept wrong ones).
+    trace kept: equal to n_correct unless ``keep="all"`` also kept wrong ones).
     """
     import polars as pl
 
@@ -202,21 +202,19 @@ def table4(out_dir: str | Path):
         errors=(pl.col("finish_reason") == "error").sum(),
     )
     if tr.is_empty():
-        kept = pl.DataFrame({"dataset": [], "total": [], "kept": [], "mean_reasoning_chars": [],
+        kept = pl.DataFrame({"dataset": [], "n_correct": [], "kept": [], "mean_reasoning_chars": [],
                              "mean_completion_tokens": []},
-                            schema={"dataset": pl.String, "total": pl.UInt32, "kept": pl.UInt32,
+                            schema={"dataset": pl.String, "n_correct": pl.UInt32, "kept": pl.UInt32,
                                     "mean_reasoning_chars": pl.Float64, "mean_completion_tokens": pl.Float64})
     else:
+        from cdlib.tables import trace_means
+
         correct = pl.col("correct").fill_null(True) if "correct" in tr.columns else pl.lit(True)
-        kept = tr.group_by("dataset").agg(
-            total=correct.sum(),
-            kept=pl.len(),
-            mean_reasoning_chars=pl.col("reasoning").str.len_chars().mean(),
-            mean_completion_tokens=pl.col("completion_tokens").mean(),
-        )
-    df = per_attempt.join(kept, on="dataset", how="left").with_columns(pl.col("total", "kept").fill_null(0))
-    df = df.with_columns(accuracy=pl.col("total") / pl.col("questions")).sort("dataset")
-    return df.select("dataset", "questions", "total", "accuracy", "first_round_accuracy", "mean_reasoning_chars",
+        means = trace_means(tr, ["dataset"]).drop("n_correct")  # over every kept trace (keep: all keeps wrong ones)
+        kept = tr.group_by("dataset").agg(n_correct=correct.sum(), kept=pl.len()).join(means, on="dataset")
+    df = per_attempt.join(kept, on="dataset", how="left").with_columns(pl.col("n_correct", "kept").fill_null(0))
+    df = df.with_columns(accuracy=pl.col("n_correct") / pl.col("questions")).sort("dataset")
+    return df.select("dataset", "questions", "n_correct", "accuracy", "first_round_accuracy", "mean_reasoning_chars",
                      "mean_completion_tokens", "attempts", "rounds", "truncated", "errors", "kept")
 
 
@@ -224,7 +222,7 @@ def metrics(out_dir: str | Path, pool: list[dict[str, Any]] | None = None) -> di
     """metrics.json content: the Table 4 rows and totals."""
     df = table4(out_dir)
     rows = df.to_dicts() if not df.is_empty() else []
-    total = sum(r["total"] for r in rows)
+    total = sum(r["n_correct"] for r in rows)
     asked = sum(r["questions"] for r in rows)
     return {"per_dataset": rows, "total_correct": total, "questions": len(pool) if pool is not None else asked,
             "accuracy": total / asked if asked else None,

@@ -167,18 +167,22 @@ def table3(runs: pl.DataFrame) -> pl.DataFrame:
                  ["teacher", "student", "method"])
 
 
-def table4(generation: pl.DataFrame) -> pl.DataFrame:
-    """Table 4: correct traces, mean reasoning chars and mean completion tokens per dataset, with totals."""
+def trace_means(generation: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Per ``by``: traces ``n_correct`` (the generation layout holds correct traces), ``mean_reasoning_chars``
+    and ``mean_completion_tokens``, weighted by ``n``. The one computation behind Table 4 and the generate
+    stage's own table (:func:`cdlib.generate.table4`)."""
     if "reasoning_chars" not in generation.columns and "reasoning" in generation.columns:
         generation = generation.with_columns(reasoning_chars=pl.col("reasoning").str.len_chars())
-    _need(generation, ["teacher", "domain", "dataset", "reasoning_chars", "completion_tokens"], "table4")
-    g = _weights(generation)
-    per = g.group_by("teacher", "domain", "dataset").agg(
-        n_correct=pl.col("n").sum(),
-        mean_reasoning_chars=(pl.col("n") * pl.col("reasoning_chars")).sum() / pl.col("n").sum(),
-        mean_completion_tokens=(pl.col("n") * pl.col("completion_tokens")).sum() / pl.col("n").sum(),
-    )
-    per = _sort(per, ["teacher", "domain", "dataset"])
+    _need(generation, by + ["reasoning_chars", "completion_tokens"], "trace_means")
+    mean = lambda col: (pl.col("n") * pl.col(col)).sum() / pl.col("n").sum()  # noqa: E731
+    return _weights(generation).group_by(by).agg(n_correct=pl.col("n").sum(), mean_reasoning_chars=mean("reasoning_chars"),
+                                                 mean_completion_tokens=mean("completion_tokens"))
+
+
+def table4(generation: pl.DataFrame) -> pl.DataFrame:
+    """Table 4: correct traces, mean reasoning chars and mean completion tokens per dataset, with totals."""
+    _need(generation, ["teacher", "domain", "dataset"], "table4")
+    per = _sort(trace_means(generation, ["teacher", "domain", "dataset"]), ["teacher", "domain", "dataset"])
     totals = per.group_by("teacher").agg(pl.col("n_correct").sum()).with_columns(
         domain=pl.lit(None, pl.String), dataset=pl.lit("Total"),
         mean_reasoning_chars=pl.lit(None, pl.Float64), mean_completion_tokens=pl.lit(None, pl.Float64))

@@ -53,7 +53,7 @@ def test_rejection_sampling_keeps_only_correct_and_records_attempts(tmp_path):
             f"{q}: asked again after a correct answer"
     t4 = generate.table4(P.out_dir)
     row = t4.row(0, named=True)
-    assert row["dataset"] == "toy" and row["questions"] == 120 and row["total"] == len(traces) == m["total_correct"]
+    assert row["dataset"] == "toy" and row["questions"] == 120 and row["n_correct"] == len(traces) == m["total_correct"]
     assert 0 < row["first_round_accuracy"] < row["accuracy"] <= 1
     assert row["rounds"] <= 4 and row["mean_reasoning_chars"] > 200
 
