@@ -90,6 +90,15 @@ class GridOutputs:
         walk(cell)
         return out
 
+    def records(self, cell: GridCell, filename: str, fields: list[str],
+                lengths: tuple[str, ...] = ()) -> pl.DataFrame | None:
+        """Some fields of a cell's record file (:func:`_read_jsonl`); None when it has no such file or no rows."""
+        path = cell.dir / filename if cell.dir else None
+        if path is None or not path.exists():
+            return None
+        df = _read_jsonl(path, fields, lengths)
+        return None if df.is_empty() else df
+
     def upstream_of(self, cell: GridCell, kind: str) -> GridCell | None:
         """The nearest cell of ``kind`` upstream of ``cell`` (breadth first)."""
         todo, seen = list(cell.upstream), set()
@@ -299,11 +308,8 @@ def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
         if c.params.get("keep") == "all":  # a student's samples (Mixed-Policy Distillation), not teacher traces
             g.notes.append(f"{c.id}: student samples (keep: all), left out of Table 4.")
             continue
-        path = (c.dir / "traces.jsonl") if c.dir else None
-        if path is None or not path.exists():
-            continue
-        df = _read_jsonl(path, ["id", "dataset", "domain", "completion_tokens"], lengths=("reasoning",))
-        if not df.is_empty():
+        df = g.records(c, "traces.jsonl", ["id", "dataset", "domain", "completion_tokens"], lengths=("reasoning",))
+        if df is not None:
             teacher = g.lineage_axes(c).get("teacher", c.id.split("/", 1)[1])
             parts.append(df.with_columns(teacher=pl.lit(teacher)))
     return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
@@ -320,15 +326,11 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
     """
     parts = []
     for c in g.of("compress"):
-        path = (c.dir / "compressed.jsonl") if c.dir else None
-        if path is None or not path.exists():
+        df = g.records(c, "compressed.jsonl", ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
+        if df is None:
             continue
-        df = _read_jsonl(path, ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
-        if df.is_empty():
-            continue
-        tokens = c.dir / "tokens.jsonl"
-        tok = _read_jsonl(tokens, ["id", "original_tokens", "compressed_tokens"]) if tokens.exists() else pl.DataFrame()
-        if not tok.is_empty():
+        tok = g.records(c, "tokens.jsonl", ["id", "original_tokens", "compressed_tokens"])
+        if tok is not None:
             df = df.join(tok, on="id", how="left")
         teacher = g.lineage_axes(c).get("teacher", NO_VALUE)
         flag = pl.col("flag").cast(pl.String)
@@ -357,11 +359,8 @@ def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) 
             raw = every.unique(["teacher", "id"], keep="first", maintain_order=True)
             parts.insert(0, raw.select("teacher", source=pl.lit("raw"), reasoning_tokens=pl.col("original_tokens")))
     for c in g.of("truncate"):
-        path = (c.dir / "truncated.jsonl") if c.dir else None
-        if path is None or not path.exists():
-            continue
-        df = _read_jsonl(path, ["truncated_tokens"])
-        if not df.is_empty():
+        df = g.records(c, "truncated.jsonl", ["truncated_tokens"])
+        if df is not None:
             parts.append(df.select(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)), source=pl.lit("truncated"),
                                    reasoning_tokens=pl.col("truncated_tokens")))
     if not parts:
@@ -369,21 +368,21 @@ def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) 
     return pl.concat([p.with_columns(pl.col("reasoning_tokens").cast(pl.Float64)) for p in parts]).drop_nulls()
 
 
+def _judged_compressor(g: GridOutputs, judge: GridCell) -> str:
+    """The compressor whose output a judge cell judged: its upstream compress cell's, else its own axes'."""
+    comp = g.upstream_of(judge, "compress")
+    return compressor_name(comp) if comp else (judge.axes.get("compressor") or judge.axes.get("source") or NO_VALUE)
+
+
 def grid_judge(g: GridOutputs) -> pl.DataFrame | None:
     """Judge layout (Table 10) from every judge cell's parsed verdicts (parse failures left out)."""
     parts = []
     for c in g.of("judge"):
-        path = (c.dir / "judgements.jsonl") if c.dir else None
-        if path is None or not path.exists():
-            continue
-        df = _read_jsonl(path, ["id", "dataset", "domain", "faithfulness", "verdict", "answer_alignment", "parse_error"])
-        if df.is_empty():
-            continue
-        comp = g.upstream_of(c, "compress")
-        compressor = compressor_name(comp) if comp else (c.axes.get("compressor") or c.axes.get("source") or NO_VALUE)
-        df = judged(df)
-        parts.append(df.with_columns(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)),
-                                     compressor=pl.lit(compressor)))
+        df = g.records(c, "judgements.jsonl",
+                       ["id", "dataset", "domain", "faithfulness", "verdict", "answer_alignment", "parse_error"])
+        if df is not None:
+            parts.append(judged(df).with_columns(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)),
+                                                 compressor=pl.lit(_judged_compressor(g, c))))
     return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
 
 
@@ -391,8 +390,7 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
     """Judge failure-mode counts per (teacher, compressor), from the judge cells' metrics."""
     rows = []
     for c in g.of("judge"):
-        comp = g.upstream_of(c, "compress")
-        compressor = compressor_name(comp) if comp else (c.axes.get("compressor") or c.axes.get("source") or NO_VALUE)
+        compressor = _judged_compressor(g, c)
         n = c.metrics.get("n") or 0
         for k, v in c.metrics.items():
             if k.startswith("failure_modes.") and v:

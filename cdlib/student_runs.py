@@ -14,7 +14,7 @@ from typing import Any
 
 import polars as pl
 
-from cdlib.results import GROUP_NAMES, NO_VALUE, GridCell, GridOutputs, _read_jsonl
+from cdlib.results import GROUP_NAMES, NO_VALUE, GridCell, GridOutputs
 from cdlib.tables import RUN_KEYS
 
 def _budget(params: dict[str, Any], metrics: dict[str, Any] | None = None) -> str | None:
@@ -185,10 +185,7 @@ def grid_losses(g: GridOutputs) -> pl.DataFrame | None:
     """Loss layout (Figure 3) from every train cell's ``loss.jsonl``."""
     parts = []
     for t in g.of("train"):
-        path = (t.dir / "loss.jsonl") if t.dir else None
-        if path is None or not path.exists():
-            continue
-        df = _read_jsonl(path, ["step", "loss"])
-        if not df.is_empty():
+        df = g.records(t, "loss.jsonl", ["step", "loss"])
+        if df is not None:
             parts.append(df.drop_nulls().with_columns(**{k: pl.lit(v) for k, v in _run_keys(g, [t]).items()}))
     return pl.concat(parts, how="diagonal_relaxed") if parts else None
