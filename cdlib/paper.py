@@ -10,7 +10,7 @@ value needed judgement). A cell the paper does not give is an empty ``value``.
 
 :func:`table` returns a CSV as it is. :func:`runs`, :func:`compression`,
 :func:`generation` and :func:`judge` reshape them into the layouts that
-:mod:`cdlib.report` draws from, the same layouts a grid's own results take, so
+:mod:`cdlib.tables` and :mod:`cdlib.figures` draw from, the same layouts a grid's own results take, so
 published and regenerated numbers go through the same table and figure code.
 
 Names used throughout: teachers ``Qwen3.5-397B-A17B`` and ``gpt-oss-120B``; students
@@ -84,7 +84,7 @@ def _wide(n: int, index: list[str]) -> pl.DataFrame:
 
 
 def runs() -> pl.DataFrame:
-    """The 55 published student runs in :mod:`cdlib.report`'s run layout.
+    """The 55 published student runs in :mod:`cdlib.tables`' run layout.
 
     One row per (teacher, student, method, source, group) from Table 7: ``accuracy``,
     ``ci95`` (the printed ±, which is 1.96·sqrt(p(1-p)/n), a 95% interval; the CSV keeps
@@ -122,7 +122,7 @@ def generation() -> pl.DataFrame:
 
 
 def compression() -> pl.DataFrame:
-    """Tables 4 and 5 joined per dataset, in the compression layout of :mod:`cdlib.report`.
+    """Tables 4 and 5 joined per dataset, in the compression layout of :mod:`cdlib.tables`.
 
     teacher, compressor, domain, dataset, n (traces, Table 4), original_chars (Table 4),
     compressed_chars, compressed_tokens, rho (Table 5). Values are per-dataset means.
