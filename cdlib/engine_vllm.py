@@ -10,6 +10,7 @@ Built by :func:`cdlib.engines.get_engine`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,24 @@ def _vllm_on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _single_core_cpu(llm_kwargs: dict[str, Any]) -> bool:
+    """True where vLLM should run its engine core inside this process: on CPU, with one torch thread.
+
+    vLLM starts its engine core and its CPU worker as two spawned processes, each importing
+    torch and vLLM again: on the 2-core machines that is most of an engine's start-up
+    (``benchmarks/bench_vllm_start.py``). A grid cell pinned to one core (``--jobs``) has one
+    thread, so nothing is lost by running the core and the worker in-process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, executor ``uni``). With more threads the in-process
+    worker cannot bind its OpenMP threads and generates several times slower, so it is not used;
+    nor where the user chose an executor or set the variable.
+    """
+    import torch
+
+    return (torch.get_num_threads() == 1 and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+            and llm_kwargs.get("distributed_executor_backend") is None
+            and llm_kwargs.get("tensor_parallel_size", 1) == 1 and _vllm_on_cpu())
 
 
 _WARNED: set[str] = set()
@@ -109,7 +128,11 @@ class VLLMEngine(Engine):
         if self.cache_key not in _LLM_CACHE:
             import vllm
 
-            _LLM_CACHE[self.cache_key] = vllm.LLM(**self.llm_kwargs)
+            kwargs = dict(self.llm_kwargs)
+            if _single_core_cpu(kwargs):
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built
+                kwargs["distributed_executor_backend"] = "uni"
+            _LLM_CACHE[self.cache_key] = vllm.LLM(**kwargs)
         return _LLM_CACHE[self.cache_key]
 
     def _lora_request(self):
