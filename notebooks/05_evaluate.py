@@ -23,8 +23,8 @@ grouping: str = "paper"  # report groups: "paper" (the n its ± imply) or "datas
 # %%
 import IPython.display
 
+import cdlib.cells
 import cdlib.evaluate
-import cdlib.grid
 import cdlib.params
 
 P = cdlib.params.from_notebook("evaluate", globals())
@@ -41,7 +41,7 @@ cdlib.evaluate.resolve_model(P.model)
 
 # %%
 metrics = cdlib.evaluate.run(P)
-cdlib.grid.write_metrics(P.out_dir, metrics)
+cdlib.cells.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k not in ("groups", "rules")}
 
 # %% [markdown]

@@ -19,7 +19,7 @@ exclude_datasets: list = []  # datasets not judged (paper Table 10: mmlu_stem, m
 limit: int = None  # judge only the first N compressions (None: all)
 
 # %%
-import cdlib.grid
+import cdlib.cells
 import cdlib.judge
 import cdlib.params
 
@@ -28,7 +28,7 @@ P
 
 # %%
 metrics = cdlib.judge.run(P)
-cdlib.grid.write_metrics(P.out_dir, metrics)
+cdlib.cells.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k not in ("per_dataset", "failure_modes")}
 
 # %% [markdown]

@@ -12,7 +12,10 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib.grid import Grid, cell_status, status_table, write_slurm
+from cdlib.cells import cell_status
+from cdlib.grid import Grid
+from cdlib.runner import status_table
+from cdlib.slurm import write_slurm
 from cdlib.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +108,28 @@ def test_cycles_are_refused_at_load_naming_the_cells(tmp_path):
         Grid(make_grid(tmp_path, axes=axes, stages=own), root=REPO)
 
 
+def test_a_stage_without_inputs_says_what_it_waits_for(tmp_path):
+    """Issue 17 item 4: the old implicit 'no inputs: after everything' is refused with the fix; `after: all`
+    and `after: inputs` are accepted, and each cell knows its stage kind and input cells."""
+    stages = {"parent": {"notebook": NB, "axes": ["x"]},
+              "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}},
+              "summary": {"notebook": NB}}
+    with pytest.raises(ParamsError, match=r"grid\.yaml: key 'stages\.summary': a stage without inputs below other "
+                                          r"stages must say 'after: all' .* or 'after: inputs'"):
+        Grid(make_grid(tmp_path, stages=stages), root=REPO)
+    for after in ("all", "inputs"):
+        stages["summary"]["after"] = after
+        g = Grid(make_grid(tmp_path, stages=stages), root=REPO)
+        assert g.cell("summary").after_all == (after == "all")
+    assert g.cell("child/two__p").inputs == {"upstream": "parent/two"}
+    report = Grid(REPO / "params/demo.yaml", root=REPO)
+    assert report.cell("report").kind == "report" and report.cell("report").after_all
+    assert {c.kind for c in report.select("sample")} == {"generate"}  # its `kind:`
+    stages["summary"]["after"] = "later"
+    with pytest.raises(ParamsError, match=r"stages\.summary\.after"):
+        Grid(make_grid(tmp_path, stages=stages), root=REPO)
+
+
 def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_path, monkeypatch, capsys):
     """Issue 19 item 7: an invalid grid is refused by every command (slurm writes no script), and a
     selection that matches no cell says so and exits non-zero instead of doing nothing silently."""
@@ -180,7 +205,10 @@ def test_run_kill_resume_failures_and_results(tmp_path):
     res = pl.read_parquet(out_dir / "results.parquet")
     ys = dict(zip(res["cell"], res["metric.y"]))  # the metric 'y' collides with the axis 'y' 
     assert ys == {"parent/two": 4, "parent/three": 9, "child/two__p": 8, "child/two__q": 8, "child/three__p": 18}
-    assert set(res.columns) >= {"stage", "x", "y", "metric.x", "wall_clock_s", "gpu_hours"}
+    assert set(res.columns) >= {"stage", "kind", "inputs", "x", "y", "metric.x", "wall_clock_s", "gpu_hours"}
+    # the stage's input cells, as recorded (issue 17 item 2); square.py declares no stage kind
+    assert m["inputs"] == {"upstream": "parent/three"} and m["kind"] is None
+    assert json.loads(dict(zip(res["cell"], res["inputs"]))["child/three__p"]) == {"upstream": "parent/three"}
     assert dict(zip(res["cell"], res["y"]))["child/two__q"] == "q"
 
     # status from the command line lists the failure with its error
@@ -230,11 +258,11 @@ def test_slurm_scripts(tmp_path):
 
 def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
     """--jobs 2: independent cells run at once, a child starts only after its parent ends,
-    a stage without inputs waits for every earlier cell, a failed parent blocks its children."""
+    an `after: all` stage waits for every earlier cell, a failed parent blocks its children."""
     grid = make_grid(tmp_path)
     spec = yaml.safe_load(grid.read_text())
     spec["stages"]["parent"]["params"]["sleep_s"] = 8.0  # margin for kernel start-up on a loaded machine
-    spec["stages"]["summary"] = {"notebook": NB, "params": {"log": str(tmp_path / "runs.log")}}
+    spec["stages"]["summary"] = {"notebook": NB, "after": "all", "params": {"log": str(tmp_path / "runs.log")}}
     grid.write_text(yaml.safe_dump(spec, sort_keys=False))
     out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
@@ -252,7 +280,7 @@ def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
         assert ("end", child) in pos
     assert not any(d.startswith("child/bad") for _, d in events)
     ends = [i for (kind, _), i in pos.items() if kind == "end" and _ != "summary"]
-    assert pos[("start", "summary")] > max(ends), "a stage without inputs waits for the earlier stages"
+    assert pos[("start", "summary")] > max(ends), "an `after: all` stage waits for the earlier stages"
     res = pl.read_parquet(tmp_path / "out/t/results.parquet")
     assert dict(zip(res["cell"], res["metric.y"]))["child/three__p"] == 18
     # each cell ran pinned to its slot's half of the CPUs, with that many threads
@@ -266,7 +294,7 @@ def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
 
 
 def test_slot_resources_split_cpus_and_gpus():
-    from cdlib.grid import slot_resources
+    from cdlib.runner import slot_resources
 
     two = slot_resources(2, cpus=[0, 1], gpus=[])
     assert [s["CDLIB_CPUS"] for s in two] == ["0", "1"]
@@ -282,7 +310,7 @@ def test_slot_resources_split_cpus_and_gpus():
 def test_a_report_stage_reruns_when_an_earlier_cell_finished_after_it(tmp_path):
     grid = make_grid(tmp_path)
     spec = yaml.safe_load(grid.read_text())
-    spec["stages"]["summary"] = {"notebook": NB, "params": {"log": str(tmp_path / "runs.log")}}
+    spec["stages"]["summary"] = {"notebook": NB, "after": "all", "params": {"log": str(tmp_path / "runs.log")}}
     spec["exclude"] = [{"x": "bad"}, {"x": "three"}, {"y": "q"}]
     grid.write_text(yaml.safe_dump(spec, sort_keys=False))
     cmd = [sys.executable, "-m", "cdlib.grid", "run", str(grid)]

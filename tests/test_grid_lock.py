@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib.grid import Grid, cell_lock, cell_status, run_cell
+from cdlib.cells import cell_lock, cell_status, run_cell
+from cdlib.grid import Grid
 from cdlib.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_a_held_lock_skips_the_cell_and_a_dead_runner_reads_as_interrupted(tmp_p
     with cell_lock(d):
         pass
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from cdlib.grid import cell_lock\n"
+                               "import sys, time; from pathlib import Path; from cdlib.cells import cell_lock\n"
                                f"with cell_lock(Path({str(d)!r})):\n    print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:

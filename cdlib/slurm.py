@@ -1,0 +1,77 @@
+"""Slurm array scripts for a grid: one sbatch array per (stage, resource shape) and a ``submit.sh``
+that chains the stages, each after the previous one succeeded.
+
+Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (:func:`cdlib.runner.run_one`):
+the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
+values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+from cdlib.grid import Cell, Grid, SlurmSpec
+
+
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={job}
+#SBATCH --array=0-{last}
+#SBATCH --nodes={nodes}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --mem={mem}
+#SBATCH --time={time}
+#SBATCH --output={logs}/%x-%a.out
+{extra}
+# {count} cells of stage '{stage}' ({gpus} GPUs each); written by `python -m cdlib.grid slurm {grid}`.
+set -euo pipefail
+cd {root}
+{setup}
+CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {cells_file})
+python -m cdlib.grid run {grid} --cell "$CELL"
+"""
+
+
+def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> list[Path]:
+    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages.
+
+    Validates the grid first, as ``run`` does: no script is written for a grid that could not run."""
+    grid.validate_cells()
+    out = grid.root / grid.out_dir / "slurm"
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    setup = grid.spec.slurm.get("setup", "source .venv/bin/activate 2>/dev/null || conda activate compress-distill")
+    scripts: list[Path] = []
+    submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after the previous stage succeeded.",
+              "set -euo pipefail", f"cd {shlex.quote(str(grid.root.resolve()))}", "DEP=\"\""]
+    for name in grid.spec.stages:
+        if stage is not None and name != stage:
+            continue
+        cells = grid.select(name, only)
+        groups: dict[str, list[Cell]] = {}
+        for c in cells:
+            groups.setdefault(c.slurm.model_dump_json(), []).append(c)
+        job_vars = []
+        for shape, group in groups.items():
+            s = SlurmSpec.model_validate_json(shape)
+            tag = f"{name}.{s.gpus}gpu" if len(groups) > 1 else name
+            cells_file = out / f"{tag}.cells"
+            cells_file.write_text("".join(c.id + "\n" for c in group))
+            extra = [f"#SBATCH --gres=gpu:{s.gpus}"] if s.gpus else []
+            extra += [f"#SBATCH --partition={s.partition}"] if s.partition else []
+            extra += [f"#SBATCH --account={s.account}"] if s.account else []
+            extra += [f"#SBATCH {x}" for x in s.extra]
+            script = out / f"{tag}.sbatch"
+            script.write_text(SBATCH.format(
+                job=f"{grid.spec.name}-{tag}", last=len(group) - 1, nodes=s.nodes, gpus=s.gpus, cpus=s.cpus,
+                mem=s.mem, time=s.time, logs=out / "logs", extra="\n".join(extra), count=len(group), stage=name,
+                grid=grid.path, root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file))
+            scripts.append(script)
+            var = re.sub(r"\W", "_", tag).upper()
+            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterok:$DEP}} {script})")
+            job_vars.append(f"${var}")
+        if job_vars:
+            submit.append(f"DEP={':'.join(job_vars)}")
+    (out / "submit.sh").write_text("\n".join(submit) + "\necho submitted: last stage job $DEP\n")
+    scripts.append(out / "submit.sh")
+    return scripts
