@@ -153,7 +153,8 @@ def _inputs(recorded: Any) -> list[str] | None:
         return None
     if isinstance(recorded, str):
         recorded = json.loads(recorded) if recorded else {}
-    return [str(v) for v in recorded.values() if v]
+    ids = [v for value in recorded.values() for v in (value if isinstance(value, list) else [value])]
+    return [str(v) for v in ids if v]
 
 
 def _axes_from_slug(slug: str, row: dict[str, Any], skip: set[str]) -> dict[str, str]:
