@@ -17,6 +17,7 @@ from typing import Any
 
 import polars as pl
 
+from cdlib.runner import _flatten  # metrics.json to dotted keys, exactly as results.parquet stores them
 from cdlib.tables import _sort, judged
 
 KINDS = ("generate", "compress", "truncate", "train", "evaluate", "judge", "report")
@@ -111,17 +112,6 @@ class GridOutputs:
                 return c
             todo += c.upstream
         return None
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys, scalars only (as cdlib.grid.write_results stores metrics)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _json_file(path: Path) -> dict[str, Any] | None:
