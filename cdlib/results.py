@@ -17,7 +17,7 @@ from typing import Any
 
 import polars as pl
 
-from cdlib.runner import _flatten  # metrics.json to dotted keys, exactly as results.parquet stores them
+from cdlib.runner import flatten_metrics  # metrics.json to dotted keys, exactly as results.parquet stores them
 from cdlib.tables import _sort, judged
 
 KINDS = ("generate", "compress", "truncate", "train", "evaluate", "judge", "report")
@@ -189,7 +189,7 @@ def _cell_from_dir(d: Path, known: GridCell | None) -> tuple[GridCell | None, st
         params = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
     except yaml.YAMLError as e:
         raise ValueError(f"{params_path}: {e}") from None
-    flat = _flatten(metrics or {})
+    flat = flatten_metrics(metrics or {})
     kind = manifest.get("kind") or _kind(d.parent.name, manifest.get("notebook", ""), d, flat)
     if kind != "report" and (manifest.get("status") != "done" or metrics is None):
         return None, manifest.get("status", "no status")

@@ -374,12 +374,12 @@ def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | No
             print(f"FAILED {r['cell']}: {r['error']}")
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten_metrics(v, key + "."))
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out[key] = v
     return out
@@ -407,7 +407,7 @@ def write_results(grid: Grid) -> Path | None:
         row: dict[str, Any] = {"stage": c.stage, "cell": c.id, "kind": c.kind, "inputs": json.dumps(c.inputs),
                                **c.axes, "wall_clock_s": m.get("wall_clock_s"), "gpus": m.get("gpus"),
                                "gpu_hours": m.get("gpu_hours"), "device": m.get("device")}
-        for k, v in _flatten(read_json(d / "metrics.json") or {}).items():
+        for k, v in flatten_metrics(read_json(d / "metrics.json") or {}).items():
             row[f"metric.{k}" if k in taken else k] = v
         rows.append(row)
     if not rows:
