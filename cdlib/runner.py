@@ -375,6 +375,7 @@ def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | No
 
 
 def flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """metrics.json as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), as results.parquet stores them."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
