@@ -19,15 +19,24 @@ materialised:
   overridden on the instance, so parameters, state-dict names, FSDP sharding and peft
   wrapping are unchanged, and the weight is used inside the model's own forward, where
   FSDP has it unsharded).
+
+The training objectives built on it (moved here from ``cdlib.train``): :func:`sft_loss` (the SFT
+cross-entropy, through the fused head or from full logits, :func:`cross_entropy_sum`) and
+:func:`kl_sum` (MPD's token-level divergence to a teacher, forward / reverse / JSD, computed over
+chunks of ``kl_chunk_tokens`` supervised positions with its gradient filled in during the forward
+pass). Batches from the training loader carry their supervised positions (:func:`supervised_rows`),
+so none of these reads anything back from the device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 IMPLS = ("auto", "full", "chunked", "liger", "cce")
@@ -137,7 +146,7 @@ def fused_head(model: Any, labels: torch.Tensor, chunk_tokens: int = 512, impl: 
     ``model`` is the unwrapped transformers model (or its peft wrapper); its output
     embedding must be a linear layer. Labels are shifted here as the model's own loss
     shifts them (position t predicts label t + 1). ``rows``: the flat indices of the supervised
-    positions (``cdlib.train._supervised_rows``), planned in the data loader: selecting them needs no
+    positions (:func:`supervised_rows`), planned in the data loader: selecting them needs no
     host synchronisation, where a boolean mask must read its result's size back from the device.
     """
     head = model.get_output_embeddings()
@@ -159,3 +168,189 @@ def fused_head(model: Any, labels: torch.Tensor, chunk_tokens: int = 512, impl: 
         yield
     finally:
         del head.forward
+
+
+# --------------------------------------------------------------------------- training objectives
+
+
+def _shifted(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, Any]:
+    """Logits and targets of the supervised positions (labels shifted by one).
+
+    ``rows``: :func:`supervised_rows` of ``labels``, planned in the data loader (a batch's
+    ``supervised_rows``); selecting them takes no host synchronisation, a boolean mask does
+    (the size of its result must be read back). Same positions, same order either way.
+    """
+    if rows is not None:
+        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows + 1)
+    shift_labels = labels[..., 1:]
+    mask = shift_labels != IGNORE_INDEX
+    return logits[..., :-1, :][mask], shift_labels[mask]
+
+
+def cross_entropy_sum(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, int]:
+    """Summed next-token cross-entropy over supervised tokens (fp32) and their count (``rows``: see :func:`_shifted`)."""
+
+    sel, target = _shifted(logits, labels, rows)
+    return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())
+
+
+ACCOUNTING_KEYS = ("labels", "example_lengths", "supervised_rows", "n_supervised")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch as the model takes it: labels (the loss is computed here) and accounting keys removed,
+    ``use_cache=False`` kept."""
+    return {k: v for k, v in batch.items() if k not in ACCOUNTING_KEYS}
+
+
+def sft_loss(model: Any, head_model: Any, batch: dict[str, Any], head: str, chunk_tokens: int) -> tuple[Any, int]:
+    """Summed cross-entropy of ``batch``'s supervised tokens and their count.
+
+    ``head`` "full" builds the model's logits (:func:`cross_entropy_sum`); any other
+    (:func:`resolve`) computes the loss from the final hidden states in
+    chunks or a fused kernel, never building ``tokens x vocab`` logits
+    (:func:`fused_head`; ``head_model`` is the unwrapped model whose output
+    embedding it takes over). A batch from the training loader carries its supervised
+    positions (``supervised_rows``) and their count (``n_supervised``), so nothing is read
+    back from the device.
+    """
+    rows = batch.get("supervised_rows")
+    if head == "full":
+        return cross_entropy_sum(model(**model_inputs(batch)).logits, batch["labels"], rows)
+    with fused_head(head_model, batch["labels"], chunk_tokens, head, rows=rows):
+        ce = model(**model_inputs(batch)).logits
+    n = batch.get("n_supervised")
+    return ce, n if n is not None else int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+
+
+KL_DIRECTIONS = ("forward", "reverse", "jsd")
+
+
+def supervised_rows(labels: Any) -> Any:
+    """Flat indices (into ``logits.reshape(-1, V)``) of the positions whose next token is supervised,
+    in the order :func:`_shifted` selects them."""
+
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _kl_chunk(s: Any, t: Any, direction: str, want_grad: bool) -> tuple[Any, Any]:
+    """Divergence summed over the rows of one chunk of logits (fp32) and, with ``want_grad``, its
+    gradient with respect to ``s``; the value is computed as by the unchunked :func:`kl_sum`
+    (JSD's log m with ``logaddexp`` instead of a stacked ``logsumexp``, equal to rounding).
+
+    With ``q = softmax(s)`` and a loss ``L(q)``, ``dL/ds = q * (g - <q, g>)`` where
+    ``g = dL/dq``: forward KL gives ``q - p``, reverse ``q * (log q - log p - KL)``,
+    JSD ``q * (h - <q, h>)`` with ``h = (log q - log m) / 2``. Work tensors are
+    reused in place where that is simple: a chunk's peak is a handful of
+    ``rows x vocab`` fp32 tensors (``benchmarks/bench_kl.py``).
+    """
+
+    log_q = F.log_softmax(s, dim=-1)
+    log_p = F.log_softmax(t, dim=-1)
+    del s, t
+    grad = None
+    if direction == "forward":
+        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+        if want_grad:
+            grad = log_q.exp_().sub_(log_p.exp_())
+    elif direction == "reverse":
+        loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+        if want_grad:
+            grad = log_q - log_p
+            q = log_q.exp_()
+            del log_p
+            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
+    else:
+        log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))  # = the reference's logsumexp of the pair
+        loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
+                      + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
+        if want_grad:
+            del log_p
+            grad = log_q.sub(log_m).mul_(0.5)
+            del log_m
+            q = log_q.exp_()
+            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
+    return loss, grad
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Sum of :func:`_kl_chunk` over chunks of supervised rows; the gradient is filled in forward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, rows, direction, vocab, chunk):
+        width = student_logits.shape[-1]
+        s_flat = student_logits.reshape(-1, width)
+        t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        v = width if vocab is None else min(vocab, width)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(s_flat) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start:start + chunk]
+            loss, g = _kl_chunk(s_flat[idx, :v].float(), t_flat[idx, :v].float(), direction, want_grad)
+            total += loss
+            if g is not None:
+                grad[idx, :v] = g.to(grad.dtype)
+            del g
+        ctx.shape, ctx.spent = student_logits.shape, False
+        ctx.save_for_backward(grad if want_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.spent:
+            raise RuntimeError("the chunked KL's gradient buffer is scaled in place: backward runs once "
+                               "(retain_graph is not supported; use kl_chunk_tokens=0)")
+        ctx.spent = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_output).view(ctx.shape), None, None, None, None, None
+
+
+def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str = "forward",
+           vocab: int | None = None, chunk_tokens: int | None = None, rows: Any = None) -> tuple[Any, int]:
+    """Token-level divergence to the teacher, summed over supervised tokens, and their count.
+
+    With p the teacher's and q the student's next-token distribution at a position:
+    ``forward`` = KL(p || q) (mode covering; MPD's default), ``reverse`` = KL(q || p),
+    ``jsd`` = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2. Only the first
+    ``vocab`` logits are compared (models often pad their output layer beyond
+    the tokenizer). Computed in fp32.
+
+    ``chunk_tokens`` (training passes ``TrainParams.kl_chunk_tokens``) computes the
+    same sum over chunks of that many supervised positions: the fp32 work tensors
+    are ``chunk x vocab`` instead of ``tokens x vocab``, and the gradient to the
+    student logits is computed analytically chunk by chunk during the forward pass
+    into one buffer of the logits' shape and dtype (the size backward produces
+    anyway), so nothing of ``tokens x vocab`` in fp32 is kept for backward. The
+    teacher logits are constants there (training computes them under ``no_grad``),
+    and backward may run once. ``None`` or 0: all positions at once through
+    autograd, the reference implementation. ``rows``: the supervised positions planned in the
+    data loader (:func:`supervised_rows`), so that no host synchronisation is needed.
+    """
+
+    if direction not in KL_DIRECTIONS:
+        from cdlib.train import TrainError  # the error a bad TrainParams.kl_direction raises
+
+        raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
+    if chunk_tokens:
+        rows = supervised_rows(labels) if rows is None else rows
+        loss = _ChunkedKL.apply(student_logits, teacher_logits.detach(), rows, direction, vocab,
+                                            int(chunk_tokens))
+        return loss, int(rows.numel())
+    s, _ = _shifted(student_logits, labels, rows)
+    t, target = _shifted(teacher_logits, labels, rows)
+    if vocab is not None:
+        s, t = s[..., :vocab], t[..., :vocab]
+    log_q = F.log_softmax(s.float(), dim=-1)
+    log_p = F.log_softmax(t.float(), dim=-1)
+    if direction == "forward":
+        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    elif direction == "reverse":
+        loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+    else:
+        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
+        loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
+                      + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
+    return loss, int(target.numel())

@@ -538,3 +538,8 @@ def audit(
         detail = "\n".join(f"  {p}: {len(ids)} example(s), ids {ids[:10]}" for p, ids in problems.items())
         raise AuditError(f"mask audit failed:\n{detail}\n\n{report}")
     return report
+
+
+def supervised_count(example: dict[str, Any]) -> int:
+    """Supervised tokens of one example (its first label is always masked, so packing keeps them all)."""
+    return sum(1 for x in example["labels"][1:] if x != IGNORE_INDEX)

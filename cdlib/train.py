@@ -21,12 +21,17 @@ one rank of an ``accelerate launch``):
    per-micro-batch means, so packed rows with few supervised tokens do not weigh
    as much as full ones; every ``save_every`` steps the training state goes to
    ``<out_dir>/resume/`` and a rerun of a killed cell resumes from it (:func:`run`,
-   :func:`save_resume`); the KL objective is computed over chunks of
-   ``kl_chunk_tokens`` positions (:func:`kl_sum`);
+   :func:`cdlib.checkpoint.save_resume`); the KL objective is computed over chunks of
+   ``kl_chunk_tokens`` positions (:func:`cdlib.losses.kl_sum`);
 6. the checkpoint is saved in HF layout (``model/``, ``adapter/``, ``base/``) with
-   ``checkpoint.json`` naming what vLLM should load (``cdlib.evaluate.resolve_model``),
-   the loss curve in ``loss.jsonl``, and the metrics (tokens, wall-clock, GPU-hours,
-   peak memory, FLOPs estimate) returned.
+   ``checkpoint.json`` naming what vLLM should load (``cdlib.evaluate.resolve_model``,
+   :func:`cdlib.checkpoint.save`), the loss curve in ``loss.jsonl``, and the metrics
+   (budget label, tokens, wall-clock, GPU-hours, peak memory, FLOPs estimate) returned.
+
+The losses live in ``cdlib.losses`` and the resumable state, saving and LoRA merges in
+``cdlib.checkpoint``; :func:`run` reads top to bottom through :func:`set_up`,
+:func:`start_progress`, :func:`train_loop` (:func:`train_step` per optimizer step),
+:func:`validate`, :func:`cdlib.checkpoint.save` and :func:`collect_metrics`.
 
 :func:`train` is what the notebook calls: it runs in-process, or launches
 ``accelerate launch`` across the visible GPUs when ``accelerate_config`` is set
@@ -47,12 +52,12 @@ families also come as tiny random models (``student: tiny-llama``, ...; ``cdlib.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -60,8 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdlib import checkpoint, losses, sft
 from cdlib import pack as packlib
-from cdlib import sft
 from cdlib.params import TrainParams
 from cdlib.store import Store
 
@@ -110,7 +115,7 @@ def resolve_pretrained(name: str, merge_into: str | Path, what: str = "student")
     if not (out / "config.json").exists():
         from transformers import AutoTokenizer
 
-        merge_adapter(target["model"], target["adapter"], out, AutoTokenizer.from_pretrained(target["adapter"]))
+        checkpoint.merge_adapter(target["model"], target["adapter"], out, AutoTokenizer.from_pretrained(target["adapter"]))
     return str(out)
 
 
@@ -324,9 +329,6 @@ def budget_mode(P: TrainParams) -> str:
     return "tokens" if P.token_budget is not None else "steps" if P.max_steps is not None else "epochs"
 
 
-def supervised_count(example: dict[str, Any]) -> int:
-    """Supervised tokens of one example (its first label is always masked, so packing keeps them all)."""
-    return sum(1 for x in example["labels"][1:] if x != sft.IGNORE_INDEX)
 
 
 def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
@@ -345,7 +347,7 @@ def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
     lengths = [len(ex["input_ids"]) for ex in examples]
     packing = P.packing if packing is None else packing  # False where the model refuses packing
     bins = packlib.pack(lengths, P.seq_len) if packing else [[i] for i in range(len(examples))]
-    sup = [supervised_count(ex) for ex in examples]
+    sup = [sft.supervised_count(ex) for ex in examples]
     per_pass = math.ceil(len(bins) / P.micro_batch_size)
     mode = budget_mode(P)
     if mode == "tokens" and sum(sup) == 0:
@@ -380,7 +382,7 @@ def step_tokens(examples: list[dict[str, Any]], schedule: list[list[list[int]]],
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler, SequentialSampler
 
-    counts = [sum(supervised_count(examples[i]) for b in mb for i in b) for mb in schedule]
+    counts = [sum(sft.supervised_count(examples[i]) for b in mb for i in b) for mb in schedule]
     base = BatchSampler(SequentialSampler(range(len(schedule))), batch_size=1, drop_last=False)
     order = [list(range(len(schedule)))] if world == 1 else [
         [b[0] for b in BatchSamplerShard(base, num_processes=world, process_index=r, even_batches=even_batches)]
@@ -391,200 +393,6 @@ def step_tokens(examples: list[dict[str, Any]], schedule: list[list[list[int]]],
     return per_rank, per_step
 
 
-# --------------------------------------------------------------------------- losses
-
-
-def _shifted(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, Any]:
-    """Logits and targets of the supervised positions (labels shifted by one).
-
-    ``rows``: :func:`_supervised_rows` of ``labels``, planned in the data loader (a batch's
-    ``supervised_rows``); selecting them takes no host synchronisation, a boolean mask does
-    (the size of its result must be read back). Same positions, same order either way.
-    """
-    if rows is not None:
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, rows), labels.reshape(-1).index_select(0, rows + 1)
-    shift_labels = labels[..., 1:]
-    mask = shift_labels != sft.IGNORE_INDEX
-    return logits[..., :-1, :][mask], shift_labels[mask]
-
-
-def cross_entropy_sum(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over supervised tokens (fp32) and their count (``rows``: see :func:`_shifted`)."""
-    import torch.nn.functional as F
-
-    sel, target = _shifted(logits, labels, rows)
-    return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())
-
-
-def sft_loss(model: Any, head_model: Any, batch: dict[str, Any], head: str, chunk_tokens: int) -> tuple[Any, int]:
-    """Summed cross-entropy of ``batch``'s supervised tokens and their count.
-
-    ``head`` "full" builds the model's logits (:func:`cross_entropy_sum`); any other
-    (:func:`cdlib.losses.resolve`) computes the loss from the final hidden states in
-    chunks or a fused kernel, never building ``tokens x vocab`` logits
-    (:func:`cdlib.losses.fused_head`; ``head_model`` is the unwrapped model whose output
-    embedding it takes over). A batch from the training loader carries its supervised
-    positions (``supervised_rows``) and their count (``n_supervised``), so nothing is read
-    back from the device.
-    """
-    rows = batch.get("supervised_rows")
-    if head == "full":
-        return cross_entropy_sum(model(**_model_inputs(batch)).logits, batch["labels"], rows)
-    from cdlib import losses
-
-    with losses.fused_head(head_model, batch["labels"], chunk_tokens, head, rows=rows):
-        ce = model(**_model_inputs(batch)).logits
-    n = batch.get("n_supervised")
-    return ce, n if n is not None else int((batch["labels"][..., 1:] != sft.IGNORE_INDEX).sum())
-
-
-KL_DIRECTIONS = ("forward", "reverse", "jsd")
-
-
-def _supervised_rows(labels: Any) -> Any:
-    """Flat indices (into ``logits.reshape(-1, V)``) of the positions whose next token is supervised,
-    in the order :func:`_shifted` selects them."""
-    import torch
-
-    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    mask[..., :-1] = labels[..., 1:] != sft.IGNORE_INDEX
-    return mask.reshape(-1).nonzero().squeeze(1)
-
-
-def _kl_chunk(s: Any, t: Any, direction: str, want_grad: bool) -> tuple[Any, Any]:
-    """Divergence summed over the rows of one chunk of logits (fp32) and, with ``want_grad``, its
-    gradient with respect to ``s``; the value is computed as by the unchunked :func:`kl_sum`
-    (JSD's log m with ``logaddexp`` instead of a stacked ``logsumexp``, equal to rounding).
-
-    With ``q = softmax(s)`` and a loss ``L(q)``, ``dL/ds = q * (g - <q, g>)`` where
-    ``g = dL/dq``: forward KL gives ``q - p``, reverse ``q * (log q - log p - KL)``,
-    JSD ``q * (h - <q, h>)`` with ``h = (log q - log m) / 2``. Work tensors are
-    reused in place where that is simple: a chunk's peak is a handful of
-    ``rows x vocab`` fp32 tensors (``benchmarks/bench_kl.py``).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    log_q = F.log_softmax(s, dim=-1)
-    log_p = F.log_softmax(t, dim=-1)
-    del s, t
-    grad = None
-    if direction == "forward":
-        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-        if want_grad:
-            grad = log_q.exp_().sub_(log_p.exp_())
-    elif direction == "reverse":
-        loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-        if want_grad:
-            grad = log_q - log_p
-            q = log_q.exp_()
-            del log_p
-            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
-    else:
-        log_m = torch.logaddexp(log_p, log_q).sub_(math.log(2.0))  # = the reference's logsumexp of the pair
-        loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
-                      + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
-        if want_grad:
-            del log_p
-            grad = log_q.sub(log_m).mul_(0.5)
-            del log_m
-            q = log_q.exp_()
-            grad.sub_((q * grad).sum(-1, keepdim=True)).mul_(q)
-    return loss, grad
-
-
-_CHUNKED_KL = None
-
-
-def _chunked_kl_function() -> Any:
-    """The autograd function of the chunked divergence (built on first use: torch is imported lazily)."""
-    global _CHUNKED_KL
-    if _CHUNKED_KL is not None:
-        return _CHUNKED_KL
-    import torch
-
-    class ChunkedKL(torch.autograd.Function):
-        """Sum of :func:`_kl_chunk` over chunks of supervised rows; the gradient is filled in forward."""
-
-        @staticmethod
-        def forward(ctx, student_logits, teacher_logits, rows, direction, vocab, chunk):
-            width = student_logits.shape[-1]
-            s_flat = student_logits.reshape(-1, width)
-            t_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-            v = width if vocab is None else min(vocab, width)
-            want_grad = ctx.needs_input_grad[0]
-            grad = torch.zeros_like(s_flat) if want_grad else None
-            total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-            for start in range(0, rows.numel(), chunk):
-                idx = rows[start:start + chunk]
-                loss, g = _kl_chunk(s_flat[idx, :v].float(), t_flat[idx, :v].float(), direction, want_grad)
-                total += loss
-                if g is not None:
-                    grad[idx, :v] = g.to(grad.dtype)
-                del g
-            ctx.shape, ctx.spent = student_logits.shape, False
-            ctx.save_for_backward(grad if want_grad else None)
-            return total
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            if ctx.spent:
-                raise RuntimeError("the chunked KL's gradient buffer is scaled in place: backward runs once "
-                                   "(retain_graph is not supported; use kl_chunk_tokens=0)")
-            ctx.spent = True
-            (grad,) = ctx.saved_tensors
-            return grad.mul_(grad_output).view(ctx.shape), None, None, None, None, None
-
-    _CHUNKED_KL = ChunkedKL
-    return _CHUNKED_KL
-
-
-def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str = "forward",
-           vocab: int | None = None, chunk_tokens: int | None = None, rows: Any = None) -> tuple[Any, int]:
-    """Token-level divergence to the teacher, summed over supervised tokens, and their count.
-
-    With p the teacher's and q the student's next-token distribution at a position:
-    ``forward`` = KL(p || q) (mode covering; MPD's default), ``reverse`` = KL(q || p),
-    ``jsd`` = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2. Only the first
-    ``vocab`` logits are compared (models often pad their output layer beyond
-    the tokenizer). Computed in fp32.
-
-    ``chunk_tokens`` (training passes ``TrainParams.kl_chunk_tokens``) computes the
-    same sum over chunks of that many supervised positions: the fp32 work tensors
-    are ``chunk x vocab`` instead of ``tokens x vocab``, and the gradient to the
-    student logits is computed analytically chunk by chunk during the forward pass
-    into one buffer of the logits' shape and dtype (the size backward produces
-    anyway), so nothing of ``tokens x vocab`` in fp32 is kept for backward. The
-    teacher logits are constants there (training computes them under ``no_grad``),
-    and backward may run once. ``None`` or 0: all positions at once through
-    autograd, the reference implementation. ``rows``: the supervised positions planned in the
-    data loader (:func:`_supervised_rows`), so that no host synchronisation is needed.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if direction not in KL_DIRECTIONS:
-        raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
-    if chunk_tokens:
-        rows = _supervised_rows(labels) if rows is None else rows
-        loss = _chunked_kl_function().apply(student_logits, teacher_logits.detach(), rows, direction, vocab,
-                                            int(chunk_tokens))
-        return loss, int(rows.numel())
-    s, _ = _shifted(student_logits, labels, rows)
-    t, target = _shifted(teacher_logits, labels, rows)
-    if vocab is not None:
-        s, t = s[..., :vocab], t[..., :vocab]
-    log_q = F.log_softmax(s.float(), dim=-1)
-    log_p = F.log_softmax(t.float(), dim=-1)
-    if direction == "forward":
-        loss = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
-    elif direction == "reverse":
-        loss = F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-    else:
-        log_m = torch.logsumexp(torch.stack([log_p, log_q]), dim=0) - math.log(2.0)
-        loss = 0.5 * (F.kl_div(log_m, log_p, log_target=True, reduction="sum")
-                      + F.kl_div(log_m, log_q, log_target=True, reduction="sum"))
-    return loss, int(target.numel())
 
 
 def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student: str, teacher: str) -> None:
@@ -832,14 +640,14 @@ class _MicroBatches:
 def _collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
     """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`), on the host, before
     anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
-    ``supervised_rows`` (:func:`_supervised_rows`, the positions the loss selects) and ``n_supervised``
+    ``supervised_rows`` (:func:`cdlib.losses.supervised_rows`, the positions the loss selects) and ``n_supervised``
     (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
     without their ``L x L`` block mask: the loop derives it on the device (:func:`_with_mask`)."""
     def collate(items: list[list[list[int]]]) -> dict[str, Any]:
         bins = [b for item in items for b in item]
         batch = packlib.collate(examples, bins, rows, pad_id, build_mask=False)
         batch["example_lengths"] = [len(examples[i]["input_ids"]) for b in bins for i in b]
-        batch["supervised_rows"] = _supervised_rows(batch["labels"])
+        batch["supervised_rows"] = losses.supervised_rows(batch["labels"])
         batch["n_supervised"] = int(batch["supervised_rows"].numel())
         return batch
 
@@ -854,13 +662,8 @@ def _with_mask(batch: dict[str, Any], rows: packlib.Layout) -> dict[str, Any]:
     return batch
 
 
-ACCOUNTING_KEYS = ("labels", "example_lengths", "supervised_rows", "n_supervised")
 
 
-def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The batch as the model takes it: labels (the loss is computed here) and accounting keys removed,
-    ``use_cache=False`` kept."""
-    return {k: v for k, v in batch.items() if k not in ACCOUNTING_KEYS}
 
 
 def _peak_memory(on_gpu: bool) -> tuple[float, str]:
@@ -882,15 +685,15 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
         for batch in batches:
             batch = _to_device(batch, accelerator.device)
             if teacher is None:
-                ce, n = sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
+                ce, n = losses.sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
             else:
-                logits = model(**_model_inputs(batch)).logits
-                ce, n = cross_entropy_sum(logits, batch["labels"], batch.get("supervised_rows"))
+                logits = model(**losses.model_inputs(batch)).logits
+                ce, n = losses.cross_entropy_sum(logits, batch["labels"], batch.get("supervised_rows"))
             totals[0] += ce.detach()  # summed on the device, read once at the end
             totals[2] += n
             if teacher is not None:
-                t_logits = teacher(**_model_inputs(batch)).logits
-                kl, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens,
+                t_logits = teacher(**losses.model_inputs(batch)).logits
+                kl, _ = losses.kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens,
                                batch.get("supervised_rows"))
                 totals[1] += kl.detach()
     model.train()
@@ -909,194 +712,68 @@ def _to_device(batch: dict[str, Any], device: Any, rows: packlib.Layout | None =
     return _with_mask(batch, rows) if rows is not None else batch
 
 
-# --------------------------------------------------------------------------- resumable state
-
-RESUME_DIR = "resume"  # <out_dir>/resume/: the latest resumable training state
-RESUME_STATE = "trainer_state.json"  # written last: a state directory without it is incomplete
-# keys that change how a run computes, not what it trains: a resumed run may change them
-# (e.g. a smaller kl_chunk_tokens after running out of memory)
-RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head", "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing", "tf32", "liger_kernels",
-                    "accelerate_config")
 
 
-def resume_fingerprint(P: TrainParams, examples: list[dict[str, Any]], schedule: list[list[list[int]]],
-                       world: int, distributed_type: str) -> dict[str, Any]:
-    """What a resumable state must have been written for: the training params (all but
-    :data:`RESUME_FREE_KEYS`), the process count and distributed type (the plan and the
-    state's layout depend on them), and hashes of the training examples (ids, lengths,
-    supervised counts) and of the planned micro-batches. ``hash`` is the sha256 of the rest."""
-    import hashlib
+@dataclass
+class Setup:
+    """What :func:`set_up` builds before the loop: the accelerator, the prepared student (and KL teacher), the
+    optimizer and scheduler, and the planned loader of the whole run."""
 
-    def digest(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-    items: dict[str, Any] = {
-        "params": {k: v for k, v in P.model_dump(mode="json").items() if k not in RESUME_FREE_KEYS},
-        "world_size": world, "distributed_type": distributed_type,
-        "examples": digest([[ex["id"], len(ex["input_ids"]), supervised_count(ex)] for ex in examples]),
-        "plan": digest(schedule)}
-    return {**items, "hash": digest(items)}
-
-
-def _fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """The differing entries of two fingerprints, as ``key: old -> new`` (params key by key)."""
-    diffs = [f"{k}: {old.get('params', {}).get(k)!r} -> {new['params'].get(k)!r}"
-             for k in sorted(set(old.get("params", {})) | set(new["params"]))
-             if old.get("params", {}).get(k) != new["params"].get(k)]
-    diffs += [f"{k}: {old.get(k)!r} -> {new[k]!r}" if k in ("world_size", "distributed_type") else f"{k} differ"
-              for k in ("world_size", "distributed_type", "examples", "plan") if old.get(k) != new[k]]
-    return ", ".join(diffs) or "hash differs"
-
-
-def find_resume(out_dir: str | Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The newest complete resumable state under ``out_dir`` and its ``trainer_state.json``.
-
-    Candidates are ``resume/`` and ``resume.tmp/`` (a run killed between writing a new
-    state and renaming it into place); a directory is complete once its
-    :data:`RESUME_STATE` exists, which is written after everything else.
-    Returns ``(None, None)`` when there is none.
-    """
-    out = Path(out_dir)
-    best: tuple[Path | None, dict[str, Any] | None] = (None, None)
-    for d in (out / RESUME_DIR, out / f"{RESUME_DIR}.tmp"):
-        f = d / RESUME_STATE
-        if not f.exists():
-            continue
-        try:
-            state = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if best[1] is None or state.get("step", 0) > best[1].get("step", 0):
-            best = (d, state)
-    return best
+    P: TrainParams
+    accelerator: Any
+    data: Prepared
+    on_gpu: bool
+    say: Any
+    tracker: dict[str, float] | None
+    model: Any
+    head_model: Any  # the unwrapped model, whose output embedding the fused loss head takes over
+    head: str  # the SFT loss head (cdlib.losses.resolve)
+    rows: packlib.Layout
+    attn: str
+    student: dict[str, Any]  # load_student's record: lora, params, tf32, liger, fsdp_ac, n_layers, d_attn
+    teacher: Any
+    teacher_source: str | None
+    teacher_params: int
+    lr: float
+    optimizer: Any
+    optimizer_name: str
+    optimizer_note: str | None
+    scheduler: Any
+    loader: Any
+    schedule: list[list[list[int]]]
+    total_steps: int
 
 
-def clear_resume(out_dir: str | Path) -> None:
-    """Delete every resumable state under ``out_dir`` (``resume/``, ``resume.tmp/``, ``resume.old/``)."""
-    for suffix in ("", ".tmp", ".old"):
-        shutil.rmtree(Path(out_dir) / f"{RESUME_DIR}{suffix}", ignore_errors=True)
+@dataclass
+class Progress:
+    """The loop's running totals; a resumable state saves them and a resumed run starts from them."""
+
+    start_step: int = 0
+    ema: float | None = None
+    step_losses: list[float] = field(default_factory=list)
+    totals: list[Any] = field(default_factory=lambda: [0, 0, 0])  # supervised, all tokens, sum L^2 (this rank)
+    seen: int = 0  # global supervised tokens so far
+    prior: dict[str, float] = field(default_factory=lambda: {"wall_clock_s": 0.0, "train_s": 0.0, "peak_memory_gb": 0.0})
+    train_s: float = 0.0
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def save_resume(accelerator: Any, out_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Write the resumable state (every rank calls this): ``accelerator.save_state`` into
-    ``resume.tmp/`` (weights or FSDP shards, optimizer, the registered LR scheduler, each
-    rank's RNG states), then the main process writes ``state`` as ``trainer_state.json``,
-    fsyncs, and swaps the directory in for ``resume/`` by renames (the previous state is
-    removed), so a kill at any moment leaves one complete state (:func:`find_resume`)."""
-    out = Path(out_dir)
-    tmp, final, old = out / f"{RESUME_DIR}.tmp", out / RESUME_DIR, out / f"{RESUME_DIR}.old"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)  # torch.save keeps tied weights as they are
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        with (tmp / RESUME_STATE).open("w") as f:
-            f.write(json.dumps(state))
-            f.flush()
-            os.fsync(f.fileno())
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _truncate_curve(path: Path, last_step: int) -> int:
-    """Rewrite ``loss.jsonl`` keeping the rows of steps up to ``last_step`` (atomic replace); returns how many."""
-    rows = [r for r in Store(path).read() if int(r["step"]) <= last_step] if path.exists() else []
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return len(rows)
-
-
-def _trainable_weights_only(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
-    """``save_state`` pre-hook of LoRA runs: keep only the trainable tensors (the adapters) of each state dict."""
-    for i, model in enumerate(models[:len(weights)]):
-        names = {n for n, p in model.named_parameters() if p.requires_grad}
-        weights[i] = {k: v for k, v in weights[i].items() if k in names}
-
-
-def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
-        log: Any = print) -> dict[str, Any]:
-    """Train the student of ``P`` in this process (one device or one rank of a launch); return the metrics.
-
-    ``data`` reuses a :func:`prepare` result (the notebook shows its audit first).
-    Writes ``<out_dir>/loss.jsonl`` (one record per optimizer step: ``step``,
-    ``loss``, ``ema``, ``lr``, ``tokens``), the checkpoint (``model/``, ``adapter/``,
-    ``base/``) and ``checkpoint.json``. ``log`` receives the audit report and
-    progress lines (main process only).
-
-    Every ``P.save_every`` optimizer steps the training state goes to
-    ``<out_dir>/resume/`` (:func:`save_resume`: weights, optimizer, LR scheduler,
-    RNG states, step, token totals, EMA and per-step losses). A run that finds a
-    complete state there whose :func:`resume_fingerprint` matches its own resumes
-    from it: it skips the micro-batches already trained on, continues the step
-    count, the LR schedule and ``loss.jsonl`` (cut back to the state's step, so
-    every step has one row), and reports ``resumed_from_step``; its wall-clock and
-    train seconds include the time up to the state (not the work lost after it).
-    A state written for other params, data or process count is discarded with a
-    message naming its directory and what differs, and the run starts from step 0
-    (a fresh ``loss.jsonl``). ``resume/`` is deleted once the final model is saved.
-    """
-    import torch
+def make_accelerator(P: TrainParams, on_gpu: bool, out: Path) -> Any:
+    """The run's ``Accelerator``: bf16 autocast on a GPU with ``P.bf16``, gloo on CPU, ``P.report_to``'s tracker.
+    On a GPU batches come from pinned memory and are copied without waiting for the GPU (non_blocking)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
-    from transformers import get_scheduler
-
-    t_start = time.time()
-    mode = budget_mode(P)
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of earlier work in the process
-    mixed = "bf16" if on_gpu and P.bf16 else "no"
-    out = Path(P.out_dir)
     from accelerate.utils import DataLoaderConfiguration
 
-    # on a GPU batches come from pinned memory and are copied without waiting for the GPU (non_blocking)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not on_gpu,  # cpu=True: torchrun ranks use gloo
-                              dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
-                              log_with=None if P.report_to == "none" else P.report_to,
-                              project_dir=str(out / "trackers"))
-    is_main, world = accelerator.is_main_process, accelerator.num_processes
-    set_seed(P.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    tracker = start_tracking(accelerator, P, out)  # None unless P.report_to names one
-    say = log if is_main else (lambda *a, **k: None)
+    return Accelerator(mixed_precision="bf16" if on_gpu and P.bf16 else "no", cpu=not on_gpu,  # cpu: torchrun ranks use gloo
+                       dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
+                       log_with=None if P.report_to == "none" else P.report_to, project_dir=str(out / "trackers"))
 
-    if data is None:
-        with accelerator.main_process_first():
-            data = prepare(P, is_main=is_main)
-    say(data.audit)
-    tok = data.tokenizer
-    teacher_source = data.extra.get("kl_teacher") or P.kl_teacher
-    if P.objective == "kl":  # before any model is loaded
-        from transformers import AutoTokenizer
 
-        check_same_tokenizer(tok, AutoTokenizer.from_pretrained(teacher_source), data.model_source, teacher_source)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any) -> tuple[Any, dict[str, Any]]:
+    """The student model ready for its wrapper (kernels, gradient checkpointing, packed layout, LoRA adapters)
+    and a record of how (``attn``, ``layout``, ``rows``, ``lora``, ``params``, ``tf32``, ``liger``, ``fsdp_ac``, sizes)."""
+    import torch
 
-    # ---- model
     attn, layout = attention_layout(P, on_gpu, data.model_source)
-    from cdlib import losses
-
-    head = losses.resolve(P.loss_head)  # auto: Cut Cross-Entropy / Liger on a GPU where installed, else chunked
     lora = P.method == "lora"
     # full: fp32 master weights, bf16 autocast; LoRA: frozen base in bf16, adapters in fp32 (peft's default)
     load_dtype = torch.bfloat16 if (on_gpu and P.bf16 and lora) else torch.float32
@@ -1109,6 +786,7 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
                    and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
     if P.gradient_checkpointing and not fsdp_ac:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tok = data.tokenizer
     if len(tok) > model.get_input_embeddings().num_embeddings:
         raise TrainError(f"student {data.model_source!r}: its tokenizer has {len(tok)} tokens but the model embeds "
                          f"{model.get_input_embeddings().num_embeddings}: tokenizer and model do not belong together")
@@ -1118,273 +796,386 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         say(rows.reason)
     if rows.split_linear:  # Qwen3.5 on flash: linear-attention layers run each packed example on its own
         packlib.split_linear_attention(model)
-    lora_info = None
-    if lora:
-        from peft import LoraConfig, get_peft_model
-
-        from cdlib.tiny import UnknownFamilyError, family_of
-
-        try:
-            family = family_of(model.config.to_dict())
-        except UnknownFamilyError:
-            family = getattr(model.config, "model_type", None)
-        lora_info = lora_targets(model, P.lora_target_modules, family)
-        lora_info["warnings"] = warn_lora_targets(lora_info, data.model_source) if is_main else []
-        model = get_peft_model(model, LoraConfig(
-            r=P.lora_rank, lora_alpha=P.lora_alpha, lora_dropout=P.lora_dropout,
-            target_modules=P.lora_target_modules, task_type="CAUSAL_LM"))
-        lora_info["adapter_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-        lora_info["adapter_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-        say(f"LoRA adapters on {lora_info['adapted']} ({lora_info['adapter_modules']} modules, "
-            f"{lora_info['adapter_params']:,} params); no adapter on {lora_info['not_adapted']}")
-    params = count_params(model)
+    model, lora_info = add_lora(model, P, data.model_source, accelerator.is_main_process, say) if lora else (model, None)
     config = model.config
-    n_layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    d_attn = config.num_attention_heads * head_dim
+    return model, {"attn": attn, "layout": layout, "rows": rows, "lora": lora_info, "params": count_params(model), "tf32": tf32,
+                   "liger": liger, "fsdp_ac": fsdp_ac, "n_layers": config.num_hidden_layers,
+                   "d_attn": config.num_attention_heads * head_dim}
 
-    teacher, teacher_params = None, 0
-    vocab = len(tok)
-    if P.objective == "kl":
-        teacher = _load_causal_lm(teacher_source, torch.bfloat16 if on_gpu and P.bf16 else torch.float32, attn)
-        teacher.eval().requires_grad_(False).to(accelerator.device)
-        teacher_params = count_params(teacher)["flops"]
 
+def add_lora(model: Any, P: TrainParams, model_source: str, is_main: bool, say: Any) -> tuple[Any, dict[str, Any]]:
+    """``model`` wrapped with peft's LoRA adapters on ``P.lora_target_modules``, and what was adapted."""
+    from peft import LoraConfig, get_peft_model
+
+    from cdlib.tiny import UnknownFamilyError, family_of
+
+    try:
+        family = family_of(model.config.to_dict())
+    except UnknownFamilyError:
+        family = getattr(model.config, "model_type", None)
+    info = lora_targets(model, P.lora_target_modules, family)
+    info["warnings"] = warn_lora_targets(info, model_source) if is_main else []
+    model = get_peft_model(model, LoraConfig(r=P.lora_rank, lora_alpha=P.lora_alpha, lora_dropout=P.lora_dropout,
+                                             target_modules=P.lora_target_modules, task_type="CAUSAL_LM"))
+    info["adapter_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    info["adapter_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+    say(f"LoRA adapters on {info['adapted']} ({info['adapter_modules']} modules, "
+        f"{info['adapter_params']:,} params); no adapter on {info['not_adapted']}")
+    return model, info
+
+
+def load_teacher(source: str, attn: str, accelerator: Any, bf16: bool) -> tuple[Any, int]:
+    """MPD's frozen KL teacher on the run's device (bf16 on a GPU with ``bf16``) and its FLOP-counted params."""
+    import torch
+
+    teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, attn)
+    teacher.eval().requires_grad_(False).to(accelerator.device)
+    return teacher, count_params(teacher)["flops"]
+
+
+def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any,
+           tracker: dict[str, float] | None) -> Setup:
+    """Load the student (and the KL teacher), plan the run's micro-batches, build the optimizer, LR scheduler
+    and loader, and hand them to accelerate (:class:`Setup`)."""
+    import torch
+    from transformers import AutoTokenizer, get_scheduler
+
+    teacher_source = data.extra.get("kl_teacher") or P.kl_teacher
+    if P.objective == "kl":  # before any model is loaded
+        check_same_tokenizer(data.tokenizer, AutoTokenizer.from_pretrained(teacher_source), data.model_source,
+                             teacher_source)
+    head = losses.resolve(P.loss_head)  # auto: Cut Cross-Entropy / Liger on a GPU where installed, else chunked
+    model, student = load_student(P, data, accelerator, on_gpu, say)
+    teacher, teacher_params = (load_teacher(teacher_source, student["attn"], accelerator, on_gpu and P.bf16)
+                               if P.objective == "kl" else (None, 0))
+    world = accelerator.num_processes
     lr = P.learning_rate or (TOY_LR if is_toy(P.student) or _trained_from_toy(P.student) else DEFAULT_LR[P.method])
+    rows = student["rows"]
     schedule = plan(data.train, P, world, packing=rows.packing)
-    local_batches = math.ceil(len(schedule) / world)
-    total_steps = max(1, math.ceil(local_batches / P.grad_accum))
+    total_steps = max(1, math.ceil(math.ceil(len(schedule) / world) / P.grad_accum))
     optimizer, optimizer_name, optimizer_note = make_optimizer(model.parameters(), P, lr, on_gpu,
                                                                sharded=accelerator.distributed_type.value == "FSDP")
     if optimizer_note:
         say(optimizer_note)
     scheduler = get_scheduler(P.lr_scheduler, optimizer, num_warmup_steps=math.ceil(P.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
+    tok = data.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     # its own generator: starting an iteration then draws no number from the global RNG, whose state a
     # resumed run restores (dropout's random numbers continue exactly where the interrupted run left them)
     loader = torch.utils.data.DataLoader(_MicroBatches(schedule), batch_size=1, shuffle=False,
                                          collate_fn=_collate_fn(data.train, rows, pad_id), pin_memory=on_gpu,
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    head_model = accelerator.unwrap_model(model)  # whose output embedding the fused loss head takes over
     accelerator.register_for_checkpointing(scheduler)  # saved with the state, stepped as before (not wrapped)
-    if lora:  # the frozen base is the one loaded above: a resumable state holds only the trainable weights
-        accelerator.register_save_state_pre_hook(_trainable_weights_only)
+    if P.method == "lora":  # the frozen base is the one loaded above: a resumable state holds only the trainable weights
+        accelerator.register_save_state_pre_hook(checkpoint.trainable_weights_only)
+    params = student["params"]
     say(f"training {data.model_source} ({P.method}, {P.objective}, {params['trainable']:,}/{params['total']:,} "
-        f"trainable params) on {world} process(es), {accelerator.device}, {attn}/{layout}, {optimizer_name}, "
-        f"lr {lr:g}, {len(schedule)} micro-batches -> {total_steps} steps ({mode})")
+        f"trainable params) on {world} process(es), {accelerator.device}, {student['attn']}/{student['layout']}, "
+        f"{optimizer_name}, lr {lr:g}, {len(schedule)} micro-batches -> {total_steps} steps ({budget_mode(P)})")
+    return Setup(P, accelerator, data, on_gpu, say, tracker, model, accelerator.unwrap_model(model), head, rows,
+                 student["attn"], student, teacher, teacher_source, teacher_params, lr, optimizer, optimizer_name,
+                 optimizer_note, scheduler, loader, schedule, total_steps)
 
-    # ---- resume or start afresh
-    loss_store = out / "loss.jsonl"
-    fingerprint = resume_fingerprint(P, data.train, schedule, world, str(accelerator.distributed_type.value))
-    resume_dir, state = find_resume(out)
-    if state is not None and state.get("fingerprint", {}).get("hash") != fingerprint["hash"]:
-        say(f"{resume_dir}: resumable state of step {state.get('step')} was written for other inputs "
-            f"({_fingerprint_diff(state.get('fingerprint', {}), fingerprint)}); discarding it, starting from step 0")
-        resume_dir, state = None, None
-    ema = None
-    step_losses: list[float] = []
-    # supervised, all tokens, sum L^2 of this rank: python numbers, summed over the ranks at the end
-    totals = [0, 0, 0]
-    # the loss denominators of every step, planned (no all-reduce per step); the global supervised count so far
-    local_tokens, global_tokens = step_tokens(data.train, schedule, world, P.grad_accum,
-                                              getattr(accelerator, "even_batches", True))
-    local_tokens = local_tokens[accelerator.process_index]
-    seen = 0
-    start_step, prior = 0, {"wall_clock_s": 0.0, "train_s": 0.0, "peak_memory_gb": 0.0}
-    if state is not None:
-        accelerator.load_state(str(resume_dir), strict=not lora)
-        start_step, ema, step_losses = int(state["step"]), state["ema"], list(state["step_losses"])
-        prior = {k: float(state[k]) for k in prior}
-        seen = int(state["totals"][0])
-        if is_main:  # the global totals so far live on the main rank; the end of the run sums the ranks
-            totals = [int(x) for x in state["totals"]]
-        say(f"resuming from step {start_step} of {total_steps} ({resume_dir})")
-    accelerator.wait_for_everyone()
-    if is_main:
-        if state is None:
-            clear_resume(out)
-            loss_store.unlink(missing_ok=True)  # a run from scratch starts its curve afresh
-        else:
-            _truncate_curve(loss_store, start_step)  # rows written after the state was saved are redone
-            if resume_dir.name != RESUME_DIR:  # a kill between writing a state and renaming it into place
-                shutil.rmtree(out / RESUME_DIR, ignore_errors=True)
-                resume_dir.rename(out / RESUME_DIR)
-    accelerator.wait_for_everyone()
 
-    # ---- loop
-    curve = Store(loss_store) if is_main else None
-    pending: list[dict[str, Any]] = []  # logged steps not yet on disk
-    unread: list[tuple[dict[str, Any], Any]] = []  # steps whose loss sums are still on the device
+def start_progress(s: Setup, out: Path) -> tuple[Progress, dict[str, Any]]:
+    """The loop's starting point: a matching resumable state's (:func:`cdlib.checkpoint.resume_or_start`)
+    or step 0; and the run's :func:`cdlib.checkpoint.resume_fingerprint`."""
+    acc = s.accelerator
+    fingerprint = checkpoint.resume_fingerprint(s.P, s.data.train, s.schedule, acc.num_processes,
+                                                str(acc.distributed_type.value))
+    state = checkpoint.resume_or_start(acc, out, fingerprint, strict=s.P.method != "lora", say=s.say,
+                                       total_steps=s.total_steps)
+    if state is None:
+        return Progress(), fingerprint
+    prog = Progress(start_step=int(state["step"]), ema=state["ema"], step_losses=list(state["step_losses"]),
+                    seen=int(state["totals"][0]), prior={k: float(state[k]) for k in Progress().prior})
+    if acc.is_main_process:  # the global totals so far live on the main rank; the end of the run sums the ranks
+        prog.totals = [int(x) for x in state["totals"]]
+    return prog, fingerprint
 
-    def read_losses() -> None:
-        """Read the loss sums of the steps since the last read: one all-reduce and one host read for
-        them all (every ``log_every`` steps, before a resumable state, at the end), then the EMA."""
-        nonlocal ema, unread
-        if not unread:
+
+def train_step(s: Setup, window: list[dict[str, Any]], first: int, n_global: float, planned: list[int],
+               prog: Progress) -> Any:
+    """Forward and backward over one optimizer step's micro-batches (``first``: the index of the first), the
+    gradient step, and the step's (loss sum, CE sum) left on the device: nothing is read back from it."""
+    import torch
+
+    acc, world, model = s.accelerator, s.accelerator.num_processes, s.model
+    step_sum = torch.zeros(2, dtype=torch.float64, device=acc.device)  # loss sum, ce sum
+    for k, batch in enumerate(window):
+        if batch["n_supervised"] != planned[first + k]:
+            raise TrainError(f"micro-batch {first + k} of rank {acc.process_index} holds {batch['n_supervised']} "
+                             f"supervised tokens, the plan says {planned[first + k]}: the loader does not shard as planned")
+        batch = _with_mask(batch, s.rows)
+        with contextlib.nullcontext() if k == len(window) - 1 else acc.no_sync(model):
+            if s.teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
+                loss, n = losses.sft_loss(model, s.head_model, batch, s.head, s.P.loss_chunk_tokens)
+                ce = loss
+            else:
+                logits = model(**losses.model_inputs(batch)).logits
+                ce, n = losses.cross_entropy_sum(logits, batch["labels"], batch["supervised_rows"])
+                with torch.no_grad():
+                    t_logits = s.teacher(**losses.model_inputs(batch)).logits
+                loss, _ = losses.kl_sum(logits, t_logits, batch["labels"], s.P.kl_direction, len(s.data.tokenizer),
+                                        s.P.kl_chunk_tokens, batch["supervised_rows"])
+            # mean over the step's supervised tokens on all ranks; DDP/FSDP average gradients over ranks
+            acc.backward(loss * world / max(n_global, 1.0))
+        step_sum[0] += loss.detach()  # kept on the device: read every log_every steps (LossReader)
+        step_sum[1] += ce.detach()
+        lengths = batch["example_lengths"]
+        prog.totals[0] += n
+        prog.totals[1] += sum(lengths)
+        prog.totals[2] += sum(x * x for x in lengths)
+    if s.P.max_grad_norm > 0:
+        acc.clip_grad_norm_(model.parameters(), s.P.max_grad_norm)
+    s.optimizer.step()
+    s.scheduler.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return step_sum
+
+
+class LossReader:
+    """Steps whose loss sums are still on the device, read together: one all-reduce and one host read for
+    them all (every ``log_every`` steps, before a resumable state, at the end), then the EMA; the main
+    rank appends the read steps to ``loss.jsonl`` and the tracker (:meth:`flush`)."""
+
+    def __init__(self, s: Setup, prog: Progress, curve: Store | None, bar: Any):
+        self.s, self.prog, self.curve, self.bar = s, prog, curve, bar
+        self.unread: list[tuple[dict[str, Any], Any]] = []
+        self.pending: list[dict[str, Any]] = []  # read steps not yet on disk
+
+    def read(self) -> None:
+        if not self.unread:
             return
-        sums = accelerator.reduce(torch.stack([u[1] for u in unread]), "sum").tolist()
-        for (rec, _), (loss_sum, ce_sum) in zip(unread, sums):
+        import torch
+
+        prog = self.prog
+        sums = self.s.accelerator.reduce(torch.stack([u[1] for u in self.unread]), "sum").tolist()
+        for (rec, _), (loss_sum, ce_sum) in zip(self.unread, sums):
             n = max(rec.pop("n_global"), 1.0)
             rec["loss"] = loss_sum / n
-            ema = rec["loss"] if ema is None else EMA_ALPHA * rec["loss"] + (1 - EMA_ALPHA) * ema
-            rec["ema"] = ema
-            if teacher is not None:
+            prog.ema = rec["loss"] if prog.ema is None else EMA_ALPHA * rec["loss"] + (1 - EMA_ALPHA) * prog.ema
+            rec["ema"] = prog.ema
+            if self.s.teacher is not None:
                 rec["ce"] = ce_sum / n
-            step_losses.append(rec["loss"])
-            pending.append(rec)
-        bar.set_postfix(loss=f"{pending[-1]['loss']:.3f}", ema=f"{ema:.3f}")
-        unread = []
+            prog.step_losses.append(rec["loss"])
+            self.pending.append(rec)
+        self.bar.set_postfix(loss=f"{self.pending[-1]['loss']:.3f}", ema=f"{prog.ema:.3f}")
+        self.unread = []
 
+    def flush(self, track: bool = True) -> None:
+        """Read what is unread and append it to the curve (and the tracker)."""
+        self.read()
+        if self.curve is not None and self.pending:
+            self.curve.append(self.pending)
+            if track:
+                track_steps(self.s.accelerator, self.s.tracker, self.pending)
+        self.pending = []
+
+
+def train_loop(s: Setup, prog: Progress, out: Path, fingerprint: dict[str, Any], t_start: float,
+               progress: bool) -> None:
+    """The optimizer steps from ``prog.start_step``: :func:`train_step`, the loss curve every ``log_every``
+    steps and a resumable state every ``save_every`` (:func:`cdlib.checkpoint.save_resume`)."""
+    import torch
+
+    from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
+
+    P, acc = s.P, s.accelerator
+    # the loss denominators of every step, planned (no all-reduce per step)
+    planned, global_tokens = step_tokens(s.data.train, s.schedule, acc.num_processes, P.grad_accum,
+                                         getattr(acc, "even_batches", True))
+    planned = planned[acc.process_index]
     # the data order is fixed by the plan: a resumed run skips the micro-batches of the steps done
-    it = iter(accelerator.skip_first_batches(loader, start_step * P.grad_accum) if start_step else loader)
-    model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not (progress and is_main))
+    start = prog.start_step
+    it = iter(acc.skip_first_batches(s.loader, start * P.grad_accum) if start else s.loader)
+    s.model.train()
+    bar = tqdm(total=s.total_steps, initial=start, desc="train", unit="step",
+               disable=not (progress and acc.is_main_process))
+    reader = LossReader(s, prog, Store(out / "loss.jsonl") if acc.is_main_process else None, bar)
     t_loop = time.time()
-    for step in range(start_step, total_steps):
-        window = []
-        for _ in range(P.grad_accum):
-            try:
-                window.append(next(it))
-            except StopIteration:
-                break
+    for step in range(start, s.total_steps):
+        window = list(itertools.islice(it, P.grad_accum))
         if not window:
             break
         n_global = float(global_tokens[step])
-        step_sum = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # loss sum, ce sum
-        for k, batch in enumerate(window):
-            if batch["n_supervised"] != local_tokens[step * P.grad_accum + k]:
-                raise TrainError(f"micro-batch {step * P.grad_accum + k} of rank {accelerator.process_index} holds "
-                                 f"{batch['n_supervised']} supervised tokens, the plan says "
-                                 f"{local_tokens[step * P.grad_accum + k]}: the loader does not shard as planned")
-            batch = _with_mask(batch, rows)
-            sync = k == len(window) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                if teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
-                    ce, n = sft_loss(model, head_model, batch, head, P.loss_chunk_tokens)
-                else:
-                    logits = model(**_model_inputs(batch)).logits
-                    ce, n = cross_entropy_sum(logits, batch["labels"], batch["supervised_rows"])
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(**_model_inputs(batch)).logits
-                    loss, _ = kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab,
-                                     P.kl_chunk_tokens, batch["supervised_rows"])
-                else:
-                    loss = ce
-                # mean over the step's supervised tokens on all ranks; DDP/FSDP average gradients over ranks
-                accelerator.backward(loss * world / max(n_global, 1.0))
-            step_sum[0] += loss.detach()  # kept on the device: read every log_every steps (read_losses)
-            step_sum[1] += ce.detach()
-            lengths = batch["example_lengths"]
-            totals[0] += n
-            totals[1] += sum(lengths)
-            totals[2] += sum(x * x for x in lengths)
-        if P.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), P.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        seen += int(n_global)
-        unread.append(({"id": str(step + 1), "step": step + 1, "loss": None, "ema": None,
-                        "lr": scheduler.get_last_lr()[0], "tokens": seen, "n_global": n_global}, step_sum))
+        step_sum = train_step(s, window, step * P.grad_accum, n_global, planned, prog)
+        prog.seen += int(n_global)
+        reader.unread.append(({"id": str(step + 1), "step": step + 1, "loss": None, "ema": None,
+                               "lr": s.scheduler.get_last_lr()[0], "tokens": prog.seen, "n_global": n_global}, step_sum))
         bar.update(1)
-        if (step + 1) % P.log_every == 0 or step + 1 == total_steps:
-            read_losses()
-            if is_main:
-                curve.append(pending)
-                track_steps(accelerator, tracker, pending)
-            pending = []
-        if P.save_every and (step + 1) % P.save_every == 0 and step + 1 < total_steps:
-            read_losses()
-            if is_main:
-                curve.append(pending)  # the curve up to this step is on disk before the state that follows it
-            pending = []
+        if (step + 1) % P.log_every == 0 or step + 1 == s.total_steps:
+            reader.flush()
+        if P.save_every and (step + 1) % P.save_every == 0 and step + 1 < s.total_steps:
+            reader.flush(track=False)  # the curve up to this step is on disk before the state that follows it
             now = time.time()
-            save_resume(accelerator, out, {
-                "step": step + 1, "fingerprint": fingerprint, "ema": ema, "step_losses": step_losses,
-                "totals": accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device),
-                                             "sum").tolist(),
-                "wall_clock_s": prior["wall_clock_s"] + now - t_start, "train_s": prior["train_s"] + now - t_loop,
-                "peak_memory_gb": max(prior["peak_memory_gb"], _peak_memory(on_gpu)[0]), "saved_at": now})
-    read_losses()
+            checkpoint.save_resume(acc, out, {
+                "step": step + 1, "fingerprint": fingerprint, "ema": prog.ema, "step_losses": prog.step_losses,
+                "totals": acc.reduce(torch.tensor(prog.totals, dtype=torch.float64, device=acc.device), "sum").tolist(),
+                "wall_clock_s": prog.prior["wall_clock_s"] + now - t_start,
+                "train_s": prog.prior["train_s"] + now - t_loop,
+                "peak_memory_gb": max(prog.prior["peak_memory_gb"], _peak_memory(s.on_gpu)[0]), "saved_at": now})
+    reader.read()
     bar.close()
-    if is_main and pending:
-        curve.append(pending)
-    train_seconds = prior["train_s"] + time.time() - t_loop
-    totals = accelerator.reduce(torch.tensor(totals, dtype=torch.float64, device=accelerator.device), "sum")
+    reader.flush(track=False)
+    prog.train_s = prog.prior["train_s"] + time.time() - t_loop
+    prog.totals = acc.reduce(torch.tensor(prog.totals, dtype=torch.float64, device=acc.device), "sum")
 
-    # ---- validation
-    val_layout_bins = packlib.pack([len(ex["input_ids"]) for ex in data.val], P.seq_len) if (
-        data.val and rows.packing) else [[i] for i in range(len(data.val))]
-    collate_val = _collate_fn(data.val, rows, pad_id)
-    mine = val_layout_bins[accelerator.process_index::world]
-    val_batches = [collate_val([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
-    val = _evaluate(model, teacher, val_batches, accelerator, P, vocab, head)
-    if tracker is not None:
-        accelerator.log({f"val/{k[4:]}": v for k, v in val.items() if v is not None}, step=len(step_losses))
 
-    # ---- save
-    t_save = time.time()
-    ckpt = save(model, accelerator, data, P, on_gpu)
-    if is_main:
-        clear_resume(out)  # the final model is saved: nothing left to resume
-    save_seconds = time.time() - t_save
+def validate(s: Setup) -> dict[str, Any]:
+    """Validation loss (and KL) over the validation split, packed as the training rows are (:func:`_evaluate`)."""
+    P, acc, val = s.P, s.accelerator, s.data.val
+    bins = packlib.pack([len(ex["input_ids"]) for ex in val], P.seq_len) if (val and s.rows.packing) \
+        else [[i] for i in range(len(val))]
+    tok = s.data.tokenizer
+    collate = _collate_fn(val, s.rows, tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+    mine = bins[acc.process_index::acc.num_processes]
+    batches = [collate([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
+    return _evaluate(s.model, s.teacher, batches, acc, P, len(tok), s.head)
 
-    # ---- accounting
-    peak, peak_kind = _peak_memory(on_gpu)
-    peak_all = max(float(accelerator.gather(torch.tensor([peak], device=accelerator.device)).max()),
-                   prior["peak_memory_gb"])
-    ranks_finished = int(accelerator.reduce(torch.ones(1, device=accelerator.device), "sum"))
-    wall = prior["wall_clock_s"] + time.time() - t_start  # a resumed run adds the time up to its state
-    gpus = world if on_gpu else 0
-    sup_seen, all_seen, sq = int(totals[0]), int(totals[1]), int(totals[2])
-    flops, formula = flops_estimate(params["flops"], all_seen, n_layers, d_attn, sq, P.method, teacher_params)
+
+def budget_label(P: TrainParams) -> str:
+    """How long the run trains, as the report prints it (metrics.json ``budget_label``): compute-matched
+    (``token_budget``), ``max_steps`` or epoch-based."""
+    if P.token_budget:
+        return f"compute-matched ({int(P.token_budget):,} tokens)"
+    if P.max_steps:
+        return f"max_steps {P.max_steps}"
+    epochs = float(P.epochs or 1.0)
+    return f"epoch-based ({epochs:g} epoch{'s' if epochs != 1 else ''})"
+
+
+def collect_metrics(s: Setup, prog: Progress, val: dict[str, Any], ckpt: dict[str, Any], t_start: float,
+                    save_seconds: float) -> dict[str, Any]:
+    """The run's metrics (metrics.json of a train cell): what was trained on what, how long (``budget_label``),
+    tokens seen, losses, time, memory, FLOPs and the checkpoint; peaks and counts are reduced over the ranks."""
+    import torch
+
+    P, acc, data, st = s.P, s.accelerator, s.data, s.student
+    peak, peak_kind = _peak_memory(s.on_gpu)
+    peak_all = max(float(acc.gather(torch.tensor([peak], device=acc.device)).max()), prog.prior["peak_memory_gb"])
+    ranks_finished = int(acc.reduce(torch.ones(1, device=acc.device), "sum"))
+    wall = prog.prior["wall_clock_s"] + time.time() - t_start  # a resumed run adds the time up to its state
+    world = acc.num_processes
+    gpus = world if s.on_gpu else 0
+    sup_seen, all_seen, sq = int(prog.totals[0]), int(prog.totals[1]), int(prog.totals[2])
+    flops, formula = flops_estimate(st["params"]["flops"], all_seen, st["n_layers"], st["d_attn"], sq, P.method,
+                                    s.teacher_params)
     dataset_tokens = sft.section_tokens(data.train)
+    step_losses = prog.step_losses
     n_tail = max(1, len(step_losses) // 10)
-    metrics = {
+    teacher = s.teacher is not None
+    return {
         "student": P.student, "model_source": data.model_source, "source": P.source, "method": P.method,
         "objective": P.objective, "kl_teacher": P.kl_teacher, "kl_direction": P.kl_direction if teacher else None,
-        "kl_teacher_model": teacher_source if teacher else None,
+        "kl_teacher_model": s.teacher_source if teacher else None,
         **data.extra.get("dte", {}),  # Distilling the Essence: truncate_ratio, kept fractions, loss_on
-        "max_row_tokens": max((sum(len(data.train[i]["input_ids"]) for i in b) for mb in schedule for b in mb),
+        "max_row_tokens": max((sum(len(data.train[i]["input_ids"]) for i in b) for mb in s.schedule for b in mb),
                               default=0),  # longest packed row: what activation memory scales with
         "chat_format": data.chat_format, "data": data.data_info, "examples": data.build_info["n_examples"],
         "overlong_ids": data.build_info["overlong_ids"][:20], "n_train": len(data.train), "n_val": len(data.val),
-        "budget_mode": mode, "token_budget": P.token_budget, "max_steps": P.max_steps, "epochs": P.epochs,
-        "steps": len(step_losses), "micro_batches": len(schedule),
+        "budget_mode": budget_mode(P), "budget_label": budget_label(P), "token_budget": P.token_budget,
+        "max_steps": P.max_steps, "epochs": P.epochs, "steps": len(step_losses), "micro_batches": len(s.schedule),
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
-        "learning_rate": lr, "optimizer": optimizer_name, "optimizer_requested": P.optimizer,
-        "optimizer_note": optimizer_note, "tf32": tf32, "liger_kernels": liger,
-        "attn_implementation": attn, "layout": rows.attention,
-        "packing": rows.packing, "packing_note": rows.reason or None, "lora": lora_info,
-        "loss_head": head if teacher is None else "full (kl)",
-        "precision": "bf16" if mixed == "bf16" else "fp32",
-        "distributed_type": str(accelerator.distributed_type.value),
-        "fsdp_version": getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None),
-        "activation_checkpointing": "fsdp" if fsdp_ac else "transformers" if P.gradient_checkpointing else None,
-        "params_total": params["total"], "params_trainable": params["trainable"],
+        "learning_rate": s.lr, "optimizer": s.optimizer_name, "optimizer_requested": P.optimizer,
+        "optimizer_note": s.optimizer_note, "tf32": st["tf32"], "liger_kernels": st["liger"],
+        "attn_implementation": s.attn, "layout": s.rows.attention,
+        "packing": s.rows.packing, "packing_note": s.rows.reason or None, "lora": st["lora"],
+        "loss_head": s.head if not teacher else "full (kl)",
+        "precision": "bf16" if s.on_gpu and P.bf16 else "fp32",
+        "distributed_type": str(acc.distributed_type.value),
+        "fsdp_version": getattr(getattr(acc.state, "fsdp_plugin", None), "fsdp_version", None),
+        "activation_checkpointing": "fsdp" if st["fsdp_ac"] else "transformers" if P.gradient_checkpointing else None,
+        "params_total": st["params"]["total"], "params_trainable": st["params"]["trainable"],
         "trainable_tokens": sup_seen, "total_tokens_seen": all_seen,
         "dataset_tokens": dataset_tokens,  # one pass over the training split, per section
         # one pass over the whole source data (training + validation split): Tables 6 and 11 count these
         # ("source-dataset trainable-token totals ... before the epoch multiplier", paper App. H.4)
         "source_tokens": sft.section_tokens([*data.train, *data.val]),
-        "tokens_per_section": _sections_seen(data.train, schedule),
+        "tokens_per_section": _sections_seen(data.train, s.schedule),
         "train_loss": step_losses[-1] if step_losses else None,
         "train_loss_first": step_losses[0] if step_losses else None,
-        "train_loss_ema": ema,
+        "train_loss_ema": prog.ema,
         "train_loss_tail_mean": sum(step_losses[-n_tail:]) / n_tail if step_losses else None,
         **val,
-        "wall_clock_s": wall, "train_s": train_seconds, "save_s": save_seconds,
-        "tokens_per_s": all_seen / train_seconds if train_seconds > 0 else None,
-        "device": torch.cuda.get_device_name(0) if on_gpu else "cpu", "processes": world,
+        "wall_clock_s": wall, "train_s": prog.train_s, "save_s": save_seconds,
+        "tokens_per_s": all_seen / prog.train_s if prog.train_s > 0 else None,
+        "device": torch.cuda.get_device_name(0) if s.on_gpu else "cpu", "processes": world,
         "ranks_finished": ranks_finished, "gpus": gpus,
         "gpu_hours": wall / 3600 * gpus, "peak_memory_gb": peak_all, "peak_memory_kind": peak_kind,
         "flops": flops, "flops_formula": formula, "checkpoint": ckpt,
-        "resumed_from_step": start_step or None, "save_every": P.save_every,
+        "resumed_from_step": prog.start_step or None, "save_every": P.save_every,
     }
+
+
+def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
+        log: Any = print) -> dict[str, Any]:
+    """Train the student of ``P`` in this process (one device or one rank of a launch); return the metrics.
+
+    ``data`` reuses a :func:`prepare` result (the notebook shows its audit first). It reads top to bottom:
+    set-up (:func:`set_up`), resume (:func:`start_progress`), loop (:func:`train_loop`), validation
+    (:func:`validate`), save (:func:`cdlib.checkpoint.save`) and metrics (:func:`collect_metrics`).
+    Writes ``<out_dir>/loss.jsonl`` (one record per optimizer step: ``step``,
+    ``loss``, ``ema``, ``lr``, ``tokens``), the checkpoint (``model/``, ``adapter/``,
+    ``base/``) and ``checkpoint.json``. ``log`` receives the audit report and
+    progress lines (main process only).
+
+    Every ``P.save_every`` optimizer steps the training state goes to
+    ``<out_dir>/resume/`` (:func:`cdlib.checkpoint.save_resume`: weights, optimizer, LR scheduler,
+    RNG states, step, token totals, EMA and per-step losses). A run that finds a
+    complete state there whose :func:`cdlib.checkpoint.resume_fingerprint` matches its own resumes
+    from it: it skips the micro-batches already trained on, continues the step
+    count, the LR schedule and ``loss.jsonl`` (cut back to the state's step, so
+    every step has one row), and reports ``resumed_from_step``; its wall-clock and
+    train seconds include the time up to the state (not the work lost after it).
+    A state written for other params, data or process count is discarded with a
+    message naming its directory and what differs, and the run starts from step 0
+    (a fresh ``loss.jsonl``). ``resume/`` is deleted once the final model is saved.
+    """
+    import torch
+    from accelerate.utils import set_seed
+
+    t_start = time.time()
+    budget_mode(P)  # both budgets at once: an error before anything is loaded
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # the peak of this run, not of earlier work in the process
+    out = Path(P.out_dir)
+    accelerator = make_accelerator(P, on_gpu, out)
+    is_main = accelerator.is_main_process
+    set_seed(P.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = start_tracking(accelerator, P, out)  # None unless P.report_to names one
+    say = log if is_main else (lambda *a, **k: None)
+    if data is None:
+        with accelerator.main_process_first():
+            data = prepare(P, is_main=is_main)
+    say(data.audit)
+
+    # ---- set-up, resume or start afresh, loop
+    s = set_up(P, data, accelerator, on_gpu, say, tracker)
+    prog, fingerprint = start_progress(s, out)
+    train_loop(s, prog, out, fingerprint, t_start, progress)
+
+    # ---- validation
+    val = validate(s)
+    if tracker is not None:
+        accelerator.log({f"val/{k[4:]}": v for k, v in val.items() if v is not None}, step=len(prog.step_losses))
+
+    # ---- save
+    t_save = time.time()
+    ckpt = checkpoint.save(s.model, accelerator, data, P, on_gpu)
+    if is_main:
+        checkpoint.clear_resume(out)  # the final model is saved: nothing left to resume
+    save_seconds = time.time() - t_save
+
+    # ---- metrics
+    metrics = collect_metrics(s, prog, val, ckpt, t_start, save_seconds)
     say(f"done: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
-        f"val {metrics['val_loss']}, {sup_seen:,} trainable tokens, {wall:.0f} s")
+        f"val {metrics['val_loss']}, {metrics['trainable_tokens']:,} trainable tokens, {metrics['wall_clock_s']:.0f} s")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -1440,71 +1231,6 @@ def track_steps(accelerator: Any, clock: dict[str, float] | None, records: list[
         accelerator.log(values, step=rec["step"])
 
 
-# --------------------------------------------------------------------------- save
-
-
-def save(model: Any, accelerator: Any, data: Prepared, P: TrainParams, on_gpu: bool) -> dict[str, Any]:
-    """Save the trained student in HF layout and write ``checkpoint.json``; returns its content.
-
-    Full runs: ``model/`` (weights, config, tokenizer with its chat template).
-    LoRA: ``adapter/`` (peft) and, with ``save="merged"``, a merged ``model/``.
-    Toy students also keep their from-scratch base in ``base/``. ``checkpoint.json``
-    names what vLLM should load: ``model`` (the full or merged model, or the base
-    for LoRA) and ``adapter`` (or null).
-    """
-    import torch
-
-    out = Path(P.out_dir).resolve()
-    state = accelerator.get_state_dict(model)
-    unwrapped = accelerator.unwrap_model(model)
-    info: dict[str, Any] = {"model": None, "adapter": None, "chat_format": data.chat_format, "source": P.source,
-                            "method": P.method, "objective": P.objective, "student": P.student,
-                            "base": str(Path(data.model_source).resolve()) if Path(data.model_source).exists()
-                            else data.model_source}
-    if accelerator.is_main_process:
-        save_dtype = torch.bfloat16 if on_gpu and P.bf16 else None
-        if P.method == "full":
-            if save_dtype is not None:
-                state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in state.items()}
-            target = out / "model"
-            _fresh(target)
-            unwrapped.save_pretrained(target, state_dict=state, safe_serialization=True)
-            data.tokenizer.save_pretrained(target)
-            info["model"] = str(target)
-        else:
-            adapter = out / "adapter"
-            _fresh(adapter)
-            unwrapped.save_pretrained(adapter, state_dict=state, safe_serialization=True)
-            data.tokenizer.save_pretrained(adapter)
-            info["adapter"], info["model"] = str(adapter), info["base"]
-            if P.save == "merged":
-                info["model"], info["adapter"] = str(merge_adapter(info["base"], adapter, out / "model",
-                                                                   data.tokenizer, save_dtype)), None
-                info["unmerged_adapter"] = str(adapter)
-        (out / "checkpoint.json").write_text(json.dumps(info, indent=2))
-    accelerator.wait_for_everyone()
-    return info
-
-
-def _fresh(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-def merge_adapter(base: str, adapter: str | Path, target: str | Path, tokenizer: Any, dtype: Any = None) -> Path:
-    """Load ``base``, apply the peft ``adapter``, merge it into the weights, save to ``target`` with the tokenizer."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype) if dtype is not None else \
-        AutoModelForCausalLM.from_pretrained(base)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    target = Path(target)
-    _fresh(target)
-    merged.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    return target
 
 
 # --------------------------------------------------------------------------- launching

@@ -58,7 +58,7 @@ def _lora(tiny_model_dir):
 
 @pytest.mark.parametrize("build", ["toy", "llama", "lora"])
 def test_fused_head_in_a_model_equals_the_full_logits_loss(build, tiny_model_dir, tmp_path):
-    from cdlib.train import cross_entropy_sum
+    from cdlib.losses import cross_entropy_sum
 
     model = {"toy": lambda: _toy(tiny_model_dir), "llama": lambda: _llama(tmp_path),
              "lora": lambda: _lora(tiny_model_dir)}[build]()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdlib import losses, sft
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -78,9 +79,14 @@ def test_plan_epochs_steps_and_token_budget():
     assert len(T.plan(ex, TrainParams(**base, max_steps=5, grad_accum=2), world_size=2)) == 20
     budget = 500  # more than two passes: the data is cycled
     plan = T.plan(ex, TrainParams(**base, token_budget=budget))
-    seen = [sum(T.supervised_count(ex[i]) for b in mb for i in b) for mb in plan]
+    seen = [sum(sft.supervised_count(ex[i]) for b in mb for i in b) for mb in plan]
     assert sum(seen) >= budget > sum(seen[:-1]), "stops at the first micro-batch that reaches the budget"
     assert T.budget_mode(TrainParams(**base, token_budget=budget)) == "tokens"
+    # the label metrics.json records and the report prints (issue 17 item 2)
+    assert T.budget_label(TrainParams(**base, token_budget=12000)) == "compute-matched (12,000 tokens)"
+    assert T.budget_label(TrainParams(**base, max_steps=5)) == "max_steps 5"
+    assert [T.budget_label(TrainParams(**base, epochs=e)) for e in (1, 2.5)] == ["epoch-based (1 epoch)",
+                                                                             "epoch-based (2.5 epochs)"]
     with pytest.raises(T.TrainError, match="either token_budget or max_steps"):
         T.plan(ex, TrainParams(**base, token_budget=10, max_steps=3))
 
@@ -106,10 +112,10 @@ def test_kl_directions_match_their_definitions():
     m = (p + q) / 2
     jsd = 0.5 * (p * (p.log() - m.log())).sum() + 0.5 * (q * (q.log() - m.log())).sum()
     for direction, want in [("forward", forward), ("reverse", reverse), ("jsd", jsd)]:
-        got, n = T.kl_sum(s, t, labels, direction)
+        got, n = losses.kl_sum(s, t, labels, direction)
         assert n == 2 and torch.allclose(got, want, atol=1e-5), direction
-    assert float(T.kl_sum(s, s, labels)[0]) == pytest.approx(0.0, abs=1e-6)
-    ce, n = T.cross_entropy_sum(s, labels)
+    assert float(losses.kl_sum(s, s, labels)[0]) == pytest.approx(0.0, abs=1e-6)
+    ce, n = losses.cross_entropy_sum(s, labels)
     want = -(s[0, 0].log_softmax(-1)[3] + s[0, 2].log_softmax(-1)[5])
     assert n == 2 and torch.allclose(ce, want, atol=1e-5)
 
@@ -159,6 +165,7 @@ def test_notebook_trains_a_toy_student_from_scratch(toy_traces, tmp_path):
     assert curve[-1]["tokens"] == m["trainable_tokens"] > 0
     assert math.isfinite(m["val_loss"]) and m["val_loss"] < first
     assert m["budget_mode"] == "steps" and m["optimizer"] == "torch.AdamW" and m["precision"] == "fp32"
+    assert m["budget_label"] == "max_steps 40", "metrics.json names the budget as the report prints it"
     assert m["total_tokens_seen"] > m["trainable_tokens"], "prompts are seen but not supervised"
     sec = m["tokens_per_section"]
     assert sec["supervised_prompt"] == 0 and sec["supervised"] == sec["supervised_cot"] + sec["supervised_answer"]
@@ -191,6 +198,7 @@ def test_lora_run_with_token_budget_saves_adapter_and_merged_model(toy_traces, t
                     lora_alpha=16, learning_rate=5e-3, token_budget=6000, limit=60, **QUICK)
     m = T.run(P, progress=False, log=lambda *a: None)
     assert m["budget_mode"] == "tokens" and m["trainable_tokens"] >= 6000
+    assert m["budget_label"] == "compute-matched (6,000 tokens)"
     assert m["params_trainable"] < m["params_total"] / 5 and "4*N*D" in m["flops_formula"]
     curve = _curve(out)
     assert curve[-1]["loss"] < curve[0]["loss"]

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cdlib import checkpoint, losses
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -56,7 +57,7 @@ def _kill_after_first_state(P: TrainParams) -> int:
                                 stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
             deadline = time.time() + 180
-            while not (out / T.RESUME_DIR / T.RESUME_STATE).exists():
+            while not (out / checkpoint.RESUME_DIR / checkpoint.RESUME_STATE).exists():
                 assert proc.poll() is None, f"training ended (rc {proc.returncode}) without a state: {log_path}"
                 assert time.time() < deadline, f"no resumable state after 180 s: {log_path}"
                 time.sleep(0.01)
@@ -65,7 +66,7 @@ def _kill_after_first_state(P: TrainParams) -> int:
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "checkpoint.json").exists(), "killed before the end of training"
-    step = T.find_resume(out)[1]["step"]
+    step = checkpoint.find_resume(out)[1]["step"]
     assert step > 0 and step % P.save_every == 0
     return step
 
@@ -86,13 +87,13 @@ def _check_resumed_equals_uninterrupted(P: TrainParams, killed_step: int, log: l
     out = Path(P.out_dir)
     m = T.run(P, progress=False, log=log.append)
     assert m["resumed_from_step"] == killed_step
-    assert f"resuming from step {killed_step} of {P.max_steps} ({out / T.RESUME_DIR})" in log
+    assert f"resuming from step {killed_step} of {P.max_steps} ({out / checkpoint.RESUME_DIR})" in log
     assert m["steps"] == P.max_steps
     rows = _curve_rows(out)
     assert [r["step"] for r in rows] == list(range(1, P.max_steps + 1)), "each step once, in order"
     assert [r["id"] for r in rows] == [str(s) for s in range(1, P.max_steps + 1)]
     assert rows[-1]["tokens"] == m["trainable_tokens"]
-    assert not [p.name for p in out.iterdir() if p.name.startswith(T.RESUME_DIR)], "resume/ deleted at the end"
+    assert not [p.name for p in out.iterdir() if p.name.startswith(checkpoint.RESUME_DIR)], "resume/ deleted at the end"
 
     straight = P.model_copy(update={"out_dir": str(out.parent / f"{out.name}-straight")})
     m0 = T.run(straight, progress=False, log=lambda *a: None)
@@ -112,29 +113,29 @@ def test_killed_run_resumes_at_its_state_and_ends_as_an_uninterrupted_run(toy_tr
     P = TrainParams(out_dir=str(tmp_path / "killed"), data=str(toy_traces), max_steps=60, save_every=4, **QUICK)
     step = _kill_after_first_state(P)
     out = Path(P.out_dir)
-    state = json.loads((out / T.RESUME_DIR / T.RESUME_STATE).read_text())
+    state = json.loads((out / checkpoint.RESUME_DIR / checkpoint.RESUME_STATE).read_text())
     assert len(state["step_losses"]) == step and state["fingerprint"]["params"]["seed"] == 0
     assert {r["step"] for r in _curve_rows(out)} >= set(range(1, step + 1)), "the curve reached the state's step"
 
     # the same state under other params: discarded with a message, the run starts over
     other = tmp_path / "other"
     other.mkdir()
-    shutil.copytree(out / T.RESUME_DIR, other / T.RESUME_DIR)
+    shutil.copytree(out / checkpoint.RESUME_DIR, other / checkpoint.RESUME_DIR)
     shutil.copy(out / "loss.jsonl", other / "loss.jsonl")
     log: list[str] = []
     changed = P.model_copy(update={"out_dir": str(other), "learning_rate": 3e-3, "max_steps": 12})
     m = T.run(changed, progress=False, log=log.append)
     said = "\n".join(str(x) for x in log)
-    assert f"{other / T.RESUME_DIR}: resumable state of step {step} was written for other inputs" in said
+    assert f"{other / checkpoint.RESUME_DIR}: resumable state of step {step} was written for other inputs" in said
     assert "learning_rate: 0.002 -> 0.003" in said and "max_steps: 60 -> 12" in said
     assert "starting from step 0" in said
     assert m["resumed_from_step"] is None and m["steps"] == 12
     assert [r["step"] for r in _curve_rows(other)] == list(range(1, 13)), "a fresh curve"
-    assert not (other / T.RESUME_DIR).exists()
+    assert not (other / checkpoint.RESUME_DIR).exists()
 
     # a kill in the middle of writing the next state leaves an incomplete resume.tmp/: ignored
-    (out / f"{T.RESUME_DIR}.tmp").mkdir()
-    (out / f"{T.RESUME_DIR}.tmp" / "optimizer.bin").write_bytes(b"half")
+    (out / f"{checkpoint.RESUME_DIR}.tmp").mkdir()
+    (out / f"{checkpoint.RESUME_DIR}.tmp" / "optimizer.bin").write_bytes(b"half")
     log = []
     m = _check_resumed_equals_uninterrupted(P, step, log, "model")
     assert m["save_every"] == 4 and m["wall_clock_s"] >= m["train_s"] > 0
@@ -154,15 +155,15 @@ def test_killed_lora_kl_run_resumes_from_a_state_of_adapters_only(toy_traces, tm
                     lora_alpha=8, lora_dropout=0.1, max_steps=40, save_every=5, **{**QUICK, "learning_rate": 3e-3})
     step = _kill_after_first_state(P)
     out = Path(P.out_dir)
-    saved = torch.load(out / T.RESUME_DIR / "pytorch_model.bin", weights_only=True)
+    saved = torch.load(out / checkpoint.RESUME_DIR / "pytorch_model.bin", weights_only=True)
     assert saved and all("lora_" in k for k in saved), "a LoRA state holds the adapters, not the frozen base"
-    shutil.rmtree(out / f"{T.RESUME_DIR}.tmp", ignore_errors=True)
-    (out / T.RESUME_DIR).rename(out / f"{T.RESUME_DIR}.tmp")
+    shutil.rmtree(out / f"{checkpoint.RESUME_DIR}.tmp", ignore_errors=True)
+    (out / checkpoint.RESUME_DIR).rename(out / f"{checkpoint.RESUME_DIR}.tmp")
 
     log: list[str] = []
     m = T.run(P, progress=False, log=log.append)
     assert m["resumed_from_step"] == step
-    assert f"resuming from step {step} of 40 ({out / (T.RESUME_DIR + '.tmp')})" in log
+    assert f"resuming from step {step} of 40 ({out / (checkpoint.RESUME_DIR + '.tmp')})" in log
     assert [r["step"] for r in _curve_rows(out)] == list(range(1, 41))
     assert m["val_kl"] is not None and m["kl_direction"] == "jsd"
 
@@ -172,7 +173,7 @@ def test_killed_lora_kl_run_resumes_from_a_state_of_adapters_only(toy_traces, tm
     assert m["val_loss"] == m0["val_loss"] and m["val_kl"] == m0["val_kl"]
     a, b = _weights(out / "adapter"), _weights(tmp_path / "straight" / "adapter")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not [p.name for p in out.iterdir() if p.name.startswith(T.RESUME_DIR)]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(checkpoint.RESUME_DIR)]
 
 
 # --------------------------------------------------------------------------- chunked KL
@@ -192,12 +193,12 @@ def _logits(dtype=torch.float32, seed=0):
 def test_chunked_kl_equals_unchunked_in_value_and_gradient(direction):
     s, t, labels = _logits()
     ref_s = s.clone().requires_grad_()
-    ref, n = T.kl_sum(ref_s, t, labels, direction, vocab=290)
+    ref, n = losses.kl_sum(ref_s, t, labels, direction, vocab=290)
     (ref * 0.37).backward()
     assert n == 2 * 31 - 6
     for chunk in (1, 7, 13, 56, 4096):  # 7 and 13 do not divide the 56 supervised positions
         cs = s.clone().requires_grad_()
-        got, m = T.kl_sum(cs, t, labels, direction, vocab=290, chunk_tokens=chunk)
+        got, m = losses.kl_sum(cs, t, labels, direction, vocab=290, chunk_tokens=chunk)
         (got * 0.37).backward()
         assert m == n
         assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5), (direction, chunk)
@@ -205,16 +206,16 @@ def test_chunked_kl_equals_unchunked_in_value_and_gradient(direction):
         assert not cs.grad[..., 290:].any(), "padding columns get no gradient"
         assert not cs.grad[0, :5].any() and not cs.grad[:, -1].any(), "unsupervised positions get no gradient"
         with torch.no_grad():  # validation: no gradient buffer
-            value = float(T.kl_sum(s, t, labels, direction, 290, chunk)[0])
+            value = float(losses.kl_sum(s, t, labels, direction, 290, chunk)[0])
             assert value == pytest.approx(float(ref.detach()), rel=1e-5)
-    assert float(T.kl_sum(s, s, labels, direction, chunk_tokens=5)[0]) == pytest.approx(0.0, abs=1e-4)
+    assert float(losses.kl_sum(s, s, labels, direction, chunk_tokens=5)[0]) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_chunked_kl_on_bf16_logits_and_a_single_backward():
     s, t, labels = _logits(torch.bfloat16, seed=1)
     ref_s, cs = s.clone().requires_grad_(), s.clone().requires_grad_()
-    ref, _ = T.kl_sum(ref_s, t, labels, "forward")
-    got, _ = T.kl_sum(cs, t, labels, "forward", chunk_tokens=9)
+    ref, _ = losses.kl_sum(ref_s, t, labels, "forward")
+    got, _ = losses.kl_sum(cs, t, labels, "forward", chunk_tokens=9)
     assert got.dtype == ref.dtype == torch.float32
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     (ref * 2).backward()
@@ -224,4 +225,4 @@ def test_chunked_kl_on_bf16_logits_and_a_single_backward():
     with pytest.raises(RuntimeError, match="backward runs once"):
         got.backward()
     with pytest.raises(T.TrainError, match="kl_direction"):
-        T.kl_sum(s, t, labels, "sideways", chunk_tokens=4)
+        losses.kl_sum(s, t, labels, "sideways", chunk_tokens=4)
