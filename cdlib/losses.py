@@ -331,7 +331,7 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
     """
 
     if direction not in KL_DIRECTIONS:
-        from cdlib.train import TrainError  # the error a bad TrainParams.kl_direction raises
+        from cdlib.train_data import TrainError  # the error a bad TrainParams.kl_direction raises
 
         raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
     if chunk_tokens:

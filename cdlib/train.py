@@ -3,16 +3,16 @@
 :func:`run` trains one student on one data cell, in this process (one device, or
 one rank of an ``accelerate launch``):
 
-1. :func:`load_records` reads the input cell (``traces.jsonl``, ``compressed.jsonl``
+1. :func:`cdlib.train_data.load_records` reads the input cell (``traces.jsonl``, ``compressed.jsonl``
    or ``truncated.jsonl``, detected) and skips flagged records;
 2. the student is prepared: ``toy*`` names build a tiny Qwen2 model from scratch
    with a tokenizer trained on the records (``<out_dir>/base/``), anything else is
    a hub id, a local directory or a train cell directory (its checkpoint, a LoRA
    adapter merged into ``<out_dir>/base/`` first), so a student can start from a
-   trained one; ``kl_teacher`` is resolved the same way (:func:`resolve_pretrained`);
-3. :func:`prepare` builds the SFT examples (``cdlib.sft``), runs the mask audit and
+   trained one; ``kl_teacher`` is resolved the same way (:func:`cdlib.train_data.resolve_pretrained`);
+3. :func:`cdlib.train_data.prepare` builds the SFT examples (``cdlib.sft``), runs the mask audit and
    makes the seeded validation split;
-4. :func:`plan` packs the examples (best-fit-decreasing at ``seq_len``) and lays
+4. :func:`cdlib.train_data.plan` packs the examples (best-fit-decreasing at ``seq_len``) and lays
    out the micro-batches of the whole run: by epochs, ``max_steps`` or a
    ``token_budget`` of supervised tokens (compute-matched runs, cycling the data);
 5. the loop: transformers + peft + accelerate; the loss of an optimizer step is
@@ -28,8 +28,9 @@ one rank of an ``accelerate launch``):
    :func:`cdlib.checkpoint.save`), the loss curve in ``loss.jsonl``, and the metrics
    (budget label, tokens, wall-clock, GPU-hours, peak memory, FLOPs estimate) returned.
 
-The losses live in ``cdlib.losses`` and the resumable state, saving and LoRA merges in
-``cdlib.checkpoint``; :func:`run` reads top to bottom through :func:`set_up`,
+The data side lives in ``cdlib.train_data``, loading models, LoRA and the optimizer in
+``cdlib.train_models``, the losses in ``cdlib.losses`` and the resumable state, saving and
+LoRA merges in ``cdlib.checkpoint``; :func:`run` reads top to bottom through :func:`set_up`,
 :func:`start_progress`, :func:`train_loop` (:func:`train_step` per optimizer step),
 :func:`validate`, :func:`cdlib.checkpoint.save` and :func:`collect_metrics`.
 
@@ -56,8 +57,6 @@ import itertools
 import json
 import math
 import os
-import random
-import resource
 import subprocess
 import sys
 import time
@@ -69,609 +68,23 @@ from cdlib import checkpoint, losses, sft
 from cdlib import pack as packlib
 from cdlib.params import TrainParams
 from cdlib.store import Store
+from cdlib.train_data import DEFAULT_LR, MicroBatches, Prepared, TOY_LR, TrainError, budget_mode, check_same_tokenizer, collate_fn, is_toy, plan, prepare, step_tokens, to_device, trained_from_toy, with_mask
+from cdlib.train_models import flops_estimate, load_student, load_teacher, make_optimizer, peak_memory
 
-DATA_FILES = ("traces.jsonl", "compressed.jsonl", "truncated.jsonl")
 EMA_ALPHA = 0.08  # paper Figure 3
-DEFAULT_LR = {"full": 2e-5, "lora": 1e-4}  # paper section 4 / H.3
-TOY_LR = 1e-3  # toy students start from random weights: the paper's fine-tuning rates barely move them
 METRICS_FILE = "train_metrics.json"  # written by the worker entry point, read back by launch()
-
-
-class TrainError(ValueError):
-    """The training inputs are inconsistent; the message names the file, model or key."""
-
-
-def is_toy(student: str) -> bool:
-    """Whether ``student`` names a tiny model trained from scratch (any name starting with ``toy``)."""
-    return student.startswith("toy")
-
-
-def _trained_from_toy(model: str) -> bool:
-    """Whether ``model`` is a train cell whose student was a toy student (it keeps the toy learning rate)."""
-    ckpt = Path(model) / "checkpoint.json"
-    if not ckpt.exists():
-        return False
-    return is_toy(str(json.loads(ckpt.read_text()).get("student") or ""))
-
-
-def resolve_pretrained(name: str, merge_into: str | Path, what: str = "student") -> str:
-    """What ``from_pretrained`` loads for a student or KL teacher named ``name``.
-
-    A train cell directory gives its checkpoint (:func:`cdlib.evaluate.resolve_model`);
-    a LoRA checkpoint without a merged model is merged into ``merge_into`` once (kept
-    there, reused when it exists). Hub ids and model directories are returned as given.
-    ``what`` names the parameter in errors.
-    """
-    from cdlib.evaluate import resolve_model
-    from cdlib.tiny import resolve
-
-    name = resolve(name)  # a tiny family name ("tiny-llama", ...) is built once and cached
-    if Path(name).is_dir() and not (Path(name) / "checkpoint.json").exists() and (Path(name) / "loss.jsonl").exists():
-        raise TrainError(f"{what} {name!r} is a train cell without checkpoint.json: did its training finish?")
-    target = resolve_model(name)
-    if not target["adapter"]:
-        return str(target["model"])
-    out = Path(merge_into)
-    if not (out / "config.json").exists():
-        from transformers import AutoTokenizer
-
-        checkpoint.merge_adapter(target["model"], target["adapter"], out, AutoTokenizer.from_pretrained(target["adapter"]))
-    return str(out)
 
 
 # --------------------------------------------------------------------------- data
 
 
-def detect_data_file(data_dir: str | Path) -> Path:
-    """The one record file of an input cell: ``traces.jsonl``, ``compressed.jsonl`` or ``truncated.jsonl``."""
-    d = Path(data_dir)
-    found = [d / f for f in DATA_FILES if (d / f).exists()]
-    if not found:
-        raise TrainError(f"data dir {d}: none of {', '.join(DATA_FILES)} found")
-    if len(found) > 1:
-        raise TrainError(f"data dir {d}: several record files ({', '.join(p.name for p in found)}); "
-                         "point 'data' at one stage's cell")
-    return found[0]
-
-
-def _check_source(source: str, path: Path) -> None:
-    kind = path.name
-    if source == "answer_only":
-        return  # uses no trace: any cell's questions and answers will do
-    expected = {"raw": "traces.jsonl", "truncated": "truncated.jsonl"}.get(source, "compressed.jsonl")
-    if kind != expected:
-        raise TrainError(f"source {source!r} expects {expected} but data holds {path}")
-
-
-def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = None,
-                 seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records of an input cell, dropped ones skipped, optionally a seeded subsample of ``limit``.
-
-    A record is dropped when its stage said so (``cdlib.compress.dropped``: flagged
-    with ``drop_flagged``); with the paper's protocol flagged records are kept.
-    Returns ``(records, info)``; ``info`` has ``file``, ``n_read``, ``n_flagged``
-    (skipped), ``flags`` (count per flag of the skipped), ``n_flagged_kept`` and ``n_used``.
-    """
-    from cdlib.compress import dropped
-
-    path = detect_data_file(data_dir)
-    _check_source(source, path)
-    rows = Store(path).read()
-    kept = [r for r in rows if not dropped(r)]
-    flags: dict[str, int] = {}
-    for r in rows:
-        if dropped(r):
-            flags[str(r["flag"])] = flags.get(str(r["flag"]), 0) + 1
-    if limit is not None and len(kept) > limit:
-        kept = random.Random(seed).sample(kept, limit)
-    if not kept:
-        raise TrainError(f"{path}: no unflagged records to train on ({len(rows)} read)")
-    return kept, {"file": str(path), "n_read": len(rows), "n_flagged": sum(flags.values()), "flags": flags,
-                  "n_flagged_kept": sum(r.get("flag") is not None for r in kept), "n_used": len(kept)}
-
-
-def toy_corpus(records: list[dict[str, Any]]) -> list[str]:
-    """ChatML texts of the records (prompt, think block, answer) to train a toy student's tokenizer on."""
-    from cdlib.prompts import build_prompt
-    from cdlib.tiny import IM_END, IM_START, THINK_END, THINK_START
-
-    texts = []
-    for r in records:
-        prompt = r["prompt"] if isinstance(r.get("prompt"), str) else build_prompt(r)
-        texts.append(f"{IM_START}user\n{prompt}{IM_END}\n{IM_START}assistant\n{THINK_START}\n"
-                     f"{r.get('reasoning') or ''}\n{THINK_END}\n\n{r.get('answer') or ''}{IM_END}\n")
-    return texts
-
-
-def tokenizer_records(data_dir: str | Path) -> list[dict[str, Any]]:
-    """Unflagged records of any input cell (traces, compressed or truncated) to train a toy tokenizer on.
-
-    Pointing every toy student of a grid at the same cell (the generate cell) gives
-    them one vocabulary, as pretrained students share theirs: output token counts
-    then compare across sources, and any of them can be another's KL teacher.
-    """
-    path = detect_data_file(data_dir)
-    rows = [r for r in Store(path).read() if r.get("flag") is None]
-    if not rows:
-        raise TrainError(f"tiny_tokenizer_data {path}: no unflagged records to train a tokenizer on")
-    return rows
-
-
-def make_toy_student(out_dir: str | Path, records: list[dict[str, Any]], P: TrainParams,
-                     tokenizer_from: str | None = None) -> Path:
-    """A tiny Qwen2 model from scratch in ``out_dir`` (HF layout); idempotent when it exists.
-
-    The tokenizer is trained on the records (:func:`toy_corpus`) with
-    ``P.tiny_vocab`` entries, or copied from ``tokenizer_from`` (the KL teacher,
-    which must share the student's vocabulary). Heads have dimension 64 (vLLM on CPU).
-    """
-    from cdlib.tiny import make_tiny_model
-
-    out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
-        return out
-    heads = max(1, P.tiny_hidden // 64)
-    make_tiny_model(out, corpus=toy_corpus(records), vocab_size=P.tiny_vocab, hidden_size=P.tiny_hidden,
-                    num_layers=P.tiny_layers, num_heads=heads, seed=P.seed)
-    if tokenizer_from is not None:
-        # same architecture, re-made around the teacher's tokenizer so their logits line up
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer_from)
-        config = AutoConfig.from_pretrained(out)
-        eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else config.eos_token_id
-        pad = tok.convert_tokens_to_ids(tok.pad_token) if tok.pad_token else eos
-        config.vocab_size, config.eos_token_id, config.pad_token_id, config.bos_token_id = len(tok), eos, pad, pad
-        torch.manual_seed(P.seed)
-        model = AutoModelForCausalLM.from_config(config)
-        for f in out.iterdir():
-            if f.is_file() and f.name != "config.json":
-                f.unlink()
-        model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, pad
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
-    return out
-
-
-@dataclass
-class Prepared:
-    """Everything built before training: tokenizer, examples, the audit and where the base model is."""
-
-    model_source: str  # what from_pretrained loads: hub id or directory
-    tokenizer: Any
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]]
-    audit: str
-    data_info: dict[str, Any]
-    build_info: dict[str, Any]
-    chat_format: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def split_validation(examples: list[dict[str, Any]], fraction: float,
-                     seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Seeded train/validation split by example: ``round(fraction * n)`` (at least 1 when fraction > 0) held out."""
-    if fraction <= 0 or len(examples) < 2:
-        return list(examples), []
-    n_val = min(len(examples) - 1, max(1, round(fraction * len(examples))))
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_val])
-    return ([ex for i, ex in enumerate(examples) if i not in held],
-            [ex for i, ex in enumerate(examples) if i in held])
-
-
-def prepare(P: TrainParams, *, is_main: bool = True, audit_show: int = 2) -> Prepared:
-    """Read the records, make or find the student, build and audit the SFT examples, split off validation.
-
-    A toy student is created under ``<out_dir>/base/`` (by the main process; call
-    this inside ``accelerator.main_process_first()`` when distributed). Raises
-    :class:`cdlib.sft.AuditError` when the mask audit fails.
-    """
-    from transformers import AutoTokenizer
-
-    records, data_info = load_records(P.data, P.source, P.limit, P.seed)
-    out = Path(P.out_dir)
-    teacher = resolve_pretrained(P.kl_teacher, out / "kl_teacher", "kl_teacher") if P.objective == "kl" else None
-    if is_toy(P.student):
-        corpus = tokenizer_records(P.tiny_tokenizer_data) if P.tiny_tokenizer_data else records
-        source = str(make_toy_student(out / "base", corpus, P, tokenizer_from=teacher))
-    else:
-        source = resolve_pretrained(P.student, out / "base", "student")
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    examples, build_info = sft.build_dataset(records, tokenizer, P, chat_template_kwargs=P.chat_template_kwargs)
-    report = sft.audit(examples, tokenizer, n_show=audit_show, max_len=P.seq_len,
-                       allow_cut=P.overlong == "truncate")
-    train_ex, val_ex = split_validation(examples, P.val_fraction, P.seed)
-    extra = {"kl_teacher": teacher, "dte": dte_accounting(records, examples, tokenizer, P)}
-    return Prepared(model_source=source, tokenizer=tokenizer, train=train_ex, val=val_ex, audit=report,
-                    data_info=data_info, build_info=build_info, chat_format=examples[0]["format"], extra=extra)
-
-
-def dte_accounting(records: list[dict[str, Any]], examples: list[dict[str, Any]], tokenizer: Any,
-                   P: TrainParams) -> dict[str, Any]:
-    """Distilling the Essence's bookkeeping: the nominal kept fraction and what the cut really kept.
-
-    ``kept_fraction`` is ``truncate_ratio`` (1.0 untruncated); with a ratio set, the
-    records are built once more uncut to measure ``kept_token_fraction`` (tokens of
-    the cut examples / uncut, whole sequences) and ``kept_cot_fraction`` (the same
-    for the reasoning span); ``loss_on`` is the supervised sections joined by ``+``.
-    """
-    info: dict[str, Any] = {"truncate_ratio": P.truncate_ratio,
-                            "truncate_span": P.truncate_span if P.truncate_ratio is not None else None,
-                            "kept_fraction": P.truncate_ratio if P.truncate_ratio is not None else 1.0,
-                            "loss_on": "+".join(P.loss_on), "kept_token_fraction": 1.0, "kept_cot_fraction": 1.0}
-    if P.truncate_ratio is None:
-        return info
-    full, _ = sft.build_examples(records, tokenizer, source=P.source, chat_format=P.chat_format, loss_on=P.loss_on,
-                                 chat_template_kwargs=P.chat_template_kwargs, answer_only_think=P.answer_only_think)
-    by_id = {ex["id"]: ex for ex in full}
-    cut_all = cut_cot = full_all = full_cot = 0
-    for ex in examples:
-        ref = by_id[ex["id"]]
-        cut_all += len(ex["input_ids"])
-        full_all += len(ref["input_ids"])
-        cut_cot += ex["spans"]["cot"][1] - ex["spans"]["cot"][0]
-        full_cot += ref["spans"]["cot"][1] - ref["spans"]["cot"][0]
-    info["kept_token_fraction"] = cut_all / full_all if full_all else None
-    info["kept_cot_fraction"] = cut_cot / full_cot if full_cot else None
-    return info
-
-
 # --------------------------------------------------------------------------- plan
-
-
-def budget_mode(P: TrainParams) -> str:
-    """``"tokens"`` (token_budget), ``"steps"`` (max_steps) or ``"epochs"``; both budgets at once is an error."""
-    if P.token_budget is not None and P.max_steps is not None:
-        raise TrainError("set either token_budget or max_steps, not both")
-    return "tokens" if P.token_budget is not None else "steps" if P.max_steps is not None else "epochs"
-
-
-
-
-def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
-         packing: bool | None = None) -> list[list[list[int]]]:
-    """The micro-batches of the whole run, each a list of bins (lists of example indices).
-
-    Bins come from :func:`cdlib.pack.pack` at ``seq_len`` (one example per bin
-    when ``packing`` is off, or ``packing=False`` is passed because the model refuses
-    it: :func:`cdlib.pack.packed_layout`) and are grouped ``micro_batch_size`` at a time. Each
-    pass over the data reshuffles the bins with ``seed + pass``. The run is
-
-    * ``epochs``: ``ceil(epochs * micro-batches per pass)`` micro-batches;
-    * ``steps``: ``max_steps * grad_accum * world_size`` micro-batches;
-    * ``tokens``: micro-batches until ``token_budget`` supervised tokens are reached.
-    """
-    lengths = [len(ex["input_ids"]) for ex in examples]
-    packing = P.packing if packing is None else packing  # False where the model refuses packing
-    bins = packlib.pack(lengths, P.seq_len) if packing else [[i] for i in range(len(examples))]
-    sup = [sft.supervised_count(ex) for ex in examples]
-    per_pass = math.ceil(len(bins) / P.micro_batch_size)
-    mode = budget_mode(P)
-    if mode == "tokens" and sum(sup) == 0:
-        raise TrainError("token_budget set but the examples have no supervised tokens")
-    out: list[list[list[int]]] = []
-    seen = 0
-    for cycle in range(10**9):
-        order = list(bins)
-        random.Random(P.seed + cycle).shuffle(order)
-        for k in range(0, len(order), P.micro_batch_size):
-            mb = order[k:k + P.micro_batch_size]
-            if mode == "epochs" and len(out) >= math.ceil(P.epochs * per_pass):
-                return out
-            if mode == "steps" and len(out) >= P.max_steps * P.grad_accum * world_size:
-                return out
-            if mode == "tokens" and seen >= P.token_budget:
-                return out
-            out.append(mb)
-            seen += sum(sup[i] for b in mb for i in b)
-    return out  # pragma: no cover
-
-
-def step_tokens(examples: list[dict[str, Any]], schedule: list[list[list[int]]], world: int, grad_accum: int,
-                even_batches: bool = True) -> tuple[list[list[int]], list[int]]:
-    """Supervised tokens planned before training: per rank, its micro-batches' counts in the order it
-    trains them; per optimizer step, the count over every rank (the loss's denominator).
-
-    Rank ``r`` trains the micro-batches accelerate's ``BatchSamplerShard`` gives it (``r``,
-    ``r + world``, ..., wrapping round to the first ones with ``even_batches``); every rank computes
-    the same plan, so no step all-reduces its token count (with one process nothing is reduced at all).
-    """
-    from accelerate.data_loader import BatchSamplerShard
-    from torch.utils.data import BatchSampler, SequentialSampler
-
-    counts = [sum(sft.supervised_count(examples[i]) for b in mb for i in b) for mb in schedule]
-    base = BatchSampler(SequentialSampler(range(len(schedule))), batch_size=1, drop_last=False)
-    order = [list(range(len(schedule)))] if world == 1 else [
-        [b[0] for b in BatchSamplerShard(base, num_processes=world, process_index=r, even_batches=even_batches)]
-        for r in range(world)]
-    per_rank = [[counts[j] for j in seq] for seq in order]
-    steps = max(1, math.ceil(max(len(seq) for seq in order) / grad_accum))
-    per_step = [sum(sum(c[s * grad_accum:(s + 1) * grad_accum]) for c in per_rank) for s in range(steps)]
-    return per_rank, per_step
-
-
-
-
-def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student: str, teacher: str) -> None:
-    """Raise :class:`TrainError` naming both models unless their vocabularies are identical."""
-    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if sv == tv:
-        return
-    only_s = sorted(set(sv) - set(tv))[:5]
-    only_t = sorted(set(tv) - set(sv))[:5]
-    moved = sum(1 for k in set(sv) & set(tv) if sv[k] != tv[k])
-    raise TrainError(
-        f"objective 'kl' needs the student and the teacher to share a tokenizer: student {student!r} has "
-        f"{len(sv)} tokens, teacher {teacher!r} has {len(tv)}; only in student: {only_s}, only in teacher: "
-        f"{only_t}, {moved} shared tokens with different ids")
 
 
 # --------------------------------------------------------------------------- models
 
 
-def attention_layout(P: TrainParams, on_gpu: bool, source: str | None = None) -> tuple[str, str]:
-    """``(attn_implementation, collate layout)``: flash varlen when available on GPU, sdpa 4D masks otherwise.
-
-    With ``source`` (the model to load), ``auto`` falls back to ``eager`` where the model's class
-    supports neither (transformers refuses sdpa and flash-attention 2 for gpt-oss, whose sinks need
-    eager or a sink-aware kernel). Whether the rows may be packed is :func:`cdlib.pack.packed_layout`'s.
-    """
-    import importlib.util
-
-    impl = P.attn_implementation
-    if impl == "auto":
-        impl = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
-        if source is not None and not _supports_attention(source, impl):
-            impl = "eager"
-    return impl, {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}[impl]
-
-
-def _supports_attention(source: str, impl: str) -> bool:
-    """Whether the causal-LM class of the model at ``source`` accepts ``impl`` (sdpa / flash_attention_2)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source))]
-    except (KeyError, OSError, ValueError):
-        return True  # unknown here: let from_pretrained decide
-    if impl == "sdpa":
-        return bool(getattr(cls, "_supports_sdpa", True))
-    compatible = getattr(cls, "_compatible_flash_implementations", None)
-    return bool(getattr(cls, "_supports_flash_attn", True)) and (not compatible or impl in compatible)
-
-
-def lora_targets(model: Any, targets: str | list[str], family: str | None = None) -> dict[str, Any]:
-    """Which of the LoRA ``targets`` (module names, as peft matches them) a model has, before peft runs.
-
-    ``targets`` may also be peft's ``"all-linear"`` (every ``nn.Linear`` but the output head) or a
-    regular expression over full module names (reported by the leaf names it selects).
-
-    Returns ``targets``, ``adapted`` (target -> number of modules it matches), ``unmatched`` (targets
-    matching no module: e.g. gpt-oss's fused experts have no gate/up/down_proj modules) and
-    ``not_adapted``: the weight matrices no target reaches, as ``module.parameter`` patterns (Qwen3.5's
-    linear-attention projections ``in_proj_qkv.weight``, ..., gpt-oss's ``experts.gate_up_proj``),
-    embeddings and the output head left out. ``family`` only names the model in messages.
-    """
-    import torch
-
-    skip = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    if isinstance(targets, str):  # "all-linear", or a regex peft matches against full module names
-        import re
-
-        pattern = targets
-
-        def chosen(name: str, module: Any) -> bool:
-            if pattern == "all-linear":
-                return isinstance(module, torch.nn.Linear) and id(module) not in skip
-            return re.fullmatch(pattern, name) is not None
-
-        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if chosen(n, m)})
-    leaves: dict[str, int] = {}
-    for name, _ in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        leaves[leaf] = leaves.get(leaf, 0) + 1
-    adapted = {t: leaves[t] for t in targets if t in leaves}
-    unmatched = [t for t in targets if t not in leaves]
-    not_adapted: set[str] = set()
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if id(module) in skip or leaf in adapted or isinstance(module, torch.nn.Embedding):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.ndim >= 2:
-                not_adapted.add(f"{leaf}.{pname}")
-    return {"family": family, "targets": list(targets), "adapted": adapted, "unmatched": unmatched,
-            "not_adapted": sorted(not_adapted)}
-
-
-def layout_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What a run's metrics say about its rows and adapters, for the notebook: the row layout, whether
-    rows were packed and why not, and for LoRA the modules with adapters (count per target), the
-    adapter parameters, the targets that matched nothing and the weights left without adapters."""
-    lora = metrics.get("lora") or {}
-    return {"attn_implementation": metrics.get("attn_implementation"), "layout": metrics.get("layout"),
-            "packing": metrics.get("packing"), "packing_note": metrics.get("packing_note"),
-            "lora_adapted": lora.get("adapted"), "lora_adapter_modules": lora.get("adapter_modules"),
-            "lora_adapter_params": lora.get("adapter_params"), "lora_unmatched": lora.get("unmatched"),
-            "lora_not_adapted": lora.get("not_adapted")}
-
-
-def warn_lora_targets(info: dict[str, Any], model_name: str) -> list[str]:
-    """Warnings (also issued with :mod:`warnings`) for LoRA targets that match nothing in the model."""
-    import warnings
-
-    messages = [f"LoRA target module {t!r} matches no module of {model_name} ({info.get('family') or 'model'}); "
-                f"it gets no adapter (weights without adapters: {', '.join(info['not_adapted']) or 'none'})"
-                for t in info["unmatched"]]
-    for m in messages:
-        warnings.warn(m, stacklevel=2)
-    return messages
-
-
-def _load_causal_lm(source: str, dtype: Any, attn: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
-
-
-def count_params(model: Any) -> dict[str, int]:
-    """``total`` (unique), ``trainable`` and ``flops`` parameters (total minus an untied input embedding)."""
-    seen, total, trainable = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    emb = model.get_input_embeddings()
-    out = model.get_output_embeddings()
-    tied = out is not None and emb is not None and out.weight is emb.weight
-    untied_emb = 0 if tied or emb is None else emb.weight.numel()
-    return {"total": total, "trainable": trainable, "flops": total - untied_emb}
-
-
-def make_optimizer(params: Any, P: TrainParams, lr: float, on_gpu: bool,
-                   sharded: bool = False) -> tuple[Any, str, str | None]:
-    """``P.optimizer`` as transformers names it (paper H.3); returns (optimizer, class used, why not the one asked).
-
-    ``adamw_bnb_8bit`` (alias ``adamw_8bit``): bitsandbytes' 8-bit AdamW (the paper's LoRA runs);
-    ``adamw_torch_8bit``: torchao's 8-bit AdamW (the paper's 0.8B full runs; block size 256 as
-    transformers uses it); ``adamw``: torch AdamW. Both 8-bit ones need a CUDA GPU and their package:
-    without them torch AdamW runs and the third value says why (the run prints it and records it in
-    its metrics). ``sharded`` (FSDP): bitsandbytes' 8-bit states are not written for FSDP2's DTensor
-    parameters, so torch AdamW (sharding already divides the states by the GPUs); torchao's are.
-    """
-    import importlib.util
-
-    import torch
-
-    params = [p for p in params if p.requires_grad]
-    asked, note = P.optimizer, None
-    package = {"adamw_8bit": "bitsandbytes", "adamw_bnb_8bit": "bitsandbytes", "adamw_torch_8bit": "torchao"}.get(asked)
-    if package is not None:
-        if not on_gpu:
-            note = f"optimizer {asked!r} ({package} 8-bit AdamW) needs a CUDA GPU: torch AdamW instead"
-        elif importlib.util.find_spec(package) is None:
-            note = f"optimizer {asked!r}: {package} is not installed (the 'gpu' extra): torch AdamW instead"
-        elif package == "bitsandbytes" and sharded:
-            note = (f"optimizer {asked!r}: bitsandbytes' 8-bit states do not take FSDP2's sharded parameters: "
-                    "torch AdamW instead")
-        elif package == "bitsandbytes":
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=P.weight_decay), "bitsandbytes.AdamW8bit", None
-        else:
-            from torchao.optim import AdamW8bit
-
-            return AdamW8bit(params, lr=lr, weight_decay=P.weight_decay, block_size=256), "torchao.AdamW8bit", None
-    return torch.optim.AdamW(params, lr=lr, weight_decay=P.weight_decay), "torch.AdamW", note
-
-
-def set_tf32(on: bool) -> bool | None:
-    """TF32 for float32 matmuls and cuDNN convolutions on a CUDA GPU (paper H.3: "BF16 mixed precision with
-    TF32 enabled"); returns the setting, None without CUDA (nothing is changed). Process-wide, as in torch."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    torch.set_float32_matmul_precision("high" if on else "highest")
-    torch.backends.cudnn.allow_tf32 = on
-    return on
-
-
-def apply_liger(model: Any, on: bool, on_gpu: bool) -> str | None:
-    """Paper H.3's Liger plugin on the loaded model (fused RMSNorm, RoPE, SwiGLU/GLU kernels, patched in place by
-    liger-kernel for the model's type); returns what was done or why not (recorded in the metrics), None when off.
-    The loss head is ``loss_head``'s business (Cut Cross-Entropy or Liger's fused linear cross-entropy)."""
-    import importlib.util
-
-    if not on:
-        return None
-    if not on_gpu:
-        return "off: needs a CUDA GPU"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "off: liger-kernel is not installed (the 'gpu' extra)"
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"off: liger-kernel has no kernels for model type {model_type!r}"
-    _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-    return f"on ({model_type}: rms_norm, rope, swiglu)"
-
-
-def flops_estimate(n_params: int, tokens: int, n_layers: int, d_attn: int, sq_lengths: int, method: str,
-                   teacher_params: int = 0) -> tuple[float, str]:
-    """Training FLOPs: dense ``k*N*D`` plus causal attention ``k*n_layers*d_attn*sum(L^2)``, teacher forwards.
-
-    ``k`` = 6 for full fine-tuning (forward 2, backward 4) and 4 for LoRA (no
-    gradients of the frozen weights). Attention per example of length ``L``:
-    QK^T and AV over the causal half, ``2*L^2*d_attn`` FLOPs per layer forward.
-    A KL teacher adds its forward, ``2*N_teacher*D``. Recomputation by gradient
-    checkpointing is not counted (model FLOPs, not hardware FLOPs).
-    """
-    k = 4 if method == "lora" else 6
-    value = k * n_params * tokens + k * n_layers * d_attn * sq_lengths + 2 * teacher_params * tokens
-    formula = f"{k}*N*D + {k}*n_layers*d_attn*sum(L_example^2)" + (" + 2*N_teacher*D" if teacher_params else "")
-    return float(value), formula
-
-
 # --------------------------------------------------------------------------- loop
-
-
-class _MicroBatches:
-    """Map-style dataset over planned micro-batches; the DataLoader collates them with ``cdlib.pack``."""
-
-    def __init__(self, schedule: list[list[list[int]]]):
-        self.schedule = schedule
-
-    def __len__(self) -> int:
-        return len(self.schedule)
-
-    def __getitem__(self, i: int) -> list[list[int]]:
-        return self.schedule[i]
-
-
-def _collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
-    """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`), on the host, before
-    anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
-    ``supervised_rows`` (:func:`cdlib.losses.supervised_rows`, the positions the loss selects) and ``n_supervised``
-    (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
-    without their ``L x L`` block mask: the loop derives it on the device (:func:`_with_mask`)."""
-    def collate(items: list[list[list[int]]]) -> dict[str, Any]:
-        bins = [b for item in items for b in item]
-        batch = packlib.collate(examples, bins, rows, pad_id, build_mask=False)
-        batch["example_lengths"] = [len(examples[i]["input_ids"]) for b in bins for i in b]
-        batch["supervised_rows"] = losses.supervised_rows(batch["labels"])
-        batch["n_supervised"] = int(batch["supervised_rows"].numel())
-        return batch
-
-    return collate
-
-
-def _with_mask(batch: dict[str, Any], rows: packlib.Layout) -> dict[str, Any]:
-    """The batch with its packed block mask, derived from ``position_ids`` on their device
-    (:func:`cdlib.pack.block_mask_from_positions`) when the collate left it out."""
-    if rows.packing and rows.attention != "flash" and "attention_mask" not in batch:
-        return {**batch, "attention_mask": packlib.block_mask_from_positions(batch["position_ids"], rows)}
-    return batch
-
-
-
-
-
-
-def _peak_memory(on_gpu: bool) -> tuple[float, str]:
-    if on_gpu:
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**30, "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS (resource.ru_maxrss)"
 
 
 def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerator: Any, P: TrainParams,
@@ -683,7 +96,7 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in batches:
-            batch = _to_device(batch, accelerator.device)
+            batch = to_device(batch, accelerator.device)
             if teacher is None:
                 ce, n = losses.sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
             else:
@@ -703,15 +116,6 @@ def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerat
         return {"val_loss": None, "val_kl": None, "val_tokens": 0}
     return {"val_loss": float(totals[0]) / n, "val_kl": (float(totals[1]) / n) if teacher is not None else None,
             "val_tokens": int(n)}
-
-
-def _to_device(batch: dict[str, Any], device: Any, rows: packlib.Layout | None = None) -> dict[str, Any]:
-    from accelerate.utils import send_to_device
-
-    batch = send_to_device(batch, device)
-    return _with_mask(batch, rows) if rows is not None else batch
-
-
 
 
 @dataclass
@@ -768,72 +172,6 @@ def make_accelerator(P: TrainParams, on_gpu: bool, out: Path) -> Any:
                        log_with=None if P.report_to == "none" else P.report_to, project_dir=str(out / "trackers"))
 
 
-def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any) -> tuple[Any, dict[str, Any]]:
-    """The student model ready for its wrapper (kernels, gradient checkpointing, packed layout, LoRA adapters)
-    and a record of how (``attn``, ``layout``, ``rows``, ``lora``, ``params``, ``tf32``, ``liger``, ``fsdp_ac``, sizes)."""
-    import torch
-
-    attn, layout = attention_layout(P, on_gpu, data.model_source)
-    lora = P.method == "lora"
-    # full: fp32 master weights, bf16 autocast; LoRA: frozen base in bf16, adapters in fp32 (peft's default)
-    load_dtype = torch.bfloat16 if (on_gpu and P.bf16 and lora) else torch.float32
-    tf32 = set_tf32(P.tf32)
-    model = _load_causal_lm(data.model_source, load_dtype, attn)
-    liger = apply_liger(model, P.liger_kernels, on_gpu)
-    if liger and liger.startswith("off"):
-        say(f"liger_kernels: {liger}")
-    fsdp_ac = bool(getattr(accelerator.state, "fsdp_plugin", None)
-                   and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
-    if P.gradient_checkpointing and not fsdp_ac:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tok = data.tokenizer
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        raise TrainError(f"student {data.model_source!r}: its tokenizer has {len(tok)} tokens but the model embeds "
-                         f"{model.get_input_embeddings().num_embeddings}: tokenizer and model do not belong together")
-    # packing exact or refused (linear attention), and the masks sliding-window layers need
-    rows = packlib.packed_layout(model.config, layout, P.packing)
-    if rows.reason:
-        say(rows.reason)
-    if rows.split_linear:  # Qwen3.5 on flash: linear-attention layers run each packed example on its own
-        packlib.split_linear_attention(model)
-    model, lora_info = add_lora(model, P, data.model_source, accelerator.is_main_process, say) if lora else (model, None)
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return model, {"attn": attn, "layout": layout, "rows": rows, "lora": lora_info, "params": count_params(model), "tf32": tf32,
-                   "liger": liger, "fsdp_ac": fsdp_ac, "n_layers": config.num_hidden_layers,
-                   "d_attn": config.num_attention_heads * head_dim}
-
-
-def add_lora(model: Any, P: TrainParams, model_source: str, is_main: bool, say: Any) -> tuple[Any, dict[str, Any]]:
-    """``model`` wrapped with peft's LoRA adapters on ``P.lora_target_modules``, and what was adapted."""
-    from peft import LoraConfig, get_peft_model
-
-    from cdlib.tiny import UnknownFamilyError, family_of
-
-    try:
-        family = family_of(model.config.to_dict())
-    except UnknownFamilyError:
-        family = getattr(model.config, "model_type", None)
-    info = lora_targets(model, P.lora_target_modules, family)
-    info["warnings"] = warn_lora_targets(info, model_source) if is_main else []
-    model = get_peft_model(model, LoraConfig(r=P.lora_rank, lora_alpha=P.lora_alpha, lora_dropout=P.lora_dropout,
-                                             target_modules=P.lora_target_modules, task_type="CAUSAL_LM"))
-    info["adapter_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    info["adapter_modules"] = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
-    say(f"LoRA adapters on {info['adapted']} ({info['adapter_modules']} modules, "
-        f"{info['adapter_params']:,} params); no adapter on {info['not_adapted']}")
-    return model, info
-
-
-def load_teacher(source: str, attn: str, accelerator: Any, bf16: bool) -> tuple[Any, int]:
-    """MPD's frozen KL teacher on the run's device (bf16 on a GPU with ``bf16``) and its FLOP-counted params."""
-    import torch
-
-    teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, attn)
-    teacher.eval().requires_grad_(False).to(accelerator.device)
-    return teacher, count_params(teacher)["flops"]
-
-
 def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any,
            tracker: dict[str, float] | None) -> Setup:
     """Load the student (and the KL teacher), plan the run's micro-batches, build the optimizer, LR scheduler
@@ -850,7 +188,7 @@ def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: 
     teacher, teacher_params = (load_teacher(teacher_source, student["attn"], accelerator, on_gpu and P.bf16)
                                if P.objective == "kl" else (None, 0))
     world = accelerator.num_processes
-    lr = P.learning_rate or (TOY_LR if is_toy(P.student) or _trained_from_toy(P.student) else DEFAULT_LR[P.method])
+    lr = P.learning_rate or (TOY_LR if is_toy(P.student) or trained_from_toy(P.student) else DEFAULT_LR[P.method])
     rows = student["rows"]
     schedule = plan(data.train, P, world, packing=rows.packing)
     total_steps = max(1, math.ceil(math.ceil(len(schedule) / world) / P.grad_accum))
@@ -864,8 +202,8 @@ def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     # its own generator: starting an iteration then draws no number from the global RNG, whose state a
     # resumed run restores (dropout's random numbers continue exactly where the interrupted run left them)
-    loader = torch.utils.data.DataLoader(_MicroBatches(schedule), batch_size=1, shuffle=False,
-                                         collate_fn=_collate_fn(data.train, rows, pad_id), pin_memory=on_gpu,
+    loader = torch.utils.data.DataLoader(MicroBatches(schedule), batch_size=1, shuffle=False,
+                                         collate_fn=collate_fn(data.train, rows, pad_id), pin_memory=on_gpu,
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)  # saved with the state, stepped as before (not wrapped)
@@ -909,7 +247,7 @@ def train_step(s: Setup, window: list[dict[str, Any]], first: int, n_global: flo
         if batch["n_supervised"] != planned[first + k]:
             raise TrainError(f"micro-batch {first + k} of rank {acc.process_index} holds {batch['n_supervised']} "
                              f"supervised tokens, the plan says {planned[first + k]}: the loader does not shard as planned")
-        batch = _with_mask(batch, s.rows)
+        batch = with_mask(batch, s.rows)
         with contextlib.nullcontext() if k == len(window) - 1 else acc.no_sync(model):
             if s.teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
                 loss, n = losses.sft_loss(model, s.head_model, batch, s.head, s.P.loss_chunk_tokens)
@@ -1017,7 +355,7 @@ def train_loop(s: Setup, prog: Progress, out: Path, fingerprint: dict[str, Any],
                 "totals": acc.reduce(torch.tensor(prog.totals, dtype=torch.float64, device=acc.device), "sum").tolist(),
                 "wall_clock_s": prog.prior["wall_clock_s"] + now - t_start,
                 "train_s": prog.prior["train_s"] + now - t_loop,
-                "peak_memory_gb": max(prog.prior["peak_memory_gb"], _peak_memory(s.on_gpu)[0]), "saved_at": now})
+                "peak_memory_gb": max(prog.prior["peak_memory_gb"], peak_memory(s.on_gpu)[0]), "saved_at": now})
     reader.read()
     bar.close()
     reader.flush(track=False)
@@ -1031,7 +369,7 @@ def validate(s: Setup) -> dict[str, Any]:
     bins = packlib.pack([len(ex["input_ids"]) for ex in val], P.seq_len) if (val and s.rows.packing) \
         else [[i] for i in range(len(val))]
     tok = s.data.tokenizer
-    collate = _collate_fn(val, s.rows, tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+    collate = collate_fn(val, s.rows, tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
     mine = bins[acc.process_index::acc.num_processes]
     batches = [collate([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
     return _evaluate(s.model, s.teacher, batches, acc, P, len(tok), s.head)
@@ -1055,7 +393,7 @@ def collect_metrics(s: Setup, prog: Progress, val: dict[str, Any], ckpt: dict[st
     import torch
 
     P, acc, data, st = s.P, s.accelerator, s.data, s.student
-    peak, peak_kind = _peak_memory(s.on_gpu)
+    peak, peak_kind = peak_memory(s.on_gpu)
     peak_all = max(float(acc.gather(torch.tensor([peak], device=acc.device)).max()), prog.prior["peak_memory_gb"])
     ranks_finished = int(acc.reduce(torch.ones(1, device=acc.device), "sum"))
     wall = prog.prior["wall_clock_s"] + time.time() - t_start  # a resumed run adds the time up to its state
@@ -1229,8 +567,6 @@ def track_steps(accelerator: Any, clock: dict[str, float] | None, records: list[
         if rec is records[-1]:
             values["train/tokens_per_s"] = throughput
         accelerator.log(values, step=rec["step"])
-
-
 
 
 # --------------------------------------------------------------------------- launching

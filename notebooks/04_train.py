@@ -69,6 +69,7 @@ import cdlib.cells
 import cdlib.figures
 import cdlib.params
 import cdlib.train
+import cdlib.train_models
 
 P = cdlib.params.from_notebook("train", globals())
 P
@@ -98,7 +99,7 @@ cdlib.cells.write_metrics(P.out_dir, metrics)
 # listed targets matched nothing and which weights got no adapter.
 
 # %%
-cdlib.train.layout_summary(metrics)
+cdlib.train_models.layout_summary(metrics)
 
 # %% [markdown]
 # Loss curve (thin: per step; bold: EMA with alpha 0.08, as in the paper's Figure 3).

@@ -17,6 +17,7 @@ import yaml
 
 from cdlib import accounting, results, sft, student_runs, tables
 from cdlib import train as T
+from cdlib import train_data
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 
 
@@ -45,7 +46,7 @@ def test_table6_counts_every_source_row_once(tmp_path):
     _cell(grid, "train", out.name, {"teacher": "toy", "student": "toy-student", "method": "full", "source": "raw"}, m)
 
     # the definition, computed here from the cell's training data: every source row, supervised tokens
-    records, _ = T.load_records(P.data, P.source, P.limit, P.seed)
+    records, _ = train_data.load_records(P.data, P.source, P.limit, P.seed)
     examples, _ = sft.build_dataset(records, AutoTokenizer.from_pretrained(out / "base"), P)
     expected = sum(sum(1 for x in ex["labels"] if x != sft.IGNORE_INDEX) for ex in examples)
     assert m["n_val"] > 0 and len(examples) == m["n_train"] + m["n_val"]

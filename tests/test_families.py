@@ -158,7 +158,7 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_paper_lora_targets_resolved_per_family(family):
-    from cdlib.train import lora_targets, warn_lora_targets
+    from cdlib.train_models import lora_targets, warn_lora_targets
 
     model = tiny(family, cpu_attention(family))
     info = lora_targets(model, PAPER_TARGETS, family)
@@ -212,7 +212,7 @@ def test_gpt_oss_lora_run_keeps_its_window_and_names_the_targets_it_lacks(traces
     assert lora["unmatched"] == ["gate_proj", "up_proj", "down_proj"] and lora["adapted"]["q_proj"] == 4
     assert lora["adapter_modules"] == 16 and lora["adapter_params"] == m["params_trainable"] > 0
     assert any("LoRA adapters on" in line for line in lines)
-    from cdlib.train import layout_summary
+    from cdlib.train_models import layout_summary
 
     shown = layout_summary(m)  # what the 04_train notebook shows
     assert shown["lora_unmatched"] == lora["unmatched"] and shown["lora_adapter_params"] == lora["adapter_params"]

@@ -5,7 +5,7 @@ import math
 import polars as pl
 import pytest
 
-from cdlib import compress, evaluate, paper, train, truncate
+from cdlib import compress, evaluate, paper, train_data, truncate
 from cdlib.datasets import REGISTRY
 from cdlib.grid import Grid
 from cdlib.params import CompressParams, TruncateParams
@@ -36,7 +36,7 @@ def _source_ids(tmp_path, compress_params, truncate_params):
     truncate.run(TruncateParams(out_dir=str(trunc), traces=str(gen), compressed=str(comp), tokenizer="whitespace",
                                 mode="length_matched", drop_flagged=truncate_params["drop_flagged"]))
     data = {"raw": gen, "answer_only": gen, "extractive": comp, "truncated": trunc}
-    return {s: {r["id"] for r in train.load_records(d, s)[0]} for s, d in data.items()}
+    return {s: {r["id"] for r in train_data.load_records(d, s)[0]} for s, d in data.items()}
 
 
 def test_every_source_of_the_paper_grid_trains_on_the_same_question_ids(tmp_path):

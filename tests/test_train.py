@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import losses, sft
+from cdlib import losses, sft, train_data
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -51,18 +51,18 @@ def test_load_records_detects_the_file_and_skips_flagged(tmp_path):
     rows = [{"id": f"q{i}", "question": "1+1?", "gold": "2", "answer_type": "numeric", "reasoning": "1+1=2",
              "answer": "\\boxed{2}", "flag": "answer_dropped" if i == 1 else None} for i in range(4)]
     _write(tmp_path / "c" / "compressed.jsonl", rows)
-    recs, info = T.load_records(tmp_path / "c", source="llama70b")
+    recs, info = train_data.load_records(tmp_path / "c", source="llama70b")
     assert [r["id"] for r in recs] == ["q0", "q2", "q3"]
     assert info["n_read"] == 4 and info["n_flagged"] == 1 and info["flags"] == {"answer_dropped": 1}
     assert info["file"].endswith("compressed.jsonl")
     with pytest.raises(T.TrainError, match="source 'raw' expects traces.jsonl"):
-        T.load_records(tmp_path / "c", source="raw")
-    assert len(T.load_records(tmp_path / "c", source="answer_only", limit=2)[0]) == 2
+        train_data.load_records(tmp_path / "c", source="raw")
+    assert len(train_data.load_records(tmp_path / "c", source="answer_only", limit=2)[0]) == 2
     _write(tmp_path / "c" / "truncated.jsonl", rows)
     with pytest.raises(T.TrainError, match="several record files"):
-        T.load_records(tmp_path / "c")
+        train_data.load_records(tmp_path / "c")
     with pytest.raises(T.TrainError, match="none of"):
-        T.load_records(tmp_path / "empty")
+        train_data.load_records(tmp_path / "empty")
 
 
 def _fake_examples(lengths: list[int]) -> list[dict]:
@@ -93,10 +93,10 @@ def test_plan_epochs_steps_and_token_budget():
 
 def test_validation_split_is_seeded_and_disjoint():
     ex = _fake_examples([5] * 40)
-    tr, va = T.split_validation(ex, 0.05, seed=3)
+    tr, va = train_data.split_validation(ex, 0.05, seed=3)
     assert len(va) == 2 and len(tr) == 38 and not {e["id"] for e in tr} & {e["id"] for e in va}
-    assert [e["id"] for e in va] == [e["id"] for e in T.split_validation(ex, 0.05, seed=3)[1]]
-    assert T.split_validation(ex, 0.0, seed=3)[1] == []
+    assert [e["id"] for e in va] == [e["id"] for e in train_data.split_validation(ex, 0.05, seed=3)[1]]
+    assert train_data.split_validation(ex, 0.0, seed=3)[1] == []
 
 
 # --------------------------------------------------------------------------- losses
@@ -264,11 +264,11 @@ def test_toy_student_for_kl_takes_the_teacher_tokenizer(toy_traces, tmp_path):
     from cdlib.tiny import default_corpus, make_tiny_model
 
     teacher = make_tiny_model(tmp_path / "teacher", corpus=default_corpus(60, seed=5), vocab_size=400, num_layers=1)
-    records, _ = T.load_records(toy_traces, limit=20)
+    records, _ = train_data.load_records(toy_traces, limit=20)
     P = TrainParams(out_dir=str(tmp_path), data=str(toy_traces), objective="kl", kl_teacher=str(teacher),
                     tiny_layers=1)
-    own = T.make_toy_student(tmp_path / "own", records, P)  # trained on the records: another vocabulary
-    shared = T.make_toy_student(tmp_path / "shared", records, P, tokenizer_from=str(teacher))
+    own = train_data.make_toy_student(tmp_path / "own", records, P)  # trained on the records: another vocabulary
+    shared = train_data.make_toy_student(tmp_path / "shared", records, P, tokenizer_from=str(teacher))
     t_tok = AutoTokenizer.from_pretrained(teacher)
     T.check_same_tokenizer(AutoTokenizer.from_pretrained(shared), t_tok, str(shared), str(teacher))
     assert AutoConfig.from_pretrained(shared).vocab_size == len(t_tok)
