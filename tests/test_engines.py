@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdlib import engines
+from cdlib import engine_vllm, engines
 from cdlib.engines import Completion, get_engine, shard
 from cdlib.params import EngineParams, SamplingParams, ToyParams
 
@@ -431,7 +431,7 @@ def test_openai_engine_against_vllm_server(vllm_server, vllm_engine, tokenizer):
 def test_vllm_seeded_sampling_on_cpu_does_not_kill_the_engine(vllm_engine):
     """vLLM's CPU worker crashes on per-request seeds; the engine drops them there with a warning."""
     sampling = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=8, seed=3)
-    with pytest.warns(UserWarning, match="per-request sampling seeds") if not engines._WARNED else nullcontext():
+    with pytest.warns(UserWarning, match="per-request sampling seeds") if not engine_vllm._WARNED else nullcontext():
         out = vllm_engine.generate(["a", "b"], sampling)
     assert [c.finish_reason for c in out] != ["error", "error"] and all(c.text is not None for c in out)
     assert vllm_engine.generate(["a"], GREEDY)[0].finish_reason in ("stop", "length")  # still alive

@@ -256,6 +256,7 @@ def test_slurm_scripts(tmp_path):
     assert out.returncode == 0
 
 
+@pytest.mark.slow  # ~100 s; the reduced demo (test_pipeline) runs --jobs 2 with dependencies in the default tier
 def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
     """--jobs 2: independent cells run at once, a child starts only after its parent ends,
     an `after: all` stage waits for every earlier cell, a failed parent blocks its children."""
