@@ -36,7 +36,7 @@ LoRA merges in ``cdlib.checkpoint``; :func:`run` reads top to bottom through :fu
 
 :func:`train` is what the notebook calls: it runs in-process, or launches
 ``accelerate launch`` across the visible GPUs when ``accelerate_config`` is set
-and more than one GPU is visible (:func:`launch`). ``python -m cdlib.train
+and more than one GPU is visible (:func:`cdlib.launch.launch`). ``python -m cdlib.train
 params.json`` is the worker entry point of such a launch.
 
 Packed batches come from ``cdlib.pack`` and carry ``use_cache=False``; they are
@@ -57,7 +57,6 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,11 +67,12 @@ from cdlib import checkpoint, losses, sft
 from cdlib import pack as packlib
 from cdlib.params import TrainParams
 from cdlib.store import Store
+from cdlib.launch import METRICS_FILE, launch, visible_gpus
+from cdlib.trackers import start_tracking, track_steps
 from cdlib.train_data import DEFAULT_LR, MicroBatches, Prepared, TOY_LR, TrainError, budget_mode, check_same_tokenizer, collate_fn, is_toy, plan, prepare, step_tokens, to_device, trained_from_toy, with_mask
 from cdlib.train_models import flops_estimate, load_student, load_teacher, make_optimizer, peak_memory
 
 EMA_ALPHA = 0.08  # paper Figure 3
-METRICS_FILE = "train_metrics.json"  # written by the worker entry point, read back by launch()
 
 
 # --------------------------------------------------------------------------- data
@@ -529,88 +529,6 @@ def _sections_seen(examples: list[dict[str, Any]], schedule: list[list[list[int]
                 for k, v in per[i].items():
                     out[k] = out.get(k, 0) + v
     return out
-
-
-# --------------------------------------------------------------------------- trackers
-
-
-def start_tracking(accelerator: Any, P: TrainParams, out: Path) -> dict[str, float] | None:
-    """Start ``P.report_to``'s tracker through accelerate; None for "none", else the throughput clock.
-
-    The run is named after the cell directory and its config holds every training
-    parameter (scalars as they are, the rest as text, which every tracker accepts).
-    Credentials (``WANDB_API_KEY``, ``MLFLOW_TRACKING_URI``, ...) come from the
-    environment, as each tracker documents. TensorBoard writes under
-    ``<out_dir>/trackers/<tracker_project>``.
-    """
-    if P.report_to == "none":
-        return None
-    config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in P.model_dump().items()}
-    names = {"wandb": {"name": out.name}, "mlflow": {"run_name": out.name}, "trackio": {"name": out.name}}
-    accelerator.init_trackers(P.tracker_project, config=config,
-                              init_kwargs={P.report_to: names[P.report_to]} if P.report_to in names else {})
-    return {"time": time.time(), "tokens": 0}  # the last logged step, for throughput
-
-
-def track_steps(accelerator: Any, clock: dict[str, float] | None, records: list[dict[str, Any]]) -> None:
-    """Send logged steps to the tracker: loss, EMA, learning rate, KL run's CE, and tokens/s since the last log."""
-    if clock is None or not records:
-        return
-    now = time.time()
-    throughput = (records[-1]["tokens"] - clock["tokens"]) / max(now - clock["time"], 1e-9)
-    clock.update(time=now, tokens=records[-1]["tokens"])
-    for rec in records:
-        values = {"train/loss": rec["loss"], "train/ema": rec["ema"], "train/lr": rec["lr"],
-                  "train/tokens": rec["tokens"]}
-        if "ce" in rec:
-            values["train/ce"] = rec["ce"]
-        if rec is records[-1]:
-            values["train/tokens_per_s"] = throughput
-        accelerator.log(values, step=rec["step"])
-
-
-# --------------------------------------------------------------------------- launching
-
-
-def visible_gpus() -> int:
-    """Number of CUDA devices this process can see (0 without CUDA)."""
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except ImportError:  # pragma: no cover
-        return 0
-
-
-def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
-           env: dict[str, str] | None = None, timeout: float | None = None) -> dict[str, Any]:
-    """Run :func:`run` across processes and return the main rank's metrics.
-
-    The params go to ``<out_dir>/train_params.json`` and every rank runs
-    ``python -m cdlib.train <json>``. GPUs: ``accelerate launch [--config_file
-    P.accelerate_config] --num_processes N -m cdlib.train <json>`` (N:
-    ``num_processes`` or the visible GPUs). ``cpu=True``: ``torchrun
-    --nproc_per_node N`` (accelerate's own launcher runs a single process with
-    ``--cpu``); the ranks talk over gloo. Output streams to this process's
-    stdout/stderr; a failing launch raises ``subprocess.CalledProcessError``.
-    """
-    out = Path(P.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    params_path = out / "train_params.json"
-    params_path.write_text(P.model_dump_json(indent=2))
-    (out / METRICS_FILE).unlink(missing_ok=True)
-    n = num_processes or max(1, visible_gpus())
-    bindir = Path(sys.executable).parent
-    if cpu:
-        cmd = [str(bindir / "torchrun") if (bindir / "torchrun").exists() else "torchrun",
-               "--nproc_per_node", str(n), "-m", "cdlib.train", str(params_path)]
-    else:
-        cmd = [str(bindir / "accelerate") if (bindir / "accelerate").exists() else "accelerate", "launch"]
-        if P.accelerate_config:
-            cmd += ["--config_file", P.accelerate_config]
-        cmd += ["--num_processes", str(n), "-m", "cdlib.train", str(params_path)]
-    subprocess.run(cmd, check=True, env={**os.environ, **(env or {})}, timeout=timeout)
-    return json.loads((out / METRICS_FILE).read_text())
 
 
 def train(P: TrainParams, data: Prepared | None = None, progress: bool = True) -> dict[str, Any]:
