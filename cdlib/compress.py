@@ -273,6 +273,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     out = Store(Path(P.out_dir) / "compressed.jsonl")
     todo = [r for r in src if r["id"] not in out]
     longer_ok = P.prompt == "rewrite_student"
+    failed: dict[str, str | None] = {}  # last transient engine error of a trace with no answer since
     if P.compressor in RULE_BASED:
         batch = []
         for r in tqdm(todo, desc=f"{P.compressor} compression", unit="trace"):
@@ -294,7 +295,6 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         pending = {r["id"]: r for r in todo}
         last: dict[str, tuple[str, str | None, str | None]] = {}
         tries: dict[str, int] = {}  # answered requests per trace (a transient engine error is not one)
-        failed: dict[str, str | None] = {}  # last transient error of a trace with no answer since
         errors_now: dict[str, int] = {}
         budget = 1 + P.recompress_attempts
         while True:
@@ -312,7 +312,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
                             else P.sampling)
                 good = []
                 for r, c in zip(rows, engine.generate(chats, sampling, rows=rows)):
-                    if c.finish_reason == "error" and c.transient:
+                    if c.transient:
                         failed[r["id"]] = c.error
                         errors_now[r["id"]] = errors_now.get(r["id"], 0) + 1
                         continue
@@ -334,12 +334,10 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         # a trace left without an answer by engine errors is not stored: a rerun sends it again
         out.append([_record(r, last[i][0], P, last[i][1], tries[i], last[i][2])
                     for i, r in pending.items() if i not in failed])
-        if failed:
-            from cdlib.engines import raise_if_unanswered
-
-            _add_token_counts(Path(P.out_dir), P)
-            raise_if_unanswered("compress", failed, len(todo))
     _add_token_counts(Path(P.out_dir), P)
+    from cdlib.engines import raise_if_unanswered
+
+    raise_if_unanswered("compress", failed, len(todo))
     return metrics(P.out_dir)
 
 

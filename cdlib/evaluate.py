@@ -125,7 +125,7 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
             comps = engine.generate(chats[k:k + step], P.sampling, rows=part)
             recs = []
             for r, c in zip(part, comps):
-                if c.finish_reason == "error" and c.transient:  # not an answer: not stored, sent again by a rerun
+                if c.transient:  # not an answer: not stored, sent again by a rerun
                     failed[r["id"]] = c.error
                     continue
                 ex = answers.extract_detailed(c.text, r["answer_type"], r.get("choices"), think_prefilled=prefilled)

@@ -144,7 +144,7 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
                 good, tried = [], []
                 for row, c in zip(rows, completions):
                     qid = row["id"]
-                    if c.finish_reason == "error" and c.transient:
+                    if c.transient:
                         tried.append({"id": f"{qid}#r{rnd}#e{errors.get(qid, 0)}", "question_id": qid,
                                       "dataset": row["dataset"], "round": rnd, "correct": False,
                                       "finish_reason": "error", "error": c.error, "transient": True})

@@ -164,7 +164,7 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
             comps = engine.generate(chats[k:k + step], P.sampling, json_schema=SCHEMA, rows=todo[k:k + step])
             batch = []
             for r, c in zip(todo[k:k + step], comps):
-                if c.finish_reason == "error" and c.transient:  # no verdict: not stored, sent again by a rerun
+                if c.transient:  # no verdict: not stored, sent again by a rerun
                     failed[r["id"]] = c.error
                     continue
                 v, err = parse(c.answer if c.answer else c.text, c.finish_reason)
