@@ -12,12 +12,14 @@ Appendix H.3). This module does the two halves of that:
   inputs where every example restarts its ``position_ids`` at 0 and no token
   attends across examples, in one of two layouts:
 
-  - ``attention="flash"`` (GPU, ``attn_implementation="flash_attention_2"``):
+  - ``attention="varlen"`` (``attn_implementation="flash_attention_2"`` on a GPU, or
+    ``"cdlib_sdpa_varlen"``, :func:`sdpa_varlen_attention`, sdpa one example at a time, the CPU default):
     padding-free. All bins of the micro-batch are concatenated into one row of
     shape ``[1, total]`` and the varlen kwargs ``cu_seq_lens_q/k`` and
     ``max_length_q/k`` are passed; transformers 5.19 hands them to
-    ``flash_attn_varlen_func`` (``modeling_flash_attention_utils._flash_attention_forward``).
-  - ``attention="sdpa"`` or ``"eager"`` (CPU): one row per bin, padded, with a
+    ``flash_attn_varlen_func`` (``modeling_flash_attention_utils._flash_attention_forward``) and
+    to any registered attention function as keyword arguments.
+  - ``attention="sdpa"`` or ``"eager"``: one row per bin, padded, with a
     block-diagonal causal 4D mask ``[rows, 1, L, L]`` (bool for sdpa, additive
     float for eager). transformers 5.19 uses a 4D mask as given
     (``masking_utils._preprocess_mask_arguments``), for every layer: right for
@@ -39,7 +41,7 @@ Whether a model can be packed at all on a layout is :func:`packed_layout`'s
 answer: layers with a recurrence over the sequence (Qwen3.5's gated delta-net
 linear attention and its short convolution) carry state across example
 boundaries in transformers' torch path, which takes no sequence boundaries. On
-the flash layout those layers are made to run each example of the packed row on
+the varlen layout those layers are made to run each example of the packed row on
 its own (:func:`split_linear_attention`); on sdpa/eager packing is refused and
 the trainer lays out one example per row (right-padded: the recurrence is causal,
 trailing padding never reaches a real token) and records why.
@@ -62,6 +64,7 @@ here: logits off by up to 0.5 on a tiny Qwen2). The cache also wastes memory.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +72,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-LAYOUTS = ("flash", "sdpa", "eager")
+LAYOUTS = ("varlen", "sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -101,31 +104,31 @@ def layer_types(config: Any) -> list[str]:
 def packed_layout(config: Any, attention: str, packing: bool = True) -> Layout:
     """The exact layout for a model (its transformers ``config``) on an attention path, or packing refused.
 
-    ``attention`` is the trainer's path: ``flash`` (varlen kwargs), ``sdpa`` or ``eager``.
+    ``attention`` is the trainer's path: ``varlen`` (padding-free, cu_seq_lens kwargs), ``sdpa`` or ``eager``.
 
     * Linear-attention layers (``layer_types`` holding ``linear_attention``: Qwen3.5, Qwen3.5-MoE):
       transformers 5.19's torch path of the gated delta-net (``causal_conv1d_fn``,
       ``torch_chunk_gated_delta_rule``) takes no sequence boundaries, so the convolution and the
       recurrent state run from one example into the next (measured: gradients off by up to 1e-2).
-      On ``flash`` the row is packed and ``split_linear`` is set: the trainer makes those layers run
+      On ``varlen`` the row is packed and ``split_linear`` is set: the trainer makes those layers run
       each ``cu_seq_lens`` segment on its own (:func:`split_linear_attention`, with whatever kernel
       the layer uses) while the attention layers and MLPs run the packed row. On sdpa/eager packing
       is refused: one example per row (right-padded).
     * Sliding-window layers on sdpa/eager (gpt-oss): a block mask per layer type, the sliding one
       within the window (:func:`collate_packed` ``sliding_window``).
-    * Otherwise the layout asked for (4D block mask on sdpa/eager, varlen kwargs on flash, which carry
+    * Otherwise the layout asked for (4D block mask on sdpa/eager, varlen kwargs, which carry
       each layer's ``sliding_window`` and gpt-oss's sinks to the kernel).
     """
-    if attention not in ("flash", "sdpa", "eager"):
-        raise ValueError(f"attention must be 'flash', 'sdpa' or 'eager', got {attention!r}")
+    if attention not in LAYOUTS:
+        raise ValueError(f"attention must be 'varlen', 'sdpa' or 'eager', got {attention!r}")
     if not packing:
         return Layout("padded", False)
     types = layer_types(config)
     model_type = getattr(config, "model_type", "?")
     if "linear_attention" in types:
         n = types.count("linear_attention")
-        if attention == "flash":
-            return Layout("flash", True, (
+        if attention == "varlen":
+            return Layout("varlen", True, (
                 f"{model_type}: {n} of its {len(types)} layers are linear attention (gated delta-net); they run "
                 "each packed example on its own (split at cu_seq_lens), the other layers the packed row"),
                 split_linear=True)
@@ -287,10 +290,11 @@ def collate_packed(
     Returns tensors ready for ``model(**batch)``: ``input_ids``, ``labels``,
     ``position_ids`` (restarting at 0 per example), ``use_cache=False`` and
 
-    * ``attention="flash"``: every bin concatenated into one row ``[1, total]``
+    * ``attention="varlen"``: every bin concatenated into one row ``[1, total]``
       (no padding at all) plus ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 cumulative
-      example lengths) and ``max_length_q``/``max_length_k`` (int), the varlen
-      kwargs of transformers' flash-attention path. ``pad_to`` is ignored.
+      example lengths; ``cu_seq_lens_host`` the same as a tuple of ints) and
+      ``max_length_q``/``max_length_k`` (int), the varlen
+      kwargs of transformers' flash-attention path (and of :func:`sdpa_varlen_attention`). ``pad_to`` is ignored.
     * ``attention="sdpa"`` / ``"eager"``: one row per bin, padded with ``pad_id``
       to the longest bin (or to ``pad_to``), and ``attention_mask``, a 4D
       block-diagonal causal mask (bool for sdpa, additive float32 for eager
@@ -329,9 +333,10 @@ def collate_packed(
         rows_pos.append(pos)
         rows_segs.append(segs)
 
-    if attention == "flash":
+    if attention == "varlen":
         seg_lens = [n for segs in rows_segs for n in segs]
-        cu = torch.tensor([0, *seg_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        bounds = (0, *itertools.accumulate(seg_lens))
+        cu = torch.tensor(bounds, dtype=torch.int32)
         longest = max(seg_lens)
         return {
             "input_ids": torch.tensor([[t for row in rows_ids for t in row]]),
@@ -339,6 +344,7 @@ def collate_packed(
             "position_ids": torch.tensor([[p for row in rows_pos for p in row]]),
             "cu_seq_lens_q": cu,
             "cu_seq_lens_k": cu,
+            "cu_seq_lens_host": bounds,  # the same bounds on the host, for sdpa_varlen_attention: no device read
             "max_length_q": longest,
             "max_length_k": longest,
             "use_cache": False,
@@ -401,7 +407,7 @@ def collate(examples: Sequence[dict[str, Any]], bins: Sequence[Sequence[int]], l
             raise ValueError(f"layout {layout.attention!r} does not pack: bins must hold one example each")
         return collate_padded([examples[b[0]] for b in bins], pad_id=pad_id)
     return collate_packed(examples, bins, attention=layout.attention, pad_id=pad_id,
-                          sliding_window=layout.sliding_window if layout.attention != "flash" else None,
+                          sliding_window=layout.sliding_window if layout.attention != "varlen" else None,
                           build_mask=build_mask)
 
 
@@ -442,6 +448,66 @@ def compare_to_one_by_one(model: Any, examples: Sequence[dict[str, Any]], bins: 
     return {"loss": ref, "loss_diff": abs(float(loss.detach()) - ref), "grad_diff": grad_diff}
 
 
+SDPA_VARLEN = "cdlib_sdpa_varlen"
+
+
+def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention over a padding-free packed row, one ``cu_seq_lens_q`` segment at a time, with torch's sdpa.
+
+    The attention function registered as ``attn_implementation="cdlib_sdpa_varlen"``
+    (:func:`register_sdpa_varlen`): what flash-attention's varlen kernel does on a GPU, for sdpa on any
+    device. Each example attends causally to itself only (``is_causal`` sdpa, or a banded mask within
+    ``sliding_window`` for a sliding layer longer than its window), so a packed row costs the sum of its
+    examples' squared lengths instead of the square of the row: on the demo's 1,024-token rows of ~130-token
+    examples the block-mask path spent half of each training step in attention (``benchmarks/README.md``).
+    Exact by construction: the same per-example causal attention as the examples run one by one.
+
+    A call without ``cu_seq_lens_q`` (one example per row, right-padded; generation) is one causal
+    segment per row: right padding comes after every real token, so no real token sees it. Left-padded
+    batches and attention sinks (gpt-oss's ``s_aux``) are refused: use sdpa or eager there. The segment
+    bounds are read to the host once per layer (free on a CPU; on a GPU it waits for the kernels queued before it).
+    """
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"{SDPA_VARLEN}: attention sinks (gpt-oss) are not supported; use attn_implementation "
+                         "'eager' (its packed rows get per-layer block masks)")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(f"{SDPA_VARLEN}: rows with an attention mask (padding) are not supported; pack them "
+                         "padding-free with cu_seq_lens or right-pad them without a mask")
+    cu = kwargs.get("cu_seq_lens_q")
+    length = query.shape[2]
+    if cu is None:
+        bounds = [(0, length)]
+    else:
+        if query.shape[0] != 1:
+            raise ValueError(f"{SDPA_VARLEN}: a packed row has batch size 1, got {query.shape[0]}")
+        edges = kwargs.get("cu_seq_lens_host") or cu.tolist()
+        bounds = list(zip(edges[:-1], edges[1:]))
+    gqa = query.shape[1] != key.shape[1]
+    drop = dropout if module.training else 0.0
+    parts = []
+    for s, e in bounds:
+        mask = None
+        if sliding_window is not None and e - s > sliding_window:
+            mask = torch.ones(e - s, e - s, dtype=torch.bool, device=query.device).tril().triu(-(sliding_window - 1))
+        parts.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, is_causal=mask is None,
+            dropout_p=drop, scale=scaling, enable_gqa=gqa))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_sdpa_varlen() -> str:
+    """Register :func:`sdpa_varlen_attention` with transformers' attention interface (idempotent); returns
+    its ``attn_implementation`` name. No mask function is registered for it, so transformers builds no
+    ``L x L`` mask for a packed row (``masking_utils._preprocess_mask_arguments`` skips unknown names)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+    return SDPA_VARLEN
+
+
 def split_linear_attention(model: Any) -> int:
     """Make every linear-attention module (``*.linear_attn``: Qwen3.5's gated delta-net) of ``model`` run
     a packed varlen row one ``cu_seq_lens_q`` segment at a time; returns how many were changed.
@@ -462,10 +528,11 @@ def split_linear_attention(model: Any) -> int:
             if cu is None or cache_params is not None:
                 return _orig(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
             rest = {k: v for k, v in kwargs.items()
-                    if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")}
+                    if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seq_lens_host", "max_length_q", "max_length_k",
+                                 "position_ids")}
             if hidden_states.shape[0] != 1:
                 raise ValueError(f"{name}: a varlen row has batch size 1, got {hidden_states.shape[0]}")
-            bounds = cu.tolist()
+            bounds = kwargs.get("cu_seq_lens_host") or cu.tolist()
             parts = [_orig(hidden_states[:, s:e], cache_params=None, attention_mask=None, **rest)
                      for s, e in zip(bounds[:-1], bounds[1:])]
             return torch.cat(parts, dim=1)

@@ -251,7 +251,9 @@ class TrainParams(StageParams):
     accelerate_config: str | None = None  # path under slurm/accelerate/ for FSDP2
     limit: int | None = Field(None, ge=1)
     # added for cdlib.train:
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"  # auto: flash on GPU if installed
+    # auto: flash_attention_2 on GPU if installed, else sdpa_varlen (sdpa per packed example, no L x L mask);
+    # sdpa / eager: rows padded to the longest with 4D block masks
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = "auto"
     max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping (0: off); Axolotl's default 1.0
     tiny_hidden: int = Field(128, ge=64)  # toy students from scratch: hidden size (heads of dim 64)
     tiny_layers: int = Field(4, ge=1)  # toy students: decoder layers

@@ -41,12 +41,15 @@ params.json`` is the worker entry point of such a launch.
 
 Packed batches come from ``cdlib.pack`` and carry ``use_cache=False``; they are
 passed to the model unchanged (without it transformers 5.19 builds a cache and
-ignores the packed ``position_ids``, attending across examples). Whether a model
-is packed at all is :func:`cdlib.pack.packed_layout`'s answer for its config and
-attention path: linear-attention models (Qwen3.5) train one example per row on
-sdpa/eager, with the reason in the log and in the metrics (``layout``, ``packing``,
-``packing_note``), and packed on flash with those layers run example by example;
-sliding-window models (gpt-oss, eager) get a block mask per layer type. The paper's
+ignores the packed ``position_ids``, attending across examples). By default rows are
+padding-free with ``cu_seq_lens`` (layout ``varlen``): flash-attention 2 on a GPU, else
+sdpa one example at a time (:func:`cdlib.pack.sdpa_varlen_attention`), so no ``L x L``
+mask is built and attention costs the examples' lengths squared, not the row's. Whether a
+model is packed at all is :func:`cdlib.pack.packed_layout`'s answer for its config and
+attention path: linear-attention models (Qwen3.5) are packed on varlen with those layers
+run example by example, and train one example per row on sdpa/eager block masks, with the
+reason in the log and in the metrics (``layout``, ``packing``, ``packing_note``);
+sliding-window models with sinks (gpt-oss, eager) get a block mask per layer type. The paper's
 families also come as tiny random models (``student: tiny-llama``, ...; ``cdlib.tiny``).
 """
 

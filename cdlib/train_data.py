@@ -383,7 +383,7 @@ def collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int
 def with_mask(batch: dict[str, Any], rows: packlib.Layout) -> dict[str, Any]:
     """The batch with its packed block mask, derived from ``position_ids`` on their device
     (:func:`cdlib.pack.block_mask_from_positions`) when the collate left it out."""
-    if rows.packing and rows.attention != "flash" and "attention_mask" not in batch:
+    if rows.packing and rows.attention != "varlen" and "attention_mask" not in batch:
         return {**batch, "attention_mask": packlib.block_mask_from_positions(batch["position_ids"], rows)}
     return batch
 

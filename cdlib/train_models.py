@@ -19,31 +19,38 @@ from cdlib.train_data import Prepared, TrainError
 
 
 def attention_layout(P: TrainParams, on_gpu: bool, source: str | None = None) -> tuple[str, str]:
-    """``(attn_implementation, collate layout)``: flash varlen when available on GPU, sdpa 4D masks otherwise.
+    """``(attn_implementation, collate layout)`` of a student.
 
-    With ``source`` (the model to load), ``auto`` falls back to ``eager`` where the model's class
-    supports neither (transformers refuses sdpa and flash-attention 2 for gpt-oss, whose sinks need
-    eager or a sink-aware kernel). Whether the rows may be packed is :func:`cdlib.pack.packed_layout`'s.
+    ``auto``: flash-attention 2 on a GPU where installed, else sdpa one packed example at a time
+    (``sdpa_varlen``, :func:`cdlib.pack.sdpa_varlen_attention`); both take padding-free rows with
+    ``cu_seq_lens`` (layout ``varlen``). With ``source`` (the model to load), ``auto`` falls back to
+    ``eager`` with per-layer block masks where the model's class supports neither (transformers refuses
+    sdpa and flash-attention 2 for gpt-oss, whose sinks need eager or a sink-aware kernel). ``sdpa`` and
+    ``eager`` ask for rows padded to the longest with 4D block masks. Whether the rows may be packed is
+    :func:`cdlib.pack.packed_layout`'s.
     """
     import importlib.util
 
     impl = P.attn_implementation
     if impl == "auto":
-        impl = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+        impl = "flash_attention_2" if on_gpu and importlib.util.find_spec("flash_attn") else "sdpa_varlen"
         if source is not None and not _supports_attention(source, impl):
             impl = "eager"
-    return impl, {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}[impl]
+    if impl == "sdpa_varlen":
+        return packlib.register_sdpa_varlen(), "varlen"
+    return impl, {"flash_attention_2": "varlen", "sdpa": "sdpa", "eager": "eager"}[impl]
 
 
 def _supports_attention(source: str, impl: str) -> bool:
-    """Whether the causal-LM class of the model at ``source`` accepts ``impl`` (sdpa / flash_attention_2)."""
+    """Whether the causal-LM class of the model at ``source`` accepts ``impl`` (sdpa and sdpa_varlen: its
+    ``_supports_sdpa``, which transformers checks for registered attention functions too; flash_attention_2)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.from_pretrained(source))]
     except (KeyError, OSError, ValueError):
         return True  # unknown here: let from_pretrained decide
-    if impl == "sdpa":
+    if impl in ("sdpa", "sdpa_varlen"):
         return bool(getattr(cls, "_supports_sdpa", True))
     compatible = getattr(cls, "_compatible_flash_implementations", None)
     return bool(getattr(cls, "_supports_flash_attn", True)) and (not compatible or impl in compatible)
@@ -261,7 +268,7 @@ def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool,
     rows = packlib.packed_layout(model.config, layout, P.packing)
     if rows.reason:
         say(rows.reason)
-    if rows.split_linear:  # Qwen3.5 on flash: linear-attention layers run each packed example on its own
+    if rows.split_linear:  # Qwen3.5 on varlen: linear-attention layers run each packed example on its own
         packlib.split_linear_attention(model)
     model, lora_info = add_lora(model, P, data.model_source, accelerator.is_main_process, say) if lora else (model, None)
     config = model.config

@@ -101,14 +101,21 @@ def test_tiny_configs_keep_the_real_shapes():
 # --------------------------------------------------------------------------- packing
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("path", ["cpu", "flash"])
+PATHS = [(f, p) for f in FAMILIES for p in ("blockmask", "sdpa_varlen", "flash")
+         if not (f == "gpt_oss" and p == "sdpa_varlen")]  # gpt-oss: no sdpa (sinks); auto takes eager
+
+
+@pytest.mark.parametrize("family,path", PATHS)
 def test_packing_is_exact_or_refused_per_family_and_path(family, path):
-    attn = cpu_attention(family) if path == "cpu" else "varlen_cpu_test"
+    """Per family and path: ``blockmask`` (sdpa/eager with 4D block masks), ``sdpa_varlen`` (cdlib's own
+    varlen sdpa, the CPU default) and ``flash`` (a CPU stand-in for flash varlen, with window and sinks)."""
+    from cdlib.pack import register_sdpa_varlen
+
+    attn = {"blockmask": cpu_attention(family), "sdpa_varlen": register_sdpa_varlen(), "flash": "varlen_cpu_test"}[path]
     model = tiny(family, attn)
-    layout = packed_layout(model.config, "flash" if path == "flash" else attn)
+    layout = packed_layout(model.config, attn if path == "blockmask" else "varlen")
     linear = "linear_attention" in model.config.layer_types if hasattr(model.config, "layer_types") else False
-    if linear and path == "flash":  # Qwen3.5 on flash: packed, linear-attention layers split per example
+    if linear and path != "blockmask":  # Qwen3.5 on varlen: packed, linear-attention layers split per example
         assert layout.packing and layout.split_linear and "split at cu_seq_lens" in layout.reason
         leaky = compare_to_one_by_one(model, FEW, FEW_BINS, layout)  # the torch path alone crosses boundaries
         assert leaky["loss_diff"] > 1e-4 or leaky["grad_diff"] > 1e-3, leaky
@@ -219,8 +226,12 @@ def test_gpt_oss_lora_run_keeps_its_window_and_names_the_targets_it_lacks(traces
 
 
 @pytest.mark.slow
-def test_qwen3_5_full_run_refuses_packing_and_records_the_layout(traces, tmp_path):
+def test_qwen3_5_full_run_packs_on_varlen_and_refuses_on_block_masks(traces, tmp_path):
     m, lines = _train(traces, tmp_path / "q", student="tiny-qwen3.5", method="full", chat_format="qwen")
+    assert m["packing"] is True and m["layout"] == "varlen" and m["attn_implementation"] == "cdlib_sdpa_varlen"
+    assert "split at cu_seq_lens" in m["packing_note"] and m["steps"] == 2
+    m, lines = _train(traces, tmp_path / "q2", student="tiny-qwen3.5", method="full", chat_format="qwen",
+                      attn_implementation="sdpa")
     assert m["packing"] is False and m["layout"] == "padded" and "packing refused" in m["packing_note"]
     assert any("packing refused" in line for line in lines) and m["steps"] == 2
 

@@ -62,7 +62,7 @@ def test_bf16_training_with_flash_varlen_8bit_adam_and_fused_head(traces, tmp_pa
     m = T.run(P, progress=False, log=print)
     assert m["precision"] == "bf16" and m["steps"] == 30
     if importlib.util.find_spec("flash_attn"):
-        assert m["attn_implementation"] == "flash_attention_2" and m["layout"] == "flash"
+        assert m["attn_implementation"] == "flash_attention_2" and m["layout"] == "varlen"
     if importlib.util.find_spec("bitsandbytes"):
         assert m["optimizer"] == "bitsandbytes.AdamW8bit"
     assert m["loss_head"] in ("cce", "liger", "chunked")
@@ -133,15 +133,17 @@ def test_family_packing_on_cuda_equals_one_by_one(family):
     fp32 on sdpa / eager (gpt-oss's sinks) to the CPU tests' 1e-5 scale; bf16 on a varlen flash kernel where
     flash-attn is installed, to a bf16 tolerance (Qwen3.5's linear-attention layers split at cu_seq_lens).
     """
-    from cdlib.pack import compare_to_one_by_one, packed_layout, split_linear_attention
+    from cdlib.pack import compare_to_one_by_one, packed_layout, register_sdpa_varlen, split_linear_attention
 
     examples, bins = _family_rows()
     paths = [("eager" if family == "gpt_oss" else "sdpa", torch.float32, 1e-4)]
+    if family != "gpt_oss":  # cdlib's varlen sdpa (auto without flash-attn), fp32
+        paths.append((register_sdpa_varlen(), torch.float32, 1e-4))
     if importlib.util.find_spec("flash_attn") and family != "gpt_oss":
         paths.append(("flash_attention_2", torch.bfloat16, 3e-2))
     for attn, dtype, tol in paths:
         model = _cuda_family_model(family, attn, dtype)
-        layout = packed_layout(model.config, "flash" if attn.startswith("flash") else attn)
+        layout = packed_layout(model.config, attn if attn in ("sdpa", "eager") else "varlen")
         if layout.split_linear:
             split_linear_attention(model)
         use_bins = bins if layout.packing else [[i] for i in range(len(examples))]

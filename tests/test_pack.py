@@ -79,11 +79,14 @@ def test_pack_is_fast_on_many_examples():
 # --------------------------------------------------------------------------- packed batches on a tiny model
 
 
-def tiny_model(attn: str) -> Qwen2ForCausalLM:
+def tiny_model(attn: str, sliding_window: int | None = None) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
+    window = {"use_sliding_window": True, "sliding_window": sliding_window, "max_window_layers": 0,
+              "layer_types": ["sliding_attention"] * 2} if sliding_window else {}
     config = Qwen2Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        **window,
     )
     model = Qwen2ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32)
     return model.eval()  # no dropout; gradients still flow
@@ -190,12 +193,12 @@ def varlen_cpu_attention(module, query, key, value, attention_mask, scaling=None
 
 
 def test_padding_free_varlen_batch_equals_examples_one_by_one(examples_and_bins):
-    """The flash layout: the varlen kwargs reach the attention function and give the exact loss."""
+    """The varlen layout: the kwargs reach the attention function and give the exact loss."""
     AttentionInterface.register("varlen_cpu_test", varlen_cpu_attention)
     examples, bins = examples_and_bins
     model = tiny_model("varlen_cpu_test")
     ref = one_by_one(model, examples)
-    batch = collate_packed(examples, bins, attention="flash")
+    batch = collate_packed(examples, bins, attention="varlen")
     total = sum(len(ex["input_ids"]) for ex in examples)
     assert batch["input_ids"].shape == (1, total) and "attention_mask" not in batch
     # the same cumulative lengths transformers derives from position_ids for flash_attention_2
@@ -209,10 +212,38 @@ def test_padding_free_row_with_sdpa_uses_position_ids(examples_and_bins):
     examples, bins = examples_and_bins
     model = tiny_model("sdpa")
     ref = one_by_one(model, examples)
-    batch = collate_packed(examples, bins, attention="flash")
+    batch = collate_packed(examples, bins, attention="varlen")
     row = {k: batch[k] for k in ("input_ids", "labels", "position_ids", "use_cache")}
     assert_same(ref, packed(model, row, ref[2]))
     # without use_cache=False the model builds a cache, skips packed-sequence detection and leaks
     leaky = {k: batch[k] for k in ("input_ids", "labels", "position_ids")}
     loss, _, _ = packed(model, leaky, ref[2])
     assert not torch.allclose(loss, ref[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_sdpa_varlen_attention_equals_examples_one_by_one(examples_and_bins, window):
+    """cdlib's own varlen attention (the CPU default): sdpa one packed example at a time, exact, also
+    within a sliding window shorter than the examples (each example alone sees the same window)."""
+    from cdlib.pack import register_sdpa_varlen
+
+    examples, bins = examples_and_bins
+    model = tiny_model(register_sdpa_varlen(), sliding_window=window)
+    ref = one_by_one(model, examples)
+    batch = collate_packed(examples, bins, attention="varlen")
+    assert_same(ref, packed(model, batch, ref[2]))
+    if window:  # the window bites: the same model without it gives another loss
+        plain = tiny_model(register_sdpa_varlen())
+        assert not torch.allclose(one_by_one(plain, examples)[0], ref[0], atol=1e-4)
+
+
+def test_sdpa_varlen_attention_refuses_sinks_and_batches_of_rows():
+    from cdlib.pack import sdpa_varlen_attention
+
+    q = torch.zeros(2, 2, 6, 4)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="sinks"):
+        sdpa_varlen_attention(module, q[:1], q[:1], q[:1], None, s_aux=torch.zeros(2), cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="batch size 1"):
+        sdpa_varlen_attention(module, q, q, q, None, cu_seq_lens_q=cu)
