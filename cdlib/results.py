@@ -100,6 +100,24 @@ class GridOutputs:
         df = _read_jsonl(path, fields, lengths)
         return None if df.is_empty() else df
 
+    def teacher_of(self, cell: GridCell) -> str:
+        """The teacher whose traces a cell's data come from: the ``teacher`` axis of its lineage, else the
+        key of the teacher-trace generate cell it descends from (a grid with a ``seed`` axis and one
+        teacher names it ``s0``, ``s1``, ...), else "—". Student samples (``keep: all``) are skipped."""
+        teacher = self.lineage_axes(cell).get("teacher")
+        if teacher:
+            return teacher
+        todo, seen = [cell.id], set()
+        while todo:
+            c = self.cells[todo.pop(0)]
+            if c.id in seen:
+                continue
+            seen.add(c.id)
+            if c.kind == "generate" and c.params.get("keep") != "all":
+                return c.id.split("/", 1)[1]
+            todo += c.upstream
+        return NO_VALUE
+
     def upstream_of(self, cell: GridCell, kind: str) -> GridCell | None:
         """The nearest cell of ``kind`` upstream of ``cell`` (breadth first)."""
         todo, seen = list(cell.upstream), set()
@@ -301,7 +319,7 @@ def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
             continue
         df = g.records(c, "traces.jsonl", ["id", "dataset", "domain", "completion_tokens"], lengths=("reasoning",))
         if df is not None:
-            teacher = g.lineage_axes(c).get("teacher", c.id.split("/", 1)[1])
+            teacher = g.teacher_of(c)
             parts.append(df.with_columns(teacher=pl.lit(teacher)))
     return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
 
@@ -323,7 +341,7 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
         tok = g.records(c, "tokens.jsonl", ["id", "original_tokens", "compressed_tokens"])
         if tok is not None:
             df = df.join(tok, on="id", how="left")
-        teacher = g.lineage_axes(c).get("teacher", NO_VALUE)
+        teacher = g.teacher_of(c)
         flag = pl.col("flag").cast(pl.String)
         parts.append(df.with_columns(teacher=pl.lit(teacher), compressor=pl.lit(compressor_name(c)), flag=flag,
                                      drop=pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())))
@@ -352,7 +370,7 @@ def grid_trace_lengths(g: GridOutputs, compression: pl.DataFrame | None = None) 
     for c in g.of("truncate"):
         df = g.records(c, "truncated.jsonl", ["truncated_tokens"])
         if df is not None:
-            parts.append(df.select(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)), source=pl.lit("truncated"),
+            parts.append(df.select(teacher=pl.lit(g.teacher_of(c)), source=pl.lit("truncated"),
                                    reasoning_tokens=pl.col("truncated_tokens")))
     if not parts:
         return None
@@ -372,7 +390,7 @@ def grid_judge(g: GridOutputs) -> pl.DataFrame | None:
         df = g.records(c, "judgements.jsonl",
                        ["id", "dataset", "domain", "faithfulness", "verdict", "answer_alignment", "parse_error"])
         if df is not None:
-            parts.append(judged(df).with_columns(teacher=pl.lit(g.lineage_axes(c).get("teacher", NO_VALUE)),
+            parts.append(judged(df).with_columns(teacher=pl.lit(g.teacher_of(c)),
                                                  compressor=pl.lit(_judged_compressor(g, c))))
     return _domains(pl.concat(parts, how="diagonal_relaxed")) if parts else None
 
@@ -385,10 +403,10 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
         n = c.metrics.get("n") or 0
         for k, v in c.metrics.items():
             if k.startswith("failure_modes.") and v:
-                rows.append({"teacher": g.lineage_axes(c).get("teacher", NO_VALUE), "compressor": compressor,
+                rows.append({"teacher": g.teacher_of(c), "compressor": compressor,
                              "failure_mode": k.split(".", 1)[1], "count": int(v), "pct_of_judged": 100 * v / n if n else None})
         if c.metrics.get("parse_failures"):
-            rows.append({"teacher": g.lineage_axes(c).get("teacher", NO_VALUE), "compressor": compressor,
+            rows.append({"teacher": g.teacher_of(c), "compressor": compressor,
                          "failure_mode": "(judge parse failure)", "count": int(c.metrics["parse_failures"]),
                          "pct_of_judged": 100 * c.metrics["parse_failures"] / n if n else None})
     if not rows:

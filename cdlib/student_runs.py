@@ -48,7 +48,7 @@ def _run_keys(g: GridOutputs, cells: list[GridCell | None]) -> dict[str, str]:
         lineage.update(g.lineage_axes(c))
     train = next((c for c in present if c.kind == "train"), None)
     tp = train.params if train else {}
-    keys = {"teacher": lineage.get("teacher"), "student": lineage.get("student") or tp.get("student"),
+    keys = {"teacher": lineage.get("teacher") or (g.teacher_of(present[0]) if present else None), "student": lineage.get("student") or tp.get("student"),
             "method": lineage.get("method") or tp.get("method"), "source": lineage.get("source") or tp.get("source")}
     extra = {k: v for c in present for k, v in c.axes.items() if k not in RUN_KEYS and k != "compressor"}
     if extra and keys["method"]:

@@ -465,3 +465,31 @@ def test_kind_inputs_and_budget_are_read_as_recorded_not_guessed(tmp_path):
     g3 = results.read_grid(tmp_path / "old")
     assert (g3.cells["evaluate/e2"].kind, g3.cells["evaluate/e2"].upstream) == ("evaluate", ["distill/t1"])
     assert g3.cells["distill/t1"].kind is None, "no telltale name, file or metric: why the runner records kind"
+
+
+def test_a_grid_with_a_seed_axis_names_each_runs_teacher_by_its_generate_cell(tmp_path):
+    """make demo-seeds' layout: no ``teacher`` axis, one teacher per seed: runs, Table 4 and the
+    compression rows are labelled by the generate cell (s0, s1), not "—"; student samples are skipped."""
+    from cdlib import results, student_runs
+
+    cells = {
+        "generate/s0": ("generate", {}, {"seed": "s0"}, {"n": 2}, {}),
+        "generate/s1": ("generate", {}, {"seed": "s1"}, {"n": 2}, {}),
+        "train/s1__raw": ("train", {"data": "generate/s1"}, {"seed": "s1", "source": "raw"}, {"n_examples": 2}, {}),
+        "sample/s1": ("generate", {"model": "train/s1__raw"}, {"seed": "s1"}, {"n": 2}, {"keep": "all"}),
+        "train/s1__mpd": ("train", {"data": "sample/s1"}, {"seed": "s1", "source": "mpd"}, {"n_examples": 2}, {}),
+        "evaluate/s1__raw": ("evaluate", {"model": "train/s1__raw"}, {"seed": "s1", "source": "raw"},
+                             {"n": 4, "accuracy": 0.5}, {}),
+    }
+    for cid, (kind, inputs, axes, metrics, params) in cells.items():
+        d = tmp_path / cid
+        d.mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"status": "done", "kind": kind, "inputs": inputs, "axes": axes}))
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        (d / "params.yaml").write_text(yaml.safe_dump(params))
+    g = results.read_grid(tmp_path)
+    assert {cid: g.teacher_of(c) for cid, c in g.cells.items()} == {
+        "generate/s0": "s0", "generate/s1": "s1", "train/s1__raw": "s1", "sample/s1": "s1", "train/s1__mpd": "s1",
+        "evaluate/s1__raw": "s1"}
+    run = student_runs.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
+    assert run["teacher"] == "s1" and run["source"] == "raw"
