@@ -105,7 +105,8 @@ def _split_files(spec: DatasetSpec, path: str | Path, source_split: str) -> list
     names = SPLIT_ALIASES.get(source_split, (source_split,))
     readable = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READABLE_SUFFIXES)
     for name in names:  # the hub's name first, then the original releases' names
-        token = re.compile(rf"(^|[._-]){re.escape(name)}([._-]|$)")
+        # Any case: AI2's ARC release names its files ARC-Challenge-Test.jsonl, ARC-Easy-Dev.jsonl.
+        token = re.compile(rf"(^|[._-]){re.escape(name)}([._-]|$)", re.IGNORECASE)
         files = [p for p in readable if token.search(p.name)]
         if files:
             return files

@@ -65,6 +65,14 @@ OLMES_GOLD = {
     "piqa": ["A", "A", "B", "B", "B", "A", "B"],  # label 0, 0, 1, ...
     "winogrande": ["A", "A", "B", "A", "B", "A", "B", "A", "B", "A"],  # answer "1", "1", "2", ...
 }
+# AI2's ARC release as its zip unpacks: ARC-V1-Feb2018-2/ARC-<set>/ARC-<set>-{Train,Dev,Test}.jsonl.
+# name -> (gold, option count) of its test rows in file order, from answerKey ("2" of labels
+# "1".."3" is B, "3" of "1".."4" is C).
+ARC = REAL / "arc" / "ARC-V1-Feb2018-2"
+ARC_TEST = {
+    "arc_challenge": (["A", "A", "B", "D", "A"], [4, 4, 3, 5, 5]),
+    "arc_easy": (["A", "A", "A", "C", "E"], [4, 4, 3, 4, 5]),
+}
 # Benchmarks without real rows here, and why (README.md in the fixture folder says more).
 NOT_HERE = {
     "gpqa_diamond": "hub only (gated); its authors ask that examples not be shown online",
@@ -178,6 +186,35 @@ def test_olmes_rows_keep_the_texts_that_matter():
     assert wino[0]["question"].endswith("The _ is small.") and wino[0]["choices"] == ["garage", "backyard"]
 
 
+@pytest.mark.parametrize("name", sorted(ARC_TEST))
+def test_arc_release_test_rows_with_3_4_and_5_options(name):
+    rows = ds.load(name, "eval", path=ARC)  # the folder: ARC-<set>/ARC-<set>-Test.jsonl, capital T
+    gold, n_options = ARC_TEST[name]
+    assert [row["gold"] for row in rows] == gold
+    assert [len(row["choices"]) for row in rows] == n_options
+    assert all(row["id"].startswith(f"{name}/test/") for row in rows)
+    for row in rows:
+        lines = [line for line in prompts.build_prompt(row).splitlines() if re.match(r"[A-E]\. ", line)]
+        assert [line[0] for line in lines] == list("ABCDE")[: len(row["choices"])]
+        assert answers.is_correct(f"So the answer is \\boxed{{{row['gold']}}}.", row["gold"], "letter", row["choices"])
+
+
+def test_arc_release_rows_keep_the_texts_that_matter():
+    challenge = ds.load("arc_challenge", "eval", path=ARC)
+    assert len(challenge[0]["question"]) == 831  # the test split's longest question
+    assert "During an El Niño event, upwelling declines." in challenge[1]["question"]
+    assert challenge[2]["choices"][prompts.letter_index(challenge[2]["gold"])] == "increase"  # answerKey "2"
+    assert challenge[3]["choices"][3].startswith("Warm-blooded animals normally maintain")
+    assert 'stated "Bubbles were given off at one of the electrodes."' in challenge[4]["question"]
+    easy = ds.load("arc_easy", "eval", path=ARC)
+    assert easy[3]["choices"][2] == "Based on previous data, ten hurricanes may occur in the year 2013."
+    assert easy[3]["choices"][0].endswith("56°F.")
+    assert easy[4]["choices"][4] == "It is using less energy than when it is active."
+    # ARC-Easy-Dev.jsonl is the hub's validation split.
+    (dev,) = ds.load("arc_easy", "validation", path=ARC)
+    assert dev["id"] == "arc_easy/validation/MCAS_2000_4_6" and dev["choices"][0] == "cellular telephone"
+
+
 def test_boolq_superglue_test_rows_have_no_label(tmp_path):
     row = json.loads((OLMES / "boolq.jsonl").read_text(encoding="utf-8").splitlines()[0])
     (tmp_path / "test.jsonl").write_text(json.dumps({**row, "label": -1}) + "\n")  # SuperGLUE's unlabelled test
@@ -220,6 +257,7 @@ def test_truthfulqa_hub_layout_with_13_options(tmp_path):
 def test_every_real_row_prompt_shows_all_its_options():
     rows = [row for name in EXPECTED for row in load(name)] + ds.load("truthfulqa", "eval", path=TRUTHFULQA)
     rows += [row for name in OLMES_GOLD for row in load_olmes(name)]
+    rows += [row for name in ARC_TEST for row in ds.load(name, "eval", path=ARC)]
     for row in rows:
         prompt = prompts.build_prompt(row)
         assert row["question"] in prompt
