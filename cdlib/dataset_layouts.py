@@ -209,6 +209,8 @@ def map_medmcqa(raw: dict, key: str) -> Mapped:
     # JSON files count cop from 1 (medmcqa/medmcqa README: "cop":1 for opa); medmcqa_file
     # shifts those to 0 before this mapping.
     texts = [raw[c] for c in ("opa", "opb", "opc", "opd")]
+    if str(raw["cop"]).strip() == "-1":  # the hub's unlabelled test split
+        raise RowError("cop -1: the test split has no labels")
     return raw["question"], texts, _gold(texts, _index(raw["cop"], 4, "cop"))
 
 

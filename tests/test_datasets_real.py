@@ -258,6 +258,7 @@ def test_every_real_row_prompt_shows_all_its_options():
     rows = [row for name in EXPECTED for row in load(name)] + ds.load("truthfulqa", "eval", path=TRUTHFULQA)
     rows += [row for name in OLMES_GOLD for row in load_olmes(name)]
     rows += [row for name in ARC_TEST for row in ds.load(name, "eval", path=ARC)]
+    rows += ds.load("medmcqa", "eval", path=REAL / "medmcqa_hub")
     for row in rows:
         prompt = prompts.build_prompt(row)
         assert row["question"] in prompt
@@ -289,6 +290,24 @@ def test_medmcqa_cop_counts_from_1_in_the_release_and_from_0_on_the_hub(tmp_path
     (tmp_path / "release").mkdir()
     (tmp_path / "release" / "dev.json").write_text(json.dumps(release) + "\n")
     assert ds.load("medmcqa", "eval", path=tmp_path / "release")[0]["gold"] == "A"
+
+
+def test_medmcqa_hub_row_with_choice_type_multi_and_null_explanation(tmp_path):
+    # The hub's validation row 0 (ModelCloud/Evalution's test quotes it whole): cop 0, exp and
+    # topic_name null, choice_type "multi" (its one answer is still cop).
+    path = REAL / "medmcqa_hub" / "validation.jsonl"
+    source = json.loads(path.read_text(encoding="utf-8"))
+    assert source["exp"] is None and source["topic_name"] is None and source["choice_type"] == "multi"
+    (row,) = ds.load("medmcqa", "eval", path=path.parent)
+    assert row["id"] == "medmcqa/validation/45258d3d-b974-44dd-a161-c3fccbdadd88"
+    assert row["gold"] == "A" and row["choices"][0].startswith("Impulse through myelinated fibers is slower")
+    assert "\nD. Local anesthesia is effective only when the nerve is not covered by myelin sheath\n" in (
+        prompts.build_prompt(row)
+    )
+    # The hub's test split has no labels: cop -1 (and exp "") in every row.
+    (tmp_path / "test.jsonl").write_text(json.dumps({**source, "cop": -1, "exp": ""}) + "\n")
+    with pytest.raises(ds.DatasetError, match=r"medmcqa: .*test\.jsonl:1 .*cop -1: the test split has no labels"):
+        ds.load("medmcqa", "test", path=tmp_path)
 
 
 def test_gpqa_reads_the_hubs_csv(tmp_path):
