@@ -271,12 +271,34 @@ def _reaped(grid: Grid, c: Cell, p: subprocess.Popen, out: Any) -> dict[str, Any
     return m
 
 
+def critical_first(todo: list[Cell]) -> list[Cell]:
+    """``todo`` ordered by the longest chain of this run's cells waiting on each (most first), stage order
+    kept among equals, so a free slot goes to the cell that holds up the most work: in the demo the
+    raw-trace student and the MPD sampling that waits on it start before students only an evaluation
+    waits on, and the run does not end on a chain of single cells with the other slot idle."""
+    ids = {c.id for c in todo}
+    dependents: dict[str, list[str]] = {c.id: [] for c in todo}
+    for c in todo:
+        for u in c.depends_on:
+            if u in ids:
+                dependents[u].append(c.id)
+    height: dict[str, int] = {}
+
+    def chain(cid: str) -> int:
+        if cid not in height:
+            height[cid] = 1 + max((chain(d) for d in dependents[cid]), default=0)
+        return height[cid]
+
+    return sorted(todo, key=lambda c: -chain(c.id))
+
+
 def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int,
                  poll_s: float = 0.5, view: Any = None) -> dict[str, str]:
     """Run ``todo`` with up to ``jobs`` cells at once, each as ``python -m cdlib.grid run GRID --cell ID``.
 
     A cell starts as soon as :func:`decide` says run (its inputs are done; an ``after: all``
-    cell also waits for every cell of this run above it, since it reads their results); a cell
+    cell also waits for every cell of this run above it, since it reads their results), the
+    ready cell with the longest chain of cells waiting on it first (:func:`critical_first`); a cell
     whose input failed is reported blocked. Each subprocess gets its own slice of
     CPUs or GPUs (:func:`slot_resources`) and writes its notebook's output to the
     cell's ``log.txt``, as in a sequential run. Interrupting the runner stops them all.
@@ -284,7 +306,7 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     say = view.say if view is not None else (lambda m: print(m, flush=True))
     slots = slot_resources(jobs)
     free = list(range(jobs))
-    pending = list(todo)
+    pending = critical_first(todo)
     running: dict[str, tuple[subprocess.Popen, int, Any, Cell]] = {}
     results: dict[str, str] = {}
     started = 0

@@ -386,3 +386,23 @@ def test_notebooks_get_the_validated_parameters_in_full(tmp_path):
     assert "pue" not in report.params and notebook_parameters(report, REPO)["pue"] == 1.15
     square = Grid(make_grid(tmp_path), root=REPO).cell("parent/two")  # no stage kind: the grid's keys
     assert notebook_parameters(square, REPO) == square.params
+
+
+def test_parallel_runs_start_the_cell_most_work_waits_on_first():
+    """--jobs: of the ready cells, the one with the longest chain of cells waiting on it goes first
+    (the demo's raw-trace student: MPD's sample, rewrite, mpd and their evaluation wait on it), stage
+    order among equals; every cell stays after its inputs."""
+    from cdlib.runner import critical_first
+
+    g = Grid(REPO / "params/demo.yaml", root=REPO)
+    order = [c.id for c in critical_first(list(g.cells))]
+    assert sorted(order) == sorted(c.id for c in g.cells)
+    pos = {cid: k for k, cid in enumerate(order)}
+    for c in g.cells:
+        assert all(pos[u] < pos[c.id] for u in c.depends_on), c.id
+    trains = [cid for cid in order if cid.startswith("train/")]
+    assert trains[0] == "train/toy__tiny__full__raw" and trains[1] == "train/toy__tiny__full__extractive"
+    assert pos["sample/toy__tiny__full"] < pos["train/toy__tiny__full__truncated"]
+    stage_order = [c.id for c in g.cells]  # equals keep stage order: the evaluations, as listed
+    evals = [cid for cid in order if cid.startswith("evaluate/")]
+    assert evals == [cid for cid in stage_order if cid.startswith("evaluate/")]
