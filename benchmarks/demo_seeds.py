@@ -3,6 +3,7 @@ on accuracy, with far fewer output tokens than raw traces.
 
     python benchmarks/demo_seeds.py outputs/demo-seeds/results.parquet   (after `make demo-seeds`)
     python benchmarks/demo_seeds.py outputs/demo/results.parquet         (one seed: the demo)
+    python benchmarks/demo_seeds.py outputs/demo-seeds/results.parquet --figure docs/demo_pareto.png
 
 Prints one table per seed (accuracy, mean completion tokens, trainable tokens per source) and
 whether the claim holds; exits 1 if it fails for any seed.
@@ -31,7 +32,24 @@ def check(df: pl.DataFrame) -> list[str]:
     return problems
 
 
-def main(path: str) -> int:
+def figure(res: pl.DataFrame, out: str) -> None:
+    """Accuracy against mean output tokens, one mark per seed and source (the README's figure)."""
+    import altair as alt
+    import vl_convert as vlc
+
+    chart = alt.Chart(res.select("seed", "source", "accuracy", "mean_completion_tokens").to_pandas()).mark_point(
+        filled=True, size=160, opacity=0.85).encode(
+        x=alt.X("mean_completion_tokens:Q", scale=alt.Scale(type="log", domain=[9, 1000]), title="mean output tokens"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (200 held-out problems)"),
+        color=alt.Color("source:N", title="training source"), shape=alt.Shape("seed:N", title="seed"),
+        tooltip=["seed", "source", "accuracy", "mean_completion_tokens"],
+    ).properties(width=720, height=480,
+                 title="Toy demo, three seeds: accuracy against output length (equal compute)")
+    with open(out, "wb") as f:
+        f.write(vlc.vegalite_to_png(chart.to_json(), scale=1.5))
+
+
+def main(path: str, fig: str | None = None) -> int:
     res = pl.read_parquet(path).filter(pl.col("stage") == "evaluate")
     if "method" in res.columns:
         res = res.filter(pl.col("method").is_null() | (pl.col("method") == "full"))  # the LoRA cell is extra
@@ -46,8 +64,14 @@ def main(path: str) -> int:
             problems = check(df)
             failed |= bool(problems)
             print("claim holds" if not problems else "CLAIM FAILS: " + "; ".join(problems))
+    if fig:
+        figure(res, fig)
+        print(f"figure: {fig}")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "outputs/demo-seeds/results.parquet"))
+    args = sys.argv[1:]
+    fig = args[args.index("--figure") + 1] if "--figure" in args else None
+    paths = [a for a in args if a != "--figure" and a != fig]
+    sys.exit(main(paths[0] if paths else "outputs/demo-seeds/results.parquet", fig))
