@@ -465,16 +465,14 @@ def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     Exact by construction: the same per-example causal attention as the examples run one by one.
 
     A call without ``cu_seq_lens_q`` (one example per row, right-padded; generation) is one causal
-    segment per row: right padding comes after every real token, so no real token sees it. Left-padded
-    batches and attention sinks (gpt-oss's ``s_aux``) are refused: use sdpa or eager there. The segment
+    segment per row: right padding comes after every real token, so no real token sees it. transformers
+    builds no mask for this function, so left-padded batches are not for it; attention sinks (gpt-oss's
+    ``s_aux``) are refused: use sdpa or eager there. The segment
     bounds are read to the host once per layer (free on a CPU; on a GPU it waits for the kernels queued before it).
     """
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{SDPA_VARLEN}: attention sinks (gpt-oss) are not supported; use attn_implementation "
                          "'eager' (its packed rows get per-layer block masks)")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(f"{SDPA_VARLEN}: rows with an attention mask (padding) are not supported; pack them "
-                         "padding-free with cu_seq_lens or right-pad them without a mask")
     cu = kwargs.get("cu_seq_lens_q")
     length = query.shape[2]
     if cu is None:

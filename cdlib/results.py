@@ -102,31 +102,25 @@ class GridOutputs:
 
     def teacher_of(self, cell: GridCell) -> str:
         """The teacher whose traces a cell's data come from: the ``teacher`` axis of its lineage, else the
-        key of the teacher-trace generate cell it descends from (a grid with a ``seed`` axis and one
+        key of the teacher-trace generate cell it is or descends from (a grid with a ``seed`` axis and one
         teacher names it ``s0``, ``s1``, ...), else "—". Student samples (``keep: all``) are skipped."""
         teacher = self.lineage_axes(cell).get("teacher")
         if teacher:
             return teacher
-        todo, seen = [cell.id], set()
-        while todo:
-            c = self.cells[todo.pop(0)]
-            if c.id in seen:
-                continue
-            seen.add(c.id)
-            if c.kind == "generate" and c.params.get("keep") != "all":
-                return c.id.split("/", 1)[1]
-            todo += c.upstream
-        return NO_VALUE
+        traces = self.upstream_of(cell, "generate", include_self=True, where=lambda c: c.params.get("keep") != "all")
+        return traces.id.split("/", 1)[1] if traces else NO_VALUE
 
-    def upstream_of(self, cell: GridCell, kind: str) -> GridCell | None:
-        """The nearest cell of ``kind`` upstream of ``cell`` (breadth first)."""
-        todo, seen = list(cell.upstream), set()
+    def upstream_of(self, cell: GridCell, kind: str, include_self: bool = False,
+                    where: Any = None) -> GridCell | None:
+        """The nearest cell of ``kind`` upstream of ``cell`` (breadth first; ``cell`` itself first with
+        ``include_self``) for which ``where(c)`` holds, when given."""
+        todo, seen = [cell.id] if include_self else list(cell.upstream), set()
         while todo:
             c = self.cells[todo.pop(0)]
             if c.id in seen:
                 continue
             seen.add(c.id)
-            if c.kind == kind:
+            if c.kind == kind and (where is None or where(c)):
                 return c
             todo += c.upstream
         return None
