@@ -451,6 +451,12 @@ def compare_to_one_by_one(model: Any, examples: Sequence[dict[str, Any]], bins: 
 SDPA_VARLEN = "cdlib_sdpa_varlen"
 
 
+def segment_bounds(kwargs: dict[str, Any]) -> list[int] | tuple[int, ...]:
+    """A packed varlen row's example boundaries as ints: ``cu_seq_lens_host`` (:func:`collate_packed`
+    puts it in the batch, no device read), else ``cu_seq_lens_q`` read back once."""
+    return kwargs.get("cu_seq_lens_host") or kwargs["cu_seq_lens_q"].tolist()
+
+
 def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           sliding_window: int | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -467,8 +473,8 @@ def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     A call without ``cu_seq_lens_q`` (one example per row, right-padded; generation) is one causal
     segment per row: right padding comes after every real token, so no real token sees it. transformers
     builds no mask for this function, so left-padded batches are not for it; attention sinks (gpt-oss's
-    ``s_aux``) are refused: use sdpa or eager there. The segment
-    bounds are read to the host once per layer (free on a CPU; on a GPU it waits for the kernels queued before it).
+    ``s_aux``) are refused: use sdpa or eager there. The segment bounds come from the batch's
+    ``cu_seq_lens_host`` (:func:`segment_bounds`), so no layer reads the device.
     """
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"{SDPA_VARLEN}: attention sinks (gpt-oss) are not supported; use attn_implementation "
@@ -480,7 +486,7 @@ def sdpa_varlen_attention(module: Any, query: torch.Tensor, key: torch.Tensor, v
     else:
         if query.shape[0] != 1:
             raise ValueError(f"{SDPA_VARLEN}: a packed row has batch size 1, got {query.shape[0]}")
-        edges = kwargs.get("cu_seq_lens_host") or cu.tolist()
+        edges = segment_bounds(kwargs)
         bounds = list(zip(edges[:-1], edges[1:]))
     gqa = query.shape[1] != key.shape[1]
     drop = dropout if module.training else 0.0
@@ -530,7 +536,7 @@ def split_linear_attention(model: Any) -> int:
                                  "position_ids")}
             if hidden_states.shape[0] != 1:
                 raise ValueError(f"{name}: a varlen row has batch size 1, got {hidden_states.shape[0]}")
-            bounds = kwargs.get("cu_seq_lens_host") or cu.tolist()
+            bounds = segment_bounds(kwargs)
             parts = [_orig(hidden_states[:, s:e], cache_params=None, attention_mask=None, **rest)
                      for s, e in zip(bounds[:-1], bounds[1:])]
             return torch.cat(parts, dim=1)

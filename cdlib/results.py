@@ -395,12 +395,13 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
     for c in g.of("judge"):
         compressor = _judged_compressor(g, c)
         n = c.metrics.get("n") or 0
+        teacher = g.teacher_of(c)
         for k, v in c.metrics.items():
             if k.startswith("failure_modes.") and v:
-                rows.append({"teacher": g.teacher_of(c), "compressor": compressor,
+                rows.append({"teacher": teacher, "compressor": compressor,
                              "failure_mode": k.split(".", 1)[1], "count": int(v), "pct_of_judged": 100 * v / n if n else None})
         if c.metrics.get("parse_failures"):
-            rows.append({"teacher": g.teacher_of(c), "compressor": compressor,
+            rows.append({"teacher": teacher, "compressor": compressor,
                          "failure_mode": "(judge parse failure)", "count": int(c.metrics["parse_failures"]),
                          "pct_of_judged": 100 * c.metrics["parse_failures"] / n if n else None})
     if not rows:
