@@ -8,7 +8,7 @@ from cdlib.grid import Grid
 from cdlib.params import STAGE_MODELS, ParamsError, TrainParams, load_yaml, validate
 
 REPO = Path(__file__).resolve().parents[1]
-GRID_FILES = sorted((REPO / "params").glob("*.yaml"))
+GRID_FILES = sorted((REPO / "params").glob("*.yaml")) + sorted((REPO / "benchmarks").glob("*.yaml"))
 
 
 def test_unknown_key_is_rejected_with_key_and_file():
