@@ -86,15 +86,20 @@ class Lab:
                     "parent_header": {}, "metadata": {}, "channel": "shell",
                     "content": {"code": src, "silent": False, "store_history": True, "user_expressions": {},
                                 "allow_stdin": False, "stop_on_error": True}}))
-                text, reply = [], None
-                while reply is None:
+                # the reply comes on the shell channel, the output on iopub: no order between them, so a
+                # cell is done when both its reply and iopub's "idle" (sent after all its output) have come
+                text, reply, idle = [], None, False
+                while reply is None or not idle:
                     m = json.loads(ws.recv())
                     if m.get("parent_header", {}).get("msg_id") != msg_id:
                         continue
                     if m["msg_type"] == "stream":
                         text.append(m["content"]["text"])
+                    elif m["msg_type"] == "status" and m["content"].get("execution_state") == "idle":
+                        idle = True
                     elif m["msg_type"] == "execute_reply":
-                        reply = dict(m["content"], text="".join(text))
+                        reply = dict(m["content"])
+                reply["text"] = "".join(text)
                 replies.append(reply)
                 if reply["status"] != "ok":
                     break
