@@ -11,6 +11,7 @@ reports what a notebook declares, through papermill's own inspection.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -119,7 +120,14 @@ def lint(path: str | Path) -> list[str]:
 
 
 def declared_parameters(path: str | Path) -> dict[str, dict[str, Any]]:
-    """The parameters a notebook declares: name -> {type, default, help}, via papermill.inspect_notebook."""
+    """The parameters a notebook declares: name -> {type, default, help}, via papermill.inspect_notebook
+    (remembered per file and modification time: a cell's run asks twice, the grid once per notebook)."""
+    path = Path(path).resolve()
+    return dict(_declared_parameters(path, path.stat().st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=64)
+def _declared_parameters(path: Path, mtime_ns: int) -> dict[str, dict[str, Any]]:
     import nbformat
     import papermill
 

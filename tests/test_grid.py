@@ -152,6 +152,13 @@ def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_pat
     with pytest.raises(ParamsError, match=r"cell 'parent/two': slurm: key 'gpus': .*integer.*'8'"):
         Grid(make_grid(tmp_path, axes={"x": {"two": {"parent": {"slurm": {"gpus": "8"}}}}},
                        stages={"parent": {"notebook": NB, "axes": ["x"]}}), root=REPO)
+    # `run --cell ID` (what --jobs and Slurm launch, after checking the whole grid) checks its own cell
+    two = make_grid(tmp_path, axes={"x": {"two": {"parent": {"z": 1}}, "three": {"parent": {"x": 3}}}}, exclude=[],
+                    stages={"parent": {"notebook": NB, "axes": ["x"]}})
+    assert main(["run", str(two), "--cell", "parent/two"]) == 2
+    assert "cell 'parent/two': key 'z': not a parameter of" in capsys.readouterr().err
+    assert main(["run", str(two), "--cell", "parent/three"]) == 0
+    assert main(["run", str(two)]) == 2  # the whole grid is still refused
 
 
 def _log(tmp_path):
@@ -406,3 +413,13 @@ def test_parallel_runs_start_the_cell_most_work_waits_on_first():
     stage_order = [c.id for c in g.cells]  # equals keep stage order: the evaluations, as listed
     evals = [cid for cid in order if cid.startswith("evaluate/")]
     assert evals == [cid for cid in stage_order if cid.startswith("evaluate/")]
+
+
+def test_cell_runner_does_not_build_jsonschema_iri_grammar():
+    """Each cell's runner imports papermill -> nbformat -> jsonschema (and the report altair); jsonschema would
+    import rfc3987_syntax, which builds a Lark grammar (~3.5 s of CPU per cell). cdlib marks it absent."""
+    code = ("import sys, cdlib, papermill, altair, jsonschema\n"
+            "print(sys.modules.get('rfc3987_syntax', 'never imported'))\n"
+            "jsonschema.validate({'a': 'x'}, {'properties': {'a': {'type': 'string'}}})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() in ("None", "never imported")
