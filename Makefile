@@ -50,6 +50,7 @@ test-gpu: $(GPU_VENV)/.installed
 	HF_HUB_OFFLINE=1 $(GPU_VENV)/bin/python -m pytest -q -m gpu
 
 bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'  # not the cpu extra: it would bring back torchvision (see setup)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 # JupyterLab on the repository, .py notebooks opening as notebooks (cdlib/lab.py)

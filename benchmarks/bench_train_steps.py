@@ -9,12 +9,14 @@ repeat (the order rotates):
 * ``cdlib``: ``cdlib.train.run`` as this checkout has it;
 * ``before``: the same with ``cdlib`` imported from ``--before DIR`` (e.g. ``git archive <commit> cdlib |
   tar -x -C DIR``): the code before a change, same data, same initial weights;
-* ``trl`` when TRL is installed in .venv, else ``hf``: ``transformers.Trainer`` on the same packed rows in
-  the same order from the same initial weights, with the model's own causal-LM loss, torch AdamW, the same
-  schedule and clipping (TRL's SFTTrainer is this Trainer with its own data preparation and loss; TRL is not
-  installed here, so the side-by-side is the Trainer loop itself, fed cdlib's rows and block masks).
+* ``trl`` (when TRL is installed: ``make bench`` installs the ``bench`` extra): TRL's ``SFTTrainer`` on the same
+  tokenized examples with its own best-fit-decreasing packing into padding-free 1,024-token rows (see
+  :func:`work_trl`); its rows differ from cdlib's, so its losses compare as a trajectory;
+* ``hf``: ``transformers.Trainer`` on cdlib's packed rows in the same order from the same initial weights, with
+  the model's own causal-LM loss, torch AdamW, the same schedule and clipping, fed cdlib's rows and block masks
+  (the Trainer loop SFTTrainer runs, without TRL's data preparation and metrics): losses equal to cdlib's.
 
-Time is the training loop only (cdlib: its ``train_s``; Trainer: ``on_train_begin`` to ``on_train_end``),
+Time is the training loop only (cdlib: its ``train_s``; Trainers: ``on_train_begin`` to ``on_train_end``),
 so model loading, validation and saving are left out of both. Tokens are all tokens of the packed rows
 (prompts included, padding not). Equal loss: the mean loss of every 10-step window, compared between variants.
 
@@ -123,12 +125,57 @@ def work_trainer(work: Path, steps: int) -> dict:
             "windows": windows, "code": "transformers.Trainer"}
 
 
+def work_trl(work: Path, steps: int) -> dict:
+    """TRL's SFTTrainer as a new user runs it: the same tokenized examples (input_ids and labels, so the same
+    supervised tokens), its own best-fit-decreasing packing into 1,024-token padding-free rows (position_ids;
+    transformers' sdpa turns them into a block-diagonal mask), one row per step, the same optimizer, schedule,
+    clipping and initial weights. Its rows differ from cdlib's, so losses compare as trajectories, not bit for bit."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from cdlib import train as T
+
+    out = Path(tempfile.mkdtemp(dir=work))
+    P = _params(work, steps, out)
+    data = T.prepare(P, audit_show=0)
+    model = AutoModelForCausalLM.from_pretrained(data.model_source, dtype=torch.float32, attn_implementation="sdpa")
+    ds = datasets.Dataset.from_list([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in data.train])
+    clock = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            clock["t0"] = time.perf_counter()
+
+        def on_train_end(self, *args, **kwargs):
+            clock["t1"] = time.perf_counter()
+
+    args = SFTConfig(output_dir=str(out), max_length=P.seq_len, packing=True, packing_strategy="bfd",
+                     per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=steps,
+                     learning_rate=P.learning_rate, lr_scheduler_type="cosine",
+                     warmup_steps=math.ceil(P.warmup_ratio * steps), weight_decay=0.0, max_grad_norm=1.0,
+                     optim="adamw_torch", logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
+                     dataloader_num_workers=0, disable_tqdm=True, seed=P.seed, bf16=False,
+                     include_num_input_tokens_seen="non_padding")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=data.tokenizer,
+                         callbacks=[Clock()])
+    trainer.train()
+    windows = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    import trl
+
+    return {"steps": trainer.state.global_step, "seconds": clock["t1"] - clock["t0"],
+            "tokens": int(trainer.state.num_input_tokens_seen), "windows": windows,
+            "code": f"trl {trl.__version__} SFTTrainer, bfd packing"}
+
+
 def worker(variant: str, work: Path, steps: int, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
     sys.path.insert(0, os.environ.get("BENCH_CDLIB") or str(REPO))
-    result = work_cdlib(work, steps) if variant in ("cdlib", "before") else work_trainer(work, steps)
+    work_fn = {"cdlib": work_cdlib, "before": work_cdlib, "hf": work_trainer, "trl": work_trl}[variant]
+    result = work_fn(work, steps)
     print("RESULT " + json.dumps({"variant": variant, **result}))
 
 
@@ -150,12 +197,11 @@ def main() -> int:
     try:
         import trl  # noqa: F401
 
-        side = "trl"
-        print("note: TRL is installed but this script times transformers.Trainer (what SFTTrainer runs)")
+        sides = ["trl", "hf"]
     except ImportError:
-        side = "hf"
-        print("note: TRL is not installed in .venv: the side-by-side is transformers.Trainer on the same rows")
-    variants = ["cdlib", *(["before"] if a.before else []), side]
+        sides = ["hf"]
+        print("note: TRL is not installed in .venv (make bench installs it): the side-by-side is transformers.Trainer")
+    variants = ["cdlib", *(["before"] if a.before else []), *sides]
     results: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(a.repeats):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
@@ -182,9 +228,13 @@ def main() -> int:
         print(f"{v:6s} median {med[v]:6.2f} steps/s, {tok[v]:8,.0f} tokens/s")
     for v in variants[1:]:
         ratios = [c["steps"] / c["seconds"] / (o["steps"] / o["seconds"]) for c, o in zip(results["cdlib"], results[v])]
-        diff = max(abs(x - y) for x, y in zip(results["cdlib"][0]["windows"], results[v][0]["windows"]))
-        print(f"cdlib / {v}: {med['cdlib'] / med[v]:.2f}x (per repeat {min(ratios):.2f}-{max(ratios):.2f}); "
-              f"largest difference of 10-step mean losses {diff:.2e}")
+        mine, theirs = results["cdlib"][0]["windows"], results[v][0]["windows"]
+        diff = max(abs(x - y) for x, y in zip(mine, theirs))
+        tail = min(5, len(mine), len(theirs))  # the last 50 steps
+        print(f"cdlib / {v}: {med['cdlib'] / med[v]:.2f}x steps/s, {tok['cdlib'] / tok[v]:.2f}x tokens/s "
+              f"(per repeat {min(ratios):.2f}-{max(ratios):.2f}); largest difference of 10-step mean losses "
+              f"{diff:.2e}; mean loss of the last {10 * tail} steps {sum(mine[-tail:]) / tail:.4f} vs "
+              f"{sum(theirs[-tail:]) / tail:.4f}")
     return 0
 
 
