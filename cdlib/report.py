@@ -155,6 +155,10 @@ def _compression(page: ReportPage, f: Frames) -> None:
     if not page.needs(f.compression, "No compress cells with compressed.jsonl: Tables 2, 5 and Figure 1 skipped."):
         return
     every, kept = f.every_compression, f.compression
+    rewrites = [c.id for c in f.g.of("compress") if f.g.rewrites_student(c)]
+    if rewrites:
+        page.note(f"Left out of Tables 2, 5 and Figures 1, 2: {', '.join(rewrites)} rewrote student trajectories "
+                  f"(Mixed-Policy Distillation), not teacher traces.")
     n_flagged = every["flag"].is_not_null().sum()
     if every.height > kept.height:
         page.note(f"{every.height - kept.height} flagged compression(s) (empty, answer-dropping, longer than "

@@ -110,6 +110,12 @@ class GridOutputs:
         traces = self.upstream_of(cell, "generate", include_self=True, where=lambda c: c.params.get("keep") != "all")
         return traces.id.split("/", 1)[1] if traces else NO_VALUE
 
+    def rewrites_student(self, cell: GridCell) -> bool:
+        """True for a compress cell whose traces a trained student wrote (Mixed-Policy Distillation's
+        rewrite stage: train -> sample -> rewrite), i.e. not a compression of teacher traces."""
+        traces = self.upstream_of(cell, "generate")
+        return traces is not None and self.upstream_of(traces, "train") is not None
+
     def upstream_of(self, cell: GridCell, kind: str, include_self: bool = False,
                     where: Any = None) -> GridCell | None:
         """The nearest cell of ``kind`` upstream of ``cell`` (breadth first; ``cell`` itself first with
@@ -325,10 +331,14 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
     :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
     trained on. With the paper's protocol (``drop_flagged: false``) every compression is kept,
     as in its Tables 2 and 5; flags stay in ``flag`` for :func:`flag_rates`. Token counts come from ``tokens.jsonl``
-    (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer).
+    (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer). Rewrites of student
+    trajectories (:meth:`GridOutputs.rewrites_student`, MPD) are not compressions of teacher traces and are
+    left out.
     """
     parts = []
     for c in g.of("compress"):
+        if g.rewrites_student(c):
+            continue
         df = g.records(c, "compressed.jsonl", ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
         if df is None:
             continue

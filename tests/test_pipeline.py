@@ -93,6 +93,17 @@ def test_reduced_demo_end_to_end(tmp_path):
     report = root / "report/index.html"
     html = report.read_text()
     assert "Table" in html and "kept fraction" in html.lower() and "mpd" in html
+    # MPD's rewrite of student trajectories is not a compressor of teacher traces (Tables 2, 5, Figures 1, 2)
+    from cdlib import results
+
+    outputs = results.read_grid(root)
+    assert set(results.grid_compression(outputs, include_flagged=True)["compressor"]) == {"extractive", "tiny-lm"}
+    assert "toy-rewriter" not in set(results.grid_trace_lengths(outputs)["source"])
+    assert "Left out of Tables 2, 5 and Figures 1, 2: rewrite/toy__tiny__full rewrote student" in html
+    from cdlib import accounting
+
+    quantities = accounting.grid_compute(outputs)[1]["quantity"].to_list()
+    assert "compress_extractive_gpu_hours" in quantities and "compress_toy-rewriter_gpu_hours" not in quantities
     # a rerun skips every finished cell
     again = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
