@@ -78,10 +78,26 @@ def work_cdlib(work: Path, steps: int) -> dict:
             "windows": _windows(losses), "code": str(Path(T.__file__).parent)}
 
 
+def _train_clock():
+    """A Trainer callback timing the training loop alone (on_train_begin to on_train_end) into a dict."""
+    from transformers import TrainerCallback
+
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *args, **kwargs):
+            clock["t0"] = time.perf_counter()
+
+        def on_train_end(self, *args, **kwargs):
+            clock["t1"] = time.perf_counter()
+
+    return clock, Clock()
+
+
 def work_trainer(work: Path, steps: int) -> dict:
     import torch
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from cdlib import pack as packlib
     from cdlib import train as T
@@ -101,14 +117,7 @@ def work_trainer(work: Path, steps: int) -> dict:
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    clock = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            clock["t0"] = time.perf_counter()
-
-        def on_train_end(self, *args, **kwargs):
-            clock["t1"] = time.perf_counter()
+    clock, timer = _train_clock()
 
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=1, gradient_accumulation_steps=1,
                              max_steps=steps, learning_rate=P.learning_rate, lr_scheduler_type="cosine",
@@ -117,7 +126,7 @@ def work_trainer(work: Path, steps: int) -> dict:
                              use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
                              seed=P.seed)
     trainer = InOrder(model=model, args=args, train_dataset=list(range(len(schedule))), data_collator=collate,
-                      callbacks=[Clock()])
+                      callbacks=[timer])
     trainer.train()
     windows = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = sum(len(data.train[i]["input_ids"]) for mb in schedule for b in mb for i in b)
@@ -132,7 +141,7 @@ def work_trl(work: Path, steps: int) -> dict:
     clipping and initial weights. Its rows differ from cdlib's, so losses compare as trajectories, not bit for bit."""
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
     from cdlib import train as T
@@ -142,14 +151,7 @@ def work_trl(work: Path, steps: int) -> dict:
     data = T.prepare(P, audit_show=0)
     model = AutoModelForCausalLM.from_pretrained(data.model_source, dtype=torch.float32, attn_implementation="sdpa")
     ds = datasets.Dataset.from_list([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in data.train])
-    clock = {}
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            clock["t0"] = time.perf_counter()
-
-        def on_train_end(self, *args, **kwargs):
-            clock["t1"] = time.perf_counter()
+    clock, timer = _train_clock()
 
     args = SFTConfig(output_dir=str(out), max_length=P.seq_len, packing=True, packing_strategy="bfd",
                      per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=steps,
@@ -159,7 +161,7 @@ def work_trl(work: Path, steps: int) -> dict:
                      dataloader_num_workers=0, disable_tqdm=True, seed=P.seed, bf16=False,
                      include_num_input_tokens_seen="non_padding")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=data.tokenizer,
-                         callbacks=[Clock()])
+                         callbacks=[timer])
     trainer.train()
     windows = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     import trl
