@@ -69,9 +69,9 @@ def grid_compute(g: GridOutputs, gpu_watts: float = 700.0, pue: float = 1.15,
     Returns (per-stage frame, quantities frame). Quantities follow ``cdlib.paper.compute()``'s
     names: total = student training + upstream, as in H.5, where upstream is what H.4 counts: the
     teacher pass and the compressions of :func:`upstream_teachers` (the Qwen teacher in the paper's
-    grid). The other teachers' passes, a student's own sampling (``keep: all``) and the rewrites of its
-    samples (MPD) are ``other_upstream_gpu_hours``, outside that total; evaluation, judge and truncation
-    cells are reported beside it (``all_cells_*``).
+    grid). The other teachers' passes, a student's own sampling (``GridOutputs.student_samples``) and the
+    rewrites of its samples (MPD) are ``other_upstream_gpu_hours``, outside that total; evaluation, judge and
+    truncation cells are reported beside it (``all_cells_*``).
     """
     if not g.cells:
         return None
@@ -85,7 +85,7 @@ def grid_compute(g: GridOutputs, gpu_watts: float = 700.0, pue: float = 1.15,
         rows.append({"stage": c.kind or c.stage, "cell": c.id, "wall_clock_h": (wall or 0) / 3600, "gpus": gpus,
                      "gpu_hours": float(gh or 0.0), "source": g.lineage_axes(c).get("source"),
                      "compressor": compressor_name(c) if c.kind == "compress" else None,
-                     "h4_upstream": c.kind in ("generate", "compress") and c.params.get("keep") != "all"
+                     "h4_upstream": c.kind in ("generate", "compress") and not g.student_samples(c)
                      and not (c.kind == "compress" and g.rewrites_student(c))
                      and g.lineage_axes(c).get("teacher") in counted})
     df = pl.DataFrame(rows, infer_schema_length=None)

@@ -103,18 +103,26 @@ class GridOutputs:
     def teacher_of(self, cell: GridCell) -> str:
         """The teacher whose traces a cell's data come from: the ``teacher`` axis of its lineage, else the
         key of the teacher-trace generate cell it is or descends from (a grid with a ``seed`` axis and one
-        teacher names it ``s0``, ``s1``, ...), else "—". Student samples (``keep: all``) are skipped."""
+        teacher names it ``s0``, ``s1``, ...), else "—". Student samples (:meth:`student_samples`) are skipped."""
         teacher = self.lineage_axes(cell).get("teacher")
         if teacher:
             return teacher
-        traces = self.upstream_of(cell, "generate", include_self=True, where=lambda c: c.params.get("keep") != "all")
+        traces = self.upstream_of(cell, "generate", include_self=True, where=lambda c: not self.student_samples(c))
         return traces.id.split("/", 1)[1] if traces else NO_VALUE
 
+    def student_samples(self, cell: GridCell) -> bool:
+        """True for a generate cell that holds a student's own samples (Mixed-Policy Distillation's sample
+        stage), not teacher traces: it keeps every attempt (``keep: all``, which is what that stage is for) or
+        its model descends from a train cell. The one test the report and the accounting use (Table 4, the
+        compression tables, H.4's upstream hours)."""
+        return cell.kind == "generate" and (cell.params.get("keep") == "all"
+                                            or self.upstream_of(cell, "train") is not None)
+
     def rewrites_student(self, cell: GridCell) -> bool:
-        """True for a compress cell whose traces a trained student wrote (Mixed-Policy Distillation's
-        rewrite stage: train -> sample -> rewrite), i.e. not a compression of teacher traces."""
+        """True for a compress cell whose traces are a student's samples (:meth:`student_samples`; Mixed-Policy
+        Distillation's rewrite stage: train -> sample -> rewrite), i.e. not a compression of teacher traces."""
         traces = self.upstream_of(cell, "generate")
-        return traces is not None and self.upstream_of(traces, "train") is not None
+        return traces is not None and self.student_samples(traces)
 
     def upstream_of(self, cell: GridCell, kind: str, include_self: bool = False,
                     where: Any = None) -> GridCell | None:
@@ -311,11 +319,11 @@ def compressor_name(cell: GridCell) -> str:
 def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
     """Generation layout (Table 4) from every generate cell's ``traces.jsonl``; None if there is none.
 
-    Cells that kept every attempt (``keep: all``, a student sampling for MPD) are left out, with a note."""
+    A student's own samples (:meth:`GridOutputs.student_samples`, MPD) are left out, with a note."""
     parts = []
     for c in g.of("generate"):
-        if c.params.get("keep") == "all":  # a student's samples (Mixed-Policy Distillation), not teacher traces
-            g.notes.append(f"{c.id}: student samples (keep: all), left out of Table 4.")
+        if g.student_samples(c):
+            g.notes.append(f"{c.id}: student samples (keep: all or a trained student's), left out of Table 4.")
             continue
         df = g.records(c, "traces.jsonl", ["id", "dataset", "domain", "completion_tokens"], lengths=("reasoning",))
         if df is not None:

@@ -493,3 +493,41 @@ def test_a_grid_with_a_seed_axis_names_each_runs_teacher_by_its_generate_cell(tm
         "evaluate/s1__raw": "s1"}
     run = student_runs.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
     assert run["teacher"] == "s1" and run["source"] == "raw"
+
+
+def test_student_samples_are_one_test_for_every_table(tmp_path):
+    """A student's own samples are told apart from teacher traces the same way by Table 4, the teacher
+    labels, the compression tables and H.4's upstream hours: by ``keep: all`` or by descending from a
+    train cell (a student sampled with rejection, ``keep: correct``, is still a student)."""
+    from cdlib import accounting, results
+
+    def grid(root: Path, axis: str) -> results.GridOutputs:
+        cells = {
+            "generate/t": ("generate", {}, {"n": 2}, {}),
+            "train/t__raw": ("train", {"data": "generate/t"}, {"n_examples": 2}, {}),
+            "sample/t": ("generate", {"model": "train/t__raw"}, {"n": 2}, {"keep": "correct"}),
+            "rewrite/t": ("compress", {"traces": "sample/t"}, {"n": 2}, {}),
+            "squeeze/t": ("compress", {"traces": "generate/t"}, {"n": 2}, {}),
+            "sample/old": ("generate", {}, {"n": 2}, {"keep": "all"}),  # inputs not recorded (an older grid)
+        }
+        for cid, (kind, inputs, metrics, params) in cells.items():
+            d = root / cid
+            d.mkdir(parents=True)
+            (d / "manifest.json").write_text(json.dumps({
+                "status": "done", "kind": kind, "inputs": inputs, "axes": {axis: "t"},
+                "wall_clock_s": 3600.0, "gpus": 1, "gpu_hours": 1.0}))
+            (d / "metrics.json").write_text(json.dumps(metrics))
+            (d / "params.yaml").write_text(yaml.safe_dump(params))
+            if kind == "generate":
+                (d / "traces.jsonl").write_text(json.dumps({"id": "q1", "dataset": "toy", "domain": "math",
+                                                            "completion_tokens": 5, "reasoning": "a b"}) + "\n")
+        return results.read_grid(root)
+
+    g = grid(tmp_path / "seeds", "seed")  # make demo-seeds' layout: the teacher is named by its generate cell
+    assert {cid for cid, c in g.cells.items() if g.student_samples(c)} == {"sample/t", "sample/old"}
+    assert {cid for cid, c in g.cells.items() if g.rewrites_student(c)} == {"rewrite/t"}
+    assert g.teacher_of(g.cells["rewrite/t"]) == "t"  # through the student, to the teacher's generate cell
+    assert results.grid_generation(g)["teacher"].to_list() == ["t"], "only the teacher's traces are Table 4's"
+    assert any(n.startswith("sample/t: student samples") for n in g.notes)
+    q = dict(accounting.grid_compute(grid(tmp_path / "teachers", "teacher"))[1].iter_rows())
+    assert (q["teacher_gpu_hours"], q["compression_gpu_hours"], q["other_upstream_gpu_hours"]) == (1.0, 1.0, 3.0)
