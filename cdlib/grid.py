@@ -117,6 +117,13 @@ class StageSpec(BaseModel):
     slurm: SlurmSpec = SlurmSpec()
 
 
+class GridSlurm(BaseModel):
+    """A grid's ``slurm:`` block: what every array task runs before its cell."""
+
+    model_config = ConfigDict(extra="forbid")
+    setup: str | None = None  # shell lines instead of cdlib.slurm.default_setup's activation
+
+
 class GridSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -125,7 +132,7 @@ class GridSpec(BaseModel):
     axes: dict[str, dict[str, dict[str, Any]]] = {}
     exclude: list[dict[str, str]] = []
     stages: dict[str, StageSpec]
-    slurm: dict[str, Any] = {}  # header defaults: {setup: "source ~/.bashrc; conda activate ..."}
+    slurm: GridSlurm = GridSlurm()
 
     @field_validator("axes", mode="before")
     @classmethod

@@ -4,12 +4,17 @@ that chains the stages, each after the previous one succeeded.
 Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (:func:`cdlib.runner.run_one`):
 the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
 values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
+
+Each task activates the Python environment that wrote the scripts (:func:`default_setup`), or runs the grid's
+``slurm: {setup: ...}`` lines instead (e.g. ``module load cuda/12.4 && source /path/env/bin/activate``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from cdlib.grid import Cell, Grid, SlurmSpec
@@ -27,10 +32,32 @@ SBATCH = """#!/bin/bash
 # {count} cells of stage '{stage}' ({gpus} GPUs each); written by `python -m cdlib.grid slurm {grid}`.
 set -euo pipefail
 cd {root}
+set +u  # activation scripts (venv's, conda's and its packages' activate.d) are not written for nounset
 {setup}
+set -u
 CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {cells_file})
 python -m cdlib.grid run {grid} --cell "$CELL"
 """
+
+
+def default_setup() -> str:
+    """Shell lines that activate the Python environment running this function, for a batch job.
+
+    A batch job's shell is neither interactive nor a login shell, so ``source ~/.bashrc`` returns before the
+    block ``conda init`` appends and ``conda activate`` alone is not defined there. So: a conda environment
+    is activated through its installation's ``etc/profile.d/conda.sh`` (found from ``CONDA_EXE``, which
+    conda's shell function sets), a virtualenv through its own ``bin/activate``, and anything else by putting
+    its ``bin`` first on ``PATH``, all by absolute path: a job uses the environment ``grid slurm`` ran in,
+    not whichever ``.venv`` the checkout holds (``make demo``'s CPU one, say, on a GPU node).
+    """
+    prefix = Path(sys.prefix)
+    conda_exe = os.environ.get("CONDA_EXE")
+    if (prefix / "conda-meta").is_dir() and conda_exe:
+        hook = Path(conda_exe).resolve().parents[1] / "etc" / "profile.d" / "conda.sh"
+        return f"source {shlex.quote(str(hook))} && conda activate {shlex.quote(str(prefix))}"
+    if sys.prefix != sys.base_prefix and (prefix / "bin" / "activate").is_file():
+        return f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"
+    return f'export PATH={shlex.quote(str(prefix / "bin"))}:"$PATH"'
 
 
 def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> list[Path]:
@@ -40,7 +67,7 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
     grid.validate_cells()
     out = grid.root / grid.out_dir / "slurm"
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    setup = grid.spec.slurm.get("setup", "source .venv/bin/activate 2>/dev/null || conda activate compress-distill")
+    setup = grid.spec.slurm.setup or default_setup()
     scripts: list[Path] = []
     submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after the previous stage succeeded.",
               "set -euo pipefail", f"cd {shlex.quote(str(grid.root.resolve()))}", "DEP=\"\""]

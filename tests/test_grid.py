@@ -263,6 +263,54 @@ def test_slurm_scripts(tmp_path):
     assert out.returncode == 0
 
 
+def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
+    """An array task as Slurm starts it: bash, neither interactive nor login, a bare PATH and a HOME whose
+    .bashrc returns early for non-interactive shells (Debian's /etc/skel one, where `conda init` appends its
+    block after that return). The script activates the environment that wrote it by absolute path and
+    runs its cell."""
+    g = Grid(make_grid(tmp_path, axes={"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}}, exclude=[],
+                       stages={"parent": {"notebook": NB, "axes": ["x"]}}), root=REPO)
+    write_slurm(g)
+    script = tmp_path / "out/t/slurm/parent.sbatch"
+    from cdlib.slurm import default_setup
+
+    assert f"\n{default_setup()}\n" in script.read_text() and sys.prefix in default_setup()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text('case $- in *i*) ;; *) return;; esac\nexport PATH=/nowhere:$PATH\n')
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "SLURM_ARRAY_TASK_ID": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = json.loads((tmp_path / "out/t/parent/three/manifest.json").read_text())
+    assert m["status"] == "done"
+    assert not (tmp_path / "out/t/parent/two").exists(), "task 1 runs the second cell only"
+
+
+def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
+    from cdlib import slurm
+
+    conda = tmp_path / "miniconda3"
+    env = conda / "envs" / "cd env"
+    (env / "conda-meta").mkdir(parents=True)
+    monkeypatch.setattr(sys, "prefix", str(env))
+    monkeypatch.setattr(sys, "base_prefix", str(env))
+    monkeypatch.setenv("CONDA_EXE", str(conda / "bin" / "conda"))
+    assert slurm.default_setup() == (f"source {conda}/etc/profile.d/conda.sh && conda activate '{env}'")
+    monkeypatch.delenv("CONDA_EXE")  # conda's shell function not loaded: its bin directory first on PATH
+    assert slurm.default_setup() == f"export PATH='{env}/bin':\"$PATH\""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text("")
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    assert slurm.default_setup() == f"source {venv}/bin/activate"
+    # a grid's own set-up lines replace it; a misspelt key is refused
+    g = Grid(make_grid(tmp_path, slurm={"setup": "module load cuda/12.4"}), root=REPO)
+    write_slurm(g)
+    assert "\nmodule load cuda/12.4\n" in (tmp_path / "out/t/slurm/parent.sbatch").read_text()
+    with pytest.raises(ParamsError, match="setpu"):
+        Grid(make_grid(tmp_path, slurm={"setpu": "module load cuda/12.4"}), root=REPO)
+
+
 @pytest.mark.slow  # ~100 s; the reduced demo (test_pipeline) runs --jobs 2 with dependencies in the default tier
 def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
     """--jobs 2: independent cells run at once, a child starts only after its parent ends,
