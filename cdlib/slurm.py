@@ -1,5 +1,10 @@
 """Slurm array scripts for a grid: one sbatch array per (stage, resource shape) and a ``submit.sh``
-that chains the stages, each after the previous one succeeded.
+that chains the stages, each after every task of the previous one ended.
+
+The chain is ``afterany``, not ``afterok``: Slurm counts an array as ok only when every task succeeded, so one
+failed training cell would leave all of the next stage's tasks pending for ever (DependencyNeverSatisfied).
+Each task checks its own inputs instead (:func:`cdlib.runner.run_one`): a cell whose input failed exits 1 at
+once saying "blocked, waiting for <input>", and the others run.
 
 Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (:func:`cdlib.runner.run_one`):
 the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
@@ -61,7 +66,7 @@ def default_setup() -> str:
 
 
 def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> list[Path]:
-    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages.
+    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages (``afterany``).
 
     Validates the grid first, as ``run`` does: no script is written for a grid that could not run."""
     grid.validate_cells()
@@ -69,7 +74,9 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
     (out / "logs").mkdir(parents=True, exist_ok=True)
     setup = grid.spec.slurm.setup or default_setup()
     scripts: list[Path] = []
-    submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after the previous stage succeeded.",
+    submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after every task of the previous stage",
+              "# ended (a cell whose inputs failed exits at once, blocked; the others run). Rerun it to retry:",
+              "# done cells are skipped.",
               "set -euo pipefail", f"cd {shlex.quote(str(grid.root.resolve()))}", "DEP=\"\""]
     for name in grid.spec.stages:
         if stage is not None and name != stage:
@@ -95,7 +102,7 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
                 grid=grid.path, root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file))
             scripts.append(script)
             var = re.sub(r"\W", "_", tag).upper()
-            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterok:$DEP}} {script})")
+            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} {script})")
             job_vars.append(f"${var}")
         if job_vars:
             submit.append(f"DEP={':'.join(job_vars)}")

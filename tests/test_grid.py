@@ -258,7 +258,8 @@ def test_slurm_scripts(tmp_path):
     assert "#SBATCH --array=0-4" in child and "#SBATCH --gres=gpu:8" in child
     assert (tmp_path / "out/t/slurm/child.cells").read_text().split() == [c.id for c in g.select("child")]
     submit = (tmp_path / "out/t/slurm/submit.sh").read_text()
-    assert submit.index("parent.sbatch") < submit.index("child.sbatch") and "afterok" in submit
+    assert submit.index("parent.sbatch") < submit.index("child.sbatch")
+    assert "--dependency=afterany:$DEP" in submit and "afterok" not in submit
     out = subprocess.run(["bash", "-n", str(tmp_path / "out/t/slurm/child.sbatch")], capture_output=True)
     assert out.returncode == 0
 
@@ -284,6 +285,27 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     m = json.loads((tmp_path / "out/t/parent/three/manifest.json").read_text())
     assert m["status"] == "done"
     assert not (tmp_path / "out/t/parent/two").exists(), "task 1 runs the second cell only"
+
+
+def test_slurm_task_whose_input_failed_exits_at_once_blocked(tmp_path):
+    """submit.sh chains stages with afterany, so a task must refuse inputs that failed: the child of a
+    failed parent exits 1 without starting its notebook, its sibling of a done parent runs."""
+    g = Grid(make_grid(tmp_path), root=REPO)
+    write_slurm(g)
+    slurm_dir = tmp_path / "out/t/slurm"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def task(stage: str, cell: str) -> subprocess.CompletedProcess:
+        index = (slurm_dir / f"{stage}.cells").read_text().split().index(cell)
+        return subprocess.run(["bash", str(slurm_dir / f"{stage}.sbatch")], capture_output=True, text=True,
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(index)}, timeout=300)
+
+    assert task("parent", "parent/bad").returncode == 1
+    assert task("parent", "parent/two").returncode == 0
+    blocked = task("child", "child/bad__p")
+    assert blocked.returncode == 1 and "child/bad__p: blocked, waiting for parent/bad" in blocked.stderr
+    assert not (tmp_path / "out/t/child/bad__p").exists(), "the blocked cell started nothing"
+    assert task("child", "child/two__p").returncode == 0
 
 
 def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
