@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from cdlib.grid import Cell, Grid, SlurmSpec
+from cdlib.params import ParamsError
 
 
 SBATCH = """#!/bin/bash
@@ -88,6 +89,14 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
         job_vars = []
         for shape, group in groups.items():
             s = SlurmSpec.model_validate_json(shape)
+            if s.nodes > 1 and not grid.spec.slurm.setup:
+                raise ParamsError(
+                    f"{grid.path}: stage {name!r}: slurm nodes: {s.nodes} for {group[0].id}"
+                    f"{f' and {len(group) - 1} more cells' if len(group) > 1 else ''}: a generated task runs its "
+                    "cell on the job's first node only, so the other nodes would sit idle. vLLM across nodes needs "
+                    "a Ray cluster over the job's nodes (distributed_executor_backend: ray) and training a "
+                    "multi-node launch: start them in the grid's 'slurm: {setup: ...}' lines (e.g. ray start "
+                    "through srun), or use nodes: 1")
             tag = f"{name}.{s.gpus}gpu" if len(groups) > 1 else name
             cells_file = out / f"{tag}.cells"
             cells_file.write_text("".join(c.id + "\n" for c in group))

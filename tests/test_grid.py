@@ -308,6 +308,17 @@ def test_slurm_task_whose_input_failed_exits_at_once_blocked(tmp_path):
     assert task("child", "child/two__p").returncode == 0
 
 
+def test_slurm_refuses_multi_node_cells_without_setup_lines(tmp_path):
+    spec = {"stages": {"parent": {"notebook": NB, "axes": ["x"], "slurm": {"gpus": 8, "nodes": 2}},
+                       "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}}}}
+    with pytest.raises(ParamsError, match=r"stage 'parent': slurm nodes: 2 for parent/two and 2 more cells.*first "
+                                          r"node only"):
+        write_slurm(Grid(make_grid(tmp_path, **spec), root=REPO))
+    assert not (tmp_path / "out/t/slurm/parent.sbatch").exists()
+    write_slurm(Grid(make_grid(tmp_path, slurm={"setup": "source ray_up.sh"}, **spec), root=REPO))
+    assert "#SBATCH --nodes=2" in (tmp_path / "out/t/slurm/parent.sbatch").read_text()
+
+
 def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
     from cdlib import slurm
 
