@@ -10,6 +10,9 @@ Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (
 the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
 values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
 
+Only the cells that still have work are written (:func:`cells_to_submit`): regenerating after some failed
+submits those and what depends on them, not a GPU allocation per finished cell just to say "done".
+
 Each task activates the Python environment that wrote the scripts (:func:`default_setup`), or runs the grid's
 ``slurm: {setup: ...}`` lines instead (e.g. ``module load cuda/12.4 && source /path/env/bin/activate``).
 """
@@ -21,6 +24,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from cdlib.grid import Cell, Grid, SlurmSpec
 from cdlib.params import ParamsError
@@ -66,23 +70,47 @@ def default_setup() -> str:
     return f'export PATH={shlex.quote(str(prefix / "bin"))}:"$PATH"'
 
 
-def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> list[Path]:
-    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages (``afterany``).
+def cells_to_submit(grid: Grid) -> set[str]:
+    """Ids of the cells a submission should run: every cell that is not done and current (pending, failed,
+    interrupted, refused, or an ``after: all`` cell that is stale), and every cell downstream of one of those
+    (its inputs, or for ``after: all`` any stage above, will change)."""
+    from cdlib.cells import cell_status
+    from cdlib.runner import _above, stale
 
-    Validates the grid first, as ``run`` does: no script is written for a grid that could not run."""
+    todo: set[str] = set()
+    for c in grid.cells:  # stage order: a cell's inputs come before it
+        upstream = [*c.depends_on, *(_above(grid, c, todo) if c.after_all else [])]
+        if cell_status(c, grid.root) != "done" or stale(grid, c) or any(u in todo for u in upstream):
+            todo.add(c.id)
+    return todo
+
+
+def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
+                say: Any = print) -> list[Path]:
+    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages (``afterany``),
+    for the cells of :func:`cells_to_submit` (``say`` tells how many of each stage are left out as done).
+
+    Validates the grid first, as ``run`` does: no script is written for a grid that could not run. Scripts
+    of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits."""
     grid.validate_cells()
     out = grid.root / grid.out_dir / "slurm"
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("*.sbatch"), *out.glob("*.cells"), out / "submit.sh"]:
+        old.unlink(missing_ok=True)
+    todo = cells_to_submit(grid)
     setup = grid.spec.slurm.setup or default_setup()
     scripts: list[Path] = []
     submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after every task of the previous stage",
-              "# ended (a cell whose inputs failed exits at once, blocked; the others run). Rerun it to retry:",
-              "# done cells are skipped.",
+              "# ended (a cell whose inputs failed exits at once, blocked; the others run). To retry, run",
+              f"# `python -m cdlib.grid slurm {grid.path}` again: it writes only the cells with work left.",
               "set -euo pipefail", f"cd {shlex.quote(str(grid.root.resolve()))}", "DEP=\"\""]
     for name in grid.spec.stages:
         if stage is not None and name != stage:
             continue
-        cells = grid.select(name, only)
+        selected = grid.select(name, only)
+        cells = [c for c in selected if c.id in todo]
+        if len(cells) < len(selected):
+            say(f"{name}: {len(selected) - len(cells)} of {len(selected)} cells done and current, left out")
         groups: dict[str, list[Cell]] = {}
         for c in cells:
             groups.setdefault(c.slurm.model_dump_json(), []).append(c)
@@ -115,6 +143,8 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
             job_vars.append(f"${var}")
         if job_vars:
             submit.append(f"DEP={':'.join(job_vars)}")
-    (out / "submit.sh").write_text("\n".join(submit) + "\necho submitted: last stage job $DEP\n")
+    if not scripts:
+        say("every selected cell is done and current: submit.sh submits nothing")
+    (out / "submit.sh").write_text("\n".join(submit) + "\necho submitted: last stage job ${DEP:-none}\n")
     scripts.append(out / "submit.sh")
     return scripts

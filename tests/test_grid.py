@@ -319,6 +319,34 @@ def test_slurm_refuses_multi_node_cells_without_setup_lines(tmp_path):
     assert "#SBATCH --nodes=2" in (tmp_path / "out/t/slurm/parent.sbatch").read_text()
 
 
+def test_slurm_submits_only_cells_with_work_left(tmp_path):
+    """Regenerating after a partial run writes the cells that are not done, what depends on them and a
+    report that will be stale, not an allocation per finished cell; a grid with nothing left submits
+    nothing and says so."""
+    grid = make_grid(tmp_path)
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"]["summary"] = {"notebook": NB, "after": "all", "params": {"log": str(tmp_path / "runs.log")}}
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    for cell in ("parent/two", "parent/three", "child/three__p", "summary"):
+        out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--cell", cell], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+    said = []
+    paths = write_slurm(Grid(grid, root=REPO), say=said.append)
+    slurm_dir = tmp_path / "out/t/slurm"
+    cells = {p.stem: p.read_text().split() for p in slurm_dir.glob("*.cells")}
+    assert cells == {"parent": ["parent/bad"], "child": ["child/two__p", "child/two__q", "child/bad__p", "child/bad__q"],
+                     "summary": ["summary"]}, "summary reran: cells above it will finish after it"
+    assert said == ["parent: 2 of 3 cells done and current, left out", "child: 1 of 5 cells done and current, left out"]
+    assert sorted(p.name for p in paths) == ["child.sbatch", "parent.sbatch", "submit.sh", "summary.sbatch"]
+    # nothing left: no array, submit.sh submits nothing, and the earlier generation's scripts are gone
+    write_slurm(Grid(make_grid(tmp_path, axes={"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}},
+                               exclude=[], stages={"parent": spec["stages"]["parent"]}), root=REPO), say=said.append)
+    assert said[-1] == "every selected cell is done and current: submit.sh submits nothing"
+    assert sorted(p.name for p in slurm_dir.iterdir()) == ["logs", "submit.sh"]
+    assert "sbatch " not in (slurm_dir / "submit.sh").read_text()
+
+
 def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
     from cdlib import slurm
 
