@@ -37,7 +37,7 @@ SBATCH = """#!/bin/bash
 #SBATCH --cpus-per-task={cpus}
 #SBATCH --mem={mem}
 #SBATCH --time={time}
-#SBATCH --output={logs}/%x-%a.out
+#SBATCH --output={output}
 {extra}
 # {count} cells of stage '{stage}' ({gpus} GPUs each); written by `python -m cdlib.grid slurm {grid}`.
 set -euo pipefail
@@ -46,7 +46,7 @@ set +u  # activation scripts (venv's, conda's and its packages' activate.d) are 
 {setup}
 set -u
 CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {cells_file})
-python -m cdlib.grid run {grid} --cell "$CELL"
+python -m cdlib.grid run {grid_arg} --cell "$CELL"
 """
 
 
@@ -68,6 +68,13 @@ def default_setup() -> str:
     if sys.prefix != sys.base_prefix and (prefix / "bin" / "activate").is_file():
         return f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"
     return f'export PATH={shlex.quote(str(prefix / "bin"))}:"$PATH"'
+
+
+def _directive_path(path: Path) -> str:
+    """A path for an ``#SBATCH`` line: double-quoted when it holds whitespace (sbatch reads its directives'
+    arguments as a shell would, quotes included)."""
+    text = str(path)
+    return f'"{text}"' if any(ch.isspace() for ch in text) else text
 
 
 def cells_to_submit(grid: Grid) -> set[str]:
@@ -135,11 +142,13 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
             script = out / f"{tag}.sbatch"
             script.write_text(SBATCH.format(
                 job=f"{grid.spec.name}-{tag}", last=len(group) - 1, nodes=s.nodes, gpus=s.gpus, cpus=s.cpus,
-                mem=s.mem, time=s.time, logs=out / "logs", extra="\n".join(extra), count=len(group), stage=name,
-                grid=grid.path, root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file))
+                mem=s.mem, time=s.time, output=_directive_path(out / "logs" / "%x-%a.out"), extra="\n".join(extra),
+                count=len(group), stage=name, grid=grid.path, grid_arg=shlex.quote(str(grid.path)),
+                root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=shlex.quote(str(cells_file))))
             scripts.append(script)
             var = re.sub(r"\W", "_", tag).upper()
-            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} {script})")
+            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} "
+                          f"{shlex.quote(str(script))})")
             job_vars.append(f"${var}")
         if job_vars:
             submit.append(f"DEP={':'.join(job_vars)}")

@@ -268,11 +268,14 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     """An array task as Slurm starts it: bash, neither interactive nor login, a bare PATH and a HOME whose
     .bashrc returns early for non-interactive shells (Debian's /etc/skel one, where `conda init` appends its
     block after that return). The script activates the environment that wrote it by absolute path and
-    runs its cell."""
+    runs its cell; paths with spaces stay one argument each (submit.sh too, with sbatch stood in for)."""
+    tmp_path = tmp_path / "my grids"
+    tmp_path.mkdir()
     g = Grid(make_grid(tmp_path, axes={"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}}, exclude=[],
                        stages={"parent": {"notebook": NB, "axes": ["x"]}}), root=REPO)
     write_slurm(g)
     script = tmp_path / "out/t/slurm/parent.sbatch"
+    assert f'#SBATCH --output="{tmp_path}/out/t/slurm/logs/%x-%a.out"' in script.read_text()
     from cdlib.slurm import default_setup
 
     assert f"\n{default_setup()}\n" in script.read_text() and sys.prefix in default_setup()
@@ -285,6 +288,14 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     m = json.loads((tmp_path / "out/t/parent/three/manifest.json").read_text())
     assert m["status"] == "done"
     assert not (tmp_path / "out/t/parent/two").exists(), "task 1 runs the second cell only"
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\necho 42\n')
+    (bindir / "sbatch").chmod(0o755)
+    out = subprocess.run(["bash", str(tmp_path / "out/t/slurm/submit.sh")], capture_output=True, text=True,
+                         env={**env, "PATH": f"{bindir}:/usr/bin:/bin"}, timeout=60)
+    assert out.returncode == 0 and "last stage job 42" in out.stdout, out.stdout + out.stderr
+    assert (bindir / "args").read_text().splitlines() == ["--parsable", str(script)]
 
 
 def test_slurm_task_whose_input_failed_exits_at_once_blocked(tmp_path):
