@@ -45,8 +45,12 @@ cd {root}
 set +u  # activation scripts (venv's, conda's and its packages' activate.d) are not written for nounset
 {setup}
 set -u
-CELL=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {cells_file})
-python -m cdlib.grid run {grid_arg} --cell "$CELL"
+# the cells, in the script itself: Slurm keeps a copy of the script from submission, so a queued task
+# runs the cell it was submitted for even if `grid slurm` rewrites {cells_file} meanwhile
+CELLS=(
+{cell_lines}
+)
+python -m cdlib.grid run {grid_arg} --cell "${{CELLS[$SLURM_ARRAY_TASK_ID]}}"
 """
 
 
@@ -144,7 +148,8 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
                 job=f"{grid.spec.name}-{tag}", last=len(group) - 1, nodes=s.nodes, gpus=s.gpus, cpus=s.cpus,
                 mem=s.mem, time=s.time, output=_directive_path(out / "logs" / "%x-%a.out"), extra="\n".join(extra),
                 count=len(group), stage=name, grid=grid.path, grid_arg=shlex.quote(str(grid.path)),
-                root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=shlex.quote(str(cells_file))))
+                root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file.name,
+                cell_lines="\n".join(f"  {shlex.quote(c.id)}" for c in group)))
             scripts.append(script)
             var = re.sub(r"\W", "_", tag).upper()
             submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} "

@@ -350,6 +350,18 @@ def test_slurm_submits_only_cells_with_work_left(tmp_path):
                      "summary": ["summary"]}, "summary reran: cells above it will finish after it"
     assert said == ["parent: 2 of 3 cells done and current, left out", "child: 1 of 5 cells done and current, left out"]
     assert sorted(p.name for p in paths) == ["child.sbatch", "parent.sbatch", "submit.sh", "summary.sbatch"]
+    # a task still queued when `grid slurm` rewrites the scripts runs the cell it was submitted for: Slurm keeps
+    # the script as submitted, and the cell list is in it
+    queued = tmp_path / "queued.sbatch"
+    queued.write_text((slurm_dir / "child.sbatch").read_text())
+    run = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--cell", "child/two__p"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    write_slurm(Grid(grid, root=REPO), say=said.append)
+    assert (slurm_dir / "child.cells").read_text().split() == ["child/two__q", "child/bad__p", "child/bad__q"]
+    out = subprocess.run(["bash", str(queued)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "SLURM_ARRAY_TASK_ID": "1", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0 and "child/two__q: done" in out.stdout, out.stdout + out.stderr
     # nothing left: no array, submit.sh submits nothing, and the earlier generation's scripts are gone
     write_slurm(Grid(make_grid(tmp_path, axes={"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}},
                                exclude=[], stages={"parent": spec["stages"]["parent"]}), root=REPO), say=said.append)
