@@ -82,16 +82,17 @@ def _directive_path(path: Path) -> str:
 
 
 def cells_to_submit(grid: Grid) -> set[str]:
-    """Ids of the cells a submission should run: every cell that is not done and current (pending, failed,
-    interrupted, refused, or an ``after: all`` cell that is stale), and every cell downstream of one of those
-    (its inputs, or for ``after: all`` any stage above, will change)."""
+    """Ids of the cells a submission should run: every cell a run would not skip now (:func:`cdlib.runner.decide`:
+    pending, failed, interrupted, refused, blocked, or an ``after: all`` cell that is stale), and every cell
+    downstream of one of those (its inputs, or for ``after: all`` any stage above, will change)."""
     from cdlib.cells import cell_status
-    from cdlib.runner import _above, stale
+    from cdlib.runner import _above, decide
 
+    status = {c.id: cell_status(c, grid.root) for c in grid.cells}
     todo: set[str] = set()
     for c in grid.cells:  # stage order: a cell's inputs come before it
         upstream = [*c.depends_on, *(_above(grid, c, todo) if c.after_all else [])]
-        if cell_status(c, grid.root) != "done" or stale(grid, c) or any(u in todo for u in upstream):
+        if decide(grid, c, status)[0] != "skip" or any(u in todo for u in upstream):
             todo.add(c.id)
     return todo
 
