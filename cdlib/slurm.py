@@ -155,6 +155,7 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
             var = re.sub(r"\W", "_", tag).upper()
             submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} "
                           f"{shlex.quote(str(script))})")
+            submit.append(f"{var}=${{{var}%%;*}}  # --parsable prints 'jobid;cluster' on a multi-cluster setup")
             job_vars.append(f"${var}")
         if job_vars:
             submit.append(f"DEP={':'.join(job_vars)}")

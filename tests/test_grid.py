@@ -290,11 +290,11 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     assert not (tmp_path / "out/t/parent/two").exists(), "task 1 runs the second cell only"
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "sbatch").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\necho 42\n')
+    (bindir / "sbatch").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$(dirname "$0")/args"\necho "42;gpu"\n')
     (bindir / "sbatch").chmod(0o755)
     out = subprocess.run(["bash", str(tmp_path / "out/t/slurm/submit.sh")], capture_output=True, text=True,
                          env={**env, "PATH": f"{bindir}:/usr/bin:/bin"}, timeout=60)
-    assert out.returncode == 0 and "last stage job 42" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.strip() == "submitted: last stage job 42", out.stdout + out.stderr
     assert (bindir / "args").read_text().splitlines() == ["--parsable", str(script)]
 
 
