@@ -56,29 +56,31 @@ class Store:
         self._load()
 
     def _load(self) -> None:
+        """Read the ids line by line (memory holds the ids, not the file), repairing a cut last line."""
         if not self.path.exists():
             self.path.touch()
             return
-        data = self.path.read_bytes()
-        if not data:
-            return
-        lines = data.split(b"\n")
-        tail = lines.pop()  # bytes after the last newline: empty unless the last write was cut
-        good_len = len(data) - len(tail)
         first_line: dict[str, int] = {}
-        for lineno, line in enumerate(lines, start=1):
-            if line.strip():
-                rid = _parse_line(line, self.path, lineno)["id"]
-                if rid in first_line:
-                    raise StoreCorruptError(f"{self.path}:{lineno}: duplicate id {rid!r} (first at line "
-                                            f"{first_line[rid]}); a store holds each id once")
-                first_line[rid] = lineno
+        good_len = 0  # bytes up to the last newline
+        tail, tail_lineno = b"", 0  # bytes after the last newline: empty unless the last write was cut
+        with self.path.open("rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    tail, tail_lineno = line, lineno
+                    break
+                good_len += len(line)
+                if line.strip():
+                    rid = _parse_line(line, self.path, lineno)["id"]
+                    if rid in first_line:
+                        raise StoreCorruptError(f"{self.path}:{lineno}: duplicate id {rid!r} (first at line "
+                                                f"{first_line[rid]}); a store holds each id once")
+                    first_line[rid] = lineno
         self._ids = set(first_line)
         if tail.strip():
             # A last line without its newline was cut mid-write, unless it happens
             # to be a complete record (a writer that died between the bytes and "\n").
             try:
-                rec = _parse_line(tail, self.path, len(lines) + 1)
+                rec = _parse_line(tail, self.path, tail_lineno)
             except StoreCorruptError:
                 rec = None
             if rec is not None and rec["id"] not in self._ids:
