@@ -76,7 +76,8 @@ def lint(path: str | Path) -> list[str]:
 
     Checks: exactly one ``parameters`` cell; every statement in it is an annotated
     assignment of a literal (``ast.literal_eval`` accepts it) with a ``# help``
-    comment on its line; no ``def``/``class`` anywhere in the notebook.
+    comment on its line, and papermill reads it (its parser drops, with only a log line,
+    a line whose help comment holds `` = ``); no ``def``/``class`` anywhere in the notebook.
     """
     path = Path(path)
     problems: list[str] = []
@@ -102,6 +103,7 @@ def lint(path: str | Path) -> list[str]:
     except SyntaxError as e:
         return problems + [f"{path}:{offset + (e.lineno or 0)}: syntax error in parameters cell: {e.msg}"]
     src_lines = src.splitlines()
+    papermill_reads = declared_parameters(path)  # papermill skips, with a mere log line, a line it cannot parse
     for stmt in cell_tree.body:
         line_no = offset + stmt.lineno
         if not isinstance(stmt, ast.AnnAssign) or not isinstance(stmt.target, ast.Name) or stmt.value is None:
@@ -116,6 +118,9 @@ def lint(path: str | Path) -> list[str]:
         comment = last.split("#", 1)[1].strip() if "#" in last else ""
         if not comment:
             problems.append(f"{path}:{line_no}: parameter '{name}' has no '# help' comment")
+        elif name not in papermill_reads:
+            problems.append(f"{path}:{line_no}: papermill cannot read parameter '{name}', so no grid may set it "
+                            f"(its parser gives up on some help comments, e.g. one holding ' = ')")
     return problems
 
 

@@ -61,6 +61,7 @@ BAD = '''# %% tags=["parameters"]
 n: int = 3  # how many
 m: int = n + 1  # derived
 k: str = "x"
+w: float = 1.0  # loss = w x KL
 # %%
 def helper():
     return 1
@@ -73,7 +74,8 @@ def test_lint_catches_each_rule(tmp_path):
     problems = "\n".join(nbtools.lint(p))
     assert "bad.py:3: parameter 'm' is not a literal" in problems
     assert "bad.py:4: parameter 'k' has no '# help' comment" in problems
-    assert "bad.py:6: 'helper' is defined in a notebook" in problems
+    assert "bad.py:5: papermill cannot read parameter 'w'" in problems
+    assert "bad.py:7: 'helper' is defined in a notebook" in problems
     p.write_text("# %%\nx = 1\n")
     assert "exactly one cell tagged 'parameters'" in nbtools.lint(p)[0]
 
