@@ -246,6 +246,9 @@ class TrainParams(StageParams):
     objective: Literal["sft", "kl"] = "sft"  # "kl": Mixed-Policy Distillation
     kl_teacher: str | None = None
     kl_direction: Literal["forward", "reverse", "jsd"] = "forward"
+    # objective kl: loss = kl_weight x divergence + (1 - kl_weight) x cross-entropy on the same tokens. 1.0 is
+    # MPD's pure KL; Distilling the Essence's public code (training.sh, distillation_loss_ratio) mixes 0.5 / 0.5
+    kl_weight: float = Field(1.0, ge=0, le=1)
     save: Literal["merged", "adapter"] = "adapter"  # LoRA only; full runs always save the model
     log_every: int = Field(10, ge=1)
     accelerate_config: str | None = None  # path under slurm/accelerate/ for FSDP2
@@ -271,6 +274,9 @@ class TrainParams(StageParams):
     def _kl(self) -> TrainParams:
         if self.objective == "kl" and not self.kl_teacher:
             raise ValueError("objective 'kl' needs kl_teacher")
+        if self.objective != "kl" and self.kl_weight != 1.0:
+            raise ValueError(f"kl_weight {self.kl_weight} weighs the KL term of objective 'kl'; this run's objective "
+                             f"is {self.objective!r} (set objective: kl and kl_teacher, or drop kl_weight)")
         return self
 
 

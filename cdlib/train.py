@@ -262,6 +262,8 @@ def train_step(s: Setup, window: list[dict[str, Any]], first: int, n_global: flo
                     t_logits = s.teacher(**losses.model_inputs(batch)).logits
                 loss, _ = losses.kl_sum(logits, t_logits, batch["labels"], s.P.kl_direction, len(s.data.tokenizer),
                                         s.P.kl_chunk_tokens, batch["supervised_rows"])
+                if s.P.kl_weight < 1:  # Distilling the Essence's mix of the divergence and the cross-entropy
+                    loss = s.P.kl_weight * loss + (1 - s.P.kl_weight) * ce
             # mean over the step's supervised tokens on all ranks; DDP/FSDP average gradients over ranks
             acc.backward(loss * world / max(n_global, 1.0))
         step_sum[0] += loss.detach()  # kept on the device: read every log_every steps (LossReader)
@@ -412,6 +414,7 @@ def collect_metrics(s: Setup, prog: Progress, val: dict[str, Any], ckpt: dict[st
     return {
         "student": P.student, "model_source": data.model_source, "source": P.source, "method": P.method,
         "objective": P.objective, "kl_teacher": P.kl_teacher, "kl_direction": P.kl_direction if teacher else None,
+        "kl_weight": P.kl_weight if teacher else None,
         "kl_teacher_model": s.teacher_source if teacher else None,
         **data.extra.get("dte", {}),  # Distilling the Essence: truncate_ratio, kept fractions, loss_on
         "max_row_tokens": max((sum(len(data.train[i]["input_ids"]) for i in b) for mb in s.schedule for b in mb),

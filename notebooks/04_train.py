@@ -46,6 +46,7 @@ truncate_span: str = "sequence"  # what truncate_ratio cuts: sequence or reasoni
 objective: str = "sft"  # sft (cross-entropy) or kl (Mixed-Policy Distillation)
 kl_teacher: str = None  # teacher for objective kl: hub id, model or train cell directory (same tokenizer as the student)
 kl_direction: str = "forward"  # forward KL(teacher||student), reverse, or jsd
+kl_weight: float = 1.0  # objective kl: weight of the KL term, the rest is cross-entropy; Distilling the Essence uses 0.5
 save: str = "adapter"  # LoRA: adapter, or merged (also a merged model/)
 log_every: int = 10  # steps between writes of the loss curve
 accelerate_config: str = None  # slurm/accelerate/ddp.yaml or fsdp2.yaml: launch across the visible GPUs

@@ -236,6 +236,27 @@ def test_kl_objective_decreases_and_mismatched_tokenizers_fail(toy_traces, tmp_p
     assert str(student) in str(err.value) and str(other) in str(err.value)
 
 
+def test_kl_weight_mixes_divergence_and_cross_entropy(toy_traces, tmp_path):
+    """Distilling the Essence's loss (its training.sh: distillation_loss_ratio 0.5): on the first step, where both
+    runs hold the same weights and batch, the mixed loss is 0.3 x KL + 0.7 x CE of the pure-KL run."""
+    from cdlib.tiny import make_tiny_model
+
+    teacher = make_tiny_model(tmp_path / "teacher", seed=0, num_layers=2)
+    student = make_tiny_model(tmp_path / "student", seed=1, num_layers=1)
+    P = TrainParams(out_dir=str(tmp_path / "kl"), data=str(toy_traces), student=str(student), objective="kl",
+                    kl_teacher=str(teacher), max_steps=2, warmup_ratio=0, limit=20, val_fraction=0, **QUICK)
+    T.run(P, progress=False, log=lambda *a: None)
+    mixed = P.model_copy(update={"out_dir": str(tmp_path / "mixed"), "kl_weight": 0.3})
+    m = T.run(mixed, progress=False, log=lambda *a: None)
+    pure, mix = _curve(tmp_path / "kl")[0], _curve(tmp_path / "mixed")[0]
+    assert mix["ce"] == pytest.approx(pure["ce"], rel=1e-6)
+    assert mix["loss"] == pytest.approx(0.3 * pure["loss"] + 0.7 * pure["ce"], rel=1e-5)
+    assert abs(mix["loss"] - pure["loss"]) > 1e-3  # the two terms differ, so the weight is visible
+    assert m["kl_weight"] == 0.3 and m["objective"] == "kl"
+    with pytest.raises(ValueError, match="kl_weight 0.5 weighs the KL term"):
+        TrainParams(out_dir=str(tmp_path / "sft"), data=str(toy_traces), kl_weight=0.5)
+
+
 def test_two_processes_match_one_process_with_the_same_global_batch(toy_traces, tmp_path):
     """torchrun, 2 CPU ranks over gloo (1 micro-batch each per step) vs 1 rank accumulating 2 micro-batches."""
     from transformers import AutoModelForCausalLM
