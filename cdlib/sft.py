@@ -314,7 +314,8 @@ def build_example(
 
     ``loss_on`` picks the supervised sections (Distilling the Essence).
     ``truncate_ratio`` keeps the first X of the tokens: of the whole sequence
-    (``truncate_span="sequence"``; the example then ends mid-turn and is marked
+    (``truncate_span="sequence"``: ``int(X * n)`` of its ``n`` tokens, at least 2, the cut
+    of that paper's public code; the example then ends mid-turn and is marked
     ``cut="ratio"``), or of the trace only (``"reasoning"``: the trace is cut at
     a token boundary and the think block is closed and the answer kept).
     """
@@ -338,7 +339,7 @@ def build_example(
     input_ids, spans, eot_id = _tokenize(tokenizer, texts, rid)
     cut = None
     if truncate_ratio is not None and truncate_span == "sequence" and truncate_ratio < 1:
-        keep = max(2, math.ceil(truncate_ratio * len(input_ids)))
+        keep = max(2, int(truncate_ratio * len(input_ids)))  # rounded down, as Distilling the Essence's code cuts
         input_ids, spans, cut = input_ids[:keep], _clip_spans(spans, keep), "ratio"
     return {
         "id": rid,
