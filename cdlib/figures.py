@@ -278,11 +278,13 @@ def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
     Needs ``accuracy`` and ``kept_fraction`` (= ``truncate_ratio``, 1.0 uncut); reads
     ``truncate_span``, ``loss_on``, ``dte``, ``objective`` and ``data_source`` when given
     (as :func:`grid_runs` writes them). Kept: every DtE run (a ratio cut or a non-default
-    ``loss_on``) and, as the uncut reference at kept fraction 1.0, the plain SFT runs on
-    the same data (``data_source``) as a DtE run of the same teacher and student. The
-    reference is repeated once per cut span so each span's curve ends at the full run.
-    ``variant``: ``cut: sequence``, ``cut: reasoning``, ``no cut`` (reference), plus
-    ``, loss on <sections>`` for a non-default ``loss_on``.
+    ``loss_on``) and, as the uncut reference at kept fraction 1.0, the uncut runs with the
+    same data (``data_source``), teacher, student, ``loss_on`` and objective as a cut run
+    (plain SFT runs for the usual mask). The reference is repeated once per cut span so
+    each span's curve ends at the full run. ``variant``: ``cut: sequence``, ``cut:
+    reasoning``, ``no cut`` (an uncut DtE run that no cut run extends), plus ``, loss on
+    <sections>`` for a non-default ``loss_on`` and ``, KD`` for a run that also distils a
+    teacher's logits (``objective: kl``, as that paper's own code trains).
     """
     df = _overall(runs)
     _need(df, ["accuracy", "kept_fraction"], "dte_runs")
@@ -295,18 +297,21 @@ def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
     if "dte" not in df.columns:
         df = df.with_columns(dte=(pl.col("kept_fraction") < 1) | (pl.col("loss_on") != default))
     df = df.filter(pl.col("accuracy").is_not_null())
-    dte = df.filter(pl.col("dte"))
-    keys = ["teacher", "student", "data_source"]
-    ref = df.filter(~pl.col("dte") & (pl.col("objective") == "sft")).join(
-        dte.select(keys).unique(), on=keys, how="semi", nulls_equal=True)
-    spans = dte["truncate_span"].drop_nulls().unique().sort().to_list() or [None]
     mask = pl.when(pl.col("loss_on") != default).then(pl.lit(", loss on ") + pl.col("loss_on")).otherwise(pl.lit(""))
-    cut = pl.when(pl.col("truncate_span").is_not_null()).then(pl.lit("cut: ") + pl.col("truncate_span"))
-    parts = [dte.with_columns(variant=cut.otherwise(pl.lit("no cut")) + mask)]
-    for span in spans:  # the uncut reference closes each span's curve at kept fraction 1.0
-        name = f"cut: {span}" if span else "no cut"
-        parts.append(ref.with_columns(variant=pl.lit(name) + mask, truncate_span=pl.lit(span, dtype=pl.String)))
-    return pl.concat(parts, how="diagonal_relaxed").sort("variant", "kept_fraction")
+    mask = mask + pl.when(pl.col("objective") == "kl").then(pl.lit(", KD")).otherwise(pl.lit(""))  # + logit distillation
+    df = df.with_columns(suffix=mask)
+    cut = df.filter(pl.col("kept_fraction") < 1)
+    uncut = df.filter(pl.col("kept_fraction") >= 1)
+    group = ["teacher", "student", "data_source", "loss_on", "objective"]
+    spans = cut.select(*group, "truncate_span").unique()
+    # each uncut run closes the curve of every span cut from its own setup; one that closes none stays a point
+    closing = uncut.drop("truncate_span").join(spans, on=group, how="inner", nulls_equal=True)
+    alone = uncut.filter(pl.col("dte")).join(spans, on=group, how="anti", nulls_equal=True)
+    parts = [cut.with_columns(variant=pl.lit("cut: ") + pl.col("truncate_span").fill_null("sequence") + pl.col("suffix")),
+             closing.with_columns(variant=pl.lit("cut: ") + pl.col("truncate_span").fill_null("sequence")
+                                  + pl.col("suffix")),
+             alone.with_columns(variant=pl.lit("no cut") + pl.col("suffix"))]
+    return pl.concat(parts, how="diagonal_relaxed").drop("suffix").sort("variant", "kept_fraction")
 
 
 def fig_dte_kept_fraction(runs: pl.DataFrame) -> alt.VConcatChart:

@@ -54,12 +54,19 @@ def test_dte_grid_cells_expand_with_the_right_params():
         assert p["truncate_span"] == ax["span"] and p["loss_on"] == masks[ax["mask"]], c.slug
         assert p.get("token_budget") == (71_000_000 if ax["budget"] == "matched" else None), c.slug
         assert p["data"].endswith("/generate/qwen3.5-397b") and p["source"] == "raw"
+        kd = ax["objective"] == "kd"
+        assert (p.get("objective", "sft"), p.get("kl_weight", 1.0)) == (("kl", 0.5) if kd else ("sft", 1.0)), c.slug
+    sft = {s: c for s, c in train.items() if c.axes["objective"] == "sft"}
     # excluded combinations are not run: the uncut run once, section masks uncut and epoch-based
     assert not [s for s, c in train.items() if c.axes["ratio"] == "r1.0" and c.axes["span"] == "reasoning"]
-    assert {(c.axes["ratio"], c.axes["span"], c.axes["budget"]) for c in train.values() if c.axes["mask"] != "cot-answer"} \
+    assert {(c.axes["ratio"], c.axes["span"], c.axes["budget"]) for c in sft.values() if c.axes["mask"] != "cot-answer"} \
         == {("r1.0", "sequence", "epochs")}
-    per_student = {(a["ratio"], a["span"], a["mask"], a["budget"]) for a in (c.axes for c in train.values())}
-    assert len(per_student) == 16 and len(train) == 32
+    per_student = {(a["ratio"], a["span"], a["mask"], a["budget"]) for a in (c.axes for c in sft.values())}
+    assert len(per_student) == 16 and len(sft) == 32
+    # that paper's own protocol: every ratio of the whole sequence, loss on all of it, with KD, for the 0.8B student
+    kd = {(c.axes["student"], c.axes["ratio"], c.axes["span"], c.axes["mask"], c.axes["budget"])
+          for c in train.values() if c.axes["objective"] == "kd"}
+    assert kd == {("qwen3.5-0.8b", r, "sequence", "all", "epochs") for r in ratios}
     evaluated = {c.params["model"].split("/train/")[1] for c in g.select("evaluate")}
     assert evaluated == set(train), "every DtE run is evaluated"
     assert [c.params["source"] for c in g.select("compressed")] == ["ministral14b"] * 2
@@ -211,6 +218,11 @@ def _neighbour_grid(root: Path) -> Path:
         "mpd": ({"source": "mpd", "objective": "kl", "kl_teacher": "Qwen/Qwen3-8B"}, 0.62, 400, 9e15),
         "compressed": ({"source": "ministral14b"}, 0.61, 300, 2e15),
         "kd": ({"source": "extractive", "objective": "kl", "kl_teacher": "Qwen/Qwen3-8B"}, 0.59, 350, 3e15),
+        # Distilling the Essence as its own code trains: loss on every section, half CE and half KD
+        "seq-0.5-kd": ({"truncate_ratio": 0.5, "loss_on": ["prompt", "cot", "answer"], "objective": "kl",
+                        "kl_teacher": "Qwen/Qwen3.5-9B", "kl_weight": 0.5}, 0.56, 690, 6e15),
+        "full-kd": ({"loss_on": ["prompt", "cot", "answer"], "objective": "kl", "kl_teacher": "Qwen/Qwen3.5-9B",
+                     "kl_weight": 0.5}, 0.61, 880, 12e15),
     }
     for slug, (extra, acc, tokens, flops) in runs.items():
         axes = {"teacher": "qwen3.5-397b", "student": "qwen3.5-0.8b", "run": slug}
@@ -243,15 +255,20 @@ def test_report_draws_the_dte_figure_and_neighbours_on_the_pareto_plot(tmp_path)
     by_cell = dict(zip(ov["train_cell"], ov["source"]))
     assert by_cell == {"train/full": "raw", "train/seq-0.5": "dte-0.5", "train/seq-0.25": "dte-0.25",
                        "train/rsn-0.5": "dte-0.5-reasoning", "train/cot": "dte-cot", "train/matched": "dte-0.5",
-                       "train/mpd": "mpd", "train/compressed": "ministral14b", "train/kd": "kl-extractive"}
+                       "train/mpd": "mpd", "train/compressed": "ministral14b", "train/kd": "kl-extractive",
+                       "train/seq-0.5-kd": "kl-dte-0.5-prompt+cot+answer", "train/full-kd": "kl-dte-prompt+cot+answer"}
     kept = dict(zip(ov["train_cell"], ov["kept_fraction"]))
     assert kept["train/full"] == kept["train/cot"] == 1.0 and kept["train/seq-0.25"] == 0.25
 
     dte = figures.dte_runs(runs)
-    assert set(dte["variant"]) == {"cut: sequence", "cut: reasoning", "no cut, loss on cot"}
+    assert set(dte["variant"]) == {"cut: sequence", "cut: reasoning", "no cut, loss on cot",
+                                   "cut: sequence, loss on prompt+cot+answer, KD"}
     # the uncut run closes both span curves at 1.0; MPD and the compressed run are not DtE runs
     assert dte.filter(dte["train_cell"] == "train/full")["variant"].sort().to_list() == ["cut: reasoning", "cut: sequence"]
     assert not set(dte["train_cell"]) & {"train/mpd", "train/compressed", "train/kd"}
+    # the uncut run with the same mask and KD closes that curve, not the plain SFT one
+    kd = dte.filter(dte["variant"] == "cut: sequence, loss on prompt+cot+answer, KD")
+    assert kd["train_cell"].to_list() == ["train/seq-0.5-kd", "train/full-kd"]
     chart = figures.fig_dte_kept_fraction(runs).to_dict()
     assert len(chart["vconcat"]) == 2, "accuracy vs kept fraction, and vs training FLOPs"
 
