@@ -314,7 +314,10 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
 
     With p the teacher's and q the student's next-token distribution at a position:
     ``forward`` = KL(p || q) (mode covering; MPD's default), ``reverse`` = KL(q || p),
-    ``jsd`` = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2. Only the first
+    ``jsd`` = (KL(p || m) + KL(q || m)) / 2 with m = (p + q) / 2: TRL's GKD
+    ``generalized_jsd_loss`` at beta 0, 1 and 0.5 (equal to float precision, trl 1.16;
+    Distilling the Essence's code calls -sum p log q "forward KL": the same gradient,
+    a value larger by the teacher's entropy). Only the first
     ``vocab`` logits are compared (models often pad their output layer beyond
     the tokenizer). Computed in fp32.
 

@@ -253,6 +253,13 @@ def test_kl_weight_mixes_divergence_and_cross_entropy(toy_traces, tmp_path):
     assert mix["loss"] == pytest.approx(0.3 * pure["loss"] + 0.7 * pure["ce"], rel=1e-5)
     assert abs(mix["loss"] - pure["loss"]) > 1e-3  # the two terms differ, so the weight is visible
     assert m["kl_weight"] == 0.3 and m["objective"] == "kl"
+    # Distilling the Essence's own protocol end to end: half of each whole sequence, loss on all of it, half KD
+    dte = P.model_copy(update={"out_dir": str(tmp_path / "dte"), "kl_weight": 0.5, "truncate_ratio": 0.5,
+                               "loss_on": ["prompt", "cot", "answer"]})
+    m = T.run(dte, progress=False, log=lambda *a: None)
+    assert (m["loss_on"], m["kl_weight"], m["kept_fraction"]) == ("prompt+cot+answer", 0.5, 0.5)
+    assert 0.45 < m["kept_token_fraction"] <= 0.5 and m["dataset_tokens"]["supervised_prompt"] > 0
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["ce"]) for r in _curve(tmp_path / "dte"))
     with pytest.raises(ValueError, match="kl_weight 0.5 weighs the KL term"):
         TrainParams(out_dir=str(tmp_path / "sft"), data=str(toy_traces), kl_weight=0.5)
 
