@@ -188,11 +188,10 @@ def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: 
                              teacher_source)
     head = losses.resolve(P.loss_head)  # auto: Cut Cross-Entropy / Liger on a GPU where installed, else chunked
     model, student = load_student(P, data, accelerator, on_gpu, say)
-    teacher, teacher_params = (load_teacher(teacher_source, student["attn"], accelerator, on_gpu and P.bf16)
-                               if P.objective == "kl" else (None, 0))
+    teacher, teacher_params, rows = (load_teacher(teacher_source, student, accelerator, on_gpu and P.bf16, say)
+                                     if P.objective == "kl" else (None, 0, student["rows"]))
     world = accelerator.num_processes
     lr = P.learning_rate or (TOY_LR if is_toy(P.student) or trained_from_toy(P.student) else DEFAULT_LR[P.method])
-    rows = student["rows"]
     schedule = plan(data.train, P, world, packing=rows.packing)
     total_steps = max(1, math.ceil(math.ceil(len(schedule) / world) / P.grad_accum))
     optimizer, optimizer_name, optimizer_note = make_optimizer(model.parameters(), P, lr, on_gpu,

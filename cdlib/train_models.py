@@ -299,10 +299,26 @@ def add_lora(model: Any, P: TrainParams, model_source: str, is_main: bool, say: 
     return model, info
 
 
-def load_teacher(source: str, attn: str, accelerator: Any, bf16: bool) -> tuple[Any, int]:
-    """MPD's frozen KL teacher on the run's device (bf16 on a GPU with ``bf16``) and its FLOP-counted params."""
+def load_teacher(source: str, student: dict[str, Any], accelerator: Any, bf16: bool,
+                 say: Any) -> tuple[Any, int, packlib.Layout]:
+    """The frozen KL teacher on the run's device (bf16 on a GPU with ``bf16``), its FLOP-counted params, and
+    the row layout both models can take.
+
+    The teacher runs the student's rows, so it gets the same care: its linear-attention layers are split per
+    packed example (Qwen3.5, :func:`cdlib.pack.split_linear_attention`); where it would need another packed
+    layout than the student's (packing refused, or another sliding window in its block masks) the run trains
+    one example per row, saying why.
+    """
     import torch
 
-    teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, attn)
+    teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, student["attn"])
     teacher.eval().requires_grad_(False).to(accelerator.device)
-    return teacher, count_params(teacher)["flops"]
+    rows = student["rows"]
+    own = packlib.packed_layout(teacher.config, student["layout"], rows.packing)
+    if own.split_linear:
+        packlib.split_linear_attention(teacher)
+    if rows.packing and (own.attention, own.sliding_window) != (rows.attention, rows.sliding_window):
+        rows = packlib.Layout("padded", False, f"packing off: the KL teacher {source} cannot take the student's packed "
+                                                f"rows ({own.reason or own.attention}); one example per row")
+        say(rows.reason)
+    return teacher, count_params(teacher)["flops"], rows

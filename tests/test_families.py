@@ -202,9 +202,9 @@ def _train(traces, out, **kw):
     from cdlib import train as T
     from cdlib.params import TrainParams
 
-    P = TrainParams(out_dir=str(out), data=str(traces), seq_len=1024, gradient_checkpointing=False, log_every=1,
-                    limit=8, max_steps=2, grad_accum=1, micro_batch_size=2, val_fraction=0.0,
-                    learning_rate=1e-3, **kw)
+    base = dict(seq_len=1024, gradient_checkpointing=False, log_every=1, limit=8, max_steps=2, grad_accum=1,
+                micro_batch_size=2, val_fraction=0.0, learning_rate=1e-3)
+    P = TrainParams(out_dir=str(out), data=str(traces), **{**base, **kw})
     lines = []
     return T.run(P, progress=False, log=lines.append), lines
 
@@ -425,3 +425,36 @@ def engine_sampling():
     import vllm
 
     return vllm.SamplingParams(temperature=0.0, max_tokens=2)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gpt_oss"])
+def test_kl_teacher_on_packed_rows_equals_unpacked(family, traces, tmp_path):
+    """A KL teacher of a family that packs only with help (Qwen3.5's linear attention split per example, gpt-oss's
+    sliding window in its own mask) sees each packed example as if alone: the validation KL of the untrained
+    student (learning rate 1e-12) is the same on packed rows as one example per row."""
+    from cdlib.tiny import make_family_model, resolve
+
+    student = resolve(f"tiny-{family.replace('_', '.').replace('gpt.oss', 'gpt-oss')}")
+    teacher = make_family_model(family, tmp_path / "teacher", seed=1)  # the same tokenizer, other weights
+    fmt = FAMILIES[family]["chat_format"]
+    got = {}
+    for packing in (True, False):
+        m, _ = _train(traces, tmp_path / f"kl-{packing}", student=student, method="full", chat_format=fmt,
+                      objective="kl", kl_teacher=str(teacher), packing=packing, learning_rate=1e-12, max_steps=1,
+                      val_fraction=0.5, chat_template_kwargs=KWARGS[family])
+        assert m["packing"] is packing and m["val_kl"] > 0.01
+        got[packing] = m["val_kl"]
+    assert got[True] == pytest.approx(got[False], rel=1e-5), got
+
+
+def test_kl_teacher_with_another_window_trains_unpacked(traces, tmp_path):
+    """gpt-oss student and teacher whose sliding windows differ: the block masks drawn for the student's window
+    would be wrong for the teacher, so the run trains one example per row and says why."""
+    from cdlib.tiny import make_family_model, resolve
+
+    teacher = make_family_model("gpt_oss", tmp_path / "teacher", seed=1, sliding_window=3)
+    m, lines = _train(traces, tmp_path / "kl", student=resolve("tiny-gpt-oss"), method="full", chat_format="harmony",
+                      objective="kl", kl_teacher=str(teacher), chat_template_kwargs=KWARGS["gpt_oss"])
+    assert m["packing"] is False and m["layout"] == "padded"
+    assert "packing off: the KL teacher" in m["packing_note"] and "within 3 tokens" in m["packing_note"]
+    assert any("packing off: the KL teacher" in line for line in lines)
