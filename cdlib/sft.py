@@ -46,6 +46,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from cdlib.tokenizer import decode_prefix
+
 IGNORE_INDEX = -100
 SECTIONS = ("prompt", "cot", "answer")
 FORMATS = ("qwen", "llama3", "harmony", "plain")
@@ -332,7 +334,7 @@ def build_example(
         trace = str(record.get(reasoning_key) or "").strip()
         trace_ids = tokenizer(trace, add_special_tokens=False)["input_ids"]
         keep = math.ceil(truncate_ratio * len(trace_ids))
-        record = {**record, reasoning_key: tokenizer.decode(trace_ids[:keep]).strip()}
+        record = {**record, reasoning_key: decode_prefix(tokenizer, trace_ids[:keep]).strip()}
 
     texts = format_texts(record, tokenizer, source=source, chat_format=chat_format, reasoning_key=reasoning_key,
                          chat_template_kwargs=chat_template_kwargs, answer_only_think=answer_only_think)

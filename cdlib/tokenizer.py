@@ -21,6 +21,14 @@ class TextTokenizer(Protocol):
     def decode(self, ids: list) -> str: ...
 
 
+def decode_prefix(tok: object, ids: list) -> str:
+    """The text of the first tokens of a text (``tok.decode(ids)``), without the replacement character that a
+    cut inside a multi-byte character leaves at its end: byte-level BPE tokenizers split rarer characters
+    (CJK, math symbols such as the multiplication or square-root sign) into byte tokens, and a prefix ending
+    between them decodes to U+FFFD, which training would then learn."""
+    return tok.decode(ids).rstrip("\ufffd")
+
+
 class WhitespaceTokenizer:
     """Words separated by whitespace; ``decode`` joins them with single spaces."""
 

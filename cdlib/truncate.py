@@ -42,7 +42,7 @@ def cut(text: str, n_tokens: int, tok: Any, tolerance: int = 1) -> tuple[str, in
     for k in (n_tokens, n_tokens - 1, n_tokens + 1, n_tokens - 2, n_tokens + 2):
         if k < 0 or k > len(ids):
             continue
-        piece = tok.decode(ids[:k])
+        piece = toklib.decode_prefix(tok, ids[:k])
         got = len(tok.encode(piece))
         err = abs(got - n_tokens)
         if best is None or err < best[0]:

@@ -213,6 +213,23 @@ def test_ratio_truncation_over_the_sequence(toks):
     sft.audit([half], tok)  # an intended cut: no end-of-turn / think checks
 
 
+def test_reasoning_cut_never_trains_half_a_character():
+    """Byte-level BPE splits rarer characters into byte tokens; a cut between them must not leave U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from cdlib.tiny import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("tiny-qwen3.5"))
+    trace = "首先 3 × 4 = 12，然后 12 ÷ 2 = 6，√36 = 6。答案是 6"
+    ids = tok(trace, add_special_tokens=False)["input_ids"]
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids))), "the trace splits characters"
+    rec = {"id": "r", "prompt": "q", "reasoning": trace, "answer": "The answer is \\boxed{6}."}
+    bad = [r / 50 for r in range(1, 50)
+           if "\ufffd" in tok.decode(sft.build_example(rec, tok, truncate_ratio=r / 50,
+                                                        truncate_span="reasoning")["input_ids"])]
+    assert not bad, bad
+
+
 def test_ratio_truncation_over_the_reasoning_only(toks):
     tok = toks["qwen"]
     full = sft.build_example(RECORD, tok)

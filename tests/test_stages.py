@@ -192,6 +192,19 @@ def test_cut_bpe_property(bpe, words, frac):
     assert text.startswith(piece.rstrip()) or piece == text
 
 
+def test_truncate_cut_never_ends_in_half_a_character():
+    from cdlib.tiny import resolve
+    from cdlib.tokenizer import HFTokenizer
+    from cdlib.truncate import cut
+
+    tok = HFTokenizer(resolve("tiny-qwen3.5"))
+    text = "首先 3 × 4 = 12，然后 12 ÷ 2 = 6，√36 = 6。答案是 6"
+    n = len(tok.encode(text))
+    pieces = [cut(text, k, tok)[0] for k in range(1, n)]
+    assert not [p for p in pieces if "\ufffd" in p]
+    assert all(text.startswith(p) for p in pieces)
+
+
 def test_truncate_stage_length_matched_and_ratio(tmp_path):
     P = gen_params(tmp_path, rounds=2)
     generate.run(P)
