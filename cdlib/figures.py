@@ -297,9 +297,9 @@ def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
     if "dte" not in df.columns:
         df = df.with_columns(dte=(pl.col("kept_fraction") < 1) | (pl.col("loss_on") != default))
     df = df.filter(pl.col("accuracy").is_not_null())
-    mask = pl.when(pl.col("loss_on") != default).then(pl.lit(", loss on ") + pl.col("loss_on")).otherwise(pl.lit(""))
-    mask = mask + pl.when(pl.col("objective") == "kl").then(pl.lit(", KD")).otherwise(pl.lit(""))  # + logit distillation
-    df = df.with_columns(suffix=mask)
+    df = df.with_columns(suffix=pl.when(pl.col("loss_on") != default).then(pl.lit(", loss on ") + pl.col("loss_on"))
+                         .otherwise(pl.lit(""))
+                         + pl.when(pl.col("objective") == "kl").then(pl.lit(", KD")).otherwise(pl.lit("")))
     cut = df.filter(pl.col("kept_fraction") < 1)
     uncut = df.filter(pl.col("kept_fraction") >= 1)
     group = ["teacher", "student", "data_source", "loss_on", "objective"]
@@ -307,9 +307,8 @@ def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
     # each uncut run closes the curve of every span cut from its own setup; one that closes none stays a point
     closing = uncut.drop("truncate_span").join(spans, on=group, how="inner", nulls_equal=True)
     alone = uncut.filter(pl.col("dte")).join(spans, on=group, how="anti", nulls_equal=True)
-    parts = [cut.with_columns(variant=pl.lit("cut: ") + pl.col("truncate_span").fill_null("sequence") + pl.col("suffix")),
-             closing.with_columns(variant=pl.lit("cut: ") + pl.col("truncate_span").fill_null("sequence")
-                                  + pl.col("suffix")),
+    curve = pl.lit("cut: ") + pl.col("truncate_span").fill_null("sequence") + pl.col("suffix")
+    parts = [cut.with_columns(variant=curve), closing.with_columns(variant=curve),
              alone.with_columns(variant=pl.lit("no cut") + pl.col("suffix"))]
     return pl.concat(parts, how="diagonal_relaxed").drop("suffix").sort("variant", "kept_fraction")
 
