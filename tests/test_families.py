@@ -434,7 +434,7 @@ def test_kl_teacher_on_packed_rows_equals_unpacked(family, traces, tmp_path):
     student (learning rate 1e-12) is the same on packed rows as one example per row."""
     from cdlib.tiny import make_family_model, resolve
 
-    student = resolve(f"tiny-{family.replace('_', '.').replace('gpt.oss', 'gpt-oss')}")
+    student = resolve(str(FAMILIES[family]["tiny"]))
     teacher = make_family_model(family, tmp_path / "teacher", seed=1)  # the same tokenizer, other weights
     fmt = FAMILIES[family]["chat_format"]
     got = {}
