@@ -62,7 +62,6 @@ VLLM_TOKENS_PER_GPU_S = {
 TEACHER_REFERENCE_TOKENS_PER_GPU_S = 8_425 / 4
 PREFILL_WEIGHT = 0.1  # one prompt token costs ~1/10 of a decoded one (prefill is batched thousands per forward)
 CHARS_PER_TOKEN = 3.5  # Table 4: mean reasoning chars / mean total tokens is 2.7-4.0 across datasets
-TEACHER_ROUNDS = 4  # params/paper.yaml generate.rounds: attempts of a question never answered correctly
 EVAL_QUESTIONS_IN_DISTRIBUTION = 12_418  # Table 1 eval splits (cdlib.datasets table1_eval, 10 datasets)
 # The paper does not give its OOD evaluation sizes: the public validation/test splits (HellaSwag 10,042,
 # WinoGrande 1,267, PIQA 1,838, ARC-Easy 2,376, BoolQ 3,270, TruthfulQA 817, MMLU humanities 4,705,
@@ -205,13 +204,38 @@ def training_hours(token_budget: bool = False) -> pl.DataFrame:
         projected_h=k * n * pl.col("train_tokens") / (pl.col("mfu") * H100_BF16_DENSE_FLOPS) / 3600)
 
 
+def grid_rounds(path: str | Path = "params/paper.yaml") -> int:
+    """``generate.rounds`` of the grid file: attempts per question, the first included. params/paper.yaml holds
+    the value the paper's counts imply (:func:`cdlib.paper.teacher_rounds`: 2)."""
+    from cdlib.grid import Grid
+
+    (rounds,) = {c.params["rounds"] for c in Grid(path).cells if c.stage == "generate"}
+    return int(rounds)
+
+
+def teacher_requests(teacher: str, rounds: int) -> int:
+    """Requests of one teacher pass over Table 1's training questions with ``rounds`` rounds.
+
+    H.4 counts the Qwen teacher's: 345,383 ("questions", which only requests can be: Table 1 has 310,932).
+    For another teacher: every question once, then every never-answered one (Table 1 minus Table 4's kept
+    traces) in each later round; the questions answered at a later attempt add requests H.4 gives only for
+    the Qwen teacher (6,854 of its 345,383), so this is a lower bound.
+    """
+    if teacher == "Qwen3.5-397B-A17B":
+        return int(_compute("teacher_questions"))
+    questions = int(paper.table(1).filter(pl.col("metric") == "train")["value"].sum())
+    kept = int(_traces().filter(pl.col("teacher") == teacher)["n"].sum())
+    return questions + (rounds - 1) * (questions - kept)
+
+
 def _generate_tokens(teacher: str) -> float:
-    """Decoded tokens of the teacher pass: kept traces plus ``TEACHER_ROUNDS`` attempts per never-answered question."""
+    """Decoded tokens of the teacher pass: kept traces, plus one mean-length answer per wrong-answer request
+    (:func:`teacher_requests` minus the kept traces) at the grid's rounds (:func:`grid_rounds`)."""
     t = _traces().filter(pl.col("teacher") == teacher)
     kept = (t["n"] * t["raw_tokens"]).sum()
     mean = kept / t["n"].sum()
-    failed = _compute("teacher_questions") - t["n"].sum()
-    return kept + failed * TEACHER_ROUNDS * mean
+    wrong = teacher_requests(teacher, grid_rounds()) - t["n"].sum()
+    return kept + wrong * mean
 
 
 def _compress_cost_tokens(teacher: str, compressor: str) -> float:

@@ -1,6 +1,6 @@
 """The published numbers of the Compress-Distill paper, as polars frames.
 
-The CSVs under ``cdlib/data/paper/`` are transcriptions of Tables 2 to 11 and of the
+The CSVs under ``cdlib/data/paper/`` are transcriptions of Tables 1 to 11 and of the
 compute/energy figures of Appendix H.4/H.5 (``compute.csv``); their README says how the
 garbled text extraction was mapped back onto the paper's grid. Each table CSV is long
 and tidy: the key columns of that table (``teacher``, ``student``, ``method``,
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import polars as pl
 
-TABLES = tuple(range(2, 12))
+TABLES = tuple(range(1, 12))
 TEACHERS = ("Qwen3.5-397B-A17B", "gpt-oss-120B")
 STUDENTS = ("Qwen3.5-0.8B", "Llama-3.1-8B", "Qwen3.5-9B", "gpt-oss-20B")
 METHODS = ("lora", "full")
@@ -54,9 +54,9 @@ def _read(path: Path) -> pl.DataFrame:
 
 
 def table(n: int) -> pl.DataFrame:
-    """Table ``n`` (2 to 11) of the paper in long form: keys, metric, value, se, notes."""
+    """Table ``n`` (1 to 11) of the paper in long form: keys, metric, value, se, notes."""
     if n not in TABLES:
-        raise KeyError(f"table {n!r}: the paper's numeric tables are 2 to 11")
+        raise KeyError(f"table {n!r}: the paper's numeric tables are 1 to 11")
     df = _read(data_dir() / f"table{n}.csv")
     keys = [c for c in df.columns if c not in ("metric", "value", "se", "notes")]
     return df.with_columns(pl.col(keys).cast(pl.String), pl.col("notes").fill_null(""))
@@ -151,3 +151,23 @@ def judge() -> pl.DataFrame:
         (pl.col("pct_faithful") / 100).alias("faithful"),
         (pl.col("pct_answer_aligned") / 100).alias("answer_aligned"),
     )
+
+
+def teacher_rounds() -> dict[str, int]:
+    """The rejection-sampling rounds the paper's own counts allow (its K is not printed; section 3.1 says only
+    "up to K times"), as ``params/paper.yaml``'s ``generate.rounds`` (attempts per question, the first included).
+
+    H.4 counts the Qwen teacher pass "over 345,383 questions", more than Table 1's 310,932 training questions:
+    read as requests, 345,383 - 310,932 = 34,451 were resamples. Table 4 keeps 283,335 traces, so 27,597
+    questions were never answered correctly, and each of them was sent every round: K rounds need at least
+    (K - 1) x 27,597 resamples. 34,451 allows K - 1 = 1 (2 x 27,597 = 55,194 would not fit): K = 2, and the
+    other 34,451 - 27,597 = 6,854 resamples are the questions answered at their second attempt.
+    Returns the numbers and ``rounds``.
+    """
+    t1 = table(1)
+    questions = int(t1.filter(pl.col("metric") == "train")["value"].sum())
+    requests = int(compute_value("teacher_questions"))
+    kept = int(table(4).filter((pl.col("teacher") == TEACHERS[0]) & (pl.col("dataset") == "Total"))["value"][0])
+    never, resamples = questions - kept, requests - questions
+    return {"questions": questions, "requests": requests, "kept": kept, "never_answered": never,
+            "resamples": resamples, "rounds": 1 + resamples // never}

@@ -123,3 +123,20 @@ def test_judge_scope_is_table10s(tmp_path):
                     exclude_datasets=g.select("judge")[0].params["exclude_datasets"])
     judge.run(P)
     assert [r["dataset"] for r in Store(tmp_path / "judge" / "judgements.jsonl").read()] == ["gsm8k"]
+
+
+def test_rounds_are_what_h4_table1_and_table4_allow():
+    """H.4's 345,383 requests over Table 1's 310,932 questions with Table 4's 283,335 kept: only K = 2 fits."""
+    r = paper.teacher_rounds()
+    assert (r["questions"], r["requests"], r["kept"]) == (310_932, 345_383, 283_335)
+    assert r["never_answered"] == 27_597 and r["resamples"] == 34_451
+    assert (r["rounds"] - 1) * r["never_answered"] <= r["resamples"] < r["rounds"] * r["never_answered"]
+    assert r["questions"] == sum(REGISTRY[d].table1_train for d in Grid("params/paper.yaml").select("generate")[0]
+                                 .params["datasets"])  # the grid generates over exactly Table 1's pool
+    from cdlib import cost
+
+    assert {c.params["rounds"] for c in Grid("params/paper.yaml").select("generate")} == {r["rounds"]}
+    assert cost.grid_rounds() == r["rounds"]
+    # the model's requests of a teacher follow the rounds: H.4's count for the Qwen teacher, a bound otherwise
+    assert cost.teacher_requests("Qwen3.5-397B-A17B", r["rounds"]) == r["requests"]
+    assert cost.teacher_requests("gpt-oss-120B", 2) == 310_932 + (310_932 - 281_911)
