@@ -466,7 +466,11 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
         # like with like: the paper prints 1.96 x SE after its ±, so ours is scaled the same way
         out["table7"] = compare(with_ci95(ours), with_ci95(pub), RUN_KEYS + ["group"], ["accuracy", "ci95"])
         ov, pov = _overall(ours), _overall(pub)
-        out["table6"] = compare(ov, pov, RUN_KEYS, ["train_hours", "train_tokens"])
+        # like with like: the paper's tokens (Tables 6, 11) count the training and validation split (App. H.4),
+        # as our source_tokens do; our train_tokens count the training split only (5% fewer)
+        pov = pov.with_columns(source_tokens=pl.col("train_tokens"))
+        out["table6"] = compare(_with_optional(ov, ["source_tokens"]), pov, RUN_KEYS,
+                                ["train_hours", "source_tokens"])
         out["table9"] = compare(ov, pov, RUN_KEYS, INFERENCE_COLUMNS)
         out["table11"] = compare(ov, pov, RUN_KEYS, ["gpus", "gpu_hours"])
     if judge is not None:

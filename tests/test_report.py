@@ -278,3 +278,13 @@ def test_pareto_marks_lora_and_full_runs_apart():
     assert values == {"s, full", "s, lora"}
     one_method = figures.pareto(runs.filter(pl.col("method") == "full")).to_dict()
     assert one_method["spec"]["layer"][1]["encoding"]["shape"]["field"] == "student"
+
+
+def test_table6_side_by_side_sets_our_source_tokens_beside_the_papers_count():
+    """The paper counts training + validation tokens (App. H.4): our source_tokens, not the 95% train split."""
+    pub = paper.runs()
+    ours = pub.with_columns(source_tokens=pl.col("train_tokens"), train_tokens=(pl.col("train_tokens") * 0.95))
+    t6 = tables.grid_side_by_side(runs=ours)["table6"]
+    tokens = t6.filter(pl.col("metric").str.contains("tokens"))
+    assert tokens["metric"].unique().to_list() == ["source_tokens"]
+    assert tokens.height == 55 and (tokens["diff"] == 0).all(), tokens
