@@ -15,7 +15,7 @@ import polars as pl
 
 from cdlib.student_runs import DEFAULT_LOSS_ON
 from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, _need, _ordered, _overall, _weights, _with_optional,
-                          paper_name)
+                          paper_name, to_paper_names)
 
 def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale: float = 2.0, inline: bool = True) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.svg`` (through vl-convert) and an interactive ``<stem>.html``.
@@ -74,7 +74,7 @@ def _in_paper_order(values: list[str], col: str) -> list[str]:
     order = ORDER.get(col, [])
 
     def rank(v: str) -> tuple[int, str]:
-        name = v if v in order else paper_name(v, col)
+        name = v if v in order else paper_name(v.split(" · ")[0], col)  # " · paper": beside_published
         return (order.index(name) if name in order else len(order), v)
 
     return sorted({v for v in values if v is not None}, key=rank)
@@ -360,6 +360,42 @@ def fig_dte_kept_fraction(runs: pl.DataFrame) -> alt.VConcatChart:
                        axis=alt.Axis(format=".0e", labelOverlap="greedy", tickCount=4))
         rows.append(panel(with_flops, xflops, "train_flops").properties(title="Accuracy vs training compute"))
     return alt.vconcat(*rows).resolve_scale(color="shared", shape="shared")
+
+
+def beside_published(ours: pl.DataFrame, published: pl.DataFrame, keys: list[str]) -> pl.DataFrame | None:
+    """``ours`` (in the paper's names, :func:`cdlib.tables.to_paper_names`) and the ``published`` rows that share
+    its ``keys``, one frame whose ``teacher`` says where each row comes from (``<teacher> · paper`` or ``·
+    this grid``), so a figure faceted by teacher sets the two side by side. None when no key matches (a grid
+    that does not use the paper's names)."""
+    mine = to_paper_names(ours)
+    pub = published.join(mine.select(keys).unique(), on=keys, how="semi", nulls_equal=True)
+    if pub.is_empty():
+        return None
+    both = pl.concat([mine.with_columns(_origin=pl.lit("this grid")), pub.with_columns(_origin=pl.lit("paper"))],
+                     how="diagonal_relaxed")
+    return both.with_columns(teacher=pl.col("teacher") + " · " + pl.col("_origin")).drop("_origin")
+
+
+def fig1_beside_paper(compression: pl.DataFrame) -> alt.FacetChart:
+    """Figure 1 of this grid beside the paper's (Tables 4 and 5, :func:`cdlib.paper.compression`), for the
+    (teacher, compressor) pairs both have."""
+    from cdlib import paper
+
+    df = beside_published(_weights(compression), paper.compression(), ["teacher", "compressor"])
+    if df is None:
+        raise ValueError("fig1_beside_paper: no (teacher, compressor) of this grid is in the paper")
+    return fig1_compression_by_domain(df)
+
+
+def fig4_beside_paper(runs: pl.DataFrame) -> alt.FacetChart:
+    """Figure 4 of this grid beside the paper's runs with the same keys, on median reasoning *characters*
+    (Table 9: the paper publishes no per-run token medians), rows = teacher and origin."""
+    from cdlib import paper
+
+    df = beside_published(_overall(runs), _overall(paper.runs()), RUN_KEYS)
+    if df is None:
+        raise ValueError("fig4_beside_paper: no run of this grid is in the paper")
+    return fig4_accuracy_vs_length(df, x="median_reasoning_chars")
 
 
 def paper_figures(out_dir: str | Path) -> dict[str, list[Path]]:

@@ -317,6 +317,15 @@ def _published(page: ReportPage, f: Frames, side: bool) -> dict[str, list[Path]]
                    f"{df.height} value(s) of this grid beside the paper's; diff = ours − paper.", 3,
                    folder="side_by_side", details=True)
         compared[name] = page.tables[f"side_by_side/{name}"]
+    if pairs.get("table2") is not None:
+        page.figure("fig1_beside_paper", lambda: figures.fig1_beside_paper(f.compression),
+                    "Figure 1: this grid beside the paper", "Compression ratio by domain, this grid's panels beside "
+                    "the paper's for the same teacher and compressor (Tables 4 and 5).")
+    if pairs.get("table9") is not None:
+        page.figure("fig4_beside_paper", lambda: figures.fig4_beside_paper(f.scored),
+                    "Figure 4: this grid beside the paper", "Overall accuracy against median reasoning characters "
+                    "(log), this grid's runs beside the paper's same runs (Tables 7 and 9; the paper gives no "
+                    "per-run token medians, so characters).")
     return compared
 
 

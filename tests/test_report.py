@@ -288,3 +288,27 @@ def test_table6_side_by_side_sets_our_source_tokens_beside_the_papers_count():
     tokens = t6.filter(pl.col("metric").str.contains("tokens"))
     assert tokens["metric"].unique().to_list() == ["source_tokens"]
     assert tokens.height == 55 and (tokens["diff"] == 0).all(), tokens
+
+
+def _chart_data(chart) -> pl.DataFrame:
+    spec = chart.to_dict()
+    return pl.DataFrame(next(iter(spec["datasets"].values())), infer_schema_length=None)
+
+
+def test_figures_1_and_4_of_a_grid_are_drawn_beside_the_papers_numbers():
+    """Both origins in one chart, the paper's side read from cdlib/data/paper (Tables 4, 5, 7, 9)."""
+    runs = paper.runs().filter(pl.col("student") == "Qwen3.5-9B").with_columns(
+        teacher=pl.col("teacher").replace({"Qwen3.5-397B-A17B": "qwen3.5-397b"}),  # the grid's spelling
+        accuracy=pl.col("accuracy") - 0.1)
+    data = _chart_data(figures.fig4_beside_paper(runs))
+    pub = data.filter(pl.col("teacher").str.ends_with(" · paper"))
+    assert set(data["teacher"]) == {f"{t} · {o}" for t in paper.TEACHERS for o in ("paper", "this grid")}
+    want = paper.table(9).filter((pl.col("metric") == "median_reasoning_chars") & (pl.col("student") == "Qwen3.5-9B")
+                                 & (pl.col("value") > 0))
+    assert sorted(pub["median_reasoning_chars"].to_list()) == sorted(want["value"].to_list())
+    comp = paper.compression().filter(pl.col("compressor") == "llama70b").with_columns(compressed_chars=pl.col("compressed_chars") / 2)
+    fig1 = _chart_data(figures.fig1_beside_paper(comp))
+    assert set(fig1["teacher"]) == {f"{t} · {o}" for t in paper.TEACHERS for o in ("paper", "this grid")}
+    assert set(fig1["compressor"]) == {"llama70b"}  # only the pairs this grid has
+    with pytest.raises(ValueError, match="no run of this grid"):
+        figures.fig4_beside_paper(runs.with_columns(student=pl.lit("toy-student")))
