@@ -156,8 +156,9 @@ def _template_tail(tokenizer: Any, fmt: str, user: dict[str, str], prompt: str,
 
 
 def _answer_only_texts(tokenizer: Any, fmt: str, question: str, answer: str, rid: Any,
-                       kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """Texts of an answer-only example without a think block (see :func:`format_texts`)."""
+                       kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Texts of an answer-only example without a think block (see :func:`format_texts`); None when the
+    template opens or renders a think block for every assistant turn."""
     done = {"cot_end": 0, "format": fmt, "cot_close": None}
     if fmt == "plain":
         return {"prompt": f"{tokenizer.bos_token or ''}User: {question}\nAssistant: ",
@@ -173,9 +174,7 @@ def _answer_only_texts(tokenizer: Any, fmt: str, question: str, answer: str, rid
         return {"prompt": prompt, "completion": tail.replace(_ANSWER, answer), **done}
     if prompt.rstrip().endswith(_THINK_CLOSE):  # the template's non-thinking prompt holds the closed empty block
         return {"prompt": prompt, "completion": f"{answer}{_answer_tail(tokenizer, user, kwargs)}", **done}
-    raise SFTError(f"record {rid!r}: answer-only without a think block: the {fmt} template opens or renders a think "
-                   f"block for every turn (chat_template_kwargs {kwargs or {}}); train and evaluate with "
-                   "chat_template_kwargs {enable_thinking: false}, or set answer_only_think: empty")
+    return None  # the template opens or renders a think block for every turn: see format_texts
 
 
 def format_texts(
@@ -200,12 +199,16 @@ def format_texts(
     completion is the answer and the end of turn, as the template renders an
     assistant turn without reasoning: ``plain`` ``User: q\nAssistant: a<eos>``,
     ``llama3`` the answer as content, ``harmony`` the ``final`` channel alone, ``qwen``
-    the answer after the generation prompt. A qwen template whose generation prompt
-    opens a think block (``<think>\n``) is used with its non-thinking prompt
-    (``enable_thinking: false``, which closes an empty block inside the prompt, never
-    trained); evaluation must render the same prompt, so an answer-only cell's evaluate
-    stage gets the same ``chat_template_kwargs`` (params/paper.yaml). Then ``cot_close``
-    is None and ``cot_end`` 0.
+    the answer after the generation prompt; then ``cot_close`` is None and ``cot_end`` 0.
+    A template whose generation prompt opens a think block (Qwen3.5's ``<think>\n``) leaves
+    no way to remove it: as the paper trains with the template inherited from the tokenizer
+    (H.3, through Axolotl, which renders the answer-only conversation through it) and
+    evaluates with the training template (section 4), the completion closes the block the
+    prompt opened, empty, before the answer, what ``"empty"`` trains. The template's
+    non-thinking prompt (``chat_template_kwargs: {enable_thinking: false}``, which closes the
+    empty block inside the prompt, never trained) is an option off in paper mode
+    (``x-non-thinking-answer-only`` in params/paper.yaml); evaluation must then render the
+    same prompt.
     ``chat_template_kwargs`` go to every ``apply_chat_template`` call; pass the
     same ones the evaluation engine uses (``EngineParams.chat_template_kwargs``).
     """
@@ -227,7 +230,11 @@ def format_texts(
     if answer_only_think not in ("none", "empty"):
         raise SFTError(f"record {rid!r}: answer_only_think must be 'none' (paper) or 'empty', got {answer_only_think!r}")
     if source == "answer_only" and answer_only_think == "none":
-        return _answer_only_texts(tokenizer, fmt, question, answer, rid, chat_template_kwargs)
+        texts = _answer_only_texts(tokenizer, fmt, question, answer, rid, chat_template_kwargs)
+        if texts is not None:
+            return texts
+        # the template forces a think block: as Axolotl renders the answer-only conversation through it, the
+        # block it renders (empty, closed) is part of the answer-only data
     cot_close = "<|end|>" if fmt == "harmony" else _THINK_CLOSE
 
     if fmt == "plain":

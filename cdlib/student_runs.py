@@ -68,6 +68,7 @@ def _train_info(t: GridCell | None) -> dict[str, Any]:
     # names as the issue gives them, then as cdlib.train writes them
     return {"train_tokens": first(m.get("train_tokens"), m.get("trainable_tokens")), "train_hours": hours, "gpus": gpus,
             "source_tokens": m.get("source_tokens.supervised"),  # whole source data, one pass (Tables 6, 11)
+            "overlong_dropped": m.get("overlong_dropped"),  # samples over seq_len left out (overlong: drop; Table 6)
             "gpu_hours": first(m.get("gpu_hours"), cost.get("gpu_hours"),
                                gpus * hours if gpus is not None and hours is not None else None),
             "final_train_loss": first(m.get("final_train_loss"), m.get("train_loss_ema"), m.get("train_loss")),

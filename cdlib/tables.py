@@ -210,7 +210,8 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
     The tokens are the paper's "source-dataset trainable-token totals ... before the epoch multiplier"
     (App. H.4): the supervised tokens of every row of the run's training data, the validation split
     included (``source_tokens``, recorded by :func:`cdlib.train.run`); a run without it (published
-    numbers, older cells) shows ``train_tokens``.
+    numbers, older cells) shows ``train_tokens``. Runs that recorded ``overlong_dropped`` (samples longer
+    than the sequence length, dropped as the paper's Axolotl does) add one such column per source.
     """
     df = _with_optional(_overall(runs), ["speedup", "source_tokens"])
     _need(df, ["train_hours", "train_tokens"], "table6")
@@ -221,9 +222,13 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
         tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6,
         hours=pl.col("train_hours"),
     )
-    wide = _wide_by(df, ["teacher", "student", "method"], "source", ["hours", "speedup", "tokens_m"])
+    values = ["hours", "speedup", "tokens_m"]
+    if "overlong_dropped" in df.columns and df["overlong_dropped"].null_count() < df.height:
+        values.append("overlong_dropped")  # samples over seq_len the run left out (overlong: drop, as Axolotl)
+        df = df.with_columns(pl.col("overlong_dropped").cast(pl.Int64))
+    wide = _wide_by(df, ["teacher", "student", "method"], "source", values)
     wide = wide.drop([c for c in wide.columns if c.startswith("speedup_") and wide[c].null_count() == wide.height])
-    cols = [c for prefix in ("hours_", "speedup_", "tokens_m_") for c in wide.columns if c.startswith(prefix)]
+    cols = [c for prefix in [f"{v}_" for v in values] for c in wide.columns if c.startswith(prefix)]
     return _sort(wide.select("teacher", "student", "method", *cols), ["teacher", "student", "method"])
 
 

@@ -379,6 +379,16 @@ def validate(s: Setup) -> dict[str, Any]:
     return _evaluate(s.model, s.teacher, batches, acc, P, len(tok), s.head)
 
 
+def overlong_counts(build_info: dict[str, Any]) -> dict[str, Any]:
+    """The overlong policy and how many examples longer than ``seq_len`` it dropped or cut (metrics, Table 6).
+    ``drop`` is what the paper's Axolotl does with a sample over its 16,384 tokens (paper mode); the
+    default ``error`` stops at the first, naming it (:func:`cdlib.sft.apply_overlong`)."""
+    n = len(build_info["overlong_ids"])
+    policy = build_info["overlong"]
+    return {"overlong": policy, "overlong_dropped": n if policy == "drop" else 0,
+            "overlong_cut": n if policy == "truncate" else 0}
+
+
 def budget_label(P: TrainParams) -> str:
     """How long the run trains, as the report prints it (metrics.json ``budget_label``): compute-matched
     (``token_budget``), ``max_steps`` or epoch-based."""
@@ -419,7 +429,8 @@ def collect_metrics(s: Setup, prog: Progress, val: dict[str, Any], ckpt: dict[st
         "max_row_tokens": max((sum(len(data.train[i]["input_ids"]) for i in b) for mb in s.schedule for b in mb),
                               default=0),  # longest packed row: what activation memory scales with
         "chat_format": data.chat_format, "data": data.data_info, "examples": data.build_info["n_examples"],
-        "overlong_ids": data.build_info["overlong_ids"][:20], "n_train": len(data.train), "n_val": len(data.val),
+        **overlong_counts(data.build_info), "overlong_ids": data.build_info["overlong_ids"][:20],
+        "n_train": len(data.train), "n_val": len(data.val),
         "budget_mode": budget_mode(P), "budget_label": budget_label(P), "token_budget": P.token_budget,
         "max_steps": P.max_steps, "epochs": P.epochs, "steps": len(step_losses), "micro_batches": len(s.schedule),
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
@@ -497,6 +508,10 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
         with accelerator.main_process_first():
             data = prepare(P, is_main=is_main)
     say(data.audit)
+    if data.build_info["overlong_ids"]:
+        o = overlong_counts(data.build_info)
+        say(f"overlong ({o['overlong']}): {len(data.build_info['overlong_ids'])} example(s) longer than seq_len "
+            f"{P.seq_len} {'dropped' if o['overlong_dropped'] else 'cut'}, e.g. ids {data.build_info['overlong_ids'][:5]}")
 
     # ---- set-up, resume or start afresh, loop
     s = set_up(P, data, accelerator, on_gpu, say, tracker)

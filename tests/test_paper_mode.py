@@ -103,9 +103,38 @@ def test_answer_only_trains_on_the_answer_after_the_prompt_evaluation_renders(na
                                                           add_generation_prompt=True, **kwargs)
     ex = sft.build_example(rec, tok, source="answer_only", answer_only_think="none", chat_template_kwargs=kwargs)
     sft.audit([ex], tok)
-    if name == "qwen3_5":  # its generation prompt opens <think>: without the non-thinking prompt, a clear error
-        with pytest.raises(sft.SFTError, match="enable_thinking: false"):
-            sft.format_texts(rec, tok, source="answer_only", answer_only_think="none")
+
+
+def test_paper_mode_trains_and_evaluates_qwen_answer_only_with_the_template_of_every_run(tmp_path):
+    """H.3: answer-only differs only in its data; section 4: evaluated with the training template. Qwen3.5's
+    generation prompt opens <think>: the answer-only completion closes it, empty, then answers."""
+    import yaml
+
+    from test_sft import make_tokenizer
+
+    from cdlib import sft
+
+    g = Grid("params/paper.yaml")
+    cells = [c for c in g.cells if c.stage in ("train", "evaluate") and c.axes.get("source") == "answer_only"]
+    assert cells and all("enable_thinking" not in str(c.params) for c in cells)
+    tok = make_tokenizer(sft.load_template("qwen3_5"))
+    rec = {"id": "q1", "prompt": "What is 2+3?", "answer": "The answer is \\boxed{5}."}
+    texts = sft.format_texts(rec, tok, source="answer_only", answer_only_think="none")
+    assert texts["prompt"] == tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], tokenize=False,
+                                                      add_generation_prompt=True)  # what evaluation sends
+    assert texts["prompt"].endswith("<think>\n") and texts["completion"].startswith("\n</think>\n\n" + rec["answer"])
+    sft.audit([sft.build_example(rec, tok, source="answer_only", answer_only_think="none")], tok)
+    # the non-thinking template: a named option, off; applied, it reaches training and evaluation alike
+    spec = yaml.safe_load(open("params/paper.yaml"))
+    option = spec["x-non-thinking-answer-only"]
+    spec["stages"]["train"]["overrides"].append(option["train"])
+    spec["stages"]["evaluate"].setdefault("overrides", []).append(option["evaluate"])
+    path = tmp_path / "paper_non_thinking.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    on = [c for c in Grid(path).cells if c.stage in ("train", "evaluate") and c.axes.get("source") == "answer_only"
+          and c.axes["student"].startswith("qwen")]
+    kwargs = [c.params.get("chat_template_kwargs") or c.params["engine"].get("chat_template_kwargs") for c in on]
+    assert len(on) == 8 and all(k == {"enable_thinking": False} for k in kwargs), kwargs  # 2 students x 2 methods
 
 
 def test_judge_scope_is_table10s(tmp_path):

@@ -302,3 +302,25 @@ def test_toy_student_for_kl_takes_the_teacher_tokenizer(toy_traces, tmp_path):
     assert AutoConfig.from_pretrained(shared).vocab_size == len(t_tok)
     with pytest.raises(T.TrainError, match="share a tokenizer"):
         T.check_same_tokenizer(AutoTokenizer.from_pretrained(own), t_tok, str(own), str(teacher))
+
+
+def test_overlong_samples_are_dropped_and_counted_or_named_in_an_error(toy_traces, tmp_path):
+    """Paper mode drops samples over seq_len as Axolotl does and counts them; the default stops at the first."""
+    from cdlib.grid import Grid
+
+    assert {c.params["overlong"] for c in Grid(REPO / "params/paper.yaml").select("train")} == {"drop"}
+    assert TrainParams(out_dir="x", data="y").overlong == "error"
+    base = dict(data=str(toy_traces), limit=40, max_steps=1, val_fraction=0.0, **{**QUICK, "seq_len": 4096})
+    lengths = sorted(len(ex["input_ids"]) for ex in train_data.prepare(
+        TrainParams(out_dir=str(tmp_path / "probe"), **base)).train)
+    cap = lengths[len(lengths) // 2]
+    over = sum(n > cap for n in lengths)
+    assert 0 < over < len(lengths)
+    with pytest.raises(ValueError, match=rf"\(id '.+'\) has length \d+ > seq_len {cap}"):
+        train_data.prepare(TrainParams(out_dir=str(tmp_path / "err"), **{**base, "seq_len": cap}))
+    said: list[str] = []
+    m = T.run(TrainParams(out_dir=str(tmp_path / "drop"), **{**base, "seq_len": cap, "overlong": "drop"}),
+              progress=False, log=lambda *a: said.append(" ".join(map(str, a))))
+    assert (m["overlong"], m["overlong_dropped"], m["overlong_cut"]) == ("drop", over, 0)
+    assert m["n_train"] == len(lengths) - over
+    assert any(f"{over} example(s) longer than seq_len {cap} dropped" in line for line in said), said
