@@ -375,6 +375,9 @@ class HFEngine(Engine):
 class ToyEngine(Engine):
     """The toy world's scripted teacher: :func:`cdlib.toy.teacher_response` on each question row.
 
+    ``model: toy-base`` writes the base model's pretraining text instead
+    (:func:`cdlib.toy.base_response`: the answer at once, no reasoning).
+
     Deterministic: the random generator of a row is seeded by
     ``(sampling.seed, row id, row["attempt"])``, so the generate stage gets a
     fresh draw per rejection-sampling round by setting ``attempt`` (default 0)
@@ -388,7 +391,7 @@ class ToyEngine(Engine):
         self.toy = toy
 
     def generate(self, prompts, sampling, json_schema=None, rows=None):
-        from cdlib.toy import teacher_response
+        from cdlib.toy import base_response, teacher_response
 
         prompts = list(prompts)
         if json_schema is not None:
@@ -406,7 +409,10 @@ class ToyEngine(Engine):
                 raise ValueError(f"toy engine: question row without 'id': {row!r:.200}")
             prompt_text = " ".join(m["content"] for m in prompt) if chat else prompt
             rng = random.Random(f"{seed}/{row['id']}/{row.get('attempt', 0)}")
-            text = teacher_response(row, rng, sampling.temperature, self.toy.slip_rate)
+            if self.params.model == "toy-base":
+                text = base_response(row)
+            else:
+                text = teacher_response(row, rng, sampling.temperature, self.toy.slip_rate)
             text, n_tokens, finish = _cut_words(text, sampling.max_tokens)
             for s in sampling.stop:
                 if s in text:

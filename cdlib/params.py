@@ -124,6 +124,7 @@ class ToyParams(Strict):
     seed: int = 0  # seed of the world itself (questions), independent of a stage's sampling seed
     n_train: int = Field(2000, ge=1)
     n_test: int = Field(200, ge=1)
+    n_pretrain: int = Field(3000, ge=1)  # the "pretrain" split: the demo base model's corpus (cdlib.toy)
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_start: int = Field(9, ge=1)  # start values drawn from 1..max_start
@@ -160,7 +161,7 @@ class DataParams(StageParams):
 class GenerateParams(DataParams):
     """Stage 1: teacher traces with rejection sampling (paper 3.1)."""
 
-    split: Literal["train", "eval"] = "train"
+    split: Literal["train", "eval", "pretrain"] = "train"  # pretrain: the toy world's base-model corpus
     engine: EngineParams = EngineParams()
     sampling: SamplingParams = SamplingParams()
     rounds: int = Field(4, ge=1)  # K: resampling rounds for wrong answers

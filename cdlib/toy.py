@@ -19,6 +19,14 @@ never match). At temperature > 0 it slips now and then: a wrong intermediate
 result that it carries on with to a wrong final answer, which is what gives
 rejection sampling its work. :func:`solution_steps` gives the true minimal
 equation lines of a question.
+
+The pretraining corpus of the demo's base model (:func:`base_response` on the
+``pretrain`` split) is toy-world text that is not the teacher's traces: the
+same kind of problems, one to ``max_steps`` steps, each answered at once with
+no reasoning. A tiny model pretrained on it reads the problems and ends its
+answers, and solves some multi-step problems but not most (it must do the
+arithmetic of every step in one token), as a pretrained student does before
+reasoning distillation; the traces then teach it to reason.
 """
 
 from __future__ import annotations
@@ -235,13 +243,37 @@ def _problems(params: ToyParams, split: str, n: int, exclude: set) -> list[tuple
     return out
 
 
+def _pretrain_problems(params: ToyParams, exclude: set) -> list[tuple[Problem, str]]:
+    """The base model's corpus: one-step problems over every value a trace can reach, then multi-step ones.
+
+    Every one-step problem from 1 to the largest running value of the world
+    (``max_start + max_steps x max_operand``), so the corpus holds the arithmetic facts
+    the traces' equations need (at most half the corpus); the rest (``n_pretrain`` in
+    all) are problems of the world's own length, answered at once by :func:`base_response`.
+    """
+    rng = random.Random(f"cdlib.toy/{params.seed}/pretrain-facts")
+    top = params.max_start + params.max_steps * params.max_operand
+    facts = []
+    for start in range(1, top + 1):
+        for op in params.ops:
+            for k in range(2 if op == "*" else 1, params.max_operand + 1):
+                if (op == "-" and k > start) or (op == "*" and start * k > 10 * top):
+                    continue
+                problem = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=start, steps=((op, k),))
+                if problem.key not in exclude:
+                    facts.append((problem, question_text(problem, rng)))
+    facts = facts[: params.n_pretrain // 2]
+    rest = _problems(params, "pretrain", params.n_pretrain - len(facts), exclude | {p.key for p, _ in facts})
+    return facts + rest
+
+
 def _row(problem: Problem, text: str, source_split: str, index: int) -> dict[str, Any]:
     return {
         "id": f"{DATASET}/{source_split}/{index}",
         "dataset": DATASET,
         "domain": DOMAIN,
         "group": GROUP,
-        "split": "train" if source_split == "train" else "eval",
+        "split": "eval" if source_split == "test" else "train",
         "question": text,
         "choices": None,
         "gold": str(problem.answer),
@@ -250,20 +282,24 @@ def _row(problem: Problem, text: str, source_split: str, index: int) -> dict[str
 
 
 def generate(params: ToyParams | None = None, split: str = "train") -> list[dict[str, Any]]:
-    """The toy questions of one split ("train" or "test") as schema rows, deterministic in ``params``.
+    """The toy questions of one split ("train", "test" or "pretrain") as schema rows, deterministic in ``params``.
 
     Ids are ``toy/<split>/<index>``; the row's ``split`` is its role, "train"
     or "eval" (the test split is the eval split). Train problems never repeat
-    the arithmetic of a test problem.
+    the arithmetic of a test problem. The ``pretrain`` split (``n_pretrain``
+    problems of 1 to ``max_steps`` steps, the base model's corpus) repeats
+    neither a test nor a train problem.
     """
     params = params or ToyParams()
-    if split not in ("train", "test"):
-        raise ToyError(f"toy split must be 'train' or 'test', not {split!r}")
+    if split not in ("train", "test", "pretrain"):
+        raise ToyError(f"toy split must be 'train', 'test' or 'pretrain', not {split!r}")
     test = _problems(params, "test", params.n_test, exclude=set())
     if split == "test":
         chosen = test
     else:
         chosen = _problems(params, "train", params.n_train, exclude={p.key for p, _ in test})
+    if split == "pretrain":
+        chosen = _pretrain_problems(params, exclude={p.key for p, _ in test + chosen})
     return [_row(problem, text, split, i) for i, (problem, text) in enumerate(chosen)]
 
 
@@ -312,3 +348,17 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     lines.append(rng.choice(_CLOSERS))
     lines.append(f"So the final number of {item} is {value}.")
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
+
+
+def base_response(row: dict[str, Any]) -> str:
+    """What the demo's pretraining corpus says after a toy question: the answer at once, no reasoning.
+
+    ``The answer is \\boxed{N}.`` with the true ``N``, after the one equation of a
+    one-step problem (``17 - 5 = 12``): text a base model would have seen (facts
+    and answers), not a teacher's trace (see the module docstring).
+    """
+    problem = parse_question(row["question"], row.get("id", "<row>"))
+    if len(problem.steps) == 1:
+        (op, k), = problem.steps
+        return f"{equation(problem.start, op, k, problem.answer)}\nThe answer is \\boxed{{{problem.answer}}}."
+    return f"The answer is \\boxed{{{problem.answer}}}."

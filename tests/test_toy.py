@@ -141,3 +141,26 @@ def test_slips_grow_with_temperature_and_propagate():
             slipped += 1
             assert final_answer(text) != row["gold"] or len(wrong) > 1  # a single slip always changes the answer
     assert slipped > 50
+
+
+def test_pretrain_corpus_is_neither_train_nor_test_and_holds_every_fact():
+    params = ToyParams(n_train=300, n_test=50, min_steps=2, max_steps=3, n_pretrain=1500)
+    keys = {split: {toy.parse_question(r["question"]).key for r in toy.generate(params, split)}
+            for split in ("train", "test", "pretrain")}
+    assert not keys["pretrain"] & (keys["train"] | keys["test"])
+    assert len(keys["pretrain"]) == 1500
+    one_step = {k for k in keys["pretrain"] if len(k[1]) == 1}
+    top = params.max_start + params.max_steps * params.max_operand
+    # every fact an equation of a trace can need: start 1..top, each operand, never below zero
+    assert one_step == {(a, ((op, k),)) for a in range(1, top + 1) for op in ("+", "-")
+                        for k in range(1, params.max_operand + 1) if op == "+" or k <= a}
+    assert {len(k[1]) for k in keys["pretrain"] - one_step} <= {2, 3}
+
+
+def test_base_response_answers_at_once():
+    rows = toy.generate(ToyParams(n_train=20, n_test=5, n_pretrain=800), "pretrain")
+    by_steps = {len(toy.parse_question(r["question"]).steps): r for r in rows}
+    one, many = by_steps[1], by_steps[max(by_steps)]
+    assert toy.base_response(one) == f"{toy.solution_steps(one)[0]}\nThe answer is \\boxed{{{one['gold']}}}."
+    assert toy.base_response(many) == f"The answer is \\boxed{{{many['gold']}}}."
+    assert "<think>" not in toy.base_response(many)
