@@ -436,6 +436,7 @@ def collect_metrics(s: Setup, prog: Progress, val: dict[str, Any], ckpt: dict[st
         "epochs_seen": sup_seen / max(1, dataset_tokens["supervised"]),
         "learning_rate": s.lr, "optimizer": s.optimizer_name, "optimizer_requested": P.optimizer,
         "optimizer_note": s.optimizer_note, "tf32": st["tf32"], "liger_kernels": st["liger"],
+        "liger_not_covered": st["liger_not_covered"],  # H.3's kernels not applied, with the reason
         "attn_implementation": s.attn, "layout": s.rows.attention,
         "packing": s.rows.packing, "packing_note": s.rows.reason or None, "lora": st["lora"],
         "loss_head": s.head if not teacher else "full (kl)",

@@ -195,27 +195,55 @@ def set_tf32(on: bool) -> bool | None:
     return on
 
 
-def apply_liger(model: Any, on: bool, on_gpu: bool) -> str | None:
-    """Paper H.3's Liger plugin on the loaded model (fused RMSNorm, RoPE, SwiGLU/GLU kernels, patched in place by
-    liger-kernel for the model's type); returns what was done or why not (recorded in the metrics), None when off.
+#: Paper H.3's Liger plugin: "fused RMSNorm, RoPE, GLU activation, and gated RMSNorm".
+LIGER_KERNELS = ("rms_norm", "rope", "glu", "gated_rms_norm")
+_NO_GATED_NORM = "the model has no gated RMSNorm (only Qwen3.5's linear-attention layers do)"
+#: What liger-kernel's own patch for each model type can apply (liger_kernel.transformers.monkey_patch,
+#: apply_liger_kernel_to_<type>, read at linkedin/Liger-Kernel ead96b6), and why not the rest.
+LIGER_SUPPORT: dict[str, dict[str, str | None]] = {
+    "llama": {"rms_norm": None, "rope": None, "glu": None, "gated_rms_norm": _NO_GATED_NORM},
+    "qwen3_5": {"rms_norm": None, "glu": None,
+                "rope": "liger-kernel has no RoPE for Qwen3.5's hybrid attention (its patch raises NotImplementedError)",
+                "gated_rms_norm": "liger-kernel has no gated RMSNorm kernel (Axolotl's Liger plugin adds its own "
+                                  "for Qwen3.5's linear-attention layers)"},
+    "gpt_oss": {"rms_norm": None, "rope": None, "gated_rms_norm": _NO_GATED_NORM,
+                "glu": "liger-kernel does not patch gpt-oss's experts (clamped SwiGLU, swiglu_limit 7.0)"},
+}
+LIGER_SUPPORT["qwen3_5_text"] = LIGER_SUPPORT["qwen3_5_moe"] = LIGER_SUPPORT["qwen3_5_moe_text"] = LIGER_SUPPORT["qwen3_5"]
+
+
+def liger_plan(model_type: str | None) -> tuple[list[str], dict[str, str]]:
+    """H.3's Liger kernels for a model type: (applied, not covered -> why). Pure, so the mapping is checked
+    without liger-kernel or a GPU; :func:`apply_liger` applies the first list."""
+    support = LIGER_SUPPORT.get(model_type or "")
+    if support is None:
+        return [], {k: f"liger-kernel has no kernels for model type {model_type!r}" for k in LIGER_KERNELS}
+    return ([k for k in LIGER_KERNELS if support[k] is None],
+            {k: str(support[k]) for k in LIGER_KERNELS if support[k] is not None})
+
+
+def apply_liger(model: Any, on: bool, on_gpu: bool) -> tuple[str | None, dict[str, str]]:
+    """Paper H.3's Liger plugin on the loaded model (kernels patched in place by liger-kernel for the model's
+    type, as :func:`liger_plan` says); returns what was done or why not, None when off, and each H.3 kernel not
+    applied with the reason (both recorded in the metrics, the second also logged).
     The loss head is ``loss_head``'s business (Cut Cross-Entropy or Liger's fused linear cross-entropy)."""
     import importlib.util
 
     if not on:
-        return None
-    if not on_gpu:
-        return "off: needs a CUDA GPU"
-    if importlib.util.find_spec("liger_kernel") is None:
-        return "off: liger-kernel is not installed (the 'gpu' extra)"
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
+        return None, {}
+    off = ("off: needs a CUDA GPU" if not on_gpu else "off: liger-kernel is not installed (the 'gpu' extra)"
+           if importlib.util.find_spec("liger_kernel") is None else None)
+    if off:
+        return off, {k: off for k in LIGER_KERNELS}
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
-        return f"off: liger-kernel has no kernels for model type {model_type!r}"
-    _apply_liger_kernel_to_instance(model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False)
-    return f"on ({model_type}: rms_norm, rope, swiglu)"
+    applied, missing = liger_plan(model_type)
+    if not applied:
+        return f"off: liger-kernel has no kernels for model type {model_type!r}", missing
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model, rms_norm="rms_norm" in applied, rope="rope" in applied,
+                                    swiglu="glu" in applied, cross_entropy=False, fused_linear_cross_entropy=False)
+    return f"on ({model_type}: {', '.join(applied)})", missing
 
 
 def flops_estimate(n_params: int, tokens: int, n_layers: int, d_attn: int, sq_lengths: int, method: str,
@@ -253,9 +281,11 @@ def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool,
     load_dtype = torch.bfloat16 if (on_gpu and P.bf16 and lora) else torch.float32
     tf32 = set_tf32(P.tf32)
     model = _load_causal_lm(data.model_source, load_dtype, attn)
-    liger = apply_liger(model, P.liger_kernels, on_gpu)
+    liger, liger_missing = apply_liger(model, P.liger_kernels, on_gpu)
     if liger and liger.startswith("off"):
         say(f"liger_kernels: {liger}")
+    elif liger_missing:
+        say("liger_kernels: not covered: " + "; ".join(f"{k} ({why})" for k, why in liger_missing.items()))
     fsdp_ac = bool(getattr(accelerator.state, "fsdp_plugin", None)
                    and getattr(accelerator.state.fsdp_plugin, "activation_checkpointing", False))
     if P.gradient_checkpointing and not fsdp_ac:
@@ -274,7 +304,7 @@ def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool,
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return model, {"attn": attn, "layout": layout, "rows": rows, "lora": lora_info, "params": count_params(model), "tf32": tf32,
-                   "liger": liger, "fsdp_ac": fsdp_ac, "n_layers": config.num_hidden_layers,
+                   "liger": liger, "liger_not_covered": liger_missing, "fsdp_ac": fsdp_ac, "n_layers": config.num_hidden_layers,
                    "d_attn": config.num_attention_heads * head_dim}
 
 
