@@ -49,7 +49,7 @@ from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in 
 
 from cdlib import answers, tokenizer
 from cdlib.params import CompressParams
-from cdlib.store import Store
+from cdlib.store import Store, read_upstream
 from cdlib.traces import parse_response
 
 # Our reconstruction of the prompt the paper describes in section 3.2 (it is not printed there).
@@ -267,10 +267,10 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     without an answer because of errors at the end raise
     :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
     """
-    src = Store(Path(P.traces) / "traces.jsonl").read()
+    src = read_upstream(Path(P.traces) / "traces.jsonl", "compress")
     if P.limit:
         src = src[: P.limit]
-    out = Store(Path(P.out_dir) / "compressed.jsonl")
+    out = Store(Path(P.out_dir) / "compressed.jsonl", writable=True)
     todo = [r for r in src if r["id"] not in out]
     longer_ok = P.prompt == "rewrite_student"
     failed: dict[str, str | None] = {}  # last transient engine error of a trace with no answer since
@@ -343,7 +343,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
 
 def _add_token_counts(out_dir: Path, P: CompressParams) -> None:
     """Write ``tokens.jsonl``: original and compressed token counts per record (compressor's tokenizer)."""
-    out = Store(out_dir / "tokens.jsonl")
+    out = Store(out_dir / "tokens.jsonl", writable=True)
     recs = [r for r in Store(out_dir / "compressed.jsonl") if r["id"] not in out]
     if not recs:
         return

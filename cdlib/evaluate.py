@@ -100,7 +100,7 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
     from cdlib import datasets
     from cdlib import tokenizer as toklib
 
-    out = Store(Path(P.out_dir) / "outputs.jsonl")
+    out = Store(Path(P.out_dir) / "outputs.jsonl", writable=True)
     rows = datasets.load_many(P)
     todo = [r for r in rows if r["id"] not in out]
     target = resolve_model(P.model)

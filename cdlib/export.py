@@ -136,7 +136,13 @@ def export_cell(cell_dir: str | Path, out_dir: str | Path, license: str = "other
     """
     import datasets
 
+    from cdlib.store import UpstreamError, check_upstream
+
     kind, store = cell_store(cell_dir)
+    try:
+        check_upstream(store, "export")  # every record the cell finished with, none cut since
+    except UpstreamError as e:
+        raise ExportError(str(e)) from None
     ds = datasets.load_dataset("json", data_files=str(store), split="train")
     out = Path(out_dir)
     if out.exists():

@@ -111,7 +111,7 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
     exactly those questions.
     """
     out = Path(P.out_dir)
-    traces, attempts = Store(out / "traces.jsonl"), Store(out / "attempts.jsonl")
+    traces, attempts = Store(out / "traces.jsonl", writable=True), Store(out / "attempts.jsonl", writable=True)
     pool = load_questions(P)
     _restore_attempts(traces, attempts)
     rounds_used: dict[str, int] = {}  # answered attempts per question (a transient error is not one)

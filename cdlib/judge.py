@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cdlib import answers
 from cdlib.params import JudgeParams
-from cdlib.store import Store
+from cdlib.store import Store, read_upstream
 
 FailureMode = Literal["contradiction", "unsupported_claim", "omitted_key_step", "answer_mismatch",
                       "overcompression", "incoherent", "empty_original", "empty_compressed"]
@@ -143,12 +143,12 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
     A transient engine error is no verdict: it is not stored, and records left so
     raise :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
     """
-    recs = Store(Path(P.compressed) / "compressed.jsonl").read()
+    recs = read_upstream(Path(P.compressed) / "compressed.jsonl", "judge")
     skip = set(P.exclude_datasets)  # Table 10's scope leaves the MMLU groups out (params/paper.yaml)
     recs = [r for r in recs if r.get("dataset") not in skip]
     if P.limit:
         recs = recs[: P.limit]
-    out = Store(Path(P.out_dir) / "judgements.jsonl")
+    out = Store(Path(P.out_dir) / "judgements.jsonl", writable=True)
     todo = [r for r in recs if r["id"] not in out]
     base = lambda r: {k: r.get(k) for k in ("id", "dataset", "domain", "group", "compressor", "flag")}
     if P.judge == "rule":

@@ -1,17 +1,25 @@
-"""Append-only JSONL store keyed by record id, safe to kill at any moment.
+"""Append-only JSONL store keyed by record id, safe to kill at any moment, safe to read while written.
 
 Every stage writes its records through :class:`Store`. The contract:
 
 * each record is a JSON object with a string ``id`` field, written as one line;
+* a store has one writer, the stage that owns the cell (it holds the cell lock), which
+  opens it with ``Store(path, writable=True)``; everyone else (explore, export, the
+  tables, a downstream stage) opens it to read, ``Store(path)``, which changes nothing
+  on disk and creates no path, so a reader beside a running stage never cuts its batch;
 * :meth:`Store.append` writes a whole batch, flushes and fsyncs it, so after it
   returns the batch survives a crash of the process or the machine;
 * reopening a store reads the ids already present, so a resumed stage can skip
   them (:meth:`Store.pending`) and :meth:`Store.append` never writes an id twice;
-* a half-written last line (the process died mid-write) is cut off on open and
-  reported through :attr:`Store.repaired`; it is never fatal;
+* a last line without its newline is a write in flight (or cut by a crash): a reader
+  skips it; the writer cuts it off on open and reports it through :attr:`Store.repaired`
+  (or, when it holds a whole record, ends it with its newline); it is never fatal;
 * any other line that is not a JSON object with an ``id`` (invalid UTF-8,
   invalid JSON, no string id) or that repeats an id raises
   :class:`StoreCorruptError`, naming the file and the 1-based line number.
+
+A downstream stage reads its input with :func:`read_upstream`, which also refuses a
+store that holds no records or another number of records than its cell's ``metrics.json`` says.
 """
 
 from __future__ import annotations
@@ -43,26 +51,44 @@ def _parse_line(line: bytes, path: Path, lineno: int) -> dict[str, Any]:
 class Store:
     """An append-only JSONL file of records keyed by their ``id``.
 
-    >>> s = Store(tmp / "traces.jsonl")           # doctest: +SKIP
-    >>> todo = s.pending(all_ids)                  # doctest: +SKIP
-    >>> s.append([{"id": "q1", "text": "..."}])    # doctest: +SKIP
+    ``Store(path)`` opens it to read: nothing on disk changes and no path is created (a
+    missing file is an empty store). ``Store(path, writable=True)`` opens it as its single
+    writer: the folder and the file are created and a cut last line is repaired. A reader
+    that calls :meth:`append` becomes the writer at that moment (the same repair first).
+
+    >>> s = Store(tmp / "traces.jsonl", writable=True)  # doctest: +SKIP
+    >>> todo = s.pending(all_ids)                      # doctest: +SKIP
+    >>> s.append([{"id": "q1", "text": "..."}])        # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], writable: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writable = False
         self.repaired = False
         self._ids: set[str] = set()
+        if writable:
+            self._open_for_append()
+        else:
+            self._load()
+
+    def _open_for_append(self) -> None:
+        """Become the store's writer: create the file, repair a cut last line, reread the ids."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self.writable = True
         self._load()
 
     def _load(self) -> None:
-        """Read the ids line by line (memory holds the ids, not the file), repairing a cut last line."""
+        """Read the ids line by line (memory holds the ids, not the file).
+
+        A last line without its newline is left alone by a reader (it may be a batch being
+        written); the writer cuts it off, or ends it with a newline when it is a whole new record.
+        """
         if not self.path.exists():
-            self.path.touch()
             return
         first_line: dict[str, int] = {}
         good_len = 0  # bytes up to the last newline
-        tail, tail_lineno = b"", 0  # bytes after the last newline: empty unless the last write was cut
+        tail, tail_lineno = b"", 0  # bytes after the last newline: empty unless a write is in flight or was cut
         with self.path.open("rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.endswith(b"\n"):
@@ -76,6 +102,8 @@ class Store:
                                                 f"{first_line[rid]}); a store holds each id once")
                     first_line[rid] = lineno
         self._ids = set(first_line)
+        if not tail or not self.writable:
+            return
         if tail.strip():
             # A last line without its newline was cut mid-write, unless it happens
             # to be a complete record (a writer that died between the bytes and "\n").
@@ -90,12 +118,11 @@ class Store:
                     f.flush()
                     os.fsync(f.fileno())
                 return
-        if tail:
-            with self.path.open("r+b") as f:
-                f.truncate(good_len)
-                f.flush()
-                os.fsync(f.fileno())
-            self.repaired = True
+        with self.path.open("r+b") as f:
+            f.truncate(good_len)
+            f.flush()
+            os.fsync(f.fileno())
+        self.repaired = True
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -130,6 +157,12 @@ class Store:
             batch_ids.append(rid)
         if not lines:
             return 0
+        if not self.writable:
+            self._open_for_append()
+            lines = [ln for ln, rid in zip(lines, batch_ids) if rid not in self._ids]
+            batch_ids = [rid for rid in batch_ids if rid not in self._ids]
+            if not lines:
+                return 0
         with self.path.open("ab") as f:
             f.write(b"".join(lines))
             f.flush()
@@ -138,9 +171,15 @@ class Store:
         return len(lines)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Yield every stored record in write order."""
-        with self.path.open("rb") as f:
+        """Yield every stored record in write order; a last line without its newline (in flight) is skipped."""
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
+            return
+        with f:
             for lineno, line in enumerate(f, start=1):
+                if not line.endswith(b"\n"):
+                    return
                 if line.strip():
                     yield _parse_line(line, self.path, lineno)
 
@@ -158,7 +197,7 @@ class Store:
 
 def merge(shards: Iterable[str | os.PathLike[str]], dest: str | os.PathLike[str]) -> Store:
     """Merge shard stores (e.g. one per Slurm array task) into ``dest``; first id wins."""
-    out = Store(dest)
+    out = Store(dest, writable=True)
     for shard in shards:
         batch: list[dict[str, Any]] = []
         for rec in Store(shard):
@@ -168,3 +207,45 @@ def merge(shards: Iterable[str | os.PathLike[str]], dest: str | os.PathLike[str]
                 batch = []
         out.append(batch)
     return out
+
+
+#: The ``metrics.json`` key that holds the number of records of each stage's store (each stage's ``metrics()``).
+RECORD_COUNT_KEYS = {"traces.jsonl": "kept", "compressed.jsonl": "n", "truncated.jsonl": "n"}
+
+
+class UpstreamError(ValueError):
+    """An input store that a stage must not start from: empty, or not what its cell finished with."""
+
+
+def check_upstream(path: str | os.PathLike[str], stage: str) -> int:
+    """The number of whole records of another cell's store that ``stage`` takes as its input.
+
+    Read without writing (memory holds the ids only). Refused with :class:`UpstreamError`,
+    before the stage does any work: a store that holds no record (the stage would have
+    nothing to do), and one whose count of whole records differs from the one its cell's
+    ``metrics.json`` recorded (:data:`RECORD_COUNT_KEYS`): a last line cut after the cell
+    finished, or a store changed since. A cell without ``metrics.json`` is not compared.
+    """
+    path = Path(path)
+    n = len(Store(path))
+    if not n:
+        what = "an empty file" if path.exists() else "no such file"
+        raise UpstreamError(f"{stage}: its input {path} holds no records ({what}): nothing to {stage}; rerun "
+                            f"the upstream cell or point {stage} at one that produced records")
+    key = RECORD_COUNT_KEYS.get(path.name)
+    metrics_path = path.parent / "metrics.json"
+    try:
+        recorded = json.loads(metrics_path.read_text()).get(key) if key else None
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        recorded = None
+    if isinstance(recorded, int) and recorded != n:
+        raise UpstreamError(f"{stage}: its input {path} holds {n} whole records but its cell's {metrics_path} "
+                            f"records {key} = {recorded}: the store was cut or changed after the cell finished; "
+                            f"rerun the upstream cell")
+    return n
+
+
+def read_upstream(path: str | os.PathLike[str], stage: str) -> list[dict[str, Any]]:
+    """The records of another cell's store that ``stage`` takes as its input, once :func:`check_upstream` passes."""
+    check_upstream(path, stage)
+    return Store(path).read()

@@ -101,10 +101,11 @@ def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = 
     (skipped), ``flags`` (count per flag of the skipped), ``n_flagged_kept`` and ``n_used``.
     """
     from cdlib.compress import dropped
+    from cdlib.store import read_upstream
 
     path = detect_data_file(data_dir)
     _check_source(source, path)
-    rows = Store(path).read()
+    rows = read_upstream(path, "train")  # refuses an empty store, or one cut since its cell finished
     kept = [r for r in rows if not dropped(r)]
     flags: dict[str, int] = {}
     for r in rows:

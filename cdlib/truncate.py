@@ -25,7 +25,7 @@ from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in 
 from cdlib import tokenizer as toklib
 from cdlib.compress import dropped
 from cdlib.params import TruncateParams
-from cdlib.store import Store
+from cdlib.store import Store, UpstreamError, read_upstream
 
 
 def cut(text: str, n_tokens: int, tok: Any, tolerance: int = 1) -> tuple[str, int]:
@@ -61,16 +61,19 @@ def ratio_cut(text: str, ratio: float, tok: Any, tolerance: int = 1) -> tuple[st
 
 def run(P: TruncateParams) -> dict[str, Any]:
     """Truncate the raw traces of ``P.traces`` into ``P.out_dir/truncated.jsonl``; return the metrics."""
-    raw = Store(Path(P.traces) / "traces.jsonl").read()
-    out = Store(Path(P.out_dir) / "truncated.jsonl")
-    tok = toklib.load(P.tokenizer)
+    raw = read_upstream(Path(P.traces) / "traces.jsonl", "truncate")
     targets: dict[str, int] = {}
     if P.mode == "length_matched":
         if not P.compressed:
             raise ValueError("truncate: mode 'length_matched' needs `compressed` (a compress cell directory)")
-        comp = [r for r in Store(Path(P.compressed) / "compressed.jsonl") if not dropped(r)]
+        comp = [r for r in read_upstream(Path(P.compressed) / "compressed.jsonl", "truncate") if not dropped(r)]
         targets = dict(zip((r["id"] for r in comp), toklib.count([r["reasoning"] for r in comp], P.tokenizer)))
         raw = [r for r in raw if r["id"] in targets]
+        if not raw:
+            raise UpstreamError(f"truncate: no raw trace of {P.traces} has a kept compression in {P.compressed} "
+                                f"({len(comp)} kept): nothing to cut to a matched length")
+    out = Store(Path(P.out_dir) / "truncated.jsonl", writable=True)
+    tok = toklib.load(P.tokenizer)
     batch = []
     for r in tqdm([r for r in raw if r["id"] not in out], desc=f"truncate ({P.mode})", unit="trace"):
         text = r.get("reasoning", "")

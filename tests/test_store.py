@@ -1,4 +1,6 @@
-"""The resumable JSONL store: crash safety, repair of a cut last line, clear errors."""
+"""The resumable JSONL store: crash safety, its writer's repair of a cut last line, clear errors.
+
+Readers beside a writer, and stages refusing a cut input, are tests/test_store_readers.py."""
 
 import json
 import os
@@ -16,7 +18,7 @@ WRITER = r"""
 import sys, time
 from cdlib.store import Store
 path, n, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = Store(path)
+s = Store(path, writable=True)
 todo = s.pending(f"q{i:05d}" for i in range(n))
 for k in range(0, len(todo), batch):
     time.sleep(0.03)  # stands in for generating the batch
@@ -52,11 +54,11 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
 
 def test_cut_last_line_is_repaired(tmp_path):
     path = tmp_path / "s.jsonl"
-    s = Store(path)
+    s = Store(path, writable=True)
     s.append([{"id": "a", "v": 1}, {"id": "b", "v": 2}])
     with path.open("ab") as f:
         f.write(b'{"id": "c", "v"')  # the process died mid-write
-    s2 = Store(path)
+    s2 = Store(path, writable=True)
     assert s2.repaired
     assert s2.ids == {"a", "b"}
     assert s2.append([{"id": "c", "v": 3}]) == 1
@@ -66,7 +68,7 @@ def test_cut_last_line_is_repaired(tmp_path):
 def test_complete_last_record_without_newline_is_kept(tmp_path):
     path = tmp_path / "s.jsonl"
     path.write_bytes(b'{"id": "a"}\n{"id": "b"}')
-    s = Store(path)
+    s = Store(path, writable=True)
     assert not s.repaired and s.ids == {"a", "b"}
     s.append([{"id": "c"}])
     assert [r["id"] for r in s] == ["a", "b", "c"]
