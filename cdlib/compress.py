@@ -266,6 +266,8 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     transient engine error uses up no attempt and is never stored: traces still
     without an answer because of errors at the end raise
     :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
+    Traces whose every request failed (not one answer) raise
+    :class:`cdlib.engines.NothingAnsweredError` naming the first error.
     """
     src = read_upstream(Path(P.traces) / "traces.jsonl", "compress")
     if P.limit:
@@ -335,9 +337,10 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         out.append([_record(r, last[i][0], P, last[i][1], tries[i], last[i][2])
                     for i, r in pending.items() if i not in failed])
     _add_token_counts(Path(P.out_dir), P)
-    from cdlib.engines import raise_if_unanswered
+    from cdlib.engines import raise_if_nothing_answered, raise_if_unanswered
 
     raise_if_unanswered("compress", failed, len(todo))
+    raise_if_nothing_answered("compress", out, out.path)
     return metrics(P.out_dir)
 
 

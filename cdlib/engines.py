@@ -44,7 +44,9 @@ from __future__ import annotations
 import random
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from cdlib.params import EngineParams, SamplingParams, ToyParams
@@ -149,6 +151,33 @@ def raise_if_unanswered(stage: str, failed: dict[str, str | None], total: int) -
     """Raise :class:`UnansweredError` when ``failed`` (item id -> last error) is not empty."""
     if failed:
         raise UnansweredError(stage, failed, total)
+
+
+class NothingAnsweredError(RuntimeError):
+    """A stage's engine answered none of its requests (e.g. a server rejecting each one with HTTP 400).
+
+    The failed requests are stored as errors, and a rerun does not send them again (a
+    rejected request is an answer that used its turn): the cell stays failed until the
+    engine is fixed and the cell's directory is deleted.
+    """
+
+    def __init__(self, stage: str, n: int, first_error: str, where: Path | str):
+        super().__init__(f"{stage}: the engine answered none of {n} items; the first error: {first_error[:300]} "
+                         f"(every one is recorded in {where}); fix the engine, delete the cell's directory and "
+                         f"rerun it")
+
+
+def raise_if_nothing_answered(stage: str, records: Iterable[dict[str, Any]], where: Path | str) -> None:
+    """Raise :class:`NothingAnsweredError` when ``records`` (a stage's stored requests or results, each with
+    the engine's ``error``, None for an answer) are not empty and every one holds an error."""
+    n, first = 0, None
+    for rec in records:
+        if rec.get("error") is None:
+            return
+        n += 1
+        first = first or str(rec["error"])
+    if n:
+        raise NothingAnsweredError(stage, n, first, where)
 
 
 _SECRET_HEADER_RE = re.compile(

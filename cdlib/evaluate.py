@@ -95,7 +95,8 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
 
     A transient engine error is not an answer (it would count as a wrong one): it is
     not stored, and questions left so raise :class:`cdlib.engines.UnansweredError`
-    after the rest is stored (the cell fails; a rerun sends exactly those).
+    after the rest is stored (the cell fails; a rerun sends exactly those). A student
+    that answered no request at all raises :class:`cdlib.engines.NothingAnsweredError`.
     """
     from cdlib import datasets
     from cdlib import tokenizer as toklib
@@ -141,7 +142,11 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
         from cdlib.engines import raise_if_unanswered
 
         raise_if_unanswered("evaluate", failed, len(todo))
-    return {**summarize(out.read(), P.grouping), **trained_with(P.model)}
+    from cdlib.engines import raise_if_nothing_answered
+
+    records = out.read()
+    raise_if_nothing_answered("evaluate", records, out.path)
+    return {**summarize(records, P.grouping), **trained_with(P.model)}
 
 
 def trained_with(model: str) -> dict[str, Any]:

@@ -108,7 +108,9 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
     ``rounds`` failed requests per question per run), and if questions are still
     unanswered because of errors at the end the stage raises
     :class:`cdlib.engines.UnansweredError`: the cell ends failed and a rerun sends
-    exactly those questions.
+    exactly those questions. A cell whose engine answered not one request (every one
+    rejected, e.g. HTTP 400) raises :class:`cdlib.engines.NothingAnsweredError`: it
+    kept nothing, so it is failed, not done.
     """
     out = Path(P.out_dir)
     traces, attempts = Store(out / "traces.jsonl", writable=True), Store(out / "attempts.jsonl", writable=True)
@@ -167,9 +169,10 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
             bar.close()
             if on_round:
                 on_round(rnd, len(todo), n_ok)
-    from cdlib.engines import raise_if_unanswered
+    from cdlib.engines import raise_if_nothing_answered, raise_if_unanswered
 
     raise_if_unanswered("generate", {q: e for q, e in last_error.items() if q not in traces}, len(pool))
+    raise_if_nothing_answered("generate", attempts, attempts.path)
     return metrics(out, pool)
 
 

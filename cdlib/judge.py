@@ -142,6 +142,7 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
 
     A transient engine error is no verdict: it is not stored, and records left so
     raise :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
+    A judge that answered no request at all raises :class:`cdlib.engines.NothingAnsweredError`.
     """
     recs = read_upstream(Path(P.compressed) / "compressed.jsonl", "judge")
     skip = set(P.exclude_datasets)  # Table 10's scope leaves the MMLU groups out (params/paper.yaml)
@@ -168,11 +169,15 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
                     failed[r["id"]] = c.error
                     continue
                 v, err = parse(c.answer if c.answer else c.text, c.finish_reason)
-                batch.append({**base(r), **(v.model_dump() if v else {}), "parse_error": err, "raw_response": c.text})
+                batch.append({**base(r), **(v.model_dump() if v else {}), "parse_error": err, "raw_response": c.text,
+                              "error": c.error})
             out.append(batch)
         from cdlib.engines import raise_if_unanswered
 
         raise_if_unanswered("judge", failed, len(todo))
+    from cdlib.engines import raise_if_nothing_answered
+
+    raise_if_nothing_answered("judge", out, out.path)
     return metrics(P.out_dir)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cdlib import compress, evaluate, generate, judge
-from cdlib.engines import UnansweredError
+from cdlib.engines import NothingAnsweredError, UnansweredError
 from cdlib.params import (CompressParams, EngineParams, EvaluateParams, GenerateParams, JudgeParams, SamplingParams,
                           ToyParams)
 from cdlib.store import Store
@@ -154,14 +154,44 @@ def test_every_stage_fails_through_an_outage_and_a_rerun_sends_exactly_the_rest(
 
 
 def test_a_rejected_request_is_an_answer_and_uses_its_round(server, tmp_path):
-    """HTTP 400 (e.g. a prompt longer than the context) cannot succeed when sent again: it uses its round."""
+    """HTTP 400 (e.g. a prompt longer than the context) cannot succeed when sent again: it uses its round.
+    A cell whose every request was rejected answered nothing: it fails naming the first error, and so
+    does its rerun, which sends nothing."""
     server.reject = True
     gen = GenerateParams(out_dir=str(tmp_path / "gen"), toy=TOY, rounds=2, engine=_engine(server),
                          sampling=SamplingParams(max_tokens=64))
-    generate.run(gen)  # no UnansweredError: every question had its rounds
+    nothing = r"generate: the engine answered none of 80 items; the first error: BadRequestError: .* HTTP 400"
+    with pytest.raises(NothingAnsweredError, match=nothing):  # not an UnansweredError: every question had its rounds
+        generate.run(gen)
     t4 = generate.table4(gen.out_dir).row(0, named=True)
     assert t4["attempts"] == 80 and t4["errors"] == 80 and t4["n_correct"] == 0
     assert server.count == 80
+    with pytest.raises(NothingAnsweredError, match=nothing):
+        generate.run(gen)
+    assert server.count == 80
+
+
+def test_every_stage_whose_engine_rejects_every_request_fails_naming_the_error(server, tmp_path, tiny_model_dir):
+    gen = GenerateParams(out_dir=str(tmp_path / "gen"), toy=TOY, rounds=1, engine=_engine(server),
+                         sampling=SamplingParams(max_tokens=64, seed=0))
+    generate.run(gen)
+    server.reject = True
+    first = r"the engine answered none of (\d+) items; the first error: BadRequestError: .* HTTP 400"
+    comp = CompressParams(out_dir=str(tmp_path / "comp"), traces=gen.out_dir, compressor="teacher",
+                          engine=_engine(server, str(tiny_model_dir)), recompress_attempts=0)
+    with pytest.raises(NothingAnsweredError, match="compress: " + first):
+        compress.run(comp)
+    ev = EvaluateParams(out_dir=str(tmp_path / "eval"), model=str(tiny_model_dir), toy=TOY,
+                        engine=_engine(server, str(tiny_model_dir)), sampling=SamplingParams(max_tokens=64))
+    with pytest.raises(NothingAnsweredError, match="evaluate: " + first):
+        evaluate.run(ev)
+    server.reject = False
+    good = CompressParams(out_dir=str(tmp_path / "good"), traces=gen.out_dir, compressor="teacher",
+                          engine=_engine(server, str(tiny_model_dir)))
+    compress.run(good)
+    server.reject = True
+    with pytest.raises(NothingAnsweredError, match="judge: " + first):
+        judge.run(JudgeParams(out_dir=str(tmp_path / "judge"), compressed=good.out_dir, engine=_engine(server)))
 
 
 _KILL_SCRIPT = textwrap.dedent("""
