@@ -262,11 +262,14 @@ def _record(rec: dict[str, Any], compressed: str, P: CompressParams, flag: str |
 def run(P: CompressParams, engine=None) -> dict[str, Any]:
     """Compress every trace of ``P.traces`` not yet in ``P.out_dir/compressed.jsonl``; return the metrics.
 
-    A flagged compression is sent again up to ``recompress_attempts`` times. A
-    transient engine error uses up no attempt and is never stored: traces still
-    without an answer because of errors at the end raise
-    :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly those).
-    Traces whose every request failed (not one answer) raise
+    A flagged compression is sent again up to ``recompress_attempts`` times. Each
+    answered request of a model compressor is written to ``attempts.jsonl`` (id
+    ``<trace id>#a<attempt>``) before the next one is sent, so a rerun resumes each
+    trace at its next attempt and the budget of ``1 + recompress_attempts`` answered
+    requests per trace holds across runs. A transient engine error uses up no attempt
+    and is never stored: traces still without an answer because of errors at the end
+    raise :class:`cdlib.engines.UnansweredError` (the cell fails; a rerun sends exactly
+    those). Traces whose every request failed (not one answer) raise
     :class:`cdlib.engines.NothingAnsweredError` naming the first error.
     """
     src = read_upstream(Path(P.traces) / "traces.jsonl", "compress")
@@ -292,11 +295,15 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     elif todo:
         from cdlib.engines import get_engine
 
-        engine = engine or get_engine(P.engine)
         template = prompt_template(P.prompt)
+        tried = Store(Path(P.out_dir) / "attempts.jsonl", writable=True)
         pending = {r["id"]: r for r in todo}
-        last: dict[str, tuple[str, str | None, str | None]] = {}
-        tries: dict[str, int] = {}  # answered requests per trace (a transient engine error is not one)
+        last: dict[str, tuple[str, str | None, str | None]] = {}  # last answer per trace: text, flag, error
+        tries: dict[str, int] = {}  # answered requests per trace, over every run (a transient error is not one)
+        for a in tried:
+            if a["trace_id"] in pending and a["attempt"] + 1 > tries.get(a["trace_id"], 0):
+                tries[a["trace_id"]] = a["attempt"] + 1
+                last[a["trace_id"]] = (a["reasoning"], a["flag"], a["error"])
         errors_now: dict[str, int] = {}
         budget = 1 + P.recompress_attempts
         while True:
@@ -306,13 +313,14 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
                     by_attempt.setdefault(tries.get(i, 0), []).append(r)
             if not by_attempt:
                 break
+            engine = engine or get_engine(P.engine)
             for attempt, rows in sorted(by_attempt.items()):
                 chats = [[{"role": "user", "content": template.format(
                     question=r.get("question", ""), reasoning=r.get("reasoning", ""),
                     answer=verified_answer(r))}] for r in rows]
                 sampling = (P.sampling.model_copy(update={"seed": (P.sampling.seed or 0) + attempt}) if attempt
                             else P.sampling)
-                good = []
+                good, answered = [], []
                 for r, c in zip(rows, engine.generate(chats, sampling, rows=rows)):
                     if c.transient:
                         failed[r["id"]] = c.error
@@ -328,10 +336,13 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
                     else:
                         flag = None if text.strip() else "empty"
                     last[r["id"]] = (text, flag, c.error)
+                    answered.append({"id": f"{r['id']}#a{attempt}", "trace_id": r["id"], "attempt": attempt,
+                                     "flag": flag, "error": c.error, "reasoning": text})
                     if flag is None:
                         good.append(_record(r, text, P, None, attempt + 1))
                         del pending[r["id"]]
                 out.append(good)  # sound compressions are kept as soon as they exist
+                tried.append(answered)  # before the next attempt: a rerun counts these
         # what is still flagged after every attempt is kept, with its flag, so it is seen and counted;
         # a trace left without an answer by engine errors is not stored: a rerun sends it again
         out.append([_record(r, last[i][0], P, last[i][1], tries[i], last[i][2])

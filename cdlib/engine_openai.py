@@ -1,7 +1,8 @@
 """The OpenAI-compatible engine: ``vllm serve``, a hosted teacher, any server speaking the API.
 
 Bounded concurrency (``max_concurrency`` requests in flight), the ``openai`` client's
-retries with backoff (connection errors, 408/409/429, 5xx), bodies that are not a
+retries with backoff (connection errors, 408/409/429, 5xx), ``request_timeout_s`` as the
+deadline of each HTTP request as a whole (:func:`_deadline_client`), bodies that are not a
 completion (truncated JSON, HTML, no choices) turned into an error naming the endpoint,
 and every stored error message scrubbed of the key (:func:`cdlib.engines.scrub`).
 Built by :func:`cdlib.engines.get_engine`.
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -25,6 +28,90 @@ BODY_QUOTE_CHARS = 200
 BAD_BODY_RETRIES = 2
 #: Seconds before the first such retry; doubled for the next.
 BAD_BODY_BACKOFF_S = 0.25
+
+
+_deadline = threading.local()  # .at: time.monotonic() by which this thread's HTTP request must be over
+
+
+def _time_left(timeout: float | None, expired: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of this thread's request deadline; ``expired`` raised when none is."""
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise expired("request_timeout_s: the request as a whole ran past its deadline")
+    return left if timeout is None else min(timeout, left)
+
+
+def _deadline_network(backend: Any) -> Any:
+    """``backend`` (an httpcore2 network backend) whose connects, reads and writes all end by the deadline.
+
+    The HTTP client's own timeouts bound each socket operation, so a server that sends
+    one byte at a time could hold a request for ever; here every operation waits at most
+    what is left of the request's deadline (:data:`_deadline`), whatever its own timeout.
+    """
+    import httpcore2
+
+    class Stream(httpcore2.NetworkStream):
+        def __init__(self, stream: Any):
+            self._stream = stream
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            return self._stream.read(max_bytes, _time_left(timeout, httpcore2.ReadTimeout))
+
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            self._stream.write(buffer, _time_left(timeout, httpcore2.WriteTimeout))
+
+        def close(self) -> None:
+            self._stream.close()
+
+        def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None):
+            return Stream(self._stream.start_tls(ssl_context, server_hostname,
+                                                 _time_left(timeout, httpcore2.ConnectTimeout)))
+
+        def get_extra_info(self, info: str) -> Any:
+            return self._stream.get_extra_info(info)
+
+    class Backend(httpcore2.NetworkBackend):
+        def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+            return Stream(backend.connect_tcp(host, port, _time_left(timeout, httpcore2.ConnectTimeout),
+                                              local_address, socket_options))
+
+        def connect_unix_socket(self, path, timeout=None, socket_options=None):
+            return Stream(backend.connect_unix_socket(path, _time_left(timeout, httpcore2.ConnectTimeout),
+                                                      socket_options))
+
+        def sleep(self, seconds: float) -> None:
+            backend.sleep(seconds)
+
+    return Backend()
+
+
+def _deadline_client(request_timeout_s: float) -> Any:
+    """The ``openai`` SDK's HTTP client, every HTTP request of which (each retry its own) ends within
+    ``request_timeout_s`` of being sent, connect, upload and a trickled body included.
+
+    The deadline starts in a request event hook and binds the thread that sends it (the
+    engine sends each request from one worker thread); the connection pools of the client
+    (proxies from the environment included) get a network backend that honours it.
+    """
+    import openai
+
+    def start(request: Any) -> None:
+        _deadline.at = time.monotonic() + request_timeout_s
+
+    client = openai.DefaultHttpxClient(event_hooks={"request": [start]})
+    for transport in [client._transport, *client._mounts.values()]:
+        if transport is None:  # a pattern that goes direct (no_proxy): the default transport serves it
+            continue
+        pool = getattr(transport, "_pool", None)
+        if pool is None or not hasattr(pool, "_network_backend"):
+            warnings.warn("openai engine: this httpx2 does not let request_timeout_s bound a whole request; "
+                          "it bounds each read instead", stacklevel=2)
+            continue
+        pool._network_backend = _deadline_network(pool._network_backend)
+    return client
 
 
 class BadBodyError(ValueError):
@@ -134,6 +221,7 @@ class OpenAIEngine(Engine):
             api_key=api_key,
             max_retries=params.max_retries,
             timeout=params.request_timeout_s,
+            http_client=_deadline_client(params.request_timeout_s),
         )
 
     def _request(self, prompt: Prompt, chat: bool, sampling: SamplingParams, json_schema: dict | None) -> Completion:

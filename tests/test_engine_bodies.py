@@ -9,8 +9,10 @@ what was wrong, never a crash of the batch or a bare KeyError.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -41,7 +43,8 @@ class ScriptedServer(ThreadingHTTPServer):
 
     Records each request's prompt. An answer whose content type ends in
     ``;short=N`` announces N more bytes than it sends and hangs up (a body cut
-    by the connection).
+    by the connection); one ending in ``;trickle=S`` sends its body one byte
+    every S seconds.
     """
 
     daemon_threads = True
@@ -77,10 +80,18 @@ class _ScriptedHandler(BaseHTTPRequestHandler):
             srv.prompts.append(prompt)
         status, kind, data = srv.answer(prompt, dict(self.headers))
         kind, _, short = kind.partition(";short=")
+        kind, _, trickle = kind.partition(";trickle=")
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data) + int(short or 0)))
         self.end_headers()
+        if trickle:
+            with contextlib.suppress(OSError):  # the client hangs up once its deadline passes
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(float(trickle))
+            return
         self.wfile.write(data)
         if short:
             self.close_connection = True
@@ -178,3 +189,18 @@ def test_http_errors_and_cut_bodies_name_the_endpoint(scripted):
     assert "max_tokens is too large" in rejected.error and not rejected.transient
     assert cut.error.startswith(f"APIConnectionError: {url}: Connection error. (RemoteProtocolError")
     assert cut.transient and all(c.finish_reason == "error" for c in (unavailable, rejected, cut))
+
+
+def test_request_timeout_is_a_deadline_for_the_whole_request(scripted):
+    """A server trickling its body a byte at a time never lets a read wait long; the request still ends at
+    ``request_timeout_s``, not when the body (ten times as long) is done."""
+    body = completion_body("slow", chat=False) + b" " * 100
+    interval = 10 * 1.0 / len(body)  # the whole body takes 10 s
+    server = scripted(lambda prompt, headers: (200, f"application/json;trickle={interval}", body))
+    engine = get_engine(EngineParams(kind="openai", model="m", base_url=server.base_url, max_retries=0,
+                                     request_timeout_s=1.0))
+    t0 = time.monotonic()
+    [c] = engine.generate(["complete me"], GREEDY)
+    elapsed = time.monotonic() - t0
+    assert c.finish_reason == "error" and c.transient and "timed out" in c.error, c
+    assert elapsed < 2.5 * engine.params.request_timeout_s, f"a 1 s deadline held the request {elapsed:.1f} s"

@@ -194,6 +194,22 @@ def test_every_stage_whose_engine_rejects_every_request_fails_naming_the_error(s
         judge.run(JudgeParams(out_dir=str(tmp_path / "judge"), compressed=good.out_dir, engine=_engine(server)))
 
 
+def test_compress_counts_recompression_attempts_across_reruns(server, tmp_path, tiny_model_dir):
+    """Every first compression is flagged, every second request meets an outage: the flagged attempts are
+    on disk before the next try, so the rerun sends each trace its second attempt only (budget 1 + 1)."""
+    gen = GenerateParams(out_dir=str(tmp_path / "gen"), toy=TOY, rounds=1, engine=_engine(server),
+                         sampling=SamplingParams(max_tokens=64, seed=0))
+    generate.run(gen)
+    server.respond = lambda prompt: "<think>\nshort\n</think>\n\nThe answer is \\boxed{999999}."  # contradicts
+    comp = CompressParams(out_dir=str(tmp_path / "comp"), traces=gen.out_dir, compressor="teacher",
+                          engine=_engine(server, str(tiny_model_dir)), recompress_attempts=1)
+    first, rerun, err = _outage_then_rerun(server, lambda: compress.run(comp), fail_after=40)
+    assert len(err.failed) == 40 and len(first) == 40
+    assert len(rerun) == 40, "the rerun sent first attempts again: the budget of 2 per trace was exceeded"
+    recs = Store(tmp_path / "comp/compressed.jsonl").read()
+    assert len(recs) == 40 and all(r["flag"] == "contradicts_answer" and r["attempts"] == 2 for r in recs)
+
+
 _KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from cdlib import generate
