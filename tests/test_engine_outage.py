@@ -247,18 +247,24 @@ def test_a_kill_between_trace_and_attempt_leaves_table4_as_an_uninterrupted_run(
     assert len(Store(killed / "attempts.jsonl")) == len(Store(tmp_path / "whole/attempts.jsonl"))
 
 
-@pytest.mark.slow
-def test_a_grid_cell_ends_failed_through_an_outage_and_a_rerun_completes_it(server, tmp_path):
-    """The grid's view: the cell is failed (status says so, naming the unanswered count), a rerun finishes it."""
+def _generate_grid(server, tmp_path, name: str, n_train: int, rounds: int) -> Path:
+    """A grid file of one generate cell asking ``server`` (its output under ``tmp_path/out/<name>``)."""
     import yaml
 
-    spec = {"name": "o", "output_root": str(tmp_path / "out"),
+    spec = {"name": name, "output_root": str(tmp_path / "out"),
             "stages": {"generate": {"notebook": "notebooks/01_generate.py", "params": {
-                "toy": {"n_train": 12, "n_test": 2}, "rounds": 2,
+                "toy": {"n_train": n_train, "n_test": 2}, "rounds": rounds,
                 "engine": {"kind": "openai", "model": "teacher", "base_url": server.base_url, "max_retries": 0},
                 "sampling": {"temperature": 0, "max_tokens": 64}}}}}
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump(spec))
+    return grid
+
+
+@pytest.mark.slow
+def test_a_grid_cell_ends_failed_through_an_outage_and_a_rerun_completes_it(server, tmp_path):
+    """The grid's view: the cell is failed (status says so, naming the unanswered count), a rerun finishes it."""
+    grid = _generate_grid(server, tmp_path, "o", n_train=12, rounds=2)
     cmd = [sys.executable, "-m", "cdlib.grid"]
     server.fail_after = 5
     first = subprocess.run(cmd + ["run", str(grid)], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -272,3 +278,15 @@ def test_a_grid_cell_ends_failed_through_an_outage_and_a_rerun_completes_it(serv
     cell = tmp_path / "out/o/generate"
     assert json.loads((cell / "manifest.json").read_text())["status"] == "done"
     assert len(Store(cell / "traces.jsonl")) == 12
+
+
+def test_a_grid_cell_whose_every_request_is_rejected_ends_failed_not_done(server, tmp_path):
+    """The grid's view of a server that rejects everything: the cell is failed with the error, not done."""
+    server.reject = True
+    grid = _generate_grid(server, tmp_path, "r", n_train=6, rounds=1)
+    run = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode != 0
+    manifest = json.loads((tmp_path / "out/r/generate/manifest.json").read_text())
+    assert manifest["status"] == "failed", manifest
+    assert "NothingAnsweredError" in json.dumps(manifest["error"]) and "HTTP 400" in json.dumps(manifest["error"])
