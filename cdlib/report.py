@@ -124,6 +124,28 @@ def read_frames(g: results.GridOutputs, gpu_watts: float = 700.0, pue: float = 1
     return f
 
 
+def _findings(page: ReportPage, f: Frames) -> None:
+    from cdlib import findings, paper
+
+    page.section("findings", "Findings: the papers' claims on this grid",
+                 "Each headline claim of Compress-Distill, Distilling the Essence and Mixed-Policy Distillation, the "
+                 "paper's figure beside this grid's, and whether it holds (cdlib.findings).")
+    if not page.needs(f.scored, "No evaluated runs: no claim can be checked."):
+        return
+    page.table("findings", lambda: findings.findings(f.scored, paper.runs()), "The papers' findings, held or not",
+               "One row per claim. papers_figure: the paper's words; published: the same measure on the paper's own "
+               "runs (Tables 6, 7, 9), where its tables allow; grid: this grid's figure per configuration (teacher, "
+               "student, method, with the seed on a seed grid). A claim holds when it holds in every configuration; "
+               f"a win is a gap of more than {findings.Z} standard errors of the difference; a ratio is judged against "
+               "the weakest end of the paper's range, within 5%. 'why' says in one sentence what failed.", 3)
+    page.table("students", lambda: findings.students(f.scored), "Every student beside the base it starts from",
+               "Overall accuracy ± SE, mean output tokens, share of answers that hit the token cap, training tokens "
+               "and hours per run; source 'pretrain' is the base model before distillation (the demo's pretrained "
+               "toy base), evaluated as it is.",
+               {"accuracy": 3, "se": 3, "mean_completion_tokens": 1, "truncation_rate": 3, "train_tokens": 0,
+                "train_hours": 4})
+
+
 def _overview(page: ReportPage, f: Frames) -> None:
     page.section("overview", "Overview", "What this grid holds: finished cells per stage, and what the report had to skip.")
     kinds = pl.DataFrame([{"stage": c.stage, "kind": c.kind or "?"} for c in f.g.cells.values()],
@@ -344,7 +366,7 @@ def _published(page: ReportPage, f: Frames, side: bool) -> dict[str, list[Path]]
     return compared
 
 
-SECTIONS = (_overview, _generation, _compression, _training, _accuracy, _efficiency, _faithfulness, _compute)
+SECTIONS = (_findings, _overview, _generation, _compression, _training, _accuracy, _efficiency, _faithfulness, _compute)
 
 
 def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) -> dict[str, Any]:

@@ -21,12 +21,12 @@ rejection sampling its work. :func:`solution_steps` gives the true minimal
 equation lines of a question.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
-``pretrain`` split) is toy-world text that is not the teacher's traces: the
-same kind of problems, one to ``max_steps`` steps, each answered at once with
-no reasoning. A tiny model pretrained on it reads the problems and ends its
-answers, and solves some multi-step problems but not most (it must do the
-arithmetic of every step in one token), as a pretrained student does before
-reasoning distillation; the traces then teach it to reason.
+``pretrain`` split) is toy-world text that is not the teacher's traces: every
+one-step problem (the arithmetic facts), and problems of the world's length,
+a third with a terse worked solution, the rest answered at once. A tiny model
+pretrained on it reads the problems and ends its answers, and solves some
+multi-step problems but not most, as a pretrained student does before
+reasoning distillation; the teacher's traces then teach it to reason their way.
 """
 
 from __future__ import annotations
@@ -350,15 +350,32 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
 
 
-def base_response(row: dict[str, Any]) -> str:
-    """What the demo's pretraining corpus says after a toy question: the answer at once, no reasoning.
+WORKED_SHARE = 1 / 3  # share of the base corpus's multi-step problems that come with a worked solution
+_TEXTBOOK_VERBS = {"+": "gets", "-": "loses", "*": "multiplies by"}
 
-    ``The answer is \\boxed{N}.`` with the true ``N``, after the one equation of a
-    one-step problem (``17 - 5 = 12``): text a base model would have seen (facts
-    and answers), not a teacher's trace (see the module docstring).
+
+def textbook_solution(problem: Problem) -> str:
+    """A terse worked solution in the style of a textbook, not of the teacher: one sentence per step,
+    ``Tom has 5. Tom gets 3: 5 + 3 = 8. Tom loses 2: 8 - 2 = 6.``"""
+    values = problem.values()
+    parts = [f"{problem.name} has {problem.start}."]
+    for i, (op, k) in enumerate(problem.steps):
+        parts.append(f"{problem.name} {_TEXTBOOK_VERBS[op]} {k}: {equation(values[i], op, k, values[i + 1])}.")
+    return " ".join(parts)
+
+
+def base_response(row: dict[str, Any]) -> str:
+    """What the demo's pretraining corpus says after a toy question: text a base model has seen, not a trace.
+
+    Every one-step problem (an arithmetic fact) and :data:`WORKED_SHARE` of the others (chosen by the
+    row id) come with a short worked solution in a think block (:func:`textbook_solution`); the rest
+    are answered at once, ``The answer is \\boxed{N}.``, with the true ``N``. A model pretrained on it
+    knows the facts and how a solution reads and ends, but mostly answers at once, and so solves some
+    multi-step problems but not most.
     """
-    problem = parse_question(row["question"], row.get("id", "<row>"))
-    if len(problem.steps) == 1:
-        (op, k), = problem.steps
-        return f"{equation(problem.start, op, k, problem.answer)}\nThe answer is \\boxed{{{problem.answer}}}."
-    return f"The answer is \\boxed{{{problem.answer}}}."
+    row_id = str(row.get("id", "<row>"))
+    problem = parse_question(row["question"], row_id)
+    answer = f"The answer is \\boxed{{{problem.answer}}}."
+    if len(problem.steps) == 1 or random.Random(f"cdlib.toy.base/{row_id}").random() < WORKED_SHARE:
+        return f"<think>\n{textbook_solution(problem)}\n</think>\n\n{answer}"
+    return answer

@@ -86,7 +86,9 @@ def _check_source(source: str, path: Path) -> None:
     kind = path.name
     if source == "answer_only":
         return  # uses no trace: any cell's questions and answers will do
-    expected = {"raw": "traces.jsonl", "truncated": "truncated.jsonl"}.get(source, "compressed.jsonl")
+    # pretrain: a base model's corpus (a generate cell), trained as raw traces are (trace, if any, then answer)
+    expected = {"raw": "traces.jsonl", "pretrain": "traces.jsonl", "truncated": "truncated.jsonl"}.get(
+        source, "compressed.jsonl")
     if kind != expected:
         raise TrainError(f"source {source!r} expects {expected} but data holds {path}")
 

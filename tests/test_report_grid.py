@@ -34,7 +34,7 @@ ACCURACY = {"raw": 0.5, "truncated": 0.25, "llama70b": 0.75, "ministral14b": 0.6
 TOKENS = {"raw": 900, "truncated": 120, "llama70b": 200, "ministral14b": 150}
 TRAIN_HOURS = {"raw": 2.0, "truncated": 0.5, "llama70b": 0.8, "ministral14b": 0.6}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLES = {"cells", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11",
+TABLES = {"findings", "students", "cells", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11",
           "runs", "failure_modes", "compute_stages", "compute", "protocol", "flag_rates"}
 FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto",
            "fig1_beside_paper", "fig4_beside_paper"}  # the last two: the fixture grid uses the paper's names
@@ -532,3 +532,13 @@ def test_student_samples_are_one_test_for_every_table(tmp_path):
     assert any(n.startswith("sample/t: student samples") for n in g.notes)
     q = dict(accounting.grid_compute(grid(tmp_path / "teachers", "teacher"))[1].iter_rows())
     assert (q["teacher_gpu_hours"], q["compression_gpu_hours"], q["other_upstream_gpu_hours"]) == (1.0, 1.0, 3.0)
+
+
+def test_the_report_opens_with_the_papers_findings_measured_on_the_grid(built):
+    page = built["index"].read_text()
+    assert page.index('id="tables-findings"') < page.index('id="tables-cells"')  # the first section
+    rows = md_rows(built["tables"]["findings"][0])
+    assert [r["claim"] for r in rows][0] == "Raw traces keep the highest accuracy"
+    assert {r["verdict"] for r in rows} <= {"held", "not held", "not run"}
+    # the fixture grid uses the paper's names: the published column is measured on the paper's own runs
+    assert rows[0]["published"].startswith("holds in 14 of 14")

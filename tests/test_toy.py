@@ -157,10 +157,23 @@ def test_pretrain_corpus_is_neither_train_nor_test_and_holds_every_fact():
     assert {len(k[1]) for k in keys["pretrain"] - one_step} <= {2, 3}
 
 
-def test_base_response_answers_at_once():
+def test_base_response_is_a_fact_a_worked_solution_or_an_answer_at_once():
     rows = toy.generate(ToyParams(n_train=20, n_test=5, n_pretrain=800), "pretrain")
-    by_steps = {len(toy.parse_question(r["question"]).steps): r for r in rows}
-    one, many = by_steps[1], by_steps[max(by_steps)]
-    assert toy.base_response(one) == f"{toy.solution_steps(one)[0]}\nThe answer is \\boxed{{{one['gold']}}}."
-    assert toy.base_response(many) == f"The answer is \\boxed{{{many['gold']}}}."
-    assert "<think>" not in toy.base_response(many)
+    one = next(r for r in rows if len(toy.parse_question(r["question"]).steps) == 1)
+    assert toy.base_response(one) == (f"<think>\n{toy.textbook_solution(toy.parse_question(one['question']))}\n"
+                                      f"</think>\n\nThe answer is \\boxed{{{one['gold']}}}.")
+    many = [r for r in rows if len(toy.parse_question(r["question"]).steps) > 1]
+    worked = [r for r in many if toy.base_response(r).startswith("<think>")]
+    assert 0.25 < len(worked) / len(many) < 0.42  # WORKED_SHARE, by row id
+    direct = next(r for r in many if r not in worked)
+    assert toy.base_response(direct) == f"The answer is \\boxed{{{direct['gold']}}}."
+    # the worked solution is not the teacher's: no equation line of its own, every step's equation inline
+    text = toy.base_response(worked[0])
+    assert not any(toy.is_equation_line(line) for line in text.splitlines())
+    for eq in toy.solution_steps(worked[0]):
+        assert f": {eq}." in text
+
+
+def test_textbook_solution_reads_every_step():
+    p = toy.Problem("Tom", "apples", 5, (("+", 3), ("-", 2)))
+    assert toy.textbook_solution(p) == "Tom has 5. Tom gets 3: 5 + 3 = 8. Tom loses 2: 8 - 2 = 6."
