@@ -337,9 +337,26 @@ class ExploreParams(DataParams):
     bins: int = Field(50, ge=1)  # histogram bins of the length figures
 
 
+class ImportParams(StageParams):
+    """Importing a public or own reasoning-trace set as a generate cell's records (cdlib.trace_import)."""
+
+    source: str  # hub dataset id, or a local JSONL/JSON/Parquet file or directory
+    config: str | None = None  # hub config (e.g. OpenR1-Math-220k's "default")
+    split: str = "train"  # hub split (a local file or directory is read whole)
+    layout: str = "auto"  # a name of cdlib.trace_import.LAYOUTS, "columns", or "auto" (recognised from the columns)
+    columns: dict[str, str] = {}  # question, reasoning, answer, response, gold -> column names (override the layout)
+    dataset: str | None = None  # the records' dataset name (default: the source's last path part)
+    answer_type: Literal["auto", "numeric", "latex", "letter", "boolean"] = "auto"  # auto: numeric gold, else latex
+    tokenizer: str = "whitespace"  # counts completion tokens: "whitespace" or a HF tokenizer id/path
+    unverified: Literal["flag", "drop"] = "flag"  # rows whose answer does not verify: kept with a flag, or left out
+    limit: int | None = Field(None, ge=1)  # the first rows only
+    license: str | None = None  # the set's license where its files state none
+
+
 STAGE_MODELS: dict[str, type[StageParams]] = {
     "explore": ExploreParams,
     "generate": GenerateParams,
+    "import": ImportParams,
     "compress": CompressParams,
     "truncate": TruncateParams,
     "train": TrainParams,
