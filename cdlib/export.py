@@ -1,4 +1,4 @@
-"""Export a generate, compress or truncate cell as a Hugging Face dataset.
+"""Export any stage's records (import, generate, compress, truncate, evaluate, judge) as a Hugging Face dataset.
 
 ``python -m cdlib.export outputs/demo/compress/toy__extractive exports/toy-extractive``
 writes Parquet shards (``data/train-0000k-of-0000n.parquet``) and a dataset card
@@ -10,7 +10,10 @@ produced it (``params.yaml``), the package versions and run facts (``manifest.js
 repository; without a token nothing leaves the machine.
 
 The records are the cell's store as written (every field, flagged compressions
-included, with their ``flag``), so a user can filter as the training stage does.
+included, with their ``flag``), so a user can filter as the training stage does. The card
+says where the traces came from: for an import cell (and every cell downstream of one) the
+imported set (``source``, config, split) and the license the set states, which also becomes
+the card's license field unless ``--license`` names one.
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-#: the store of each exportable stage kind
-STORES = {"generate": "traces.jsonl", "compress": "compressed.jsonl", "truncate": "truncated.jsonl"}
+#: the store of each exportable stage kind (an import cell writes the generate stage's records)
+STORES = {"generate": "traces.jsonl", "import": "traces.jsonl", "compress": "compressed.jsonl",
+          "truncate": "truncated.jsonl", "evaluate": "outputs.jsonl", "judge": "judgements.jsonl"}
+WHAT = {"generate": "verified teacher reasoning traces (rejection sampling)",
+        "import": "imported reasoning traces, verified by compress-distill's own answer extraction",
+        "compress": "compressed reasoning traces beside the originals",
+        "truncate": "length-matched truncated reasoning traces",
+        "evaluate": "student answers to evaluation questions, scored",
+        "judge": "faithfulness verdicts on compressed traces"}
 
 
 class ExportError(ValueError):
@@ -30,18 +40,44 @@ class ExportError(ValueError):
 
 
 def cell_store(cell_dir: str | Path) -> tuple[str, Path]:
-    """``(kind, store path)`` of a finished generate/compress/truncate cell, or an ExportError saying why not."""
+    """``(kind, store path)`` of a finished cell with records (its manifest's ``kind``, else the store it holds),
+    or an ExportError saying why not."""
     d = Path(cell_dir)
     manifest = _json(d / "manifest.json")
     if manifest is None:
         raise ExportError(f"export: {d} has no manifest.json: not a cell directory of a grid run")
     if manifest.get("status") != "done":
         raise ExportError(f"export: {d} is not finished (status {manifest.get('status')!r}); run the grid first")
+    kind = manifest.get("kind")
+    if kind in STORES and (d / STORES[kind]).exists():
+        return kind, d / STORES[kind]
     found = [(kind, d / name) for kind, name in STORES.items() if (d / name).exists()]
     if not found:
-        raise ExportError(f"export: {d} holds none of {', '.join(STORES.values())}: only generate, compress "
-                          f"and truncate cells are datasets")
+        raise ExportError(f"export: {d} holds none of {', '.join(sorted(set(STORES.values())))}: the cells of "
+                          f"{', '.join(STORES)} are datasets (train and report cells are not)")
     return found[0]
+
+
+def imported_from(cell_dir: str | Path) -> dict[str, Any] | None:
+    """The import a cell's traces come from: ``{source, config, split, license, cell}`` of the cell itself or of
+    the nearest import cell upstream (its manifest's ``inputs``, read in the grid's folder); None if none."""
+    d = Path(cell_dir)
+    seen: set[Path] = set()
+    todo = [d]
+    while todo:
+        c = todo.pop(0)
+        if c in seen:
+            continue
+        seen.add(c)
+        manifest = _json(c / "manifest.json") or {}
+        if manifest.get("kind") == "import":
+            metrics = _json(c / "metrics.json") or {}
+            return {k: metrics.get(k) for k in ("source", "config", "split", "license")} | {
+                "cell": manifest.get("cell", c.name)}
+        levels = len(str(manifest.get("cell", "")).split("/"))  # "stage/slug", or "stage" for a cell without axes
+        grid_dir = c.parents[levels - 1]
+        todo += [grid_dir / v for v in (manifest.get("inputs") or {}).values() if isinstance(v, str)]
+    return None
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -73,6 +109,9 @@ def card(cell_dir: str | Path, kind: str, rows: int, columns: list[str], dataset
     metrics = _json(d / "metrics.json") or {}
     params = (d / "params.yaml").read_text() if (d / "params.yaml").exists() else "{}\n"
     sources = _source_datasets(dataset_names)
+    origin = imported_from(d)
+    if origin and origin["source"] and "/" in origin["source"] and not Path(origin["source"]).exists():
+        sources = sorted({*sources, origin["source"]})  # a hub id: the card's source_datasets names it
     data = DatasetCardData(
         license=license,
         pretty_name=pretty_name or f"compress-distill {manifest.get('cell', d.name)}",
@@ -83,15 +122,24 @@ def card(cell_dir: str | Path, kind: str, rows: int, columns: list[str], dataset
         configs=[{"config_name": "default",
                   "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
     )
-    what = {"generate": "verified teacher reasoning traces (rejection sampling)",
-            "compress": "compressed reasoning traces beside the originals",
-            "truncate": "length-matched truncated reasoning traces"}[kind]
+    what = WHAT[kind]
+    where = [] if origin is None else [
+        "## Where the traces came from",
+        "",
+        f"Imported by the cell `{origin['cell']}` from `{origin['source']}`"
+        + (f" (config `{origin['config']}`)" if origin["config"] else "") + f", split `{origin['split']}`: "
+        "a trace set written by others, not generated by this grid. "
+        + (f"The set states its license as `{origin['license']}`." if origin["license"]
+           else "The set states no license; check its own card before sharing."),
+        "",
+    ]
     body = [
         f"# {data.pretty_name}",
         "",
         f"{rows:,} records of {what}, exported from the grid cell `{manifest.get('cell', d.name)}` "
         f"of compress-distill, in {num_shards} Parquet shard(s).",
         "",
+        *where,
         "## Licenses",
         "",
         f"The card's license field says `{license}` (set it with `--license`). Each question keeps the license "
@@ -139,6 +187,9 @@ def export_cell(cell_dir: str | Path, out_dir: str | Path, license: str = "other
     from cdlib.store import UpstreamError, check_upstream
 
     kind, store = cell_store(cell_dir)
+    origin = imported_from(cell_dir)
+    if license == "other" and origin and origin["license"]:
+        license = origin["license"]  # the imported set's own license, unless --license names one
     try:
         check_upstream(store, "export")  # every record the cell finished with, none cut since
     except UpstreamError as e:
@@ -172,9 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m cdlib.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("cell_dir", help="a generate, compress or truncate cell directory")
+    parser.add_argument("cell_dir", help="a cell directory of an import, generate, compress, truncate, evaluate or "
+                                         "judge stage")
     parser.add_argument("out_dir", help="folder for the Parquet shards and the dataset card")
-    parser.add_argument("--license", default="other", help="the card's license field (default: other)")
+    parser.add_argument("--license", default="other",
+                        help="the card's license field (default: the imported set's own, else other)")
     parser.add_argument("--shard-rows", type=int, default=100_000, help="records per Parquet shard")
     parser.add_argument("--repo-id", help="push to this hub dataset repository (needs a token)")
     parser.add_argument("--public", action="store_true", help="create the hub repository public (default private)")
