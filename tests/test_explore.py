@@ -290,3 +290,19 @@ def test_notebook_runs_headless_under_papermill(cells, tmp_path):
     assert "table1_rows" in text, "the pool statistics are displayed"
     assert "vegaEmbed" in text and "include_flagged" in text, "the chart with its controls is displayed"
     assert "application/vnd.jupyter.widget-view+json" in text, "the browser is displayed"
+
+
+def test_explore_browses_an_imported_set(tmp_path):
+    """Issue 32 item 4: an import cell is browsed like a generate cell (lengths, dataset menu, side by side)."""
+    from cdlib import trace_import
+    from cdlib.params import ImportParams
+
+    sets = Path(__file__).resolve().parents[0] / "fixtures/trace_sets"
+    trace_import.run(ImportParams(out_dir=str(tmp_path / "imp"), source=str(sets)))
+    df = explore.load({"public": str(tmp_path / "imp")}, tokenizer="whitespace")
+    assert df.height == 5 and set(df["source"]) == {"raw"}
+    assert df["tokens"].to_list() == [len(t.split()) for t in df["reasoning"].to_list()]  # as str.split() counts
+    assert df.filter(pl.col("flag").is_not_null()).height == 4  # no_gold / no_answer flags shown as flags
+    log = df.filter(pl.col("question") == "你是谁").row(0, named=True)
+    assert "嗯，用户问了一个简单的自我介绍问题" in explore.side_by_side_html(df, log["id"])
+    assert explore.length_stats(df, by=["teacher", "source", "dataset"])["traces"].sum() == 5

@@ -143,3 +143,24 @@ def test_import_notebook_runs_under_the_grid_runner(tmp_path):
     assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 5
     res = pl.read_parquet(tmp_path / "out/imp/results.parquet")
     assert res["kind"].to_list() == ["import"]
+
+
+@pytest.mark.slow
+def test_import_grid_through_every_stage(tmp_path):
+    """params/import.yaml: the real rows imported, compressed, truncated, trained on, evaluated, reported."""
+    spec = yaml.safe_load((REPO / "params/import.yaml").read_text())
+    spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
+    spec["output_root"] = str(tmp_path / "out")
+    spec["stages"]["report"]["params"]["grid_dir"] = str(tmp_path / "out/import")
+    grid = tmp_path / "import.yaml"
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
+                         text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    root = tmp_path / "out/import"
+    res = pl.read_parquet(root / "results.parquet")
+    assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate"}
+    ev = res.filter(pl.col("kind") == "evaluate")
+    assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
+    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 5
+    assert "Table" in (root / "report/index.html").read_text()
