@@ -159,7 +159,7 @@ def test_import_grid_through_every_stage(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     root = tmp_path / "out/import"
     res = pl.read_parquet(root / "results.parquet")
-    assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate"}
+    assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate", "report"}
     ev = res.filter(pl.col("kind") == "evaluate")
     assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
     assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 5
