@@ -21,6 +21,7 @@ from typing import Any, Sequence
 from cdlib.engines import (Completion, Engine, Prompt, _completion, _is_chat, _rejects_request,
                            prompt_opens_think, scrub)
 from cdlib.params import EngineParams, SamplingParams
+from cdlib.secrets import scrub_text
 
 #: Characters of a server's body quoted in an error message (scrubbed, whitespace collapsed).
 BODY_QUOTE_CHARS = 200
@@ -281,7 +282,7 @@ class OpenAIEngine(Engine):
 
     def _failed(self, exc: BaseException) -> Completion:
         """The error completion for a failed request, its message scrubbed of the key and auth headers."""
-        message = scrub(_describe_failure(exc, self.params.max_retries, self._secrets), self._secrets)
+        message = scrub_text(scrub(_describe_failure(exc, self.params.max_retries, self._secrets), self._secrets))
         return Completion(text="", finish_reason="error", error=message, transient=not _rejects_request(exc))
 
     def generate(self, prompts, sampling, json_schema=None, rows=None):

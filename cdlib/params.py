@@ -97,13 +97,43 @@ def is_env_name(value: str) -> bool:
 
 
 def hide_keys(value: Any) -> Any:
-    """``value`` with every ``api_key_env`` that is no variable name (perhaps the key) replaced by
-    :data:`NOT_SHOWN`, in nested dicts and lists too: for error messages that quote a whole input."""
+    """``value`` with every ``api_key_env`` that is no variable name (perhaps the key, or a list or mapping
+    holding it) replaced by :data:`NOT_SHOWN`, in nested dicts and lists too: for error messages that quote
+    a whole input."""
     if isinstance(value, dict):
-        return {k: NOT_SHOWN if k == "api_key_env" and isinstance(v, str) and not is_env_name(v) else hide_keys(v)
-                for k, v in value.items()}
+        return {k: NOT_SHOWN if k == "api_key_env" and v is not None and not (isinstance(v, str) and is_env_name(v))
+                else hide_keys(v) for k, v in value.items()}
     if isinstance(value, list):
         return [hide_keys(v) for v in value]
+    return value
+
+
+# a key's prefix (sk-..., hf_..., ghp_..., Slack's xoxb-...) or a bearer token, anywhere in a string
+_KEY_PREFIX_RE = re.compile(r"(?:\b|_)(?:sk|pk|rk|hf|ghp|gho|ghs|github_pat|xox[abp])[-_][A-Za-z0-9_-]{10,}|\bBearer\s+\S")
+
+
+def looks_secret(text: str) -> bool:
+    """Whether a string may hold a credential: a key's prefix (``sk-``, ``hf_``...), ``Bearer ...``, or a run
+    of 20 or more letters, digits and ``_`` that mixes lower case, upper case and digits (a random token;
+    a model name such as ``Llama-3.1-8B-Instruct`` has no such run)."""
+    return bool(_KEY_PREFIX_RE.search(text)) or any(
+        re.search("[a-z]", run) and re.search("[A-Z]", run) and re.search("[0-9]", run)
+        for run in re.findall(r"[A-Za-z0-9_]{20,}", text))
+
+
+def shown(value: Any) -> Any:
+    """``value`` as an error message may quote it: :func:`hide_keys`, then every string that
+    :func:`looks_secret` replaced by :data:`NOT_SHOWN` and URL credentials scrubbed (:mod:`cdlib.secrets`),
+    in dicts, lists and tuples alike."""
+    from cdlib.secrets import scrub_text
+
+    value = hide_keys(value)
+    if isinstance(value, str):
+        return NOT_SHOWN if looks_secret(value) else scrub_text(value)
+    if isinstance(value, dict):
+        return {shown(k): shown(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(shown(v) for v in value)
     return value
 
 
@@ -378,7 +408,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required key is missing"
-        lines.append(f"{source}: key '{key}': {msg}" + (f" (got {hide_keys(e['input'])!r})" if e["type"] not in ("extra_forbidden", "missing") else ""))
+        if e["loc"] and e["loc"][-1] == "api_key_env" and not (isinstance(e["input"], str) and is_env_name(e["input"])):
+            e["input"] = NOT_SHOWN
+        lines.append(f"{source}: key '{key}': {msg}" + (f" (got {shown(e['input'])!r})" if e["type"] not in ("extra_forbidden", "missing") else ""))
     return "\n".join(lines)
 
 
