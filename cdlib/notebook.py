@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,18 @@ class NotebookError(ValueError):
 
 
 def read(path: str | Path):
-    """Read a percent-format ``.py`` (or ``.ipynb``) notebook as an nbformat node with a kernelspec."""
+    """Read a percent-format ``.py`` (or ``.ipynb``) notebook as an nbformat node with a kernelspec;
+    a file that is no notebook (a ``.yaml``, JSON that is not a notebook) raises :class:`NotebookError`
+    naming it."""
     import jupytext
 
-    nb = jupytext.read(str(path))
+    try:
+        nb = jupytext.read(str(path))
+    except OSError:
+        raise
+    except Exception as e:  # jupytext's JupytextFormatError, nbformat's NotJSONError, a reader's ValueError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NotebookError(f"{path}: not a notebook ({first[:200]})") from None
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata.setdefault("language_info", {"name": "python"})
     return nb
@@ -145,3 +155,75 @@ def _declared_parameters(path: Path, mtime_ns: int) -> dict[str, dict[str, Any]]
         name: {"type": p["inferred_type_name"], "default": p["default"], "help": p["help"]}
         for name, p in info.items()
     }
+
+
+# --------------------------------------------------------------------------- papermill's writes of an executed notebook
+
+#: the prefix that routes papermill's writes of an executed notebook through :class:`_ScrubbedWrites`
+SCRUBBED = "cdlib-scrubbed://"
+_ERRNO_TEXT = re.compile(r"^\[Errno (\d+)\]")
+
+
+class NotebookWriteError(OSError):
+    """Papermill could not write the executed notebook. ``kernel_error`` is the first error output of its
+    cells (ename, evalue) when that was an OS error too (a store cut by a full disk before the notebook was)."""
+
+    kernel_error: tuple[str, str] | None = None
+
+
+def _first_os_error(buf: str) -> tuple[str, str] | None:
+    """The first error output in a notebook's JSON text that reads as an OS error (``[Errno N] ...``)."""
+    try:
+        cells = json.loads(buf).get("cells", [])
+    except ValueError:
+        return None
+    for cell in cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                evalue = str(out.get("evalue", ""))
+                return (out.get("ename", "OSError"), evalue) if _ERRNO_TEXT.match(evalue) else None
+    return None
+
+
+class _ScrubbedWrites:
+    """A papermill I/O handler for :data:`SCRUBBED` paths: the executed notebook is written with URL
+    credentials scrubbed (:func:`cdlib.secrets.scrub_text`), so the parameters papermill injects (the
+    kernel runs the real ones, from memory) and the outputs quoting them keep no key on disk."""
+
+    @staticmethod
+    def _local(path: str) -> str:
+        return path[len(SCRUBBED):] if path.startswith(SCRUBBED) else path
+
+    def read(self, path: str) -> str:
+        return Path(self._local(path)).read_text(encoding="utf-8")
+
+    def listdir(self, path: str) -> list[str]:
+        return [os.path.join(self._local(path), f) for f in os.listdir(self._local(path))]
+
+    def pretty_path(self, path: str) -> str:
+        return self._local(path)
+
+    def write(self, buf: str, path: str) -> None:
+        from cdlib.secrets import scrub_text
+
+        local = self._local(path)
+        try:
+            with open(local, "w", encoding="utf-8") as f:
+                f.write(scrub_text(buf.replace(SCRUBBED, "")))
+        except OSError as e:
+            err = NotebookWriteError(e.errno, e.strerror or str(e), local)
+            err.kernel_error = _first_os_error(buf)
+            raise err from e
+
+
+@functools.cache
+def _register_scrubbed_writes() -> None:
+    from papermill.iorw import papermill_io
+
+    papermill_io.register(SCRUBBED, _ScrubbedWrites())
+
+
+def scrubbed_output(path: str | Path) -> str:
+    """``path`` as papermill's ``output_path`` whose every write goes through :class:`_ScrubbedWrites`."""
+    _register_scrubbed_writes()
+    return SCRUBBED + str(path)

@@ -2,16 +2,27 @@
 
 Every run path (in order in this process, ``--jobs N`` subprocesses, one ``--cell`` as a Slurm
 array task runs it) asks :func:`decide` what to do with a cell: run it, skip it (done and
-current), leave it blocked (an input failed or will not run), refuse it (conflict: its
-directory's ``params.yaml`` differs from the grid's) or wait (``--jobs``: an input still runs).
-A cell another runner holds is found under its lock by :func:`run_cell` (status ``locked``).
+current), leave it blocked (an input failed, is stale or will not run), refuse it (conflict: its
+directory's ``params.yaml`` differs from the grid's or is unreadable; stale: see below) or wait
+(an input still runs, in this run or under another runner's lock).
+
+Staleness is by content, not by clock. Each cell records in its manifest the identity of every
+input it read (``consumed``: input cell id -> a hash of that cell's params, metrics and records,
+:func:`cdlib.cells.output_identity`); a cell whose inputs' identities now differ is stale
+(:func:`stale`). A stale ``after: all`` cell (a report, which reads every cell above it) simply
+runs again. Any other stale cell is refused, naming the inputs that changed, and its downstream
+cells are blocked: its directory holds records made from the old inputs, which a resumed store
+would mix with new ones. ``--rerun-stale`` redoes it from an emptied directory instead. ``grid
+status`` shows such cells as ``stale``; ``grid slurm`` leaves them out unless given ``--rerun-stale``.
 
 Each cell runs its notebook with papermill into its directory (:mod:`cdlib.cells`: the lock, the
-manifest with the stage ``kind`` and ``inputs``, ``log.txt``). Done cells are skipped, failed or
-interrupted ones rerun in place (their stores resume), a failure never stops the other cells (nor
-does a full disk or a read-only directory: the cell fails naming the path and errno). ``results.parquet`` collects a row
-per finished cell. A finished ``after: all`` cell (a report) runs again when a cell of a stage above
-it finished after it.
+manifest with the stage ``kind``, ``inputs`` and ``consumed``, ``log.txt``). Under the cell's lock
+the directory is judged again (:func:`cdlib.cells.run_cell`), so two runners on two versions of a
+grid never write into one cell. Done cells are skipped, failed or interrupted ones rerun in place
+(their stores resume), a failure never stops the other cells (nor does a full disk or a read-only
+directory: the cell fails naming the path and errno). A cell, or an input, that another runner
+holds is waited for (at most ``held_timeout`` seconds, saying so) and then taken as that runner
+left it. ``results.parquet`` collects a row per finished cell.
 
 ``--jobs N`` runs up to N cells at once, each in its own subprocess pinned to its share of the CPUs
 (and of the GPUs, if any), as soon as its inputs are done: on a 2-core laptop two tiny-model cells
@@ -32,19 +43,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdlib.cells import LOCK_FILE, LOCKED_EXIT, _device, cell_status, os_error, read_json, run_cell
+from cdlib.cells import (LOCK_FILE, LOCKED_EXIT, _device, cell_status, changed_inputs, os_error, params_conflict,
+                         read_json, recorded_identity, run_cell)
 from cdlib.grid import Cell, Grid
 from cdlib.params import ParamsError
+from cdlib.secrets import scrub_text
 
 
 # --------------------------------------------------------------------------- the decision
 
 
-BAD = {"failed", "conflict", "blocked", "locked"}  # an input in one of these states will not be done in this run
-
-
-def _end(grid: Grid, c: Cell) -> str:
-    return (read_json(grid.root / c.directory / "manifest.json") or {}).get("end", "")
+BAD = {"failed", "conflict", "blocked", "stale"}  # an input in one of these states will not be done in this run
+HELD = {"running", "locked"}  # another runner holds the cell's lock: it is waited for
+HELD_TIMEOUT_S = 24 * 3600.0  # how long a runner waits for cells another runner holds, by default
+CONFLICT_EXIT, STALE_EXIT = 4, 5  # exit codes of `grid run --cell` refusing its cell (besides LOCKED_EXIT)
 
 
 def _above(grid: Grid, c: Cell, ids: Any) -> list[str]:
@@ -53,55 +65,91 @@ def _above(grid: Grid, c: Cell, ids: Any) -> list[str]:
     return [u for u in ids if order.index(u.split("/", 1)[0]) < order.index(c.stage)]
 
 
-def stale(grid: Grid, c: Cell) -> bool:
-    """An ``after: all`` cell (a report) that a cell of a stage above finished after: it read older results."""
+def consumed_now(grid: Grid, c: Cell) -> dict[str, str | None]:
+    """What ``c`` would read now: input cell id -> its identity (:func:`cdlib.cells.recorded_identity`,
+    None when not done); for an ``after: all`` cell, every done cell of the stages above it."""
     if not c.after_all:
-        return False
-    end = _end(grid, c)
-    return any(_end(grid, grid.cell(u)) > end for u in _above(grid, c, (t.id for t in grid.cells)))
+        return {u: recorded_identity(grid.root / grid.cell(u).directory) for u in c.depends_on}
+    now = {u: recorded_identity(grid.root / grid.cell(u).directory) for u in _above(grid, c, (t.id for t in grid.cells))}
+    return {u: ident for u, ident in now.items() if ident is not None}
 
 
-def decide(grid: Grid, c: Cell, status: dict[str, str], waiting: Any = frozenset()) -> tuple[str, list[str]]:
+def stale(grid: Grid, c: Cell) -> list[str]:
+    """The cells whose outputs differ from those ``c`` read when it last started (its inputs, or for an
+    ``after: all`` cell the cells above it: also one finished or gone since); [] if current or never run."""
+    manifest = read_json(grid.root / c.directory / "manifest.json")
+    return changed_inputs(manifest, consumed_now(grid, c)) if manifest else []
+
+
+def decide(grid: Grid, c: Cell, status: dict[str, str], waiting: Any = frozenset(),
+           rerun_stale: bool = False) -> tuple[str, list[str]]:
     """What to do with cell ``c`` now; the one rule of every run path. Returns (action, cell ids):
 
-    ``conflict``: its directory's params.yaml differs from the grid's, refused;
-    ``blocked`` (the inputs that will not be done): an input failed, was refused or blocked, or is
-    neither done nor in ``waiting`` (the cells of this run not finished yet; empty when run in order);
-    ``wait`` (``--jobs``): an input, or for ``after: all`` a cell above, is still in ``waiting``;
-    ``skip``: done and current; ``run``: pending, failed, interrupted (its runner died: it resumes)
-    or an ``after: all`` cell that is stale. ``status`` maps cell ids to :func:`cell_status`.
+    ``conflict``: its directory's params.yaml differs from the grid's (or is unreadable), refused;
+    ``blocked`` (the inputs that will not be done): an input failed, was refused, is stale or
+    blocked, or is neither done, nor held by another runner, nor in ``waiting`` (the cells of this
+    run not finished yet);
+    ``wait``: an input, or for ``after: all`` a cell above, is in ``waiting`` or held by another
+    runner (status ``running`` or ``locked``);
+    ``stale`` (the inputs that changed): refused unless ``rerun_stale``, then ``run``; an ``after:
+    all`` cell whose cells above changed is ``run``;
+    ``skip``: done and current; ``run``: pending, failed, interrupted (its runner died: it resumes).
+    ``status`` maps cell ids to :func:`cell_status` or to what this run made of them.
     """
     if status[c.id] == "conflict":
         return "conflict", []
-    lost = [u for u in c.depends_on if status.get(u) in BAD or (status.get(u) != "done" and u not in waiting)]
-    if lost:
-        return "blocked", lost
+
+    def lost(u: str) -> bool:
+        st = status.get(u)
+        if u in waiting:
+            return False
+        return st in BAD or st not in ("done", *HELD) or (st == "done" and bool(stale(grid, grid.cell(u))))
+
+    gone = [u for u in c.depends_on if lost(u)]
+    if gone:
+        return "blocked", gone
     busy = [u for u in c.depends_on if status.get(u) != "done"]
-    busy += _above(grid, c, waiting) if c.after_all else []
+    busy += _above(grid, c, set(waiting) | {u for u, s in status.items() if s in HELD}) if c.after_all else []
     if busy:
         return "wait", busy
-    if status[c.id] == "done" and not stale(grid, c):
+    changed = stale(grid, c)
+    if changed:
+        return ("run" if c.after_all or rerun_stale else "stale"), changed
+    if status[c.id] == "done":
         return "skip", []
     return "run", []
 
 
-def _refused_message(head: str, c: Cell) -> str:
-    return (f"{head}: REFUSED: {c.directory}/params.yaml differs from the grid's params; "
-            f"delete that directory or rename the axis value to rerun")
+def with_work(grid: Grid, cells: list[Cell], status: dict[str, str]) -> list[Cell]:
+    """The cells of ``cells`` (in grid order) a run would not skip now (:func:`decide`), and every cell
+    downstream of one of those (its inputs, or for ``after: all`` a stage above, may change)."""
+    todo: list[Cell] = []
+    ids: set[str] = set()
+    for c in cells:
+        upstream = [*c.depends_on, *(_above(grid, c, ids) if c.after_all else [])]
+        if decide(grid, c, status)[0] != "skip" or any(u in ids for u in upstream):
+            todo.append(c)
+            ids.add(c.id)
+    return todo
 
 
-def _not_run(head: str, c: Cell, action: str, ids: list[str]) -> str:
+def _not_run(grid: Grid, head: str, c: Cell, action: str, ids: list[str]) -> str:
     """The line said for a cell that does not run now (any action but run and wait)."""
     if action == "conflict":
-        return _refused_message(head, c)
+        return f"{head}: REFUSED: {params_conflict(c, grid.root) or 'its params.yaml differs from the grid'}"
+    if action == "stale":
+        return (f"{head}: REFUSED, stale: {', '.join(ids)} changed since it ran (their outputs differ from those "
+                f"it read); rerun with --rerun-stale to redo it from an emptied {c.directory}")
     if action == "blocked":
         return f"{head}: blocked, waiting for {', '.join(ids)}"
     return f"{head}: done, current"
 
 
-def _finished_message(head: str, c: Cell, m: dict[str, Any]) -> str:
+def _finished_message(grid: Grid, head: str, c: Cell, m: dict[str, Any]) -> str:
     if m["status"] == "locked":
         return f"{head}: skipped, another runner holds its lock ({c.directory}/{LOCK_FILE}) and runs it"
+    if m["status"] in ("conflict", "stale"):
+        return _not_run(grid, head, c, m["status"], m.get("changed") or [])
     msg = f"{head}: {m['status']} in {m.get('wall_clock_s') or 0:.1f} s"
     if m["status"] == "failed":
         e = m.get("error") or {"type": "Error", "message": "no error recorded"}
@@ -111,80 +159,89 @@ def _finished_message(head: str, c: Cell, m: dict[str, Any]) -> str:
         if m.get("manifest_error"):
             msg += f"\n    {m['manifest_error']}"
         msg += f"\n    see {c.directory}/log.txt and {c.directory}/{c.notebook.stem}.ipynb"
-    return msg
+    return scrub_text(msg)
 
 
 # --------------------------------------------------------------------------- run paths
 
 
-def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
-        progress: bool = True, jobs: int = 1) -> dict[str, str]:
-    """Run the selected cells; returns cell id -> final status.
+def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None, progress: bool = True,
+        jobs: int = 1, rerun_stale: bool = False, held_timeout: float = HELD_TIMEOUT_S) -> dict[str, str]:
+    """Run the selected cells with work left (:func:`with_work`); returns cell id -> final status.
 
-    ``jobs=1`` runs them one after another, in stage order, in this process.
-    ``jobs>1`` runs up to that many at once, each in its own ``--cell`` subprocess
-    (see :func:`run_parallel`).
+    ``jobs=1`` runs them one after another, in stage order, in this process; ``jobs>1`` runs up to
+    that many at once, each in its own ``--cell`` subprocess (see :func:`run_parallel`).
+    ``rerun_stale`` redoes stale cells instead of refusing them; ``held_timeout`` bounds the wait
+    for cells another runner holds.
     """
     grid.validate_cells()
     selected = grid.select(stage, only)
     status = {c.id: cell_status(c, grid.root) for c in grid.cells}
-    todo = [c for c in selected if status[c.id] != "done" or stale(grid, c)]
-    order = list(grid.spec.stages)
-    first = min((order.index(c.stage) for c in todo), default=len(order))
-    # an `after: all` cell reruns after the cells above it that run now
-    todo = [c for c in selected if c in todo or (c.after_all and order.index(c.stage) > first)]
+    todo = with_work(grid, selected, status)
     print(f"{grid.path}: {len(selected)} cells selected, {len(selected) - len(todo)} already done, "
           f"{len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""), flush=True)
     from cdlib.progress import RunProgress
 
     view = RunProgress(len(todo), jobs).start()
     try:
-        results = run_parallel(grid, todo, status, jobs, view=view) if jobs > 1 else \
-            _run_in_order(grid, todo, status, progress, view)
+        results = run_parallel(grid, todo, status, jobs, view=view, progress=progress, rerun_stale=rerun_stale,
+                               held_timeout=held_timeout)
     finally:
         view.stop()
     _write_results_or_say(grid, lambda m: print(m, flush=True))
     return results
 
 
-def _run_in_order(grid: Grid, todo: list[Cell], status: dict[str, str], progress: bool,
-                  view: Any = None) -> dict[str, str]:
-    say = view.say if view is not None else (lambda m: print(m, flush=True))
-    results: dict[str, str] = {}
-    for i, c in enumerate(todo, 1):
-        head = f"[{i}/{len(todo)}] {c.id}"
-        action, ids = decide(grid, c, status)
-        if action != "run":
-            say(_not_run(head, c, action, ids))
-            results[c.id] = "done" if action == "skip" else action
-            status[c.id] = results[c.id]
-            continue
-        say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt) ...")
-        if view is not None:
-            view.started(c.id, grid.root / c.directory / "log.txt")
-        m = run_cell(c, grid.root, progress=progress, rerun_done=status[c.id] == "done")
-        if view is not None:
-            view.finished(c.id)
-        status[c.id] = results[c.id] = m["status"]
-        if m["status"] == "done":
-            _write_results_or_say(grid, say)  # kept current, so a later report cell in this run reads it
-        say(_finished_message(head, c, m))
-    return results
+def _refresh_held(grid: Grid, status: dict[str, str], ids: list[str], timeout: float, since: float,
+                  say: Any) -> list[str]:
+    """One poll of cells another runner holds: their status re-read into ``status``; returns those no
+    longer held (said, with the status that runner left). Raises TimeoutError past ``timeout`` s since ``since``."""
+    released = []
+    for u in ids:
+        st = cell_status(grid.cell(u), grid.root)
+        if st not in HELD:
+            status[u] = st
+            released.append(u)
+            say(f"{u}: {st}, as another runner left it")
+    if not released and time.monotonic() - since > timeout:
+        raise TimeoutError(f"{', '.join(ids)} still held by another runner after {timeout:.0f} s (--held-timeout)")
+    return released
 
 
-def run_one(grid: Grid, c: Cell) -> int:
+def _held_message(ids: list[str], timeout: float) -> str:
+    return (f"waiting for {', '.join(ids)}: another runner holds {'it' if len(ids) == 1 else 'them'} "
+            f"(for at most {timeout:.0f} s, --held-timeout)")
+
+
+def run_one(grid: Grid, c: Cell, rerun_stale: bool = False, held_timeout: float = HELD_TIMEOUT_S,
+            poll_s: float = 2.0) -> int:
     """``grid run --cell ID`` (a ``--jobs`` subprocess, a Slurm array task): the exit code is 0 when
-    the cell is done, :data:`LOCKED_EXIT` when another runner holds it, else 1."""
-    status = {u: cell_status(grid.cell(u), grid.root) for u in [c.id, *c.depends_on]}
-    action, ids = decide(grid, c, status)
-    if action in ("conflict", "blocked"):
-        print(_not_run(c.id, c, action, ids), file=sys.stderr)
-        return 1
-    m = {"status": "done"} if action == "skip" else run_cell(c, grid.root, rerun_done=status[c.id] == "done")
+    the cell is done, :data:`LOCKED_EXIT` when another runner holds it, :data:`CONFLICT_EXIT` or
+    :data:`STALE_EXIT` when it is refused, else 1. Inputs another runner holds are waited for."""
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    ids = [c.id, *c.depends_on, *(_above(grid, c, (t.id for t in grid.cells)) if c.after_all else [])]
+    status = {u: cell_status(grid.cell(u), grid.root) for u in ids}
+    since = time.monotonic()
+    action, ids = decide(grid, c, status, rerun_stale=rerun_stale)
+    if action == "wait":
+        say(_held_message(ids, held_timeout))
+    while action == "wait":
+        time.sleep(poll_s)
+        try:
+            _refresh_held(grid, status, [u for u in ids if status.get(u) in HELD], held_timeout, since, say)
+        except TimeoutError as e:
+            say(f"{c.id}: blocked: {e}")
+            return 1
+        action, ids = decide(grid, c, status, rerun_stale=rerun_stale)
+    if action in ("conflict", "blocked", "stale"):
+        say(_not_run(grid, c.id, c, action, ids))
+        return {"conflict": CONFLICT_EXIT, "stale": STALE_EXIT}.get(action, 1)
+    m = {"status": "done"} if action == "skip" else run_cell(c, grid.root, consumed=consumed_now(grid, c),
+                                                                rerun_stale=rerun_stale)
     if m["status"] == "done":
-        _write_results_or_say(grid, lambda msg: print(msg, file=sys.stderr))
-    print(_finished_message(c.id, c, m) if m["status"] == "failed" else f"{c.id}: {m['status']}")
-    return 0 if m["status"] == "done" else LOCKED_EXIT if m["status"] == "locked" else 1
+        _write_results_or_say(grid, say)
+    print(_finished_message(grid, c.id, c, m) if m["status"] != "done" else f"{c.id}: done")
+    return {"done": 0, "locked": LOCKED_EXIT, "conflict": CONFLICT_EXIT, "stale": STALE_EXIT}.get(m["status"], 1)
 
 
 def _write_results_or_say(grid: Grid, say: Any) -> None:
@@ -248,13 +305,13 @@ def _child_setup(cpus: list[int]) -> None:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGINT)
 
 
-def _launch(grid: Grid, c: Cell, slot: dict[str, str]) -> tuple[subprocess.Popen, Any]:
+def _launch(grid: Grid, c: Cell, slot: dict[str, str], rerun_stale: bool) -> tuple[subprocess.Popen, Any]:
     """Start ``python -m cdlib.grid run GRID --cell ID`` on ``slot``'s CPUs/GPUs; its output goes to a temporary file."""
     out = tempfile.TemporaryFile()
     cpus = [int(x) for x in slot["CDLIB_CPUS"].split(",")]
-    p = subprocess.Popen([sys.executable, "-m", "cdlib.grid", "run", str(Path(grid.path).resolve()), "--cell", c.id],
-                         cwd=grid.root, env={**os.environ, **slot}, stdout=out, stderr=subprocess.STDOUT,
-                         preexec_fn=lambda: _child_setup(cpus))
+    cmd = [sys.executable, "-m", "cdlib.grid", "run", str(Path(grid.path).resolve()), "--cell", c.id]
+    p = subprocess.Popen(cmd + (["--rerun-stale"] if rerun_stale else []), cwd=grid.root, env={**os.environ, **slot},
+                         stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: _child_setup(cpus))
     return p, out
 
 
@@ -263,6 +320,8 @@ def _reaped(grid: Grid, c: Cell, p: subprocess.Popen, out: Any) -> dict[str, Any
     m = read_json(grid.root / c.directory / "manifest.json") or {}
     if p.returncode == LOCKED_EXIT:  # another runner holds the cell
         m = {"status": "locked"}
+    elif p.returncode in (CONFLICT_EXIT, STALE_EXIT):  # refused under its lock
+        m = {"status": "conflict" if p.returncode == CONFLICT_EXIT else "stale", "changed": stale(grid, c)}
     elif m.get("status") not in ("done", "failed"):  # the subprocess died outside the notebook
         out.seek(0)
         tail = out.read().decode(errors="replace")[-1500:]
@@ -292,65 +351,115 @@ def critical_first(todo: list[Cell]) -> list[Cell]:
     return sorted(todo, key=lambda c: -chain(c.id))
 
 
-def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int,
-                 poll_s: float = 0.5, view: Any = None) -> dict[str, str]:
-    """Run ``todo`` with up to ``jobs`` cells at once, each as ``python -m cdlib.grid run GRID --cell ID``.
+def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int, poll_s: float = 0.5,
+                 view: Any = None, progress: bool = False, rerun_stale: bool = False,
+                 held_timeout: float = HELD_TIMEOUT_S) -> dict[str, str]:
+    """Run ``todo``: with ``jobs=1`` one cell after another in this process, in stage order; else up to
+    ``jobs`` at once, each as ``python -m cdlib.grid run GRID --cell ID``.
 
     A cell starts as soon as :func:`decide` says run (its inputs are done; an ``after: all``
-    cell also waits for every cell of this run above it, since it reads their results), the
-    ready cell with the longest chain of cells waiting on it first (:func:`critical_first`); a cell
-    whose input failed is reported blocked. Each subprocess gets its own slice of
-    CPUs or GPUs (:func:`slot_resources`) and writes its notebook's output to the
+    cell also waits for every cell of this run above it, since it reads their results), with
+    ``jobs>1`` the ready cell with the longest chain of cells waiting on it first
+    (:func:`critical_first`); a cell whose input failed is reported blocked. Each subprocess gets its
+    own slice of CPUs or GPUs (:func:`slot_resources`) and writes its notebook's output to the
     cell's ``log.txt``, as in a sequential run. Interrupting the runner stops them all.
+
+    When nothing else can start, the cells another runner holds (inputs of cells left, and cells
+    of this run found locked) are polled until that runner lets them go, for at most
+    ``held_timeout`` seconds without any of them let go: each then counts as that runner left it (a
+    cell it left pending or interrupted is run here), and cells still waiting on one are blocked.
     """
     say = view.say if view is not None else (lambda m: print(m, flush=True))
-    slots = slot_resources(jobs)
+    slots = slot_resources(jobs) if jobs > 1 else [{}]
     free = list(range(jobs))
-    pending = critical_first(todo)
+    pending = critical_first(todo) if jobs > 1 else list(todo)
     running: dict[str, tuple[subprocess.Popen, int, Any, Cell]] = {}
     results: dict[str, str] = {}
+    locked: list[str] = []  # cells of this run another runner held when their turn came
+    retaken: set[str] = set()
+    held_since: float | None = None
     started = 0
+
+    def finished(c: Cell, m: dict[str, Any], head: str) -> None:
+        status[c.id] = results[c.id] = m["status"]
+        if view is not None:
+            view.finished(c.id)
+        if m["status"] == "locked":
+            locked.append(c.id)
+        if m["status"] == "done" and jobs == 1:
+            _write_results_or_say(grid, say)  # kept current, so a later report cell in this run reads it
+        say(_finished_message(grid, head, c, m))
+
     try:
-        while pending or running:
-            launched = False
-            waiting = {t.id for t in pending} | set(running)  # not finished yet
+        while pending or running or locked:
+            progressed = False
             for c in list(pending):
-                action, ids = decide(grid, c, status, waiting)
+                waiting = {t.id for t in pending} | set(running)  # not finished yet
+                action, ids = decide(grid, c, status, waiting, rerun_stale)
                 if action == "wait" or (action == "run" and not free):
                     continue
                 pending.remove(c)
+                progressed = True
                 if action != "run":
-                    say(_not_run(c.id, c, action, ids))
+                    say(_not_run(grid, c.id, c, action, ids))
                     status[c.id] = results[c.id] = "done" if action == "skip" else action
                     continue
-                slot = free.pop(0)
                 started += 1
-                say(f"[{started}/{len(todo)}] {c.id}: running {c.notebook} (log: {c.directory}/log.txt, "
-                    f"slot {slot}) ...")
-                p, out = _launch(grid, c, slots[slot])
-                running[c.id] = (p, slot, out, c)
+                head = f"[{started}/{len(todo)}] {c.id}"
                 if view is not None:
                     view.started(c.id, grid.root / c.directory / "log.txt")
-                status[c.id] = "running"
-                launched = True
-            if not running:
-                if pending and not launched:  # nothing can ever start (inputs from a later stage)
-                    for c in pending:
-                        say(f"{c.id}: blocked, its inputs never became ready")
-                        status[c.id] = results[c.id] = "blocked"
-                    pending = []
-                continue
-            time.sleep(poll_s)
-            for cid, (p, slot, out, c) in list(running.items()):
-                if p.poll() is None:
+                if jobs == 1:
+                    say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt) ...")
+                    finished(c, run_cell(c, grid.root, progress=progress, consumed=consumed_now(grid, c),
+                                         rerun_stale=rerun_stale), head)
                     continue
-                del running[cid]
-                free.append(slot)
-                m = _reaped(grid, c, p, out)
-                status[cid] = results[cid] = m["status"]
-                if view is not None:
-                    view.finished(cid)
-                say(_finished_message(c.id, c, m))
+                slot = free.pop(0)
+                say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt, slot {slot}) ...")
+                p, out = _launch(grid, c, slots[slot], rerun_stale)
+                running[c.id] = (p, slot, out, c)
+                status[c.id] = "running"
+            if running:
+                time.sleep(poll_s)
+                for cid, (p, slot, out, c) in list(running.items()):
+                    if p.poll() is None:
+                        continue
+                    del running[cid]
+                    free.append(slot)
+                    finished(c, _reaped(grid, c, p, out), c.id)
+                held_since = None
+                continue
+            if progressed:
+                held_since = None
+                continue
+            # nothing can start: what is left waits for cells another runner holds, or can never start
+            left = {t.id for t in pending}
+            held = sorted({*locked, *(u for c in pending for u in decide(grid, c, status, left)[1]
+                                      if status.get(u) in HELD)})
+            if not held:
+                for c in pending:  # inputs from a later stage
+                    say(f"{c.id}: blocked, its inputs never became ready")
+                    status[c.id] = results[c.id] = "blocked"
+                pending = []
+                continue
+            if held_since is None:
+                held_since = time.monotonic()
+                say(_held_message(held, held_timeout))
+            time.sleep(poll_s)
+            try:
+                released = _refresh_held(grid, status, held, held_timeout, held_since, say)
+            except TimeoutError as e:
+                for c in pending:
+                    say(f"{c.id}: blocked: {e}")
+                    status[c.id] = results[c.id] = "blocked"
+                pending, locked = [], []
+                continue
+            for u in released:
+                if u in locked:
+                    locked.remove(u)
+                    results[u] = status[u]
+                    if status[u] in ("pending", "interrupted") and u not in retaken:  # that runner gave it up
+                        retaken.add(u)
+                        pending.insert(0, grid.cell(u))
     finally:
         for p, *_ in running.values():  # Ctrl-C: interrupt the cells still running; papermill stops their kernels
             p.send_signal(signal.SIGINT)
@@ -366,20 +475,30 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
 
 
 def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None):
-    """A polars frame with one row per selected cell: stage, cell, status, wall clock, error."""
+    """A polars frame with one row per selected cell: stage, cell, status, wall clock, error.
+
+    Besides :func:`cell_status`'s: ``waiting`` (pending, an input not done) and ``stale`` (an input
+    changed since the cell ran, :func:`stale`; ``error`` names them). ``error`` also holds a failed
+    cell's error and why a ``conflict`` cell is refused."""
     import polars as pl
 
     rows = []
     for c in grid.select(stage, only):
         st = cell_status(c, grid.root)
         m = read_json(grid.root / c.directory / "manifest.json") or {}
-        if st == "pending" and any(cell_status(grid.cell(u), grid.root) != "done" for u in c.depends_on):
-            st = "waiting"
         err = m.get("error") or {}
+        why = (f"{err.get('type')}: {err.get('message', '')[:200]}"
+               + (f" (notebook cell [{err['notebook_cell']}])" if err.get("notebook_cell") is not None else "")
+               if err and st == "failed" else None)
+        changed = stale(grid, c) if st in ("done", "failed", "interrupted") else []
+        if changed:
+            st, why = "stale", f"{', '.join(changed)} changed since it ran; `grid run --rerun-stale` redoes it"
+        elif st == "pending" and any(cell_status(grid.cell(u), grid.root) != "done" for u in c.depends_on):
+            st = "waiting"
+        elif st == "conflict":
+            why = params_conflict(c, grid.root)
         rows.append({"stage": c.stage, "cell": c.id, "status": st, "wall_clock_s": m.get("wall_clock_s"),
-                     "error": (f"{err.get('type')}: {err.get('message', '')[:200]}"
-                               + (f" (notebook cell [{err['notebook_cell']}])" if err.get("notebook_cell") is not None else ""))
-                     if err and st == "failed" else None})
+                     "error": scrub_text(why) if why else None})
     return pl.DataFrame(rows, schema={"stage": pl.String, "cell": pl.String, "status": pl.String,
                                       "wall_clock_s": pl.Float64, "error": pl.String})
 
@@ -392,8 +511,9 @@ def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | No
     with pl.Config(tbl_rows=-1, tbl_width_chars=200, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
         print(table.select("stage", "cell", "status", "wall_clock_s"))
         print(table.group_by("stage", "status", maintain_order=True).len())
-        for r in table.filter(pl.col("status") == "failed").iter_rows(named=True):
-            print(f"FAILED {r['cell']}: {r['error']}")
+        said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED"}
+        for r in table.filter(pl.col("status").is_in(list(said))).iter_rows(named=True):
+            print(f"{said[r['status']]} {r['cell']}: {r['error']}")
 
 
 def flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

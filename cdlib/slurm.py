@@ -11,7 +11,9 @@ the same checks, lock and manifest as a local run. A cell's resources are the st
 values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
 
 Only the cells that still have work are written (:func:`cells_to_submit`): regenerating after some failed
-submits those and what depends on them, not a GPU allocation per finished cell just to say "done".
+submits those and what depends on them, not a GPU allocation per finished cell just to say "done". A stale
+cell (an input's outputs changed since it ran, :func:`cdlib.runner.stale`) is left out, saying so, unless
+``grid slurm --rerun-stale``, whose tasks then redo it from an emptied directory.
 
 Each task activates the Python environment that wrote the scripts (:func:`default_setup`), or runs the grid's
 ``slurm: {setup: ...}`` lines instead (e.g. ``module load cuda/12.4 && source /path/env/bin/activate``).
@@ -50,7 +52,7 @@ set -u
 CELLS=(
 {cell_lines}
 )
-python -m cdlib.grid run {grid_arg} --cell "${{CELLS[$SLURM_ARRAY_TASK_ID]}}"
+python -m cdlib.grid run {grid_arg} --cell "${{CELLS[$SLURM_ARRAY_TASK_ID]}}"{flags}
 """
 
 
@@ -83,27 +85,25 @@ def _directive_path(path: Path) -> str:
 
 def cells_to_submit(grid: Grid) -> set[str]:
     """Ids of the cells a submission should run: every cell a run would not skip now (:func:`cdlib.runner.decide`:
-    pending, failed, interrupted, refused, blocked, or an ``after: all`` cell that is stale), and every cell
-    downstream of one of those (its inputs, or for ``after: all`` any stage above, will change)."""
+    pending, failed, interrupted, refused, blocked, stale), and every cell downstream of one of those (its
+    inputs, or for ``after: all`` any stage above, will change): :func:`cdlib.runner.with_work`."""
     from cdlib.cells import cell_status
-    from cdlib.runner import _above, decide
+    from cdlib.runner import with_work
 
     status = {c.id: cell_status(c, grid.root) for c in grid.cells}
-    todo: set[str] = set()
-    for c in grid.cells:  # stage order: a cell's inputs come before it
-        upstream = [*c.depends_on, *(_above(grid, c, todo) if c.after_all else [])]
-        if decide(grid, c, status)[0] != "skip" or any(u in todo for u in upstream):
-            todo.add(c.id)
-    return todo
+    return {c.id for c in with_work(grid, grid.cells, status)}
 
 
 def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
-                say: Any = print) -> list[Path]:
+                say: Any = print, rerun_stale: bool = False) -> list[Path]:
     """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages (``afterany``),
-    for the cells of :func:`cells_to_submit` (``say`` tells how many of each stage are left out as done).
+    for the cells of :func:`cells_to_submit` (``say`` tells how many of each stage are left out as done, and
+    each stale cell left out; with ``rerun_stale`` stale cells are submitted, their tasks run ``--rerun-stale``).
 
     Validates the grid first, as ``run`` does: no script is written for a grid that could not run. Scripts
     of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits."""
+    from cdlib.runner import stale
+
     grid.validate_cells()
     out = grid.root / grid.out_dir / "slurm"
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -123,6 +123,12 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
         cells = [c for c in selected if c.id in todo]
         if len(cells) < len(selected):
             say(f"{name}: {len(selected) - len(cells)} of {len(selected)} cells done and current, left out")
+        for c in [] if rerun_stale else [c for c in cells if not c.after_all]:
+            changed = stale(grid, c)
+            if changed:
+                say(f"{c.id}: stale ({', '.join(changed)} changed since it ran), left out; "
+                    f"`grid slurm --rerun-stale` submits it to be redone from an emptied directory")
+                cells.remove(c)
         groups: dict[str, list[Cell]] = {}
         for c in cells:
             groups.setdefault(c.slurm.model_dump_json(), []).append(c)
@@ -150,6 +156,7 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
                 mem=s.mem, time=s.time, output=_directive_path(out / "logs" / "%x-%a.out"), extra="\n".join(extra),
                 count=len(group), stage=name, grid=grid.path, grid_arg=shlex.quote(str(grid.path)),
                 root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file.name,
+                flags=" --rerun-stale" if rerun_stale else "",
                 cell_lines="\n".join(f"  {shlex.quote(c.id)}" for c in group)))
             scripts.append(script)
             var = re.sub(r"\W", "_", tag).upper()

@@ -464,9 +464,11 @@ def test_a_report_stage_reruns_when_an_earlier_cell_finished_after_it(tmp_path):
     assert out.returncode == 0 and "2 already done, 3 to run" in out.stdout, out.stdout
     assert [line.split(" ", 1)[1].rsplit("/", 1)[-1] for line in _log(tmp_path)[n:] if line.startswith("start")] \
         == ["three", "three__p", "summary"]
-    # a summary finished before its inputs (as after an interrupted run) is stale too
+    # a summary that read fewer cells than are done now (as after an interrupted run) is stale too, by what it
+    # read, not by when it ended: here by a host whose clock runs a century ahead
     summary = json.loads((tmp_path / "out/t/summary/manifest.json").read_text())
-    summary["end"] = "2000-01-01T00:00:00+00:00"
+    summary["consumed"] = {}
+    summary["end"] = "2100-01-01T00:00:00+00:00"
     (tmp_path / "out/t/summary/manifest.json").write_text(json.dumps(summary))
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "4 already done, 1 to run" in out.stdout and "summary: done" in out.stdout

@@ -167,3 +167,50 @@ def test_an_os_error_raised_inside_a_notebook_keeps_its_errno_and_path():
     err = _cell_error(exc)
     assert (err["errno"], err["errno_name"], err["path"], err["notebook_cell"]) == (
         28, "ENOSPC", "/o/generate/a/traces.jsonl", 4)
+
+
+def test_a_full_disk_names_the_store_the_kernel_was_writing_not_the_notebook(tmp_path, capsys, in_repo):
+    """The store is cut first (the kernel's OSError), then papermill cannot write the executed notebook holding
+    that error either: the manifest names the store, and the notebook write beside it."""
+    spec = {"name": "s", "output_root": str(tmp_path / "out"),
+            "stages": {"fill": {"notebook": "tests/notebooks/store_filler.py",
+                                "params": {"chatter": 2 * LIMIT, "records": 40}}}}
+    grid = tmp_path / "s.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    with _full_disk(LIMIT):
+        rc = main(["run", str(grid)])
+    text = "".join(capsys.readouterr())
+    cell = tmp_path / "out/s/fill"
+    assert rc == 1 and "Traceback" not in text, text
+    m = json.loads((cell / "manifest.json").read_text())
+    assert (m["error"]["errno"], m["error"]["path"]) == (27, str(cell / "records.jsonl")), m["error"]
+    assert m["error"]["notebook_write"] == f"{cell}/store_filler.ipynb: [Errno 27] File too large (EFBIG)", m["error"]
+    assert f"[Errno 27] File too large: '{cell}/records.jsonl'" in text, text
+
+
+def test_a_corrupt_params_yaml_refuses_its_cell_in_one_line_naming_file_and_line(tmp_path, capsys, in_repo):
+    grid, cells = _grid(tmp_path)
+    (cells / "blocked").unlink()
+    (cells / "big").mkdir()
+    (cells / "big/params.yaml").write_text("x: 3\nsteps: [100\n")  # cut by a crash of whatever wrote it
+    rc = main(["run", str(grid)])
+    text = "".join(capsys.readouterr())
+    assert rc == 1 and "Traceback" not in text, text
+    assert f"sq/big: REFUSED: {cells}/big/params.yaml:3: not valid YAML" in text, text
+    assert "sq/ok: done" in text and "sq/blocked: done" in text, text
+    assert main(["status", str(grid)]) == 0
+    text = "".join(capsys.readouterr())
+    assert f"REFUSED sq/big: {cells}/big/params.yaml:3: not valid YAML" in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("name,text", [("stage.yaml", "a: 1\n"), ("stage.ipynb", "{not json")])
+def test_a_notebook_that_is_no_notebook_is_one_line_naming_the_key(tmp_path, capsys, in_repo, name, text):
+    (tmp_path / name).write_bytes(text.encode())
+    spec = {"name": "n", "output_root": str(tmp_path / "out"), "stages": {"sq": {"notebook": str(tmp_path / name)}}}
+    grid = tmp_path / "n.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    for command in ("run", "status", "slurm"):
+        assert main([command, str(grid)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {grid}: key 'stages.sq.notebook': {tmp_path / name}: not a notebook"), err
+        assert len(err.strip().splitlines()) == 1, err

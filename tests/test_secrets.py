@@ -148,3 +148,83 @@ def test_a_grid_cell_against_a_server_echoing_headers_leaks_no_key_anywhere(echo
     assert manifest["status"] == "failed" and "invalid api key *** for this model" in manifest["error"]["message"]
     assert "invalid api key *** for this model" in (cell / "01_generate.ipynb").read_text()
     assert key not in out.stdout + out.stderr and key[-12:] not in out.stdout + out.stderr
+
+
+def _teacher_quoting_its_url_on_500(prompt: str, headers: dict[str, str]):
+    """The toy teacher's right answer for half the questions; a 500 for the others."""
+    question = prompt.split("\n\n")[0]
+    if zlib.crc32(question.encode()) % 2:
+        return 500, "text/plain", b"upstream failed"
+    answer = toy.parse_question(question).answer
+    return 200, "application/json", completion_body(f"<think>I count it up.</think> The answer is \\boxed{{{answer}}}.")
+
+
+def test_credentials_in_a_base_url_are_written_nowhere(tmp_path):
+    """A key in the URL's userinfo and one in its query string: the grid's whole output tree, the runner's own
+    output and ``grid status`` hold neither (params.yaml, manifest.json, log.txt, the executed notebook, stores)."""
+    server = ScriptedServer(_teacher_quoting_its_url_on_500)
+    user_key, query_key = f"sk-user-{uuid.uuid4().hex}", f"sk-query-{uuid.uuid4().hex}"
+    host = server.base_url.removeprefix("http://")
+    engine = {"kind": "openai", "model": "teacher", "max_retries": 0,
+              "base_url": f"http://me:{user_key}@{host}?api_key={query_key}"}  # the scripted server ignores paths
+    spec = {"name": "s", "output_root": str(tmp_path / "out"),
+            "stages": {"generate": {"notebook": "notebooks/01_generate.py", "params": {
+                "toy": {"n_train": 8, "n_test": 2}, "rounds": 1, "engine": engine,
+                "sampling": {"temperature": 0, "max_tokens": 64}}}}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    try:
+        run = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(tmp_path / "grid.yaml")], cwd=REPO,
+                             capture_output=True, text=True, timeout=600)
+        status = subprocess.run([sys.executable, "-m", "cdlib.grid", "status", str(tmp_path / "grid.yaml")],
+                                cwd=REPO, capture_output=True, text=True, timeout=600)
+    finally:
+        server.close()
+    cell = tmp_path / "out/s/generate"
+    written = {str(p.relative_to(cell)) for p in cell.rglob("*") if p.is_file()}
+    assert {"params.yaml", "manifest.json", "attempts.jsonl", "log.txt", "01_generate.ipynb"} <= written, (
+        written, run.stdout, run.stderr)
+    assert "upstream failed" in (cell / "attempts.jsonl").read_text(), "the failing requests were recorded"
+    assert "http://***@127.0.0.1" in (cell / "params.yaml").read_text()
+    assert "?api_key=***" in (cell / "params.yaml").read_text()
+    for key in (user_key, query_key):
+        assert _files_holding(tmp_path / "out", key) == []
+        said = run.stdout + run.stderr + status.stdout + status.stderr
+        assert key not in said and key[-12:] not in said, said
+
+
+@pytest.mark.parametrize("given", [["sk-abc123def456ghi789jkl"], {"k": "sk-abc123def456ghi789jkl"}, 12345678901234567890])
+def test_an_api_key_env_of_another_type_is_refused_without_being_quoted(given):
+    with pytest.raises(ParamsError) as refused:
+        validate("generate", {"out_dir": "o", "engine": {"kind": "openai", "api_key_env": given}}, source="grid.yaml")
+    message = str(refused.value)
+    assert "grid.yaml: key 'engine.api_key_env'" in message, message
+    assert "sk-abc123def456ghi789jkl" not in message and "12345678901234567890" not in message, message
+
+
+def test_validation_errors_hide_secret_shaped_values_and_url_credentials():
+    engine = {"kind": "openai", "base_url": 5, "model": ["hf_AbCdEfGhIjKlMnOpQrStUvWx"],
+              "max_retries": "http://me:sk-abc123def456ghi789jkl@host/v1"}
+    with pytest.raises(ParamsError) as refused:
+        validate("generate", {"out_dir": "o", "engine": engine}, source="grid.yaml")
+    message = str(refused.value)
+    assert "key 'engine.model'" in message and "key 'engine.max_retries'" in message, message
+    assert "hf_AbCdEfGhIjKlMnOpQrStUvWx" not in message and "sk-abc123def456ghi789jkl" not in message, message
+
+
+def test_log_txt_gets_no_credentials_from_output_at_the_file_descriptor_level(tmp_path):
+    """What the kernel's children write straight to their stdout/stderr (a vLLM server's log, a rank's) reaches
+    ``log.txt`` scrubbed; a progress bar's unfinished line still arrives."""
+    from cdlib.cells import _output_to
+
+    key = f"sk-{uuid.uuid4().hex}"
+    child = ("import os, sys, time\n"
+             f"os.write(2, b'connecting to http://me:{key}@host/v1\\n')\n"
+             f"os.write(1, b'GET /v1/models?api_key={key}&x=1 200\\n')\n"
+             "os.write(2, b'\\rwork: 1/3 [')\n"
+             "time.sleep(1)\n")
+    with _output_to(tmp_path / "log.txt"):
+        subprocess.run([sys.executable, "-c", child], check=True)
+    text = (tmp_path / "log.txt").read_bytes().decode()  # read_text() would turn the bar's \r into \n
+    assert key not in text and key[-12:] not in text, text
+    assert "connecting to http://***@host/v1\n" in text and "?api_key=***&x=1 200" in text, text
+    assert text.endswith("\rwork: 1/3 ["), text
