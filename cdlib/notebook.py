@@ -227,3 +227,43 @@ def scrubbed_output(path: str | Path) -> str:
     """``path`` as papermill's ``output_path`` whose every write goes through :class:`_ScrubbedWrites`."""
     _register_scrubbed_writes()
     return SCRUBBED + str(path)
+
+
+# --------------------------------------------------------------------------- papermill reading the .py notebooks
+
+
+class TextNotebooks:
+    """A papermill I/O handler that reads the project's percent-format ``.py`` notebooks through
+    jupytext, with a kernelspec, so ``papermill notebooks/03_truncate.py out.ipynb -p mode ratio``
+    runs as with an ``.ipynb``. Papermill picks handlers by path prefix; ``pyproject.toml``
+    registers this one (entry points ``papermill.io``) for ``notebooks/``, ``./notebooks/`` and
+    ``../notebooks/``. Anything that is not a text notebook (the ``.ipynb`` it writes) goes to
+    papermill's own local handler."""
+
+    TEXT = (".py", ".md", ".R", ".jl")
+
+    @staticmethod
+    def _local():
+        from papermill.iorw import LocalHandler
+
+        return LocalHandler()
+
+    def read(self, path: str) -> str:
+        if not str(path).endswith(self.TEXT):
+            return self._local().read(path)
+        import nbformat
+
+        return nbformat.writes(read(path))
+
+    def write(self, buf: str, path: str) -> None:
+        return self._local().write(buf, path)
+
+    def listdir(self, path: str) -> list[str]:
+        return self._local().listdir(path)
+
+    def pretty_path(self, path: str) -> str:
+        return path
+
+
+#: the handler papermill loads from the ``papermill.io`` entry points
+TEXT_NOTEBOOKS = TextNotebooks()

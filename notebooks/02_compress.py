@@ -11,7 +11,7 @@
 # %% tags=["parameters"]
 out_dir: str = "outputs/scratch/compress"  # cell directory (the grid runner sets it)
 seed: int = 0  # seed (sampling seeds of re-compressions are derived from it)
-traces: str = "outputs/scratch/generate"  # input cell directory holding traces.jsonl (generate, or student samples)
+traces: str = "outputs/demo/generate/toy"  # input cell directory holding traces.jsonl (generate, or student samples)
 compressor: str = "extractive"  # "extractive" or "toy-rewriter" (no model), or a label for the model in `engine`
 engine: dict = {"kind": "toy"}  # compressor engine (cdlib.params.EngineParams), e.g. {"kind": "vllm", "model": ...}; unused for extractive
 sampling: dict = {"temperature": 0.3, "max_tokens": 8192}  # compressor sampling (paper: temperature 0.3)

@@ -9,8 +9,8 @@
 # %% tags=["parameters"]
 out_dir: str = "outputs/scratch/truncate"  # cell directory (the grid runner sets it)
 seed: int = 0  # unused; kept for a uniform interface
-traces: str = "outputs/scratch/generate"  # generate cell directory (raw traces)
-compressed: str = "outputs/scratch/compress"  # compress cell directory whose lengths are matched
+traces: str = "outputs/demo/generate/toy"  # generate cell directory (raw traces)
+compressed: str = "outputs/demo/compress/toy__extractive"  # compress cell directory whose lengths are matched
 mode: str = "length_matched"  # "length_matched" (paper) or "ratio" (Distilling the Essence)
 ratio: float = 0.5  # kept fraction of tokens in ratio mode
 tokenizer: str = "whitespace"  # the compressor's tokenizer: HF id/path, or "whitespace" for the toy world

@@ -12,7 +12,7 @@
 # %% tags=["parameters"]
 out_dir: str = "outputs/scratch/train"  # cell directory (the grid runner sets it)
 seed: int = 0  # seed of the split, the shuffles, LoRA init and a toy student's weights
-data: str = "outputs/scratch/generate"  # input cell: generate (traces), compress or truncate directory
+data: str = "outputs/demo/compress/toy__extractive"  # input cell: generate (traces), compress or truncate directory
 source: str = "raw"  # raw | answer_only | truncated | <compressor name> | mpd
 student: str = "toy-student"  # HF hub id, local directory, train cell directory (start from it), or toy-* (from scratch)
 chat_format: str = "auto"  # auto, qwen, llama3, harmony or plain

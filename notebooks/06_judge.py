@@ -9,7 +9,7 @@
 # %% tags=["parameters"]
 out_dir: str = "outputs/scratch/judge"  # cell directory (the grid runner sets it)
 seed: int = 0  # unused; kept for a uniform interface
-compressed: str = "outputs/scratch/compress"  # compress cell directory holding compressed.jsonl
+compressed: str = "outputs/demo/compress/toy__extractive"  # compress cell directory holding compressed.jsonl
 judge: str = "llm"  # "llm" (the engine below, structured JSON output) or "rule" (toy world)
 engine: dict = {"kind": "vllm"}  # judge engine (cdlib.params.EngineParams)
 sampling: dict = {"temperature": 0.0, "max_tokens": 2048}  # judge sampling: greedy, 2,048-token cap

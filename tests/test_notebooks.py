@@ -29,9 +29,9 @@ def test_stage_notebook_declares_exactly_the_model_fields(stage):
 
     The grid runner injects only the keys a grid sets and validates cells with the model's
     defaults, so a notebook default that differs would run what was not validated. Exempt:
-    keys the model requires (the notebook gives a scratch value so it runs in JupyterLab), and
-    an optional input cell the model leaves None that the notebook points at the scratch chain
-    (``outputs/scratch/<stage>``), so 01 -> 02 -> 03 run in order with their defaults.
+    keys the model requires (the notebook points at the cells `make demo` leaves, so it runs in JupyterLab), and
+    an optional input cell the model leaves None that the notebook points at a cell of the demo
+    (``outputs/demo/<stage>/<cell>``), so each notebook runs by hand on what `make demo` leaves.
     """
     import ast
 
@@ -41,7 +41,7 @@ def test_stage_notebook_declares_exactly_the_model_fields(stage):
     assert all(p["help"] for p in declared.values())
     values = {k: ast.literal_eval(p["default"]) for k, p in declared.items()}
     required = {k for k, f in model.model_fields.items() if f.is_required()}
-    scratch_inputs = {k for k, v in values.items() if isinstance(v, str) and v.startswith("outputs/scratch/")
+    scratch_inputs = {k for k, v in values.items() if isinstance(v, str) and v.startswith("outputs/demo/")
                       and model.model_fields[k].default is None}
     from_notebook = model.model_validate(values).model_dump()
     from_model = model.model_validate({k: values[k] for k in required}).model_dump()
@@ -91,3 +91,21 @@ def test_evaluate_and_judge_notebooks_hold_no_frame_logic(name):
     """Issue 17 item 6: their tables come from cdlib.evaluate / cdlib.judge; the notebook only calls them."""
     text = (REPO / "notebooks" / name).read_text()
     assert "polars" not in text and "pl." not in text and ".to_polars(" not in text
+
+
+def test_papermill_runs_a_py_notebook_directly_on_the_demo_cells(demo_checkout):
+    """`papermill notebooks/03_truncate.py out.ipynb -p key value`, as a papermill user runs it: the
+    .py is read through jupytext (cdlib.notebook.TextNotebooks) and its defaults find the demo's cells."""
+    import json
+    import subprocess
+    import sys
+
+    papermill = Path(sys.executable).with_name("papermill")
+    out = subprocess.run([str(papermill), "notebooks/03_truncate.py", "out.ipynb", "-p", "mode", "ratio",
+                          "-p", "ratio", "0.25"], cwd=demo_checkout, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    nb = json.loads((demo_checkout / "out.ipynb").read_text())
+    assert nb["metadata"]["papermill"]["parameters"] == {"mode": "ratio", "ratio": 0.25}
+    cut = [json.loads(ln) for ln in (demo_checkout / "outputs/scratch/truncate/truncated.jsonl").open()]
+    assert cut and all(r["truncated_tokens"] <= 0.25 * r["original_tokens"] + 1 for r in cut)
