@@ -17,6 +17,21 @@ from cdlib.student_runs import DEFAULT_LOSS_ON
 from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, _need, _ordered, _overall, _weights, _with_optional,
                           paper_name, to_paper_names)
 
+
+def render_offline() -> None:
+    """Show charts in notebooks as SVG drawn by vl-convert, which bundles Vega.
+
+    altair's default renderer emits HTML that loads Vega from a public CDN, so a chart is blank
+    on an offline node, in an executed notebook opened later (JupyterLab runs no scripts of an
+    untrusted output) and in nbconvert HTML. An SVG output needs neither network nor scripts;
+    the interactive version of a figure is the ``.html`` :func:`save_chart` writes, Vega inlined.
+    Called when this module is imported, which every notebook that draws a chart does.
+    """
+    alt.renderers.enable("svg")
+
+
+render_offline()
+
 def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale: float = 2.0, inline: bool = True) -> list[Path]:
     """Write ``<stem>.png`` and ``<stem>.svg`` (through vl-convert) and an interactive ``<stem>.html``.
 

@@ -109,3 +109,27 @@ def test_papermill_runs_a_py_notebook_directly_on_the_demo_cells(demo_checkout):
     assert nb["metadata"]["papermill"]["parameters"] == {"mode": "ratio", "ratio": 0.25}
     cut = [json.loads(ln) for ln in (demo_checkout / "outputs/scratch/truncate/truncated.jsonl").open()]
     assert cut and all(r["truncated_tokens"] <= 0.25 * r["original_tokens"] + 1 for r in cut)
+
+
+def test_explore_charts_render_offline_without_a_cdn(demo_checkout, tmp_path):
+    """00_explore run by papermill with every proxy pointed at a closed loopback port: its charts are
+    SVG drawn in the kernel (cdlib.figures.render_offline), and no output loads Vega from a CDN."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    closed = "http://127.0.0.1:9"
+    env = {**os.environ, "HTTP_PROXY": closed, "HTTPS_PROXY": closed, "http_proxy": closed,
+           "https_proxy": closed, "NO_PROXY": "", "no_proxy": "", "HF_HUB_OFFLINE": "1"}
+    out_nb = tmp_path / "explore.ipynb"
+    papermill = Path(sys.executable).with_name("papermill")
+    run = subprocess.run([str(papermill), "notebooks/00_explore.py", str(out_nb), "-p", "out_dir", str(tmp_path / "x")],
+                         cwd=demo_checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outputs = [o for c in json.loads(out_nb.read_text())["cells"] for o in c.get("outputs", [])]
+    svgs = [o for o in outputs if "image/svg+xml" in o.get("data", {})]
+    assert svgs, "no chart was drawn as SVG"
+    text = json.dumps(outputs)
+    for cdn in ("cdn.jsdelivr.net", "unpkg.com", "cdnjs", "vega@", "vega-lite@"):
+        assert cdn not in text, cdn
