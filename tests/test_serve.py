@@ -89,3 +89,24 @@ def test_served_lora_student_answers_through_openai_client(lora_cell, tiny_model
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_served_template_wraps_a_bare_question_in_the_training_prompt(lora_cell, tiny_model_dir):
+    """The server's chat template renders a bare question exactly as training and evaluation render
+    the row (cdlib.prompts.build_messages); --no-train-prompt leaves the model's own template."""
+    from transformers import AutoTokenizer
+
+    from cdlib.prompts import build_messages
+
+    cmd = serve.command(str(lora_cell), cpu=True)
+    template = open(cmd[cmd.index("--chat-template") + 1]).read()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    row = {"id": "q", "question": "Ann has 3 pens and buys 2. How many pens?", "answer_type": "numeric"}
+    trained = tok.apply_chat_template(build_messages(row), tokenize=False, add_generation_prompt=True)
+    bare = [{"role": "user", "content": row["question"]}]
+    assert tok.apply_chat_template(bare, chat_template=template, tokenize=False, add_generation_prompt=True) == trained
+    wrapped_already = build_messages(row)  # a client that sends the training prompt itself gets it once
+    assert tok.apply_chat_template(wrapped_already, chat_template=template, tokenize=False,
+                                   add_generation_prompt=True) == trained
+    assert tok.apply_chat_template(bare, tokenize=False, add_generation_prompt=True) != trained
+    assert "--chat-template" not in serve.command(str(lora_cell), cpu=True, train_prompt=False)
