@@ -445,11 +445,14 @@ def paper_figures(out_dir: str | Path) -> dict[str, list[Path]]:
     return made
 
 
-def loss_chart(losses: pl.DataFrame, title: str | None = None) -> alt.Chart:
+def loss_chart(losses: pl.DataFrame, title: str | None = None, max_points: int = 1000) -> alt.Chart:
     """One run's loss per step (thin) and its EMA (``ema``, as training logs it; bold), as in the paper's Figure 3.
 
     ``losses`` is a run's ``loss.jsonl`` as a frame (:func:`cdlib.train.loss_frame`); Figure 3 itself, every run
-    of a grid at once, is :func:`fig3_loss_curves`."""
+    of a grid at once, is :func:`fig3_loss_curves`. A long run is thinned to ``max_points`` evenly spaced steps
+    (the last kept): altair embeds at most 5,000 rows, two per step here."""
+    every = max(1, -(-losses.height // max_points))
+    losses = losses.with_row_index("_i").filter((pl.col("_i") % every == 0) | (pl.col("_i") == losses.height - 1))
     df = losses.select("step", "loss", "ema").unpivot(index="step", variable_name="curve", value_name="value")
     return alt.Chart(df).mark_line().encode(
         x=alt.X("step:Q", title="optimizer step"),

@@ -312,3 +312,13 @@ def test_figures_1_and_4_of_a_grid_are_drawn_beside_the_papers_numbers():
     assert set(fig1["compressor"]) == {"llama70b"}  # only the pairs this grid has
     with pytest.raises(ValueError, match="no run of this grid"):
         figures.fig4_beside_paper(runs.with_columns(student=pl.lit("toy-student")))
+
+
+def test_a_long_runs_loss_chart_fits_altairs_embedded_rows():
+    """The train notebook's loss chart of a 3,344-step run (the demo's base) failed with MaxRowsError (6,688 rows)."""
+    from cdlib import figures
+
+    losses = pl.DataFrame({"step": range(1, 3345), "loss": [1.0] * 3344, "ema": [1.0] * 3344})
+    spec = figures.loss_chart(losses).to_dict()  # raises MaxRowsError past 5,000 rows
+    values = next(iter(spec["datasets"].values()))
+    assert len(values) <= 2000 and values[-1]["step"] == 3344
