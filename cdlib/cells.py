@@ -403,6 +403,13 @@ def notebook_parameters(cell: Cell, root: Path) -> dict[str, Any]:
     return {k: v for k, v in full.items() if k in declared or k in cell.params}
 
 
+def slurm_job() -> str | None:
+    """The Slurm job this process runs in: ``<array job>_<task>`` for an array task (what ``squeue`` and
+    ``sacct`` show and ``scancel`` takes), else the job id; None outside Slurm."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def _new_manifest(cell: Cell, d: Path, consumed: dict[str, str | None]) -> dict[str, Any]:
     """A starting cell's manifest: what runs (stage kind, input cells and the identities it reads of
     them), where, with which packages."""
@@ -412,7 +419,7 @@ def _new_manifest(cell: Cell, d: Path, consumed: dict[str, str | None]) -> dict[
         "axes": cell.axes,
         "notebook": str(cell.notebook), "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
         "device": gpu_name, "gpus": gpus, "python": sys.version.split()[0], "versions": _versions(),
-        "slurm_job": os.environ.get("SLURM_JOB_ID"), "start": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "slurm_job": slurm_job(), "start": dt.datetime.now(dt.timezone.utc).isoformat(),
         "attempts": ((read_json(d / "manifest.json") or {}).get("attempts", 0) + 1),
     }
 

@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python -m cdlib.grid run    params/demo.yaml [--stage S] [--only key=value ...] [--jobs N] [--rerun-stale]
     python -m cdlib.grid status params/paper.yaml [--stage S] [--only key=value ...]
-    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale]
+    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale] [--archive-conflicts]
 
 A grid file names axes and stages::
 
@@ -16,6 +16,7 @@ A grid file names axes and stages::
       method:
         full: {train: {method: full}}
         lora: {train: {method: lora}, all: {}}          # 'all': every stage on this axis
+    slurm: {cpus: 2, mem: 16G, time: "02:00:00"}    # every cell's Slurm resources unless a stage's slurm: differs
     exclude:                        # axis-value combinations that are not run
       - {student: gpt-oss-20b, method: lora}
     stages:
@@ -119,10 +120,11 @@ class StageSpec(BaseModel):
     slurm: SlurmSpec = SlurmSpec()
 
 
-class GridSlurm(BaseModel):
-    """A grid's ``slurm:`` block: what every array task runs before its cell."""
+class GridSlurm(SlurmSpec):
+    """A grid's ``slurm:`` block: what every array task runs before its cell, and the resources every cell
+    asks for unless its stage, axis values or overrides say otherwise (so a small partition is not asked for
+    :class:`SlurmSpec`'s defaults, sized for the paper's GPU nodes)."""
 
-    model_config = ConfigDict(extra="forbid")
     setup: str | None = None  # shell lines instead of cdlib.slurm.default_setup's activation
 
 
@@ -318,7 +320,8 @@ class Grid:
         slug = CELL_SEP.join(values.values())  # a stage without axes has one cell: outputs/<grid>/<stage>/
         params = copy.deepcopy(stage.params)
         inputs = dict(stage.inputs)
-        slurm = stage.slurm.model_dump()
+        slurm = {**self.spec.slurm.model_dump(exclude_unset=True, exclude={"setup"}),
+                 **stage.slurm.model_dump(exclude_unset=True)}  # grid-wide defaults, then the stage's own
         for axis, value in values.items():
             scoped = self.spec.axes[axis][value]
             for scope in ("all", name):
@@ -437,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-stale", action="store_true",
                     help="redo stale cells (an input's outputs changed since they ran) from an emptied directory; "
                          "without it they are refused, naming the inputs that changed (run, slurm)")
+    ap.add_argument("--archive-conflicts", action="store_true",
+                    help="slurm: move aside (never delete) the directories of cells whose params.yaml differs from "
+                         "the grid's, and submit those cells; without it they are left out, saying why")
     ap.add_argument("--held-timeout", type=float, default=runner.HELD_TIMEOUT_S, metavar="S",
                     help="wait at most S seconds for cells another runner holds (default: a day)")
     args = ap.parse_args(argv)
@@ -461,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             runner.print_status(grid, args.stage, only)
             return 0
-        for p in slurm.write_slurm(grid, args.stage, only, rerun_stale=args.rerun_stale):
+        for p in slurm.write_slurm(grid, args.stage, only, rerun_stale=args.rerun_stale,
+                                  archive_conflicts=args.archive_conflicts):
             print(p)
         return 0
     except (ParamsError, nbtools.NotebookError, KeyError) as e:

@@ -477,15 +477,30 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
 def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None):
     """A polars frame with one row per selected cell: stage, cell, status, wall clock, error.
 
-    Besides :func:`cell_status`'s: ``waiting`` (pending, an input not done) and ``stale`` (an input
-    changed since the cell ran, :func:`stale`; ``error`` names them). ``error`` also holds a failed
-    cell's error and why a ``conflict`` cell is refused."""
+    Besides :func:`cell_status`'s: ``blocked`` (pending, an input failed, was refused or is blocked: ``error``
+    names it), ``waiting`` (pending, an input not done yet: ``error`` names it), ``queued`` (Slurm has its
+    task pending, :func:`cdlib.slurm.queued_in_slurm`), ``locked`` (another runner holds its lock but has
+    not started it) and ``stale`` (an input changed since the cell ran, :func:`stale`; ``error`` names them).
+    ``error`` also holds a failed cell's error and why a ``conflict`` cell is refused; ``slurm`` the Slurm
+    array job and task that ran it last (or holds it queued)."""
     import polars as pl
+
+    from cdlib.slurm import queued_in_slurm
+
+    queued = queued_in_slurm(grid)
+    known: dict[str, str] = {}
+
+    def state(u: str) -> str:  # an input's status, pending ones whose own inputs will not be done as blocked
+        if u not in known:
+            st = cell_status(grid.cell(u), grid.root)
+            known[u] = "blocked" if st == "pending" and any(state(v) in BAD for v in grid.cell(u).depends_on) else st
+        return known[u]
 
     rows = []
     for c in grid.select(stage, only):
         st = cell_status(c, grid.root)
         m = read_json(grid.root / c.directory / "manifest.json") or {}
+        job = m.get("slurm_job")
         err = m.get("error") or {}
         why = (f"{err.get('type')}: {err.get('message', '')[:200]}"
                + (f" (notebook cell [{err['notebook_cell']}])" if err.get("notebook_cell") is not None else "")
@@ -493,14 +508,21 @@ def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | No
         changed = stale(grid, c) if st in ("done", "failed", "interrupted") else []
         if changed:
             st, why = "stale", f"{', '.join(changed)} changed since it ran; `grid run --rerun-stale` redoes it"
-        elif st == "pending" and any(cell_status(grid.cell(u), grid.root) != "done" for u in c.depends_on):
-            st = "waiting"
+        elif c.id in queued and st != "running":
+            st, job = "queued", queued[c.id]
+        elif st == "pending" and any(state(u) != "done" for u in c.depends_on):
+            bad = [u for u in c.depends_on if state(u) in BAD]
+            st = "blocked" if bad else "waiting"
+            why = ", ".join(f"{u} ({state(u)})" for u in (bad or [u for u in c.depends_on if state(u) != "done"]))
+            why = f"{st} by {why}" if bad else f"waiting for {why}"
+        elif st == "running" and m.get("status") != "running":
+            st = "locked"
         elif st == "conflict":
             why = params_conflict(c, grid.root)
         rows.append({"stage": c.stage, "cell": c.id, "status": st, "wall_clock_s": m.get("wall_clock_s"),
-                     "error": scrub_text(why) if why else None})
+                     "slurm": job, "error": scrub_text(why) if why else None})
     return pl.DataFrame(rows, schema={"stage": pl.String, "cell": pl.String, "status": pl.String,
-                                      "wall_clock_s": pl.Float64, "error": pl.String})
+                                      "wall_clock_s": pl.Float64, "slurm": pl.String, "error": pl.String})
 
 
 def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> None:
@@ -509,9 +531,9 @@ def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | No
 
     table = status_table(grid, stage, only)
     with pl.Config(tbl_rows=-1, tbl_width_chars=200, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
-        print(table.select("stage", "cell", "status", "wall_clock_s"))
+        print(table.select("stage", "cell", "status", "wall_clock_s", "slurm"))
         print(table.group_by("stage", "status", maintain_order=True).len())
-        said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED"}
+        said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED", "blocked": "BLOCKED"}
         for r in table.filter(pl.col("status").is_in(list(said))).iter_rows(named=True):
             print(f"{said[r['status']]} {r['cell']}: {r['error']}")
 

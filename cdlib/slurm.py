@@ -24,10 +24,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from cdlib.cells import LOCKED_EXIT
 from cdlib.grid import Cell, Grid, SlurmSpec
 from cdlib.params import ParamsError
 
@@ -43,17 +47,50 @@ SBATCH = """#!/bin/bash
 {extra}
 # {count} cells of stage '{stage}' ({gpus} GPUs each); written by `python -m cdlib.grid slurm {grid}`.
 set -euo pipefail
-cd {root}
-set +u  # activation scripts (venv's, conda's and its packages' activate.d) are not written for nounset
-{setup}
-set -u
 # the cells, in the script itself: Slurm keeps a copy of the script from submission, so a queued task
 # runs the cell it was submitted for even if `grid slurm` rewrites {cells_file} meanwhile
 CELLS=(
 {cell_lines}
 )
-python -m cdlib.grid run {grid_arg} --cell "${{CELLS[$SLURM_ARRAY_TASK_ID]}}"{flags}
+CELL="${{CELLS[$SLURM_ARRAY_TASK_ID]}}"
+# one log per cell and attempt, kept across retries: logs/<cell id>.<array job>_<task>.out
+LOG={logs}/"$CELL.${{SLURM_ARRAY_JOB_ID:-local}}_$SLURM_ARRAY_TASK_ID.out"
+mkdir -p "$(dirname "$LOG")"
+exec > >(tee -a "$LOG") 2> >(tee -a "$LOG" >&2)
+cd {root}
+export HF_HUB_OFFLINE="${{HF_HUB_OFFLINE:-1}}"  # a compute node reads models from the cache; export 0 to download
+set +u  # activation scripts (venv's, conda's and its packages' activate.d) are not written for nounset
+{setup}
+set -u
+rc=0
+python -m cdlib.grid run {grid_arg} --cell "$CELL"{flags} || rc=$?
+if [ "$rc" -eq {locked} ]; then  # another runner holds the cell and runs it: nothing failed here
+  exit 0
+fi
+exit "$rc"
 """
+
+SUBMIT_HEAD = """#!/bin/bash
+# Submits every stage as a Slurm array, each after every task of the previous one ended (a cell whose inputs
+# failed exits at once, blocked; the others run). A stage whose cells read cells of the same stage is split
+# into waves, each after the one before. To retry, run `python -m cdlib.grid slurm {grid}` again: it writes
+# only the cells with work left, leaving out those Slurm still has queued or running.
+set -uo pipefail
+cd {root}
+DEP="{dep}"
+QUEUED=""
+submit() {{  # submit STEP SCRIPT CELLS: one array after $DEP; sets JOB, or names the step and stops
+  local out
+  if ! out=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} "$2"); then
+    echo "submit.sh: sbatch failed for stage $1 ($2)" >&2
+    if [ -n "$QUEUED" ]; then echo "submit.sh: already queued by this run; to cancel: scancel$QUEUED" >&2; fi
+    exit 1
+  fi
+  JOB=${{out%%;*}}  # --parsable prints 'jobid;cluster' on a multi-cluster setup
+  QUEUED="$QUEUED $JOB"
+  cp "$3" {jobs}/"$JOB.cells"  # which cell each array task runs, for `grid slurm` and `grid status`
+  echo "$1: job $JOB"
+}}"""
 
 
 def default_setup() -> str:
@@ -83,91 +120,176 @@ def _directive_path(path: Path) -> str:
     return f'"{text}"' if any(ch.isspace() for ch in text) else text
 
 
-def cells_to_submit(grid: Grid) -> set[str]:
+def cells_to_submit(grid: Grid, status: dict[str, str] | None = None) -> set[str]:
     """Ids of the cells a submission should run: every cell a run would not skip now (:func:`cdlib.runner.decide`:
     pending, failed, interrupted, refused, blocked, stale), and every cell downstream of one of those (its
     inputs, or for ``after: all`` any stage above, will change): :func:`cdlib.runner.with_work`."""
     from cdlib.cells import cell_status
     from cdlib.runner import with_work
 
-    status = {c.id: cell_status(c, grid.root) for c in grid.cells}
+    status = status or {c.id: cell_status(c, grid.root) for c in grid.cells}
     return {c.id for c in with_work(grid, grid.cells, status)}
 
 
-def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
-                say: Any = print, rerun_stale: bool = False) -> list[Path]:
-    """Write one sbatch array script per (stage, resource shape) and a submit.sh chaining stages (``afterany``),
-    for the cells of :func:`cells_to_submit` (``say`` tells how many of each stage are left out as done, and
-    each stale cell left out; with ``rerun_stale`` stale cells are submitted, their tasks run ``--rerun-stale``).
+def slurm_dir(grid: Grid) -> Path:
+    return grid.root / grid.out_dir / "slurm"
 
-    Validates the grid first, as ``run`` does: no script is written for a grid that could not run. Scripts
-    of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits."""
+
+def queued_in_slurm(grid: Grid) -> dict[str, str]:
+    """Cell id -> ``<array job>_<task>`` for this grid's tasks that Slurm has pending or running, from
+    ``squeue`` and the cell list ``submit.sh`` kept for each array it submitted (``slurm/jobs/<job>.cells``).
+    Empty where ``squeue`` is not installed or does not answer: the cells' locks then say what runs."""
+    squeue = shutil.which("squeue")
+    jobs = slurm_dir(grid) / "jobs"
+    if not squeue or not jobs.is_dir():
+        return {}
+    try:
+        out = subprocess.run([squeue, "-h", "-r", "-o", "%F %K"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    queued: dict[str, str] = {}
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        job, _, task = line.strip().partition(" ")
+        cells = jobs / f"{job}.cells"
+        if task.isdigit() and cells.is_file():
+            ids = cells.read_text().split()
+            if int(task) < len(ids):
+                queued[ids[int(task)]] = f"{job}_{task}"
+    return queued
+
+
+def archive(grid: Grid, c: Cell) -> Path:
+    """Move a refused cell's directory aside (``<dir>.archived-<UTC time>``), never deleting it, so the
+    grid's version of the cell runs from an empty one."""
+    d = grid.root / c.directory
+    dest = d.with_name(f"{d.name}.archived-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    d.rename(dest)
+    return dest
+
+
+def _left_out(grid: Grid, todo: set[str], status: dict[str, str], queued: dict[str, str], say: Any,
+              archive_conflicts: bool, rerun_stale: bool) -> set[str]:
+    """The ids of ``todo`` that no task should run, each said with why: cells Slurm has queued or running or
+    another runner holds (their lock), cells the runner would refuse (params differ: moved aside instead
+    with ``archive_conflicts``; stale: submitted with ``rerun_stale``), and cells whose input is none of
+    done, submitted or queued (their task would only exit blocked)."""
+    from cdlib.cells import params_conflict
     from cdlib.runner import stale
 
+    out: set[str] = set()
+    for c in grid.cells:
+        if c.id not in todo:
+            continue
+        if c.id in queued:
+            say(f"{c.id}: queued or running in Slurm (job {queued[c.id]}), left out")
+        elif status[c.id] == "running":
+            say(f"{c.id}: running (another runner holds {c.directory}/.lock), left out")
+        elif status[c.id] == "conflict" and archive_conflicts:
+            say(f"{c.id}: its directory's params differ from the grid's; moved to {archive(grid, c)}, submitted")
+            status[c.id] = "pending"
+            continue
+        elif status[c.id] == "conflict":
+            say(f"{c.id}: would be REFUSED: {params_conflict(c, grid.root)}; left out with what depends on it. "
+                f"`grid slurm --archive-conflicts` moves {c.directory} aside and submits it")
+        elif not rerun_stale and not c.after_all and stale(grid, c):
+            say(f"{c.id}: stale ({', '.join(stale(grid, c))} changed since it ran), left out; "
+                f"`grid slurm --rerun-stale` submits it to be redone from an emptied directory")
+        else:
+            missing = [u for u in c.depends_on if u in out or (u not in todo and u not in queued
+                                                                and status[u] != "done")]
+            if not missing:
+                continue
+            say(f"{c.id}: left out, its input {', '.join(missing)} will not be done by this submission")
+        out.add(c.id)
+    return out
+
+
+def _waves(cells: list[Cell]) -> list[list[Cell]]:
+    """``cells`` (one stage's) in waves: a cell reading another of these cells goes in a later wave than it."""
+    level: dict[str, int] = {}
+    for c in cells:  # grid order: a stage's inputs within itself come first (the grid refuses cycles)
+        level[c.id] = 1 + max((level[u] for u in c.depends_on if u in level), default=-1)
+    return [[c for c in cells if level[c.id] == n] for n in range(1 + max(level.values(), default=-1))]
+
+
+def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
+                say: Any = print, rerun_stale: bool = False, archive_conflicts: bool = False) -> list[Path]:
+    """Write one sbatch array script per (stage, wave, resource shape) and a submit.sh chaining them
+    (``afterany``), for the cells of :func:`cells_to_submit` less those :func:`_left_out` says (each said).
+
+    A stage whose cells read cells of the same stage (a LoRA cell on the raw cell's weights) is split into
+    :func:`_waves`, each submitted after the one before, so one submission runs the whole grid. The first
+    array also waits for the arrays Slurm still runs cells of this grid in (:func:`queued_in_slurm`).
+    Validates the grid first, as ``run`` does: no script is written for a grid that could not run. Scripts
+    of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits."""
+    from cdlib.cells import cell_status
+
     grid.validate_cells()
-    out = grid.root / grid.out_dir / "slurm"
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out = slurm_dir(grid)
+    for sub in ("logs", "jobs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.sbatch"), *out.glob("*.cells"), out / "submit.sh"]:
         old.unlink(missing_ok=True)
-    todo = cells_to_submit(grid)
+    status = {c.id: cell_status(c, grid.root) for c in grid.cells}
+    todo = cells_to_submit(grid, status)
+    queued = queued_in_slurm(grid)
+    todo -= _left_out(grid, todo, status, queued, say, archive_conflicts, rerun_stale)
     setup = grid.spec.slurm.setup or default_setup()
+    waiting_on = sorted({job.split("_")[0] for job in queued.values()})
+    if waiting_on:
+        say(f"the first array waits for Slurm jobs {', '.join(waiting_on)} (cells of this grid still queued or running)")
     scripts: list[Path] = []
-    submit = ["#!/bin/bash", "# Submits every stage as a Slurm array, each after every task of the previous stage",
-              "# ended (a cell whose inputs failed exits at once, blocked; the others run). To retry, run",
-              f"# `python -m cdlib.grid slurm {grid.path}` again: it writes only the cells with work left.",
-              "set -euo pipefail", f"cd {shlex.quote(str(grid.root.resolve()))}", "DEP=\"\""]
+    submit = [SUBMIT_HEAD.format(grid=grid.path, root=shlex.quote(str(grid.root.resolve())), dep=":".join(waiting_on),
+                                 jobs=shlex.quote(str(out / "jobs")))]
     for name in grid.spec.stages:
         if stage is not None and name != stage:
             continue
         selected = grid.select(name, only)
         cells = [c for c in selected if c.id in todo]
-        if len(cells) < len(selected):
-            say(f"{name}: {len(selected) - len(cells)} of {len(selected)} cells done and current, left out")
-        for c in [] if rerun_stale else [c for c in cells if not c.after_all]:
-            changed = stale(grid, c)
-            if changed:
-                say(f"{c.id}: stale ({', '.join(changed)} changed since it ran), left out; "
-                    f"`grid slurm --rerun-stale` submits it to be redone from an emptied directory")
-                cells.remove(c)
-        groups: dict[str, list[Cell]] = {}
-        for c in cells:
-            groups.setdefault(c.slurm.model_dump_json(), []).append(c)
-        job_vars = []
-        for shape, group in groups.items():
-            s = SlurmSpec.model_validate_json(shape)
-            if s.nodes > 1 and not grid.spec.slurm.setup:
-                raise ParamsError(
-                    f"{grid.path}: stage {name!r}: slurm nodes: {s.nodes} for {group[0].id}"
-                    f"{f' and {len(group) - 1} more cells' if len(group) > 1 else ''}: a generated task runs its "
-                    "cell on the job's first node only, so the other nodes would sit idle. vLLM across nodes needs "
-                    "a Ray cluster over the job's nodes (distributed_executor_backend: ray) and training a "
-                    "multi-node launch: start them in the grid's 'slurm: {setup: ...}' lines (e.g. ray start "
-                    "through srun), or use nodes: 1")
-            tag = f"{name}.{s.gpus}gpu" if len(groups) > 1 else name
-            cells_file = out / f"{tag}.cells"
-            cells_file.write_text("".join(c.id + "\n" for c in group))
-            extra = [f"#SBATCH --gres=gpu:{s.gpus}"] if s.gpus else []
-            extra += [f"#SBATCH --partition={s.partition}"] if s.partition else []
-            extra += [f"#SBATCH --account={s.account}"] if s.account else []
-            extra += [f"#SBATCH {x}" for x in s.extra]
-            script = out / f"{tag}.sbatch"
-            script.write_text(SBATCH.format(
-                job=f"{grid.spec.name}-{tag}", last=len(group) - 1, nodes=s.nodes, gpus=s.gpus, cpus=s.cpus,
-                mem=s.mem, time=s.time, output=_directive_path(out / "logs" / "%x-%a.out"), extra="\n".join(extra),
-                count=len(group), stage=name, grid=grid.path, grid_arg=shlex.quote(str(grid.path)),
-                root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file.name,
-                flags=" --rerun-stale" if rerun_stale else "",
-                cell_lines="\n".join(f"  {shlex.quote(c.id)}" for c in group)))
-            scripts.append(script)
-            var = re.sub(r"\W", "_", tag).upper()
-            submit.append(f"{var}=$(sbatch --parsable ${{DEP:+--dependency=afterany:$DEP}} "
-                          f"{shlex.quote(str(script))})")
-            submit.append(f"{var}=${{{var}%%;*}}  # --parsable prints 'jobid;cluster' on a multi-cluster setup")
-            job_vars.append(f"${var}")
-        if job_vars:
-            submit.append(f"DEP={':'.join(job_vars)}")
+        done = sum(status[c.id] == "done" and c.id not in todo for c in selected)
+        if done:
+            say(f"{name}: {done} of {len(selected)} cells done and current, left out")
+        waves = _waves(cells)
+        for n, wave in enumerate(waves):
+            groups: dict[str, list[Cell]] = {}
+            for c in wave:
+                groups.setdefault(c.slurm.model_dump_json(), []).append(c)
+            job_vars = []
+            for shape, group in groups.items():
+                s = SlurmSpec.model_validate_json(shape)
+                if s.nodes > 1 and not grid.spec.slurm.setup:
+                    raise ParamsError(
+                        f"{grid.path}: stage {name!r}: slurm nodes: {s.nodes} for {group[0].id}"
+                        f"{f' and {len(group) - 1} more cells' if len(group) > 1 else ''}: a generated task runs its "
+                        "cell on the job's first node only, so the other nodes would sit idle. vLLM across nodes needs "
+                        "a Ray cluster over the job's nodes (distributed_executor_backend: ray) and training a "
+                        "multi-node launch: start them in the grid's 'slurm: {setup: ...}' lines (e.g. ray start "
+                        "through srun), or use nodes: 1")
+                tag = name + (f".wave{n + 1}" if len(waves) > 1 else "") + (f".{s.gpus}gpu" if len(groups) > 1 else "")
+                cells_file = out / f"{tag}.cells"
+                cells_file.write_text("".join(c.id + "\n" for c in group))
+                extra = [f"#SBATCH --gres=gpu:{s.gpus}"] if s.gpus else []
+                extra += [f"#SBATCH --partition={s.partition}"] if s.partition else []
+                extra += [f"#SBATCH --account={s.account}"] if s.account else []
+                extra += [f"#SBATCH {x}" for x in s.extra]
+                script = out / f"{tag}.sbatch"
+                script.write_text(SBATCH.format(
+                    job=f"{grid.spec.name}-{tag}", last=len(group) - 1, nodes=s.nodes, gpus=s.gpus, cpus=s.cpus,
+                    mem=s.mem, time=s.time, output=_directive_path(out / "logs" / "%x-%A_%a.out"),
+                    extra="\n".join(extra), count=len(group), stage=name, grid=grid.path,
+                    grid_arg=shlex.quote(str(grid.path)), logs=shlex.quote(str(out / "logs")),
+                    root=shlex.quote(str(grid.root.resolve())), setup=setup, cells_file=cells_file.name,
+                    flags=" --rerun-stale" if rerun_stale else "", locked=LOCKED_EXIT,
+                    cell_lines="\n".join(f"  {shlex.quote(c.id)}" for c in group)))
+                scripts.append(script)
+                var = re.sub(r"\W", "_", tag).upper()
+                submit.append(f"submit {shlex.quote(tag)} {shlex.quote(str(script))} {shlex.quote(str(cells_file))}"
+                              f"; {var}=$JOB")
+                job_vars.append(f"${var}")
+            if job_vars:
+                submit.append(f"DEP={':'.join(job_vars)}")
     if not scripts:
         say("every selected cell is done and current: submit.sh submits nothing")
-    (out / "submit.sh").write_text("\n".join(submit) + "\necho submitted: last stage job ${DEP:-none}\n")
+    (out / "submit.sh").write_text("\n".join(submit) + "\necho \"submitted: last stage job ${DEP:-none}\"\n")
     scripts.append(out / "submit.sh")
     return scripts

@@ -200,7 +200,9 @@ def test_run_kill_resume_failures_and_results(tmp_path):
     table = status_table(g)
     st = dict(zip(table["cell"], table["status"]))
     assert st["parent/bad"] == "failed"
-    assert st["child/bad__p"] == st["child/bad__q"] == "waiting"
+    assert st["child/bad__p"] == st["child/bad__q"] == "blocked", "an input that failed blocks, it is not awaited"
+    blocked = table.filter(pl.col("cell") == "child/bad__p")["error"][0]
+    assert blocked == "blocked by parent/bad (failed)"
     err = table.filter(pl.col("cell") == "parent/bad")["error"][0]
     assert "RuntimeError: asked to fail with x=5" in err and "notebook cell" in err
     assert "blocked, waiting for parent/bad" in out.stdout
@@ -275,7 +277,7 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
                        stages={"parent": {"notebook": NB, "axes": ["x"]}}), root=REPO)
     write_slurm(g)
     script = tmp_path / "out/t/slurm/parent.sbatch"
-    assert f'#SBATCH --output="{tmp_path}/out/t/slurm/logs/%x-%a.out"' in script.read_text()
+    assert f'#SBATCH --output="{tmp_path}/out/t/slurm/logs/%x-%A_%a.out"' in script.read_text()
     from cdlib.slurm import default_setup
 
     assert f"\n{default_setup()}\n" in script.read_text() and sys.prefix in default_setup()
@@ -294,7 +296,8 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     (bindir / "sbatch").chmod(0o755)
     out = subprocess.run(["bash", str(tmp_path / "out/t/slurm/submit.sh")], capture_output=True, text=True,
                          env={**env, "PATH": f"{bindir}:/usr/bin:/bin"}, timeout=60)
-    assert out.returncode == 0 and out.stdout.strip() == "submitted: last stage job 42", out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.splitlines() == ["parent: job 42", "submitted: last stage job 42"], \
+        out.stdout + out.stderr
     assert (bindir / "args").read_text().splitlines() == ["--parsable", str(script)]
 
 
@@ -366,8 +369,8 @@ def test_slurm_submits_only_cells_with_work_left(tmp_path):
     write_slurm(Grid(make_grid(tmp_path, axes={"x": {"two": {"all": {"x": 2}}, "three": {"all": {"x": 3}}}},
                                exclude=[], stages={"parent": spec["stages"]["parent"]}), root=REPO), say=said.append)
     assert said[-1] == "every selected cell is done and current: submit.sh submits nothing"
-    assert sorted(p.name for p in slurm_dir.iterdir()) == ["logs", "submit.sh"]
-    assert "sbatch " not in (slurm_dir / "submit.sh").read_text()
+    assert sorted(p.name for p in slurm_dir.iterdir()) == ["jobs", "logs", "submit.sh"]
+    assert not [line for line in (slurm_dir / "submit.sh").read_text().splitlines() if line.startswith("submit ")]
 
 
 def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
