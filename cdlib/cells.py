@@ -102,9 +102,37 @@ def params_conflict(cell: Cell, root: Path) -> str | None:
         mark = getattr(e, "problem_mark", None)
         where = f"{saved}:{mark.line + 1}" if mark is not None else str(saved)
         return f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); delete that directory to rerun the cell"
-    if recorded != yaml.safe_load(_params_text(cell.params)):
-        return f"{saved} differs from the grid's params; delete that directory or rename the axis value to rerun"
+    current = yaml.safe_load(_params_text(cell.params))
+    if not isinstance(recorded, dict):
+        return f"{saved}: holds no params mapping; delete that directory to rerun the cell"
+    differ = params_differ(recorded, current, cell.id)
+    if differ:
+        return (f"{saved} differs from the grid's params in {', '.join(differ)}; delete that directory or "
+                f"rename the axis value to rerun")
     return None
+
+
+def _grid_relative(value: Any, grid_dir: str | None) -> Any:
+    """``value`` with every path string under ``grid_dir`` written ``<grid>/...``."""
+    if isinstance(value, dict):
+        return {k: _grid_relative(v, grid_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_grid_relative(v, grid_dir) for v in value]
+    if grid_dir and isinstance(value, str) and value.startswith(grid_dir + "/"):
+        return "<grid>/" + value[len(grid_dir) + 1:]
+    return value
+
+
+def params_differ(recorded: dict[str, Any], current: dict[str, Any], cell_dir: str) -> list[str]:
+    """The keys whose values differ between a cell's recorded and current params, each side's paths taken
+    relative to its own grid directory (``out_dir`` less the cell's ``<stage>/<cell>``), so an output tree
+    moved or copied under another ``output_root`` keeps its cells."""
+    def grid_dir(params: dict[str, Any]) -> str | None:
+        out = str(params.get("out_dir", ""))
+        return out[: -len(cell_dir) - 1] if out.endswith("/" + cell_dir) else None
+
+    a, b = _grid_relative(recorded, grid_dir(recorded)), _grid_relative(current, grid_dir(current))
+    return [k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k)]
 
 
 #: files of a cell directory that are no part of its outputs' identity (besides hidden ones and notebooks)

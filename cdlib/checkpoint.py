@@ -220,8 +220,36 @@ def save(model: Any, accelerator: Any, data: Any, P: TrainParams, on_gpu: bool) 
                 info["model"], info["adapter"] = str(merge_adapter(info["base"], adapter, out / "model",
                                                                    data.tokenizer, save_dtype)), None
                 info["unmerged_adapter"] = str(adapter)
-        (out / "checkpoint.json").write_text(json.dumps(info, indent=2))
+        (out / "checkpoint.json").write_text(json.dumps(portable(info, out), indent=2))
     accelerator.wait_for_everyone()
+    return info
+
+
+PATH_KEYS = ("model", "adapter", "base", "unmerged_adapter")  # checkpoint.json's keys that name a path
+
+
+def portable(info: dict[str, Any], cell: Path) -> dict[str, Any]:
+    """``info`` with each path inside the grid's output tree (the cell directory's grandparent,
+    ``outputs/<grid>/``) written relative to the cell, so a moved or copied tree (rsync'd from a
+    cluster) loads its own models; paths elsewhere (a hub id, a shared model directory) stay as they are."""
+    tree = cell.resolve().parent.parent
+    out = dict(info)
+    for key in PATH_KEYS:
+        value = info.get(key)
+        if value and Path(value).is_absolute() and Path(value).resolve().is_relative_to(tree):
+            out[key] = os.path.relpath(Path(value).resolve(), cell.resolve())
+    return out
+
+
+def read_checkpoint(cell: str | Path) -> dict[str, Any]:
+    """A train cell's ``checkpoint.json`` with its relative paths (:func:`portable`) resolved from the
+    cell directory where it now lies."""
+    cell = Path(cell)
+    info = json.loads((cell / "checkpoint.json").read_text())
+    for key in PATH_KEYS:
+        value = info.get(key)
+        if value and not Path(value).is_absolute() and (cell / value).exists():
+            info[key] = str((cell / value).resolve())
     return info
 
 

@@ -73,9 +73,10 @@ def resolve_model(model: str) -> dict[str, Any]:
     Returns ``{"model": path or id, "adapter": path or None}``.
     """
     path = Path(model)
-    ckpt = path / "checkpoint.json"
-    if ckpt.exists():
-        info = json.loads(ckpt.read_text())
+    if (path / "checkpoint.json").exists():
+        from cdlib.checkpoint import read_checkpoint
+
+        info = read_checkpoint(path)
         return {"model": info["model"], "adapter": info.get("adapter")}
     return {"model": model, "adapter": None}
 
