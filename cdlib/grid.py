@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -425,12 +426,38 @@ def _parse_only(items: list[str]) -> dict[str, str]:
     return out
 
 
+COMMANDS_HELP = """commands:
+  run     run the grid's cells that are not done (skips done ones, reruns failed ones)
+            python -m cdlib.grid run params/demo.yaml --jobs 2
+            python -m cdlib.grid run params/demo.yaml --stage train --only source=raw
+  status  one line per cell: its state, and why a cell waits or is blocked
+            python -m cdlib.grid status params/demo.yaml
+  slurm   write sbatch array scripts (one per stage) and a submit.sh for a cluster
+            python -m cdlib.grid slurm params/paper.yaml
+
+Paths in a grid file (notebooks, output_root) resolve from the repository root, from any
+working directory inside the checkout."""
+
+
+def _enter_checkout(args: argparse.Namespace) -> None:
+    """Run from the checkout's root when called from a folder inside it (``notebooks/``), as grid files
+    name notebooks and outputs from the root; ``args.grid`` is rewritten to stay the same file."""
+    from cdlib.notebook import project_root
+
+    cwd = Path.cwd().resolve()
+    root = project_root(cwd)
+    if root is not None and root != cwd:
+        args.grid = os.path.relpath(Path(args.grid).resolve(), root)
+        os.chdir(root)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: ``run`` (:mod:`cdlib.runner`), ``status`` and ``slurm`` (:mod:`cdlib.slurm`)."""
     from cdlib import runner, slurm
 
-    ap = argparse.ArgumentParser(prog="python -m cdlib.grid", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["run", "status", "slurm"])
+    ap = argparse.ArgumentParser(prog="python -m cdlib.grid", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS_HELP)
+    ap.add_argument("command", choices=["run", "status", "slurm"], help="what to do with the grid (see below)")
     ap.add_argument("grid", help="grid file, e.g. params/demo.yaml")
     ap.add_argument("--stage", help="only this stage")
     ap.add_argument("--only", nargs="*", default=[], metavar="AXIS=VALUE", help="only cells with these axis values")
@@ -446,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--held-timeout", type=float, default=runner.HELD_TIMEOUT_S, metavar="S",
                     help="wait at most S seconds for cells another runner holds (default: a day)")
     args = ap.parse_args(argv)
+    _enter_checkout(args)
     try:
         grid = Grid(args.grid)
         # run, status and slurm refuse an invalid grid alike; a --cell run checks its own cell

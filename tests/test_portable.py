@@ -58,3 +58,15 @@ def test_grid_copied_under_another_output_root_is_done_not_a_conflict(demo_check
     run = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", "params/moved.yaml"], cwd=root,
                          capture_output=True, text=True, timeout=300)
     assert "differs from the grid's params in tolerance;" in run.stdout + run.stderr
+
+
+def test_grid_runs_from_a_folder_inside_the_checkout(demo_checkout):
+    """`grid status ../params/mini.yaml` from notebooks/ finds the notebooks and the outputs at the root."""
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "status", "../params/mini.yaml"],
+                         cwd=demo_checkout / "notebooks", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "does not exist" not in out.stdout + out.stderr and "truncate/toy" in out.stdout
+    assert not (demo_checkout / "notebooks/outputs").exists()
+    helped = subprocess.run([sys.executable, "-m", "cdlib.grid", "--help"], capture_output=True, text=True, timeout=60)
+    assert all(f"  {c} " in helped.stdout for c in ("run", "status", "slurm"))
+    assert "python -m cdlib.grid slurm params/paper.yaml" in helped.stdout
