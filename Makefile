@@ -7,7 +7,7 @@ GRID ?= params/demo.yaml
 # cells at a time, each on its own share of the cores (python -m cdlib.grid run --jobs)
 JOBS ?= 2
 
-.PHONY: setup demo demo-seeds test test-slow test-gpu lab bench clean-demo
+.PHONY: setup demo demo-seeds test test-slow test-slurm test-gpu lab bench clean-demo
 
 setup: $(STAMP)
 
@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[cpu,dev]'
 	-$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python -c "from cdlib.lab import install_settings; print('JupyterLab settings:', install_settings())"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,6 +36,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
+# A real single-node Slurm (slurmctld, slurmd, munged started by the tests as root, loopback only) runs small
+# grids through submit.sh: tests/test_slurm_real.py. Installs Debian's slurm-wlm and munge when missing.
+test-slurm: $(STAMP)
+	command -v slurmctld >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slurm
 
 # GPU nodes: a separate environment with vLLM's CUDA build, bitsandbytes (and flash-attn,
 # liger-kernel or cut-cross-entropy where you install them), so the CPU .venv stays as it is.

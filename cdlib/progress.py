@@ -63,6 +63,12 @@ def cell_progress(log: str | Path, tail_bytes: int = 16384) -> tuple[str, int, i
     return ("cells" if label == "Executing" else label), pick[1], pick[2]
 
 
+def running_percent(done: int, total: int) -> int:
+    """A running cell's percentage, at most 99: its last bar may be full while the notebook's later
+    cells (saving, metrics, charts) still run, and 100% is kept for a cell that is done."""
+    return min(99, int(100 * done / total))
+
+
 def _own_stdout() -> TextIO:
     try:
         sys.stdout.flush()
@@ -133,7 +139,7 @@ class RunProgress:
                 continue
             label, x, y = p
             fractions += min(1.0, x / y)
-            shown.append(f"{cid} {x}/{y} {label} ({100 * x / y:.0f}%)")
+            shown.append(f"{cid} {x}/{y} {label} ({running_percent(x, y)}%)")
         if shown:
             parts.append("running: " + ", ".join(shown))
         elapsed = time.monotonic() - self.t0

@@ -103,3 +103,14 @@ def test_a_stage_bar_wins_over_a_librarys_unlabelled_counts(tmp_path):
     log.write_text("round 1/1:  25%|##5       | 4/16 [00:02<00:06, 2q/s]\n"
                    "Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 9.9it/s]\n")
     assert progress.cell_progress(log) == ("round 1/1", 4, 16)
+
+
+def test_a_running_cell_never_shows_100_percent(tmp_path):
+    from cdlib.progress import RunProgress, running_percent
+
+    assert running_percent(1500, 1500) == 99 and running_percent(640, 1500) == 42
+    log = tmp_path / "log.txt"
+    log.write_text("train: 100%|##########| 1500/1500 [00:10<00:00]\n")
+    p = RunProgress(total=3, stream=open(tmp_path / "out.txt", "w"), interval=60)
+    p.started("train/x", log)
+    assert "1500/1500 train (99%)" in p.line() and "100%" not in p.line()
