@@ -163,10 +163,13 @@ class Store:
             batch_ids = [rid for rid in batch_ids if rid not in self._ids]
             if not lines:
                 return 0
-        with self.path.open("ab") as f:
-            f.write(b"".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("ab") as f:
+                f.write(b"".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full or read-only disk: name the store that was cut, not only the errno
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
         self._ids.update(batch_ids)
         return len(lines)
 

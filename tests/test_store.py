@@ -116,3 +116,25 @@ def test_duplicate_id_names_both_lines(tmp_path):
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "a"}\n')
     with pytest.raises(StoreCorruptError, match=r"s\.jsonl:3: duplicate id 'a' \(first at line 1\)"):
         Store(p)
+
+
+def test_a_write_error_names_the_store(tmp_path):
+    """A full disk (here: a file-size limit, EFBIG) raises an OSError that names the store's path."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "cut" / "traces.jsonl"
+    code = textwrap.dedent(f"""
+        import resource, signal
+        from cdlib.store import Store
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        s = Store({str(path)!r}, writable=True)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            s.append([{{"id": str(i), "text": "x" * 100}} for i in range(100)])
+        except OSError as e:
+            print("ERR", e.errno, e.filename)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("ERR 27 ") and out.strip().endswith(str(path)), out
