@@ -1,5 +1,8 @@
-"""Slurm array scripts for a grid: one sbatch array per (stage, resource shape) and a ``submit.sh``
-that chains the stages, each after every task of the previous one ended.
+"""Slurm array scripts for a grid: one sbatch array per (stage, wave, resource shape) and a ``submit.sh``
+that chains them, each after every task of the previous one ended. A stage whose cells read cells of the
+same stage is split into waves (:func:`_waves`), so one submission runs the whole grid. ``submit.sh``
+prints each array's job id and, when an ``sbatch`` fails, names the stage and the ``scancel`` for what it
+queued. Each task logs to ``logs/<cell id>.<array job>_<task>.out`` (one per cell and attempt).
 
 The chain is ``afterany``, not ``afterok``: Slurm counts an array as ok only when every task succeeded, so one
 failed training cell would leave all of the next stage's tasks pending for ever (DependencyNeverSatisfied).
@@ -10,6 +13,8 @@ Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (
 the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
 values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
 
+Cells Slurm still has queued or running, cells the runner would refuse (params differ: ``--archive-conflicts``
+moves the old directory aside) and what depends on them are left out, saying why (:func:`_left_out`).
 Only the cells that still have work are written (:func:`cells_to_submit`): regenerating after some failed
 submits those and what depends on them, not a GPU allocation per finished cell just to say "done". A stale
 cell (an input's outputs changed since it ran, :func:`cdlib.runner.stale`) is left out, saying so, unless
