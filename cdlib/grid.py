@@ -75,7 +75,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdlib import notebook as nbtools
-from cdlib.params import STAGE_MODELS, ParamsError, _format_errors, load_yaml, validate
+from cdlib.params import STAGE_MODELS, ParamsError, _format_errors, _loader, did_you_mean, error_items, load_yaml
 
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESERVED = {"inputs", "slurm"}  # keys of stage-scoped axis params that are not notebook parameters
@@ -211,7 +211,8 @@ class Grid:
         try:
             self.spec = GridSpec.model_validate(raw)
         except ValidationError as e:
-            raise ParamsError(_format_errors(e, str(self.path))) from None
+            raise ParamsError("\n".join(f"{self.where([loc])}: key '{key}': {msg}"
+                                         for loc, key, msg in error_items(e, GridSpec))) from None
         self.out_dir = Path(self.spec.output_root) / self.spec.name
         self._valid = False  # set by validate_cells
         self._check()
@@ -351,7 +352,7 @@ class Grid:
         try:
             resources = SlurmSpec(**slurm)
         except ValidationError as e:
-            raise ParamsError(_format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm")) from None
+            raise ParamsError(_format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm", SlurmSpec)) from None
         return Cell(stage=name, slug=slug, axes=values, params=params, notebook=Path(stage.notebook),
                     directory=cell_dir, depends_on=list(depends.values()), slurm=resources,
                     kind=self.stage_kind(name), inputs=depends, after_all=stage.after == "all")
@@ -379,9 +380,52 @@ class Grid:
                 return c
         raise KeyError(f"{self.path}: no cell {cell_id!r}")
 
+    @functools.cached_property
+    def key_lines(self) -> dict[tuple, int]:
+        """Every mapping key of the grid file, by its path from the top (``x-*`` anchors included), -> its line.
+        A key written once under an anchor has that one line, however many aliases bring it in."""
+        import yaml
+
+        lines: dict[tuple, int] = {}
+
+        def walk(node: Any, path: tuple, depth: int) -> None:
+            if depth > 50:  # an alias that contains itself
+                return
+            if isinstance(node, yaml.MappingNode):
+                for k, v in node.value:
+                    lines.setdefault((*path, k.value), k.start_mark.line + 1)
+                    walk(v, (*path, k.value), depth + 1)
+            elif isinstance(node, yaml.SequenceNode):
+                for i, v in enumerate(node.value):
+                    walk(v, (*path, i), depth + 1)
+
+        try:
+            walk(yaml.compose(self.path.read_text(), Loader=_loader()), (), 0)
+        except (OSError, yaml.YAMLError):
+            pass
+        return lines
+
+    def where(self, paths: list[tuple]) -> str:
+        """``file:line`` of the first key path of ``paths`` written in the grid file (lines joined by commas
+        when a cell parameter is written in several places), else the file alone."""
+        found = sorted({self.key_lines[p] for p in paths if p in self.key_lines})
+        return f"{self.path}:{','.join(map(str, found[:4]))}" if found else str(self.path)
+
+    def param_paths(self, stage: str, key: str) -> list[tuple]:
+        """The places in the grid file that can set cell parameter ``key`` (dotted) of ``stage``: the stage's
+        params and overrides and the axis values' params for it or for ``all`` (and anchors they use)."""
+        parts = tuple(key.split("."))
+        ends = [p for p in self.key_lines if p[-len(parts):] == parts]
+        scoped = [p for p in ends if stage in p or "all" in p or str(p[0]).startswith("x-")]
+        return scoped or ends
+
     def validate_cells(self, cells: list[Cell] | None = None) -> None:
         """Check every cell's params (or only ``cells``') against the stage model and the notebook's
         declared parameters.
+
+        Each distinct error is said once, with the grid file's line that sets the key and the cells it
+        hits (one typo in an axis value otherwise repeats in every cell it reaches); an unknown key names
+        the closest known one.
 
         ``run``, ``status`` and ``slurm`` all call it first, so each refuses an invalid grid alike;
         ``run --cell ID`` (a ``--jobs`` subprocess or a Slurm task, whose launcher checked the whole
@@ -389,31 +433,46 @@ class Grid:
         if self._valid:
             return
         declared_cache: dict[Path, dict[str, Any] | None] = {}
-        errors = []
+        errors: dict[tuple[str, str, str, str], list[str]] = {}  # (where, key, message, checked as) -> cell ids
+
+        def add(c: Cell, key: str, msg: str, checked: str = "") -> None:
+            errors.setdefault((self.where(self.param_paths(c.stage, key)), key, msg, checked), []).append(c.id)
+
         for c in self.cells if cells is None else cells:
-            source = f"{self.path}: cell '{c.id}'"
+            said: set[str] = set()  # top-level keys the stage model found wrong: not said again below
             if c.kind in STAGE_MODELS:
                 try:
-                    validate(c.kind, c.params, source=source)
-                except ParamsError as e:
-                    errors.append(str(e))
+                    STAGE_MODELS[c.kind].model_validate(c.params)
+                except ValidationError as e:
+                    for loc, key, msg in error_items(e, STAGE_MODELS[c.kind]):
+                        add(c, key, msg, f"{c.kind} params of ")
+                        said.add(str(loc[0]) if loc else key)
             if c.notebook not in declared_cache:
                 try:
                     declared_cache[c.notebook] = nbtools.declared_parameters(self.root / c.notebook)
                 except nbtools.NotebookError as e:
                     declared_cache[c.notebook] = None
-                    errors.append(f"{self.path}: key 'stages.{c.stage}.notebook': {e}")
+                    errors.setdefault((self.where([("stages", c.stage, "notebook")]), f"stages.{c.stage}.notebook",
+                                       str(e), ""), []).append(c.id)
             declared = declared_cache[c.notebook]
             if declared is None:
                 continue
             for key in c.params:
-                if key not in declared:
-                    errors.append(f"{source}: key '{key}': not a parameter of {c.notebook} "
-                                  f"(it declares {', '.join(sorted(declared))})")
+                if key not in declared and key not in said:
+                    hint = did_you_mean(key, declared) or f" (it declares {', '.join(sorted(declared))})"
+                    add(c, key, f"not a parameter of {c.notebook}{hint}")
         if errors:
-            raise ParamsError("\n".join(dict.fromkeys(errors)))
+            raise ParamsError("\n".join(f"{where}: key '{key}': {msg} ({checked}{_cells_said(ids)})"
+                                         for (where, key, msg, checked), ids in errors.items()))
         self._valid = cells is None
 
+
+def _cells_said(ids: list[str], shown: int = 3) -> str:
+    """``cell 'a'``, or ``4 cells: a, b, c and 1 more``."""
+    if len(ids) == 1:
+        return f"cell '{ids[0]}'"
+    more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
+    return f"{len(ids)} cells: {', '.join(ids[:shown])}{more}"
 
 
 def _parse_only(items: list[str]) -> dict[str, str]:

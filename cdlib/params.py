@@ -399,19 +399,59 @@ STAGE_MODELS: dict[str, type[StageParams]] = {
 # --------------------------------------------------------------------------- validation
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = []
+def did_you_mean(word: Any, candidates: Any) -> str:
+    """``"; did you mean 'x'?"`` for the candidate closest to a mistyped ``word`` (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """The field names of the (nested) model that holds the key at ``loc``; [] where that is not a model."""
+    import typing
+
+    tp, parts = model, list(loc[:-1])
+    while parts:
+        origin = typing.get_origin(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(str(parts.pop(0)))
+            if field is None:
+                return []
+            tp = field.annotation
+        elif origin in (dict, list):  # a mapping's key or a list's index
+            parts.pop(0)
+            tp = typing.get_args(tp)[-1]
+        else:  # Optional[...], a union: the one model among its members
+            found = [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)
+                     or typing.get_origin(a) in (dict, list)]
+            if len(found) != 1:
+                return []
+            tp = found[0]
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def error_items(err: ValidationError, model: Any = None) -> list[tuple[tuple, str, str]]:
+    """Each error of ``err`` as (loc, dotted key, message); an unknown key of ``model`` (the model validated)
+    says which of its fields it is closest to."""
+    items = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + (did_you_mean(e["loc"][-1], _fields_at(model, e["loc"])) if model else "")
         elif e["type"] == "missing":
             msg = "required key is missing"
         if e["loc"] and e["loc"][-1] == "api_key_env" and not (isinstance(e["input"], str) and is_env_name(e["input"])):
             e["input"] = NOT_SHOWN
-        lines.append(f"{source}: key '{key}': {msg}" + (f" (got {shown(e['input'])!r})" if e["type"] not in ("extra_forbidden", "missing") else ""))
-    return "\n".join(lines)
+        if e["type"] not in ("extra_forbidden", "missing"):
+            msg += f" (got {shown(e['input'])!r})"
+        items.append((tuple(e["loc"]), key, msg))
+    return items
+
+
+def _format_errors(err: ValidationError, source: str, model: Any = None) -> str:
+    return "\n".join(f"{source}: key '{key}': {msg}" for _, key, msg in error_items(err, model))
 
 
 def validate(model: type[BaseModel] | str, values: dict[str, Any], source: str = "<params>") -> Any:
@@ -426,7 +466,7 @@ def validate(model: type[BaseModel] | str, values: dict[str, Any], source: str =
     try:
         return cls.model_validate(values)
     except ValidationError as e:
-        raise ParamsError(_format_errors(e, source)) from None
+        raise ParamsError(_format_errors(e, source, cls)) from None
 
 
 def from_notebook(stage: str, namespace: dict[str, Any]) -> Any:

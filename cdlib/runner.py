@@ -525,16 +525,49 @@ def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | No
                                       "wall_clock_s": pl.Float64, "slurm": pl.String, "error": pl.String})
 
 
+#: what each status of ``grid status`` means, printed under its table
+LEGEND = {
+    "pending": "not run yet, its inputs are done",
+    "waiting": "its inputs are not done yet",
+    "blocked": "an input failed, was refused or is blocked",
+    "stale": "an input changed since it ran (--rerun-stale redoes it)",
+    "running": "running now",
+    "done": "finished",
+    "failed": "ended with an error (run retries it)",
+    "interrupted": "its runner died (run resumes it)",
+    "queued": "queued in Slurm",
+    "locked": "another runner holds it, not started",
+    "conflict": "its params.yaml differs from the grid's",
+}
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Rows of strings as left-aligned columns two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+
+
 def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> None:
-    """``grid status``: the cells, the counts per stage and status, and each failure's error."""
-    import polars as pl
+    """``grid status``: one line per cell (status, wall clock, Slurm job), the counts per stage, a legend
+    of the statuses, and why each failed, stale, refused or blocked cell is so."""
+    from cdlib.progress import _duration
 
     table = status_table(grid, stage, only)
-    with pl.Config(tbl_rows=-1, tbl_width_chars=200, fmt_str_lengths=120, tbl_hide_dataframe_shape=True):
-        print(table.select("stage", "cell", "status", "wall_clock_s", "slurm"))
-        print(table.group_by("stage", "status", maintain_order=True).len())
-        said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED", "blocked": "BLOCKED"}
-        for r in table.filter(pl.col("status").is_in(list(said))).iter_rows(named=True):
+    with_slurm = table["slurm"].drop_nulls().len() > 0
+    rows = [["cell", "status", "time", *(["slurm"] if with_slurm else [])]]
+    for r in table.iter_rows(named=True):
+        took = _duration(r["wall_clock_s"]) if r["wall_clock_s"] is not None and r["status"] != "running" else ""
+        rows.append([r["cell"], r["status"], took, *([r["slurm"] or ""] if with_slurm else [])])
+    print("\n".join(_table(rows)))
+    counts: dict[str, dict[str, int]] = {}
+    for r in table.iter_rows(named=True):
+        per = counts.setdefault(r["stage"], {})
+        per[r["status"]] = per.get(r["status"], 0) + 1
+    print("\n" + " · ".join(f"{s}: " + ", ".join(f"{n} {st}" for st, n in per.items()) for s, per in counts.items()))
+    print("legend: " + " · ".join(f"{st} = {what}" for st, what in LEGEND.items()))
+    said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED", "blocked": "BLOCKED"}
+    for r in table.iter_rows(named=True):
+        if r["status"] in said:
             print(f"{said[r['status']]} {r['cell']}: {r['error']}")
 
 

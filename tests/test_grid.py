@@ -77,10 +77,11 @@ def test_bad_grid_files_name_key_and_file(tmp_path):
     with pytest.raises(ParamsError, match=r"key 'axes\.y\.p\.child': not a stage name"):
         Grid(make_grid(tmp_path, stages={"parent": {"notebook": NB}}), root=REPO)
     axes = {"x": {"two": {"all": {"x": 2}}}}
-    with pytest.raises(ParamsError, match=r"grid\.yaml: key 'stages\.parent\.paramz': unknown key"):
+    with pytest.raises(ParamsError, match=r"grid\.yaml:\d+: key 'stages\.parent\.paramz': unknown key; "
+                                          r"did you mean 'params'\?"):
         Grid(make_grid(tmp_path, axes=axes, stages={"parent": {"notebook": NB, "paramz": {}}}), root=REPO)
     g = Grid(make_grid(tmp_path, axes=axes, stages={"parent": {"notebook": NB, "params": {"z": 1}}}), root=REPO)
-    with pytest.raises(ParamsError, match=r"grid\.yaml: cell 'parent': key 'z': not a parameter of"):
+    with pytest.raises(ParamsError, match=r"grid\.yaml:\d+: key 'z': not a parameter of .* \(cell 'parent'\)"):
         g.validate_cells()
     with pytest.raises(ParamsError, match=r"key 'stages\.parent\.axes': unknown axis 'nope'"):
         Grid(make_grid(tmp_path, axes=axes, stages={"parent": {"notebook": NB, "axes": ["nope"]}}), root=REPO)
@@ -94,6 +95,33 @@ def test_bad_grid_files_name_key_and_file(tmp_path):
     bad.write_text("name: t\nstages:\n  a: [unclosed\n")
     with pytest.raises(ParamsError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
         Grid(bad, root=REPO)
+
+
+def test_each_distinct_error_is_said_once_with_its_line_and_the_key_meant(tmp_path):
+    """A typo in params/paper.yaml reaches 55 train cells: one line names the file, the line that sets the key,
+    the known key it is closest to and how many cells it hits; a key no notebook parameter is near lists them."""
+    text = (REPO / "params/paper.yaml").read_text()
+    line = text[:text.index("warmup_ratio:")].count("\n") + 1
+    typo = tmp_path / "paper.yaml"
+    typo.write_text(text.replace("warmup_ratio:", "warmup_ration:"))
+    with pytest.raises(ParamsError) as e:
+        Grid(typo, root=REPO).validate_cells()
+    said = str(e.value).splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{typo}:{line}: key 'warmup_ration': unknown key; did you mean 'warmup_ratio'? "
+                              f"(train params of 55 cells: train/"), said[0]
+    stages = {"parent": {"notebook": NB, "axes": ["x"]},
+              "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"},
+                        "params": {"sleep_z": 1.0, "zzz": 1}}}
+    path = make_grid(tmp_path, stages=stages)
+    at = {k: n + 1 for n, x in enumerate(path.read_text().splitlines()) for k in ("sleep_z", "zzz") if f"{k}:" in x}
+    with pytest.raises(ParamsError) as e:
+        Grid(path, root=REPO).validate_cells()
+    said = str(e.value).splitlines()
+    assert len(said) == 2, said
+    assert said[0] == (f"{path}:{at['sleep_z']}: key 'sleep_z': not a parameter of {NB}; did you mean 'sleep_s'? "
+                       f"(5 cells: child/two__p, child/two__q, child/three__p and 2 more)")
+    assert said[1].startswith(f"{path}:{at['zzz']}: key 'zzz': not a parameter of {NB} (it declares fail, log,")
 
 
 def test_cycles_are_refused_at_load_naming_the_cells(tmp_path):
@@ -140,7 +168,7 @@ def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_pat
     bad = make_grid(tmp_path, axes=axes, stages={"parent": {"notebook": NB, "axes": ["x"], "params": {"z": 1}}})
     for command in ("run", "status", "slurm"):
         assert main([command, str(bad)]) == 2, command
-        assert "cell 'parent/two': key 'z': not a parameter of" in capsys.readouterr().err
+        assert "key 'z': not a parameter of tests/notebooks/square.py" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     good = make_grid(tmp_path)
     for command in ("run", "status", "slurm"):
@@ -156,7 +184,7 @@ def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_pat
     two = make_grid(tmp_path, axes={"x": {"two": {"parent": {"z": 1}}, "three": {"parent": {"x": 3}}}}, exclude=[],
                     stages={"parent": {"notebook": NB, "axes": ["x"]}})
     assert main(["run", str(two), "--cell", "parent/two"]) == 2
-    assert "cell 'parent/two': key 'z': not a parameter of" in capsys.readouterr().err
+    assert "key 'z': not a parameter of tests/notebooks/square.py" in capsys.readouterr().err
     assert main(["run", str(two), "--cell", "parent/three"]) == 0
     assert main(["run", str(two)]) == 2  # the whole grid is still refused
 
@@ -224,6 +252,14 @@ def test_run_kill_resume_failures_and_results(tmp_path):
     s = subprocess.run([sys.executable, "-m", "cdlib.grid", "status", str(grid)], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert "FAILED parent/bad: RuntimeError: asked to fail with x=5" in s.stdout
+    # a compact table with a legend, not polars frames (box drawing, dtype rows)
+    lines = s.stdout.splitlines()
+    assert lines[0].split() == ["cell", "status", "time"] and lines[1].split()[:2] == ["parent/two", "done"]
+    assert ["child/bad__p", "blocked"] in [x.split() for x in lines] and "parent: 2 done, 1 failed" in s.stdout
+    assert "│" not in s.stdout and "str" not in s.stdout.split()
+    legend = next(x for x in lines if x.startswith("legend: "))
+    assert all(f"{st} = " in legend for st in ("pending", "waiting", "blocked", "stale", "running", "done", "failed",
+                                               "queued", "locked"))
 
     # fix the failing value: only it and its children run; finished cells are skipped
     spec["axes"]["x"]["bad"]["all"]["fail"] = False
