@@ -154,7 +154,8 @@ class ToyParams(Strict):
     seed: int = 0  # seed of the world itself (questions), independent of a stage's sampling seed
     n_train: int = Field(2000, ge=1)
     n_test: int = Field(200, ge=1)
-    n_pretrain: int = Field(3000, ge=1)  # the "pretrain" split: the demo base model's corpus (cdlib.toy)
+    n_pretrain: int = Field(2000, ge=1)  # the "pretrain" split: the demo base model's corpus (cdlib.toy)
+    pretrain_max_steps: int = Field(2, ge=1)  # longest problem of the pretrain split (its one-step facts aside)
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_start: int = Field(9, ge=1)  # start values drawn from 1..max_start

@@ -22,11 +22,12 @@ equation lines of a question.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
 ``pretrain`` split) is toy-world text that is not the teacher's traces: every
-one-step problem (the arithmetic facts), and problems of the world's length,
-a third with a terse worked solution, the rest answered at once. A tiny model
-pretrained on it reads the problems and ends its answers, and solves some
-multi-step problems but not most, as a pretrained student does before
-reasoning distillation; the teacher's traces then teach it to reason their way.
+one-step problem (the arithmetic facts) and two-step problems, each with a
+worked solution, terse or in the world's reasoning style, none of them a
+question the teacher is asked. A tiny model pretrained on it reads the problems, reasons and
+ends its answers, and solves some of the world's problems (up to three steps)
+but not most, as a pretrained student does before reasoning distillation; the
+teacher's traces then teach it the longer problems.
 """
 
 from __future__ import annotations
@@ -244,12 +245,13 @@ def _problems(params: ToyParams, split: str, n: int, exclude: set) -> list[tuple
 
 
 def _pretrain_problems(params: ToyParams, exclude: set) -> list[tuple[Problem, str]]:
-    """The base model's corpus: one-step problems over every value a trace can reach, then multi-step ones.
+    """The base model's corpus: every arithmetic fact a trace can need, then two-step problems.
 
     Every one-step problem from 1 to the largest running value of the world
-    (``max_start + max_steps x max_operand``), so the corpus holds the arithmetic facts
-    the traces' equations need (at most half the corpus); the rest (``n_pretrain`` in
-    all) are problems of the world's own length, answered at once by :func:`base_response`.
+    (``max_start + max_steps x max_operand``; at most half the corpus), then problems of two to
+    ``pretrain_max_steps`` steps starting anywhere up to twice ``max_start`` (``n_pretrain``
+    problems in all): a base that has seen two-step solutions but not three-step ones solves
+    some of the world's problems, not most.
     """
     rng = random.Random(f"cdlib.toy/{params.seed}/pretrain-facts")
     top = params.max_start + params.max_steps * params.max_operand
@@ -263,7 +265,9 @@ def _pretrain_problems(params: ToyParams, exclude: set) -> list[tuple[Problem, s
                 if problem.key not in exclude:
                     facts.append((problem, question_text(problem, rng)))
     facts = facts[: params.n_pretrain // 2]
-    rest = _problems(params, "pretrain", params.n_pretrain - len(facts), exclude | {p.key for p, _ in facts})
+    shorter = params.model_copy(update={"min_steps": min(2, params.pretrain_max_steps),
+                                        "max_steps": params.pretrain_max_steps, "max_start": 2 * params.max_start})
+    rest = _problems(shorter, "pretrain", params.n_pretrain - len(facts), exclude | {p.key for p, _ in facts})
     return facts + rest
 
 
@@ -350,32 +354,17 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
 
 
-WORKED_SHARE = 1 / 3  # share of the base corpus's multi-step problems that come with a worked solution
-_TEXTBOOK_VERBS = {"+": "gets", "-": "loses", "*": "multiplies by"}
-
-
-def textbook_solution(problem: Problem) -> str:
-    """A terse worked solution in the style of a textbook, not of the teacher: one sentence per step,
-    ``Tom has 5. Tom gets 3: 5 + 3 = 8. Tom loses 2: 8 - 2 = 6.``"""
-    values = problem.values()
-    parts = [f"{problem.name} has {problem.start}."]
-    for i, (op, k) in enumerate(problem.steps):
-        parts.append(f"{problem.name} {_TEXTBOOK_VERBS[op]} {k}: {equation(values[i], op, k, values[i + 1])}.")
-    return " ".join(parts)
-
-
 def base_response(row: dict[str, Any]) -> str:
-    """What the demo's pretraining corpus says after a toy question: text a base model has seen, not a trace.
+    """What the demo's pretraining corpus says after a toy question: a worked solution, with no slip.
 
-    Every one-step problem (an arithmetic fact) and :data:`WORKED_SHARE` of the others (chosen by the
-    row id) come with a short worked solution in a think block (:func:`textbook_solution`); the rest
-    are answered at once, ``The answer is \\boxed{N}.``, with the true ``N``. A model pretrained on it
-    knows the facts and how a solution reads and ends, but mostly answers at once, and so solves some
-    multi-step problems but not most.
+    The world's reasoning style (:func:`teacher_response` at temperature 0, never slipping) on the
+    ``pretrain`` split's one- and two-step problems, none of them a question the teacher is asked: as a
+    pretrained LLM has read reasoning text of the same genre before it is distilled. A tiny model
+    pretrained on it reads the problems, reasons and ends its answers, with its sums half learned, and
+    solves some of the world's problems (up to three steps) but not most. Corpora measured on the way
+    (benchmarks/README.md, "The demo's base"): answers at once left a 2-layer model unable to copy the
+    question's numbers; terse textbook solutions alone made the teacher's traces noise to the base (9.5
+    nats per token), so fine-tuning erased what it knew; terse and reasoning-style solutions mixed, or
+    facts repeated, gave a weaker base and students than this.
     """
-    row_id = str(row.get("id", "<row>"))
-    problem = parse_question(row["question"], row_id)
-    answer = f"The answer is \\boxed{{{problem.answer}}}."
-    if len(problem.steps) == 1 or random.Random(f"cdlib.toy.base/{row_id}").random() < WORKED_SHARE:
-        return f"<think>\n{textbook_solution(problem)}\n</think>\n\n{answer}"
-    return answer
+    return teacher_response(row, random.Random(0), temperature=0.0, slip_rate=0.0)
