@@ -182,14 +182,47 @@ def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None
           f"{len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""), flush=True)
     from cdlib.progress import RunProgress
 
-    view = RunProgress(len(todo), jobs).start()
+    t0 = time.monotonic()
+    keys, prior = eta_inputs(grid, todo)
+    view = RunProgress(len(todo), jobs, cells=keys, prior=prior).start()
     try:
         results = run_parallel(grid, todo, status, jobs, view=view, progress=progress, rerun_stale=rerun_stale,
                                held_timeout=held_timeout)
     finally:
         view.stop()
     _write_results_or_say(grid, lambda m: print(m, flush=True))
+    print(run_summary(grid, results, time.monotonic() - t0), flush=True)
     return results
+
+
+def eta_inputs(grid: Grid, todo: list[Cell]) -> tuple[dict[str, Any], list[tuple[Any, float]]]:
+    """What the run's ETA times cells by (:class:`cdlib.progress.Estimator`): each cell to run as (stage,
+    kind, planned size), and every cell whose manifest records a finished run (wall clock) from earlier."""
+    from cdlib.progress import planned_size
+
+    keys = {c.id: (c.stage, c.kind, planned_size(c.kind, c.params)) for c in todo}
+    prior = []
+    for c in grid.cells:
+        m = read_json(grid.root / c.directory / "manifest.json") or {}
+        if m.get("status") == "done" and isinstance(m.get("wall_clock_s"), (int, float)):
+            prior.append(((c.stage, c.kind, planned_size(c.kind, c.params)), float(m["wall_clock_s"])))
+    return keys, prior
+
+
+def run_summary(grid: Grid, results: dict[str, str], seconds: float) -> str:
+    """The run's last line: cells done / failed / blocked (and any other end), its wall clock, and where the
+    report is when the grid has a report stage that is done."""
+    from cdlib.progress import _duration
+
+    counts: dict[str, int] = {"done": 0, "failed": 0, "blocked": 0}
+    for st in results.values():
+        counts[st] = counts.get(st, 0) + 1
+    line = f"run finished in {_duration(seconds)}: " + ", ".join(f"{n} {st}" for st, n in counts.items())
+    for c in grid.cells:
+        if c.kind == "report" and cell_status(c, grid.root) == "done":
+            page = grid.root / c.directory / "index.html"
+            line += f" · report: {c.directory / 'index.html' if page.exists() else c.directory}"
+    return line
 
 
 def _refresh_held(grid: Grid, status: dict[str, str], ids: list[str], timeout: float, since: float,
@@ -401,6 +434,8 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                 pending.remove(c)
                 progressed = True
                 if action != "run":
+                    if view is not None:
+                        view.skipped(c.id)
                     say(_not_run(grid, c.id, c, action, ids))
                     status[c.id] = results[c.id] = "done" if action == "skip" else action
                     continue

@@ -96,6 +96,8 @@ def test_grid_run_prints_cells_done_and_the_running_cells_step(tmp_path):
     stepping = [ln for ln in lines if " work (" in ln]
     assert stepping, out.stdout[-3000:]  # e.g. 'grid: 0/2 cells done · running: sq/2 17/40 work (42%) · elapsed 3s'
     assert any(ln.startswith("grid: 1/2 cells done") and "ETA ~" in ln for ln in lines), lines
+    assert out.stdout.splitlines()[-1].startswith("run finished in ") and \
+        out.stdout.splitlines()[-1].endswith(": 2 done, 0 failed, 0 blocked"), out.stdout[-500:]
 
 
 def test_a_stage_bar_wins_over_a_librarys_unlabelled_counts(tmp_path):
@@ -114,3 +116,29 @@ def test_a_running_cell_never_shows_100_percent(tmp_path):
     p = RunProgress(total=3, stream=open(tmp_path / "out.txt", "w"), interval=60)
     p.started("train/x", log)
     assert "1500/1500 train (99%)" in p.line() and "100%" not in p.line()
+
+
+def test_the_eta_times_each_cell_left_by_its_own_stage_and_planned_size():
+    """Three 2-second cells finished: the mean of all cells would say a 200-step training cell takes 2 s.
+    It is timed by training cells instead (a 100-step one took 100 s in an earlier run): 200 s; a cell of
+    a stage never seen takes its kind's time, then any cell's; running cells count what is left of them."""
+    train = ("train", "train", ("steps", 200.0))
+    est = progress.Estimator(prior=[(("train", "train", ("steps", 100.0)), 100.0)])
+    for _ in range(3):
+        est.add(("generate", "generate", None), 2.0)
+    assert est.seconds(train) == 200.0
+    assert est.seconds(("pretrain", "train", ("steps", 50.0))) == 50.0  # its kind's time per step
+    assert est.seconds(("evaluate", "evaluate", None)) == 2.0  # nothing of its stage or kind: any cell's
+    assert est.remaining([train, train], [], jobs=2) == 200.0
+    assert est.remaining([], [(train, 30.0, 0.25)], jobs=1) == 150.0  # its bar: a quarter done
+    assert est.remaining([], [(("generate", "generate", None), 0.5, None)], jobs=1) == 1.5
+    assert progress.Estimator().remaining([train], [], jobs=1) is None
+    assert progress.planned_size("train", {"max_steps": 0, "epochs": 3}) == ("epochs", 3.0)
+
+    p = progress.RunProgress(total=2, stream=io.StringIO(), cells={"generate/toy": ("generate", "generate", None),
+                                                                  "train/x": train},
+                             prior=[(("train", "train", ("steps", 100.0)), 100.0),
+                                    (("generate", "generate", None), 4.0)])
+    assert p.line().endswith("ETA ~3m24s"), p.line()  # from the earlier run's manifests, before any cell ends
+    p.skipped("generate/toy")
+    assert p.line().endswith("ETA ~3m20s"), p.line()
