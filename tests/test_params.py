@@ -37,7 +37,7 @@ def test_paper_defaults():
     assert (p.lora_rank, p.lora_alpha, p.lora_dropout, p.seq_len, p.warmup_ratio, p.val_fraction) == (
         64, 32, 0.05, 16384, 0.1, 0.05)
     assert set(STAGE_MODELS) == {"explore", "generate", "compress", "truncate", "train", "evaluate",
-                                 "judge", "report"}
+                                 "judge", "report", "import"}
 
 
 def test_there_are_grid_files():
