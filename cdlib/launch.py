@@ -77,7 +77,8 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
     P.accelerate_config] --num_processes N -m cdlib.launch <json>`` (N:
     ``num_processes`` or the visible GPUs). ``cpu=True``: ``torchrun
     --nproc_per_node N`` (accelerate's own launcher runs a single process with
-    ``--cpu``); the ranks talk over gloo. Output streams to this process's
+    ``--cpu``); the ranks talk over gloo; with ``accelerate_config`` set too, ``accelerate launch`` with that
+    config and no visible GPU (``fsdp2-cpu.yaml``: FSDP2 over gloo, :func:`cdlib.train.fsdp_on_cpu`). Output streams to this process's
     stdout/stderr; a failing launch raises ``subprocess.CalledProcessError``, one past
     ``timeout`` seconds ``subprocess.TimeoutExpired``. Either way, and on any exception
     (an interrupt), the launcher and its ranks are stopped before this returns; if this
@@ -90,6 +91,10 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
     (out / METRICS_FILE).unlink(missing_ok=True)
     n = num_processes or max(1, visible_gpus())
     bindir = Path(sys.executable).parent
+    env = {**os.environ, **(env or {})}
+    if cpu and P.accelerate_config:  # CPU ranks under the config (slurm/accelerate/fsdp2-cpu.yaml: FSDP2 over gloo)
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        cpu = False
     if cpu:
         cmd = [str(bindir / "torchrun") if (bindir / "torchrun").exists() else "torchrun",
                "--nproc_per_node", str(n), "-m", "cdlib.launch", str(params_path)]
@@ -98,7 +103,7 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
         if P.accelerate_config:
             cmd += ["--config_file", P.accelerate_config]
         cmd += ["--num_processes", str(n), "-m", "cdlib.launch", str(params_path)]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     try:
         rc = proc.wait(timeout=timeout)
     except BaseException:  # a timeout, an interrupted kernel: no rank outlives this call

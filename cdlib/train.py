@@ -91,27 +91,31 @@ EMA_ALPHA = 0.08  # paper Figure 3
 
 
 def _evaluate(model: Any, teacher: Any, batches: list[dict[str, Any]], accelerator: Any, P: TrainParams,
-              vocab: int, head: str = "full") -> dict[str, float | None]:
-    """Token-weighted validation cross-entropy (and KL for objective 'kl') over this rank's batches, reduced."""
+              vocab: int, head: str = "full", counted: int | None = None) -> dict[str, float | None]:
+    """Token-weighted validation cross-entropy (and KL for objective 'kl') over this rank's batches, reduced.
+    Only the first ``counted`` batches (default all) count; the rest are fillers run for their collectives."""
     import torch
 
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    discarded = torch.zeros_like(totals)  # where the fillers' sums go
+    counted = len(batches) if counted is None else counted
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            sums = totals if i < counted else discarded
             batch = to_device(batch, accelerator.device)
             if teacher is None:
                 ce, n = losses.sft_loss(model, accelerator.unwrap_model(model), batch, head, P.loss_chunk_tokens)
             else:
                 logits = model(**losses.model_inputs(batch)).logits
                 ce, n = losses.cross_entropy_sum(logits, batch["labels"], batch.get("supervised_rows"))
-            totals[0] += ce.detach()  # summed on the device, read once at the end
-            totals[2] += n
+            sums[0] += ce.detach()  # summed on the device, read once at the end
+            sums[2] += n
             if teacher is not None:
                 t_logits = teacher(**losses.model_inputs(batch)).logits
                 kl, _ = losses.kl_sum(logits, t_logits, batch["labels"], P.kl_direction, vocab, P.kl_chunk_tokens,
                                batch.get("supervised_rows"))
-                totals[1] += kl.detach()
+                sums[1] += kl.detach()
     model.train()
     totals = accelerator.reduce(totals, "sum")
     n = float(totals[2])
@@ -170,9 +174,33 @@ def make_accelerator(P: TrainParams, on_gpu: bool, out: Path) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    return Accelerator(mixed_precision="bf16" if on_gpu and P.bf16 else "no", cpu=not on_gpu,  # cpu: torchrun ranks use gloo
-                       dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
-                       log_with=None if P.report_to == "none" else P.report_to, project_dir=str(out / "trackers"))
+    accelerator = Accelerator(mixed_precision="bf16" if on_gpu and P.bf16 else "no", cpu=not on_gpu,  # cpu: torchrun ranks use gloo
+                              dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
+                              log_with=None if P.report_to == "none" else P.report_to, project_dir=str(out / "trackers"))
+    if not on_gpu:
+        fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def fsdp_on_cpu(accelerator: Any) -> bool:
+    """CPU ranks launched with an FSDP config (``slurm/accelerate/fsdp2-cpu.yaml``): promote the process state
+    from ``MULTI_CPU`` to FSDP over gloo, with the plugin the launcher's environment describes; True if done.
+
+    Why: accelerate 1.15 makes FSDP only of GPU-like process groups, so CPU ranks came out ``MULTI_CPU`` and
+    ``prepare`` wrapped the model in DDP, silently ignoring the config. torch's ``fully_shard`` runs on CPU
+    over gloo, and nothing else in ``Accelerator()`` depends on the type without mixed precision, so after the
+    promotion the FSDP2 path the GPU nodes run (wrapping, activation checkpointing, sharded resumable states,
+    the gathered HF save) runs here."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+            or accelerator.state.distributed_type != DistributedType.MULTI_CPU):
+        return False
+    PartialState().distributed_type = DistributedType.FSDP  # each AcceleratorState() copies the process state anew
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # version, wrapping, state dict type: the env's
+    return True
 
 
 def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any,
@@ -376,7 +404,14 @@ def validate(s: Setup) -> dict[str, Any]:
     collate = collate_fn(val, s.rows, tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
     mine = bins[acc.process_index::acc.num_processes]
     batches = [collate([mine[k:k + P.micro_batch_size]]) for k in range(0, len(mine), P.micro_batch_size)]
-    return _evaluate(s.model, s.teacher, batches, acc, P, len(tok), s.head)
+    counted = len(batches)
+    if acc.distributed_type.value == "FSDP" and bins:
+        # under FSDP every forward all-gathers the parameters, a collective: a rank with fewer validation rows
+        # than rank 0 (4 rows packed into 1 bin leave rank 1 none) waited forever in it. Each rank runs as many
+        # forwards as rank 0, the missing ones on rank 0's first batch, whose sums are discarded.
+        busiest = math.ceil(math.ceil(len(bins) / acc.num_processes) / P.micro_batch_size)
+        batches += [collate([bins[:P.micro_batch_size]])] * (busiest - counted)
+    return _evaluate(s.model, s.teacher, batches, acc, P, len(tok), s.head, counted)
 
 
 def overlong_counts(build_info: dict[str, Any]) -> dict[str, Any]:

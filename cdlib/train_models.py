@@ -10,6 +10,7 @@ bitsandbytes or torchao, falling back to torch AdamW with the reason), :func:`se
 
 from __future__ import annotations
 
+import os
 import resource
 from typing import Any
 
@@ -341,7 +342,15 @@ def load_teacher(source: str, student: dict[str, Any], accelerator: Any, bf16: b
     """
     import torch
 
-    teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, student["attn"])
+    # FSDP's cpu_ram_efficient_loading has transformers fill the weights of every rank but 0 with zeros, for the
+    # broadcast that prepare() makes of the sharded student; the teacher is neither sharded nor broadcast, so every
+    # rank loads it whole (under FSDP2 on 2 ranks, rank 1 distilled from a zero teacher before this)
+    saved = os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+    try:
+        teacher = _load_causal_lm(source, torch.bfloat16 if bf16 else torch.float32, student["attn"])
+    finally:
+        if saved is not None:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
     teacher.eval().requires_grad_(False).to(accelerator.device)
     rows = student["rows"]
     own = packlib.packed_layout(teacher.config, student["layout"], rows.packing)

@@ -131,7 +131,7 @@ def test_accelerate_configs_parse():
     assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp.fsdp_config["fsdp_activation_checkpointing"] is True
     assert fsdp.fsdp_config["fsdp_reshard_after_forward"] is True
-    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"  # resumable states; the model is gathered
 
 
 # --------------------------------------------------------------------------- real runs
