@@ -147,8 +147,11 @@ def answer_only_worst(r: Runs) -> Outcome | None:
     closest = min(others, key=lambda s: _wins(r[s], r["answer_only"])[0] - _wins(r[s], r["answer_only"])[1])
     gap, need = _wins(r[closest], r["answer_only"])
     shown = f"answer-only {r['answer_only']['accuracy']:.3f} vs {closest} {r[closest]['accuracy']:.3f}"
-    return Outcome(gap, shown, gap > need, "" if gap > need else
-                   f"{closest} leads answer-only by {gap:.3f}, not more than the noise ({need:.3f})")
+    if gap > need:
+        return Outcome(gap, shown, True)
+    if gap < 0:
+        return Outcome(gap, shown, False, f"answer-only leads {closest} by {-gap:.3f}")
+    return Outcome(gap, shown, False, f"{closest} leads answer-only by {gap:.3f}, not more than the noise ({need:.3f})")
 
 
 def answer_only_unstable(r: Runs) -> Outcome | None:
