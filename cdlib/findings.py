@@ -272,7 +272,7 @@ def _published(claim: Claim, published: dict[tuple, Runs] | None) -> str:
 
 
 def findings(runs: pl.DataFrame, published: pl.DataFrame | None = None) -> pl.DataFrame:
-    """One row per claim: paper, claim, the paper's figure, the grid's figure per configuration, verdict, why.
+    """One row per claim: paper, claim, verdict, the grid's figure per configuration, the paper's figure, why.
 
     ``runs`` is the run layout of :func:`cdlib.student_runs.grid_runs`; ``published`` the same layout of the
     paper's runs (:func:`cdlib.paper.runs`), measured alike where the paper's tables allow (column
@@ -294,8 +294,8 @@ def findings(runs: pl.DataFrame, published: pl.DataFrame | None = None) -> pl.Da
             why = "; ".join((label(cfg) + o.why) for cfg, o in failed.items())
             if failed and len(outs) > 1:
                 why = f"fails in {len(failed)} of {len(outs)} configurations: " + why
-        rows.append({"paper": claim.paper, "claim": claim.claim, "papers_figure": claim.papers_figure,
-                     "published": _published(claim, pub), "grid": shown, "verdict": verdict, "why": why})
+        rows.append({"paper": claim.paper, "claim": claim.claim, "verdict": verdict, "grid": shown,
+                     "papers_figure": claim.papers_figure, "why": why, "published": _published(claim, pub)})
     return pl.DataFrame(rows)
 
 

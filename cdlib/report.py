@@ -133,9 +133,9 @@ def _findings(page: ReportPage, f: Frames) -> None:
     if not page.needs(f.scored, "No evaluated runs: no claim can be checked."):
         return
     page.table("findings", lambda: findings.findings(f.scored, paper.runs()), "The papers' findings, held or not",
-               "One row per claim. papers_figure: the paper's words; published: the same measure on the paper's own "
-               "runs (Tables 6, 7, 9), where its tables allow; grid: this grid's figure per configuration (teacher, "
-               "student, method, with the seed on a seed grid). A claim holds when it holds in every configuration; "
+               "One row per claim: held or not on this grid; grid: this grid's figure per configuration (teacher, "
+               "student, method, with the seed on a seed grid); papers_figure: the paper's words; published: the "
+               "same measure on the paper's own runs (Tables 6, 7, 9), where its tables allow. A claim holds when it holds in every configuration; "
                f"a win is a gap of more than {findings.Z} standard errors of the difference; a ratio is judged against "
                "the weakest end of the paper's range, within 5%. 'why' says in one sentence what failed.", 3)
     page.table("students", lambda: findings.students(f.scored), "Every student beside the base it starts from",

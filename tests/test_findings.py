@@ -39,7 +39,7 @@ def test_a_world_that_follows_the_papers_holds_every_claim():
     table = findings.findings(papers_world())
     assert table["verdict"].to_list() == ["held"] * len(findings.CLAIMS), table.filter(pl.col("verdict") != "held")
     assert table["why"].to_list() == [""] * len(findings.CLAIMS)
-    assert table["paper"][0] == findings.CD and table.columns[:3] == ["paper", "claim", "papers_figure"]
+    assert table["paper"][0] == findings.CD and table.columns[:4] == ["paper", "claim", "verdict", "grid"]
 
 
 @pytest.mark.parametrize("changes, claim, why", [
