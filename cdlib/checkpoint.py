@@ -182,6 +182,48 @@ def trainable_weights_only(models: list[Any], weights: list[dict[str, Any]], out
         weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
 
+# path components that wrappers insert into module names and that torch's gathered state dict
+# (torch.distributed.checkpoint.state_dict.get_model_state_dict) leaves out of its keys
+WRAPPER_COMPONENTS = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+
+
+def adapter_weights(peft_model: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """The trainable tensors (the adapters) of ``state``, the gathered full state dict of ``peft_model``, keyed as
+    peft saves them in ``adapter_model.safetensors`` (wrapper components and the adapter name left out).
+
+    Why: peft's ``save_pretrained`` picks the adapter entries of ``state`` by prefixes built from the live model's
+    module names. Under FSDP2 with FSDP's activation checkpointing each decoder layer is wrapped, so those names read
+    ``layers.0._checkpoint_wrapped_module.self_attn.q_proj.lora_A`` while the gathered keys read
+    ``layers.0.self_attn.q_proj.lora_A.default.weight``: no prefix matched and the file held no tensors. Here the
+    trainable parameters' names are cleaned of :data:`WRAPPER_COMPONENTS` and looked up in ``state``; a trainable
+    parameter that is missing raises (better than an empty adapter)."""
+    from peft.tuners.tuners_utils import _remove_adapter_name_from_state_dict_key
+
+    adapter_name = peft_model.active_adapter
+    out: dict[str, Any] = {}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = ".".join(c for c in name.split(".") if c not in WRAPPER_COMPONENTS)
+        if key not in state:
+            raise KeyError(f"trainable parameter {name} ({key}) is not in the gathered state dict")
+        out[_remove_adapter_name_from_state_dict_key(key, adapter_name)] = state[key]
+    if not out:
+        raise ValueError("a LoRA model without trainable parameters: no adapter to save")
+    return out
+
+
+def _complete_adapter_file(adapter: Path, weights: dict[str, Any]) -> None:
+    """Add to peft's ``adapter_model.safetensors`` in ``adapter`` the adapter ``weights`` that peft left out (all of
+    them under FSDP2's activation checkpointing, :func:`adapter_weights`); a complete file is left as it is."""
+    from safetensors.torch import load_file, save_file
+
+    f = adapter / "adapter_model.safetensors"
+    saved = load_file(str(f)) if f.exists() else {}
+    if weights.keys() - saved.keys():
+        save_file({**saved, **{k: v.contiguous() for k, v in weights.items()}}, str(f), metadata={"format": "pt"})
+
+
 def save(model: Any, accelerator: Any, data: Any, P: TrainParams, on_gpu: bool) -> dict[str, Any]:
     """Save the trained student in HF layout and write ``checkpoint.json``; returns its content.
 
@@ -214,6 +256,7 @@ def save(model: Any, accelerator: Any, data: Any, P: TrainParams, on_gpu: bool) 
             adapter = out / "adapter"
             _fresh(adapter)
             unwrapped.save_pretrained(adapter, state_dict=state, safe_serialization=True)
+            _complete_adapter_file(adapter, adapter_weights(unwrapped, state))
             data.tokenizer.save_pretrained(adapter)
             info["adapter"], info["model"] = str(adapter), info["base"]
             if P.save == "merged":
