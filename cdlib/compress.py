@@ -32,6 +32,13 @@ false`` in ``params/paper.yaml``): every source then trains on the same question
 ids and the flags are only reported. The verified final answer itself is kept
 unchanged (``answer``).
 
+A request that ends in a permanent engine error (flag ``error``: the engine
+answered with an error that sending it again cannot fix) is a compression that
+never came back, not an empty trace: it is always dropped, whatever
+``drop_flagged`` says (:func:`failed`), so no length-matched cut is made to 0
+tokens. Training runs that name this cell in ``same_questions_as`` leave that
+question out of every source alike (:func:`cdlib.train_data.load_records`).
+
 Input traces may come from student sampling with ``keep="all"`` (MPD): a trace
 whose ``correct`` is False carries a wrong answer, so the rewriter is given the gold
 answer as the verified one, the record's ``answer`` becomes the gold answer, and
@@ -112,11 +119,19 @@ def prompt_template(prompt: str) -> str:
     return text
 
 
+def failed(rec: dict[str, Any]) -> bool:
+    """Whether a compress record is a compression that never came back (a permanent engine error)."""
+    return rec.get("flag") == "error"
+
+
 def dropped(rec: dict[str, Any]) -> bool:
     """Whether a compress or truncate record is left out downstream (training, truncation, tables).
 
-    Records written with ``drop_flagged`` carry ``drop``; older ones are dropped when flagged.
+    A failed compression (:func:`failed`) always is; records written with ``drop_flagged`` carry
+    ``drop``; older ones are dropped when flagged.
     """
+    if failed(rec):
+        return True
     return bool(rec["drop"]) if rec.get("drop") is not None else rec.get("flag") is not None
 
 RULE_BASED = ("extractive", "toy-rewriter")  # compressors that need no model
@@ -254,7 +269,7 @@ def _record(rec: dict[str, Any], compressed: str, P: CompressParams, flag: str |
                  "original_correct": False}
     return {**{k: rec.get(k) for k in keep}, **fixed, "reasoning": compressed,
             "original_reasoning": rec.get("reasoning", ""),
-            "compressor": P.compressor, "flag": flag, "drop": flag is not None and P.drop_flagged,
+            "compressor": P.compressor, "flag": flag, "drop": flag == "error" or (flag is not None and P.drop_flagged),
             "attempts": attempts, "error": error,
             "original_chars": len(rec.get("reasoning", "")), "compressed_chars": len(compressed)}
 
@@ -388,14 +403,17 @@ def load(out_dir: str | Path, include_flagged: bool = False):
         df = df.with_columns(rho_tokens=pl.col("compressed_tokens") / pl.col("original_tokens"))
     if include_flagged:
         return df
-    drop = pl.col("drop").fill_null(pl.col("flag").is_not_null()) if "drop" in df.columns else pl.col("flag").is_not_null()
-    return df.filter(~drop)
+    if "drop" not in df.columns:
+        df = df.with_columns(drop=pl.lit(None, dtype=pl.Boolean))
+    return df.filter(~_dropped_expr())
 
 
 def _dropped_expr():
+    """:func:`dropped` as a polars expression over ``flag`` and ``drop``."""
     import polars as pl
 
-    return pl.col("drop").fill_null(pl.col("flag").is_not_null())
+    flag = pl.col("flag").cast(pl.String)
+    return (flag == "error").fill_null(False) | pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())
 
 
 def table5(out_dir: str | Path):
@@ -404,8 +422,9 @@ def table5(out_dir: str | Path):
     ``rho`` is the ratio of mean compressed to mean original characters, as in the
     table's caption; ``rho_mean`` is the mean of per-example ratios (the text's "mean ratio").
     Lengths and ratios cover the records kept for training (every record, as in the
-    paper, with ``drop_flagged: false``); ``n``, ``flagged``, ``flag_rate`` and
-    ``dropped`` count every compression the checker saw.
+    paper, with ``drop_flagged: false``, less the failed ones); ``n``, ``flagged``, ``flag_rate``,
+    ``failed`` (compressions that never came back: left out of every source) and ``dropped`` count
+    every compression the checker saw.
     """
     import polars as pl
 
@@ -419,7 +438,7 @@ def table5(out_dir: str | Path):
     kept = df.filter(~_dropped_expr())
     own = dict(mean_original_chars=pl.col("original_chars").mean(), rho_mean=pl.col("rho_chars").mean(),
                rho_tokens_mean=pl.col("rho_tokens").mean())
-    columns = ["dataset", "n", "flagged", "flag_rate", "dropped", "mean_original_chars", "mean_compressed_chars",
+    columns = ["dataset", "n", "flagged", "flag_rate", "failed", "dropped", "mean_original_chars", "mean_compressed_chars",
                "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean"]
     per = df.group_by("dataset").agg(**flag_counts(_dropped_expr())).join(
         kept.group_by("dataset").agg(**own).join(compression_means(kept, ["dataset"]), on="dataset"),
@@ -440,5 +459,5 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
     overall = t5.filter(pl.col("dataset") == "overall").to_dicts()[0]
     flags = load(out_dir, include_flagged=True).group_by("flag").len().drop_nulls("flag")
     return {"per_dataset": t5.filter(pl.col("dataset") != "overall").to_dicts(), **{k: overall[k] for k in (
-        "n", "flagged", "flag_rate", "dropped", "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean")},
+        "n", "flagged", "flag_rate", "failed", "dropped", "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean")},
         "flags": dict(zip(flags["flag"], flags["len"]))}

@@ -27,7 +27,7 @@ A grid file names axes and stages::
       train:
         notebook: notebooks/04_train.py
         axes: [teacher, student, method, source]
-        inputs: {data: "generate/{teacher}"}             # param -> upstream cell id template
+        inputs: {data: "generate/{teacher}"}             # param -> upstream cell id template (or a list of them)
         overrides:                                        # params for matching cells only
           - {when: {student: [llama-8b, qwen-9b], method: full}, params: {accelerate_config: ...}, slurm: {gpus: 8}}
       report:
@@ -40,7 +40,8 @@ Cell ids are readable slugs of the axis values (``compress/qwen3.5-397b__ministr
 A cell's parameters are, merged in this order (nested dicts merge key by key):
 the stage's ``params``; then for each of the stage's axes the value's ``all``
 params and its params for this stage; then the stage's matching ``overrides``; then ``inputs`` (from the stage or an axis
-value), each resolved to the upstream cell's directory; then ``out_dir``.
+value), each resolved to the upstream cell's directory (a list of templates to a list of directories); then
+``out_dir``.
 
 A cell starts when its input cells are done. A stage that reads the whole grid instead (a
 report) says ``after: all``: its cells wait for every cell of the stages listed before it and
@@ -114,7 +115,7 @@ class StageSpec(BaseModel):
     kind: str | None = None  # which cdlib.params model validates it; default: the stage name
     axes: list[str] = []
     params: dict[str, Any] = {}
-    inputs: dict[str, str] = {}
+    inputs: dict[str, str | list[str]] = {}  # a list: the param gets a list of cell directories
     after: Literal["all", "inputs"] | None = None  # all: every cell of the stages above (a report)
     exclude: list[dict[str, str]] = []
     overrides: list[Override] = []  # applied in order, after the axis values' params
@@ -161,7 +162,7 @@ class Cell:
     depends_on: list[str] = field(default_factory=list)  # input cell ids
     slurm: SlurmSpec = field(default_factory=SlurmSpec)
     kind: str | None = None  # the stage kind (one of KINDS), None for a notebook of no known kind
-    inputs: dict[str, str] = field(default_factory=dict)  # input parameter -> upstream cell id
+    inputs: dict[str, str | list[str]] = field(default_factory=dict)  # input parameter -> upstream cell id(s)
     after_all: bool = False  # the stage says `after: all`: it waits for every cell of the stages above
 
     @property
@@ -336,25 +337,29 @@ class Grid:
                 params = deep_merge(params, o.params)
                 slurm.update(o.slurm)
         cell_dir = self.out_dir / name / slug if slug else self.out_dir / name
-        depends: dict[str, str] = {}
-        for param, template in inputs.items():
-            try:
-                upstream = template.format(**values)
-            except KeyError as e:
-                raise ParamsError(f"{self.path}: cell '{name}/{slug}': input '{param}' template "
-                                  f"{template!r} names axis {e} which this stage does not have") from None
-            up_stage = upstream.split("/", 1)[0]
-            if up_stage not in self.spec.stages:
-                raise ParamsError(f"{self.path}: stage '{name}' input '{param}': {upstream!r} is not a cell of a stage in this grid")
-            depends[param] = upstream
-            params[param] = str(self.out_dir / upstream)
+        depends: dict[str, str | list[str]] = {}
+        for param, given in inputs.items():
+            ups = []
+            for template in (given if isinstance(given, list) else [given]):
+                try:
+                    upstream = template.format(**values)
+                except KeyError as e:
+                    raise ParamsError(f"{self.path}: cell '{name}/{slug}': input '{param}' template "
+                                      f"{template!r} names axis {e} which this stage does not have") from None
+                up_stage = upstream.split("/", 1)[0]
+                if up_stage not in self.spec.stages:
+                    raise ParamsError(f"{self.path}: stage '{name}' input '{param}': {upstream!r} is not a cell of a stage in this grid")
+                ups.append(upstream)
+            depends[param] = ups if isinstance(given, list) else ups[0]
+            params[param] = [str(self.out_dir / u) for u in ups] if isinstance(given, list) else str(self.out_dir / ups[0])
         params["out_dir"] = str(cell_dir)
         try:
             resources = SlurmSpec(**slurm)
         except ValidationError as e:
             raise ParamsError(_format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm", SlurmSpec)) from None
         return Cell(stage=name, slug=slug, axes=values, params=params, notebook=Path(stage.notebook),
-                    directory=cell_dir, depends_on=list(depends.values()), slurm=resources,
+                    directory=cell_dir, slurm=resources,
+                    depends_on=list(dict.fromkeys(u for v in depends.values() for u in ([v] if isinstance(v, str) else v))),
                     kind=self.stage_kind(name), inputs=depends, after_all=stage.after == "all")
 
     # ------------------------------------------------------------------ queries

@@ -243,6 +243,9 @@ class TrainParams(StageParams):
 
     data: str  # input cell directory (generate, compress or truncate)
     source: str = "raw"  # raw | answer_only | truncated | <compressor name> | mpd
+    # compress cell directories: questions one of them failed to compress (a permanent engine error) are left
+    # out of this run whatever its source, so runs naming the same cells train on the same question ids
+    same_questions_as: list[str] = []
     student: str = "toy-student"  # HF hub id, local directory, or "toy-student" (from scratch)
     chat_format: Literal["auto", "qwen", "llama3", "harmony", "plain"] = "auto"
     chat_template_kwargs: dict[str, Any] = {}  # same as the evaluate engine's, so training text matches inference

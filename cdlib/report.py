@@ -185,17 +185,22 @@ def _compression(page: ReportPage, f: Frames) -> None:
         page.note(f"Left out of Tables 2, 5 and Figures 1, 2: {', '.join(rewrites)} rewrote student trajectories "
                   f"(Mixed-Policy Distillation), not teacher traces.")
     n_flagged = every["flag"].is_not_null().sum()
-    if every.height > kept.height:
-        page.note(f"{every.height - kept.height} flagged compression(s) (empty, answer-dropping, longer than "
+    n_failed = (every["flag"].cast(pl.String) == "error").sum()
+    if n_failed:
+        page.note(f"{n_failed} compression request(s) ended in a permanent engine error: those questions are left "
+                  f"out of these numbers and of every source that names the cell in same_questions_as "
+                  f"(column failed of Tables 2 and 5).")
+    if every.height - n_failed > kept.height:
+        page.note(f"{every.height - n_failed - kept.height} flagged compression(s) (empty, answer-dropping, longer than "
                   f"the original, ...) are left out of these numbers, as they are out of training (drop_flagged: "
                   f"a deviation from the paper, which keeps every compression).")
-    elif n_flagged:
-        page.note(f"{n_flagged} flagged compression(s) are kept in these numbers and in training, as the paper "
+    elif n_flagged - n_failed:
+        page.note(f"{n_flagged - n_failed} flagged compression(s) are kept in these numbers and in training, as the paper "
                   f"keeps every compression; the flag rates are reported beside Table 5.")
-    page.table("table2", lambda: tables.table2(kept), "Table 2: compression per teacher and compressor",
+    page.table("table2", lambda: tables.table2(every), "Table 2: compression per teacher and compressor",
                "Mean compressed length (characters) and ρ = mean compressed / mean original characters; lower is more aggressive.",
                {"mean_compressed_chars": 0, "rho": 3})
-    page.table("table5", lambda: tables.table5(kept), "Table 5: compression per dataset",
+    page.table("table5", lambda: tables.table5(every), "Table 5: compression per dataset",
                "Per dataset: mean compressed characters, compressed tokens and ρ for each compressor, with Overall rows.",
                lambda df: {c: 0 for c in df.columns if c.endswith(("_chars", "_tokens"))})
     page.table("flag_rates", lambda: tables.flag_rates(every), "Answer-preservation flags beside Table 5",

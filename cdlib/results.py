@@ -335,9 +335,9 @@ def grid_generation(g: GridOutputs) -> pl.DataFrame | None:
 def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFrame | None:
     """Compression layout (Tables 2, 5, Figure 1): one row per compressed trace of every compress cell.
 
-    Compressions dropped downstream (flagged with ``drop_flagged``, see
-    :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
-    trained on. With the paper's protocol (``drop_flagged: false``) every compression is kept,
+    Compressions dropped downstream (flagged with ``drop_flagged``, or failed: a permanent engine
+    error; see :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
+    trained on; Tables 2 and 5 count the failed ones from every row. With the paper's protocol (``drop_flagged: false``) every compression is kept,
     as in its Tables 2 and 5; flags stay in ``flag`` for :func:`flag_rates`. Token counts come from ``tokens.jsonl``
     (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer). Rewrites of student
     trajectories (:meth:`GridOutputs.rewrites_student`, MPD) are not compressions of teacher traces and are
@@ -356,7 +356,8 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
         teacher = g.teacher_of(c)
         flag = pl.col("flag").cast(pl.String)
         parts.append(df.with_columns(teacher=pl.lit(teacher), compressor=pl.lit(compressor_name(c)), flag=flag,
-                                     drop=pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())))
+                                     drop=(flag == "error").fill_null(False)
+                                     | pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())))
     if not parts:
         return None
     df = _domains(pl.concat(parts, how="diagonal_relaxed"))

@@ -142,18 +142,38 @@ def compression_means(compression: pl.DataFrame, by: list[str]) -> pl.DataFrame:
 
 
 def flag_counts(drop: pl.Expr) -> dict[str, pl.Expr]:
-    """The answer-preservation checker's counts as aggregations: ``n``, ``flagged``, ``flag_rate`` and ``dropped``
-    (rows where ``drop``: left out of training)."""
+    """The answer-preservation checker's counts as aggregations: ``n``, ``flagged``, ``flag_rate``, ``failed``
+    (flag ``error``: compressions that never came back, left out of every source) and ``dropped`` (rows where
+    ``drop``: left out of training)."""
     flagged = pl.col("flag").is_not_null()
-    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), dropped=drop.sum())
+    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), failed=_failed().sum(), dropped=drop.sum())
+
+
+def _failed() -> pl.Expr:
+    """Rows whose compression never came back (:func:`cdlib.compress.failed`)."""
+    return (pl.col("flag").cast(pl.String) == "error").fill_null(False)
+
+
+def _kept_with_failed(compression: pl.DataFrame, by: list[str]) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """The rows kept for training (those not ``drop``) and, when the frame has ``flag``, the ``failed`` count per
+    ``by``. Given every row (``grid_compression(include_flagged=True)``), the count is the questions left out of
+    every source because a compressor never answered; given the kept rows only, it is 0."""
+    kept = compression.filter(~pl.col("drop")) if "drop" in compression.columns else compression
+    if "flag" not in compression.columns:
+        return kept, None
+    return kept, compression.group_by(by).agg(failed=_failed().sum())
 
 
 def table2(compression: pl.DataFrame) -> pl.DataFrame:
-    """Table 2: mean compressed length (chars) and rho per (teacher, compressor)."""
+    """Table 2: mean compressed length (chars) and rho per (teacher, compressor), over the rows kept for training;
+    with ``flag``, also ``failed``: the compressions that never came back (:func:`_kept_with_failed`)."""
     _need(compression, ["teacher", "compressor", "original_chars", "compressed_chars"], "table2")
-    df = compression_means(compression, ["teacher", "compressor"]).select("teacher", "compressor",
-                                                                         "mean_compressed_chars", "rho")
-    return _sort(df, ["teacher", "compressor"])
+    keys = ["teacher", "compressor"]
+    kept, failed = _kept_with_failed(compression, keys)
+    df = compression_means(kept, keys).select(*keys, "mean_compressed_chars", "rho")
+    if failed is not None:
+        df = failed.join(df, on=keys, how="left").select(*keys, "mean_compressed_chars", "rho", "failed")
+    return _sort(df, keys)
 
 
 def table3(runs: pl.DataFrame) -> pl.DataFrame:
@@ -195,9 +215,17 @@ def table5(compression: pl.DataFrame) -> pl.DataFrame:
     (whose tokens the paper prints as a dash)."""
     _need(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"], "table5")
     values = ["mean_compressed_chars", "mean_compressed_tokens", "rho"]
-    per = compression_means(compression, ["teacher", "compressor", "domain", "dataset"])
-    overall = compression_means(compression, ["teacher", "compressor"]).with_columns(
+    per_keys = ["teacher", "compressor", "domain", "dataset"]
+    kept, failed = _kept_with_failed(compression, per_keys)
+    per = compression_means(kept, per_keys)
+    overall = compression_means(kept, ["teacher", "compressor"]).with_columns(
         domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"), mean_compressed_tokens=pl.lit(None, pl.Float64))
+    if failed is not None:  # with the count of compressions that never came back, per dataset and overall
+        values.append("failed")
+        per = failed.join(per, on=per_keys, how="left", nulls_equal=True)
+        overall = failed.group_by("teacher", "compressor").agg(pl.col("failed").sum()).join(
+            overall, on=["teacher", "compressor"], how="left").with_columns(
+            domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
     wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", values, "{on}_{value}")
     wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")

@@ -1,9 +1,9 @@
 """Training data for :mod:`cdlib.train`: the input cell's records, the toy student, the examples and the plan.
 
 :func:`load_records` reads a data cell (``traces.jsonl``, ``compressed.jsonl`` or ``truncated.jsonl``,
-detected) and skips flagged records; :func:`prepare` builds the SFT examples (:mod:`cdlib.sft`), runs the
-mask audit and makes the seeded validation split (building a ``toy*`` student with a tokenizer trained on
-the records first); :func:`plan` packs the examples and lays out every micro-batch of the run (epochs,
+detected) and skips dropped records and the questions a compressor never answered; :func:`prepare`
+builds the SFT examples (:mod:`cdlib.sft`), runs the mask audit and makes the seeded validation split
+(building a ``toy*`` student with a tokenizer trained on the records first); :func:`plan` packs the examples and lays out every micro-batch of the run (epochs,
 ``max_steps`` or a ``token_budget``), and :func:`step_tokens` gives each optimizer step's global
 supervised-token count ahead of time, so no rank reads it back from the device. The collate helpers at
 the end turn a micro-batch into tensors on the right device.
@@ -93,21 +93,41 @@ def _check_source(source: str, path: Path) -> None:
         raise TrainError(f"source {source!r} expects {expected} but data holds {path}")
 
 
-def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = None,
-                 seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Records of an input cell, dropped ones skipped, optionally a seeded subsample of ``limit``.
+def failed_ids(compress_dirs: list[str] | tuple[str, ...]) -> set[str]:
+    """Question ids whose compression never came back (:func:`cdlib.compress.failed`) in any of ``compress_dirs``."""
+    from cdlib.compress import failed
+    from cdlib.store import read_upstream
 
-    A record is dropped when its stage said so (``cdlib.compress.dropped``: flagged
-    with ``drop_flagged``); with the paper's protocol flagged records are kept.
-    Returns ``(records, info)``; ``info`` has ``file``, ``n_read``, ``n_flagged``
-    (skipped), ``flags`` (count per flag of the skipped), ``n_flagged_kept`` and ``n_used``.
+    out: set[str] = set()
+    for d in compress_dirs:
+        path = Path(d) / "compressed.jsonl"
+        if not path.exists():
+            raise TrainError(f"same_questions_as: {d} is not a compress cell (no compressed.jsonl)")
+        out |= {r["id"] for r in read_upstream(path, "train") if failed(r)}
+    return out
+
+
+def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = None, seed: int = 0,
+                 same_questions_as: list[str] | tuple[str, ...] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Records of an input cell, failed and dropped ones skipped, optionally a seeded subsample of ``limit``.
+
+    A question is *failed* when its compression never came back (a permanent engine error), in this
+    cell or in one of the compress cells ``same_questions_as``: it is left out whatever the source, so
+    every run naming the same compress cells trains on the same question ids. A record is dropped
+    when its stage said so (``cdlib.compress.dropped``: flagged with ``drop_flagged``); with the
+    paper's protocol flagged records are kept. Returns ``(records, info)``; ``info`` has ``file``,
+    ``n_read``, ``n_failed`` (left out as failed), ``n_flagged`` (skipped), ``flags`` (count per flag
+    of the skipped), ``n_flagged_kept`` and ``n_used``.
     """
-    from cdlib.compress import dropped
+    from cdlib.compress import dropped, failed
     from cdlib.store import read_upstream
 
     path = detect_data_file(data_dir)
     _check_source(source, path)
     rows = read_upstream(path, "train")  # refuses an empty store, or one cut since its cell finished
+    gone = failed_ids(same_questions_as) | {r["id"] for r in rows if failed(r)}
+    n_read = len(rows)
+    rows = [r for r in rows if r["id"] not in gone]
     kept = [r for r in rows if not dropped(r)]
     flags: dict[str, int] = {}
     for r in rows:
@@ -116,8 +136,9 @@ def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = 
     if limit is not None and len(kept) > limit:
         kept = random.Random(seed).sample(kept, limit)
     if not kept:
-        raise TrainError(f"{path}: no unflagged records to train on ({len(rows)} read)")
-    return kept, {"file": str(path), "n_read": len(rows), "n_flagged": sum(flags.values()), "flags": flags,
+        raise TrainError(f"{path}: no unflagged records to train on ({n_read} read, {n_read - len(rows)} failed)")
+    return kept, {"file": str(path), "n_read": n_read, "n_failed": n_read - len(rows),
+                  "n_flagged": sum(flags.values()), "flags": flags,
                   "n_flagged_kept": sum(r.get("flag") is not None for r in kept), "n_used": len(kept)}
 
 
@@ -222,7 +243,7 @@ def prepare(P: TrainParams, *, is_main: bool = True, audit_show: int = 2) -> Pre
     """
     from transformers import AutoTokenizer
 
-    records, data_info = load_records(P.data, P.source, P.limit, P.seed)
+    records, data_info = load_records(P.data, P.source, P.limit, P.seed, P.same_questions_as)
     out = Path(P.out_dir)
     teacher = resolve_pretrained(P.kl_teacher, out / "kl_teacher", "kl_teacher") if P.objective == "kl" else None
     if is_toy(P.student):

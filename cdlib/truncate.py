@@ -4,8 +4,9 @@
   tokenizer, cut it to the token length of the matching compressed trace, decode,
   and accept a difference of at most ``tolerance`` (1) tokens after re-encoding.
   The final answer is kept unchanged. Raw traces whose compression is dropped
-  (``drop_flagged`` in the compress stage) have no target and are skipped; with
-  the paper's protocol nothing is dropped, so every raw trace is cut.
+  (``drop_flagged`` in the compress stage, or a compression that never came back:
+  :func:`cdlib.compress.failed`) have no target and are skipped; with the paper's
+  protocol only the failed ones are, so no trace is cut to 0 tokens.
 * ``ratio`` (Distilling the Essence): keep the first ``ratio`` of each trace's tokens.
 
 Output ``truncated.jsonl`` has the same fields as compressed records

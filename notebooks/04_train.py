@@ -14,6 +14,7 @@ out_dir: str = "outputs/scratch/train"  # cell directory (the grid runner sets i
 seed: int = 0  # seed of the split, the shuffles, LoRA init and a toy student's weights
 data: str = "outputs/demo/compress/toy__extractive"  # input cell: generate (traces), compress or truncate directory
 source: str = "raw"  # raw | answer_only | truncated | <compressor name> | mpd
+same_questions_as: list = []  # compress cells: questions one of them failed to compress are left out of any source
 student: str = "toy-student"  # HF hub id, local directory, train cell directory (start from it), or toy-* (from scratch)
 chat_format: str = "auto"  # auto, qwen, llama3, harmony or plain
 chat_template_kwargs: dict = {}  # the evaluate engine's chat_template_kwargs, so training text matches inference

@@ -20,6 +20,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from cdlib import compress, evaluate, generate, judge
@@ -33,7 +34,8 @@ TOY = ToyParams(n_train=40, n_test=20, slip_rate=0.0)
 
 
 class OutageServer(ThreadingHTTPServer):
-    """Answers chat completions with ``respond(prompt)``; after ``fail_after`` requests, HTTP 500 for every one."""
+    """Answers chat completions with ``respond(prompt)``; after ``fail_after`` requests, HTTP 500 for every one.
+    ``reject``: HTTP 400 for every request (True) or for the prompts it returns True for (a callable)."""
 
     daemon_threads = True
 
@@ -63,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
             down = srv.fail_after is not None and srv.count > srv.fail_after
             if not down:
                 srv.prompts.append(prompt)
-        if srv.reject:
+        if srv.reject(prompt) if callable(srv.reject) else srv.reject:
             data, status = b'{"error": {"message": "prompt longer than the context"}}', 400
         elif down:
             data, status = b'{"error": {"message": "upstream unavailable"}}', 500
@@ -290,3 +292,76 @@ def test_a_grid_cell_whose_every_request_is_rejected_ends_failed_not_done(server
     manifest = json.loads((tmp_path / "out/r/generate/manifest.json").read_text())
     assert manifest["status"] == "failed", manifest
     assert "NothingAnsweredError" in json.dumps(manifest["error"]) and "HTTP 400" in json.dumps(manifest["error"])
+
+
+def _done_cell(grid: Path, cid: str, kind: str, axes: dict, inputs: dict, metrics: dict) -> Path:
+    """Mark ``grid/cid`` finished as the runner does (manifest and metrics), so cdlib.results reads it."""
+    d = grid / cid
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").write_text(json.dumps({"status": "done", "kind": kind, "cell": cid, "axes": axes,
+                                                 "inputs": inputs}))
+    (d / "metrics.json").write_text(json.dumps(metrics, default=str))
+    return d
+
+
+def test_a_compression_that_never_came_back_leaves_its_question_out_of_every_source(server, tmp_path, tiny_model_dir):
+    """Two compress cells meet HTTP 400 (a permanent error) for different questions. Neither keeps an empty trace;
+    the truncate cell cuts nothing to 0 tokens; every source of training, named with both compress cells as
+    paper.yaml names them, trains on the same question ids; Tables 2 and 5 count the failures."""
+    from cdlib import report, results, tables, train_data, truncate
+    from cdlib.grid import Grid
+    from cdlib.params import TrainParams, TruncateParams
+
+    grid = tmp_path / "g"
+    gen = GenerateParams(out_dir=str(grid / "generate/toy"), toy=TOY, rounds=1, engine=_engine(server),
+                         sampling=SamplingParams(max_tokens=64, seed=0))
+    _done_cell(grid, "generate/toy", "generate", {"teacher": "toy"}, {}, generate.run(gen))
+    questions = {t["id"]: t["question"] for t in Store(grid / "generate/toy/traces.jsonl").read()}
+    ids = sorted(questions)
+    lost = {"llama70b": set(ids[:3]), "ministral14b": set(ids[2:7])}  # overlapping: 7 questions in all
+    comp: dict[str, str] = {}
+    for name, gone in lost.items():
+        server.reject = lambda prompt, gone=gone: any(f"Question:\n{questions[i]}\n" in prompt for i in gone)
+        P = CompressParams(out_dir=str(grid / f"compress/toy__{name}"), traces=gen.out_dir, compressor="teacher",
+                           engine=_engine(server, str(tiny_model_dir)), recompress_attempts=0, drop_flagged=False)
+        m = compress.run(P)
+        assert m["failed"] == len(gone) and m["dropped"] == len(gone)
+        recs = Store(Path(P.out_dir) / "compressed.jsonl").read()
+        assert {r["id"] for r in recs if r["flag"] == "error"} == gone
+        assert all(r["drop"] for r in recs if r["flag"] == "error"), "a failed compression is kept as an empty trace"
+        comp[name] = _done_cell(grid, f"compress/toy__{name}", "compress", {"teacher": "toy", "compressor": name},
+                                {"traces": "generate/toy"}, m).as_posix()
+    server.reject = False
+    trunc = TruncateParams(out_dir=str(grid / "truncate/toy"), traces=gen.out_dir, compressed=comp["ministral14b"],
+                           tokenizer="whitespace", mode="length_matched", drop_flagged=False)
+    _done_cell(grid, "truncate/toy", "truncate", {"teacher": "toy"},
+               {"traces": "generate/toy", "compressed": "compress/toy__ministral14b"}, truncate.run(trunc))
+    cut = Store(grid / "truncate/toy/truncated.jsonl").read()
+    assert {r["id"] for r in cut} == set(ids) - lost["ministral14b"] and min(r["target_tokens"] for r in cut) > 0
+
+    # every source, with the compress cells paper.yaml names for its train cells
+    (cell,) = [c for c in Grid("params/paper.yaml").select("train") if c.axes["source"] == "raw"][:1]
+    assert [Path(d).name for d in cell.params["same_questions_as"]] == [f"qwen3.5-397b__{n}" for n in lost]
+    same = [comp[n] for n in lost]
+    data = {"raw": gen.out_dir, "answer_only": gen.out_dir, "llama70b": comp["llama70b"],
+            "ministral14b": comp["ministral14b"], "truncated": trunc.out_dir}
+    kept = set(ids) - lost["llama70b"] - lost["ministral14b"]
+    for source, d in data.items():
+        P = TrainParams(out_dir=str(tmp_path / f"train_{source}"), data=d, source=source, same_questions_as=same,
+                        seq_len=512, val_fraction=0.1)
+        prepared = train_data.prepare(P)
+        assert {ex["id"] for ex in prepared.train + prepared.val} == kept, source
+        assert prepared.data_info["n_failed"] == prepared.data_info["n_read"] - len(kept), source
+        assert prepared.data_info["flags"] == {}, source
+
+    g = results.read_grid(grid)
+    every = results.grid_compression(g, include_flagged=True)
+    t2 = tables.table2(every)
+    assert dict(zip(t2["compressor"], t2["failed"])) == {"llama70b": 3, "ministral14b": 5}
+    assert t2["rho"].is_finite().all() and (t2["mean_compressed_chars"] > 0).all()
+    t5 = tables.table5(every)
+    overall = t5.filter(pl.col("dataset") == "Overall").row(0, named=True)
+    assert (overall["llama70b_failed"], overall["ministral14b_failed"]) == (3, 5)
+    assert t5.filter(pl.col("dataset") != "Overall")["ministral14b_failed"].sum() == 5
+    frames = report.read_frames(g)
+    assert frames.compression.height == 2 * len(ids) - 8, "failed compressions are in the kept frame"
