@@ -191,3 +191,30 @@ def test_lora_with_the_kl_teacher_under_fsdp2_equals_one_process(toy_traces, tmp
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(info["model"]).eval()(input_ids=ids).logits
     assert (logits - base).abs().max() > 1e-3  # the adapter was trained and is applied
+
+
+@pytest.mark.slow
+def test_killed_fsdp2_lora_run_resumes_as_an_uninterrupted_one(toy_traces, tmp_path):
+    """LoRA with the KL teacher under FSDP2, killed after its first resumable state and relaunched: it resumes
+    from the sharded state (under FSDP accelerate saves the whole sharded model, adapters and frozen base, so
+    checkpoint.trainable_weights_only has nothing to filter) and its curve and adapter equal an uninterrupted run's."""
+    from cdlib.tiny import make_tiny_model
+
+    teacher = make_tiny_model(tmp_path / "teacher", seed=0, num_layers=2)
+    student = make_tiny_model(tmp_path / "student", seed=1, num_layers=2)
+    kw = dict(data=str(toy_traces), student=str(student), objective="kl", kl_teacher=str(teacher), method="lora",
+              lora_rank=4, lora_alpha=8, lora_dropout=0.0, learning_rate=5e-3, max_steps=16, save_every=2,
+              grad_accum=1, accelerate_config=CONFIG, **{**COMMON, "seq_len": 1024})
+    killed = TrainParams(out_dir=str(tmp_path / "killed"), **kw)
+    step = _kill_after_first_state(killed)
+    assert len(list((Path(killed.out_dir) / checkpoint.RESUME_DIR / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    m = launch(killed, num_processes=2, env=ENV, timeout=300)
+    _assert_fsdp2(m)
+    assert m["resumed_from_step"] == step and step < 16
+    straight = TrainParams(out_dir=str(tmp_path / "straight"), **kw)
+    m0 = launch(straight, num_processes=2, env=ENV, timeout=300)
+    for key in ("loss", "ce"):
+        assert _losses(Path(killed.out_dir), key) == pytest.approx(_losses(Path(straight.out_dir), key), rel=1e-5), key
+    assert m["val_kl"] == pytest.approx(m0["val_kl"], rel=1e-5)
+    _assert_close(_safetensors(Path(killed.out_dir) / "adapter" / "adapter_model.safetensors"),
+                  _safetensors(Path(straight.out_dir) / "adapter" / "adapter_model.safetensors"))
