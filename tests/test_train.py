@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import losses, sft, train_data
+from cdlib import checkpoint, losses, sft, train_data
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -204,7 +204,7 @@ def test_lora_run_with_token_budget_saves_adapter_and_merged_model(toy_traces, t
     assert curve[-1]["loss"] < curve[0]["loss"]
     target = resolve_model(str(out))
     assert target == {"model": str((out / "model").resolve()), "adapter": None}
-    ckpt = json.loads((out / "checkpoint.json").read_text())
+    ckpt = checkpoint.read_checkpoint(out)  # checkpoint.json names paths in the output tree relative to the cell
     assert ckpt["unmerged_adapter"] == str((out / "adapter").resolve())
     ids = torch.tensor([[5, 17, 42, 9, 3, 77]])
     base = AutoModelForCausalLM.from_pretrained(out / "base")
