@@ -212,5 +212,5 @@ def test_a_notebook_that_is_no_notebook_is_one_line_naming_the_key(tmp_path, cap
     for command in ("run", "status", "slurm"):
         assert main([command, str(grid)]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {grid}: key 'stages.sq.notebook': {tmp_path / name}: not a notebook"), err
+        assert err.startswith(f"error: {grid}:5: key 'stages.sq.notebook': {tmp_path / name}: not a notebook"), err
         assert len(err.strip().splitlines()) == 1, err
