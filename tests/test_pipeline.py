@@ -21,26 +21,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def reduced_demo(tmp_path, name="mini"):
-    """params/demo.yaml shrunk: fewer questions, fewer steps; students on raw and extractive traces, a LoRA
-    student, one Distilling-the-Essence student and the Mixed-Policy Distillation chain."""
+    """params/demo.yaml shrunk: fewer questions, fewer steps; a base pretrained for a few steps, students on raw
+    and extractive traces from it, a LoRA student, one Distilling-the-Essence student and the Mixed-Policy
+    Distillation chain."""
     spec = yaml.safe_load((REPO / "params/demo.yaml").read_text())
     spec = {k: v for k, v in spec.items() if not k.startswith("x-")}
     spec["name"] = name
     spec["output_root"] = str(tmp_path / "out")
-    toy = {"n_train": 60, "n_test": 12, "slip_rate": 0.3}
-    spec["stages"]["generate"]["params"]["toy"] = toy
-    spec["stages"]["evaluate"]["params"]["toy"] = toy
-    spec["stages"]["evaluate"]["params"]["sampling"]["max_tokens"] = 48
+    toy = {"n_train": 60, "n_test": 12, "slip_rate": 0.3, "n_pretrain": 80}
+    for stage in ("generate", "corpus", "evaluate", "base"):
+        spec["stages"][stage]["params"]["toy"] = toy
+    for stage in ("evaluate", "base"):
+        spec["stages"][stage]["params"]["sampling"]["max_tokens"] = 48
+    spec["stages"]["pretrain"]["params"].update(max_steps=8, log_every=2)
     spec["stages"]["train"]["params"].update(max_steps=6, epochs=1, log_every=2)
     spec["axes"]["compressor"]["tiny-lm"]["compress"].update(limit=4)
     spec["axes"]["compressor"]["tiny-lm"]["compress"]["sampling"]["max_tokens"] = 16
-    spec["axes"]["student"]["tiny"]["train"].update(tiny_layers=1)
+    spec["axes"]["student"]["tiny"]["pretrain"].update(tiny_layers=1)
     spec["stages"]["report"]["params"]["grid_dir"] = str(tmp_path / "out" / name)
-    spec["exclude"] += [{"source": "answer_only"}, {"source": "truncated"}, {"source": "dte-0.5"}]
-    spec["axes"]["source"]["dte-0.5-reasoning"]["train"]["max_steps"] = 6
+    spec["exclude"] += [{"source": "answer_only"}, {"source": "truncated"}]
     # the DtE student trains (and is checked below) but is not evaluated: one vLLM start fewer keeps the
     # default tier within its budget; the slow tier's demo evaluates it
-    spec["stages"]["evaluate"].setdefault("exclude", []).append({"source": "dte-0.5-reasoning"})
+    spec["stages"]["evaluate"].setdefault("exclude", []).append({"source": "dte-0.5"})
     spec["stages"]["sample"]["params"].update(limit=8)
     spec["stages"]["sample"]["params"]["sampling"]["max_tokens"] = 48
     spec["stages"]["mpd"]["params"].update(max_steps=4, log_every=2)
@@ -57,9 +59,10 @@ def test_reduced_demo_end_to_end(tmp_path):
     g = Grid(grid, root=REPO)
     root = tmp_path / "out/mini"
     assert {c.id for c in g.cells} == {
-        "generate/toy", "compress/toy__extractive", "compress/toy__tiny-lm", "truncate/toy",
+        "generate/toy", "corpus/toy", "compress/toy__extractive", "compress/toy__tiny-lm", "truncate/toy",
+        "pretrain/toy__tiny", "base/toy__tiny",
         "train/toy__tiny__full__raw", "train/toy__tiny__full__extractive", "train/toy__tiny__lora__extractive",
-        "train/toy__tiny__full__dte-0.5-reasoning",
+        "train/toy__tiny__full__dte-0.5",
         "sample/toy__tiny__full", "rewrite/toy__tiny__full", "mpd/toy__tiny__full",
         "evaluate/toy__tiny__full__raw", "evaluate/toy__tiny__full__extractive",
         "evaluate/toy__tiny__lora__extractive", "evaluate/toy__tiny__full__mpd",
@@ -72,24 +75,32 @@ def test_reduced_demo_end_to_end(tmp_path):
     tiny = [json.loads(x) for x in (root / "compress/toy__tiny-lm/compressed.jsonl").read_text().splitlines()]
     assert len(tiny) == 4 and all(r["flag"] for r in tiny)
     # the LoRA student was evaluated through vLLM's LoRA support
-    ckpt = json.loads((root / "train/toy__tiny__lora__extractive/checkpoint.json").read_text())
+    from cdlib.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(root / "train/toy__tiny__lora__extractive")
     assert ckpt["adapter"] and Path(ckpt["adapter"]).exists()
     res = pl.read_parquet(root / "results.parquet")
     ev = res.filter(pl.col("stage") == "evaluate")
     assert ev.height == 4 and set(ev["method"]) == {"full", "lora"} and ev["accuracy"].is_not_null().all()
     assert (ev["n"] == 12).all() and (ev["mean_completion_tokens"] > 0).all()
-    # the neighbouring methods: a DtE student on half of each reasoning span, MPD by KL on rewrites
+    # every student fine-tunes from the pretrained base, which is evaluated as it is
+    base = str(root / "pretrain/toy__tiny")
+    for c in ("train/toy__tiny__full__raw", "train/toy__tiny__lora__extractive", "train/toy__tiny__full__dte-0.5"):
+        assert json.loads((root / c / "metrics.json").read_text())["student"].endswith("pretrain/toy__tiny"), c
+    assert json.loads((root / "pretrain/toy__tiny/metrics.json").read_text())["source"] == "pretrain"
+    assert res.filter(pl.col("stage") == "base")["accuracy"].is_not_null().all() and Path(base).is_dir()
+    # the neighbouring methods: a DtE student on the first half of each sequence, MPD by KL on rewrites
     tr = res.filter(pl.col("stage").is_in(["train", "mpd"]))
-    dte = tr.filter(pl.col("cell") == "train/toy__tiny__full__dte-0.5-reasoning").row(0, named=True)
-    assert (dte["truncate_ratio"], dte["truncate_span"]) == (0.5, "reasoning") and 0 < dte["kept_token_fraction"] < 1
+    dte = tr.filter(pl.col("cell") == "train/toy__tiny__full__dte-0.5").row(0, named=True)
+    assert (dte["truncate_ratio"], dte["truncate_span"]) == (0.5, "sequence") and 0 < dte["kept_token_fraction"] < 1
     mpd = tr.filter(pl.col("stage") == "mpd").row(0, named=True)
     assert (mpd["objective"], mpd["kl_direction"], mpd["metric.source"]) == ("kl", "forward", "mpd")  # source: an axis name
     assert mpd["kl_teacher_model"].endswith("train/toy__tiny__full__extractive/model")
     assert json.loads((root / "sample/toy__tiny__full/metrics.json").read_text())["kept"] == 8  # keep: all
-    # every student shares the generate cell's toy tokenizer, so token counts compare and KL lines up
-    vocabs = {json.loads((root / "train" / c / "base/tokenizer.json").read_text())["model"]["vocab"].__len__()
-              for c in ("toy__tiny__full__raw", "toy__tiny__full__extractive", "toy__tiny__full__dte-0.5-reasoning")}
-    assert len(vocabs) == 1
+    # every student keeps the base's toy tokenizer, so token counts compare and KL lines up
+    vocabs = {(root / "train" / c / "model/tokenizer.json").read_text()
+              for c in ("toy__tiny__full__raw", "toy__tiny__full__extractive", "toy__tiny__full__dte-0.5")}
+    assert vocabs == {(root / "pretrain/toy__tiny/model/tokenizer.json").read_text()}
     report = root / "report/index.html"
     html = report.read_text()
     assert "Table" in html and "kept fraction" in html.lower() and "mpd" in html
@@ -107,7 +118,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     # a rerun skips every finished cell
     again = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid)], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
-    assert again.returncode == 0 and "18 already done, 0 to run" in again.stdout
+    assert again.returncode == 0 and "21 already done, 0 to run" in again.stdout
 
 
 @pytest.mark.slow
@@ -126,7 +137,7 @@ def test_demo_grid(tmp_path):
         m = json.loads((root / c.stage / c.slug / "manifest.json").read_text())
         assert m["status"] == "done" and m["wall_clock_s"] > 0, c.id
     res = pl.read_parquet(root / "results.parquet").filter(pl.col("stage") == "evaluate")
-    assert set(res["source"]) == {"raw", "extractive", "truncated", "answer_only", "dte-0.5", "dte-0.5-reasoning", "mpd"}
+    assert set(res["source"]) == {"raw", "extractive", "truncated", "answer_only", "dte-0.5", "mpd"}
     assert {"accuracy", "mean_completion_tokens", "train_tokens", "method"} <= set(res.columns)
     index = (root / "report/index.html").read_text()
     assert "Table 4" in index and "Pareto" in index
