@@ -103,10 +103,11 @@ def _cost_ratio(column: str, inverse: bool, bound: float, what: str) -> Callable
             return None
         values = {s: (_ratio(r["raw"][column], r[s][column]) if inverse else _ratio(r[s][column], r["raw"][column]))
                   for s in comps}
+        values = {s: v for s, v in values.items() if v is not None}  # a zero denominator measures nothing
+        if not values:
+            return None
         s = min(values, key=values.get) if inverse else max(values, key=values.get)  # the weakest compressor
         v = values[s]
-        if v is None:
-            return None
         shown = f"{v:.1f}x ({s})" if inverse else f"{v:.0%} ({s})"
         # within 5% of the paper's weakest end: its own tables give 1.9x and 2.9x where its text says 2.0x and 3x
         ok = v >= 0.95 * bound if inverse else v <= 1.05 * bound

@@ -107,3 +107,12 @@ def test_a_gap_within_the_noise_is_not_a_win():
     se = lambda a: (a * (1 - a) / 199) ** 0.5  # noqa: E731
     assert 0.005 < findings.margin(se(0.180), se(0.175))
     assert 0.400 - 0.175 > findings.margin(se(0.400), se(0.175))  # the threshold moves with the standard errors
+
+
+def test_a_zero_or_missing_cost_measures_nothing_rather_than_crashing():
+    """A run recorded with 0 training hours (a published table's rounding) cannot give a speed-up."""
+    world = papers_world(extractive={"train_hours": 0.0}, raw={"median_reasoning_chars": None})
+    v = verdicts(world)
+    assert v["Compressed traces train faster"] == "not run"
+    assert v["Compressed students reason shorter"] == "not run"
+    assert v["Compressed traces cut training tokens"] == "held"

@@ -150,7 +150,8 @@ def build_paper_grid(root: Path, traces_per_teacher: int = PAPER_TRACES, steps: 
     return root / "paper"
 
 
-FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto"}
+FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto",
+           "fig1_beside_paper", "fig4_beside_paper"}  # the grid uses the paper's names: drawn beside its numbers
 RUNS = 55  # params/paper.yaml: 48 main-grid runs + 7 truncation runs
 MAX_PAGE_MB = 4.0  # index.html embeds every figure's SVG; the interactive HTMLs inline Vega (~0.9 MB)
 
