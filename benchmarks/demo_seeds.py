@@ -25,7 +25,7 @@ def figure(runs: pl.DataFrame, out: str) -> None:
     import altair as alt
     import vl_convert as vlc
 
-    df = findings.students(runs).with_columns(seed=pl.col("method").str.extract(r"seed=(\w+)").fill_null("s0"))
+    df = findings.students(runs).rename({"teacher": "seed"})  # params/demo_seeds.yaml: one toy teacher per seed
     chart = alt.Chart(df.to_pandas()).mark_point(filled=True, size=160, opacity=0.85).encode(
         x=alt.X("mean_completion_tokens:Q", scale=alt.Scale(type="log", domain=[8, 1000]), title="mean output tokens"),
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (200 held-out problems)"),

@@ -291,7 +291,8 @@ def findings(runs: pl.DataFrame, published: pl.DataFrame | None = None) -> pl.Da
         else:
             failed = {cfg: o for cfg, o in outs.items() if not o.held}
             verdict = "held" if not failed else "not held"
-            label = (lambda cfg: f"{cfg[2]}: ") if len(outs) > 1 else (lambda cfg: "")
+            varying = [i for i in range(len(CONFIG)) if len({cfg[i] for cfg in outs}) > 1]  # e.g. the seed
+            label = lambda cfg: "".join(f"{cfg[i]}/" for i in varying)[:-1] + ": " if varying else ""  # noqa: E731
             shown = "; ".join(label(cfg) + o.shown for cfg, o in outs.items())
             why = "; ".join((label(cfg) + o.why) for cfg, o in failed.items())
             if failed and len(outs) > 1:

@@ -79,6 +79,11 @@ def test_a_claim_holds_only_in_every_configuration():
     table = findings.findings(pl.concat(seeds)).filter(pl.col("claim").str.contains("truncation"))
     assert table["verdict"].item() == "not held"
     assert table["why"].item().startswith("fails in 1 of 3 configurations: full (seed=s2)")
+    # a seed grid whose seed is the teacher axis (params/demo_seeds.yaml): each configuration named by its seed
+    seeds = [w.with_columns(teacher=pl.lit(f"s{i}"), method=pl.lit("full")) for i, w in enumerate(seeds)]
+    table = findings.findings(pl.concat(seeds)).filter(pl.col("claim").str.contains("truncation"))
+    assert table["grid"].item().startswith("s0: extractive 0.700") and "; s2: " in table["grid"].item()
+    assert table["why"].item().startswith("fails in 1 of 3 configurations: s2: truncation beats")
 
 
 def test_missing_runs_are_not_run_not_held():
