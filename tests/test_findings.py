@@ -94,15 +94,13 @@ def test_missing_runs_are_not_run_not_held():
     assert v["No accuracy lost against the student it starts from"] == "not run"
 
 
-def test_the_papers_own_runs_mostly_hold_its_claims():
-    """Measured on the published runs, the paper's claims hold where its tables allow (not at the text's rounding)."""
+def test_the_papers_own_runs_hold_its_claims():
+    """Measured on the published runs (Table 6's own speed-ups, not its hours rounded to 0.1), every
+    Compress-Distill claim holds; the neighbours' claims have no published runs here."""
     table = findings.findings(paper.runs(), paper.runs())
-    v = dict(zip(table["claim"], table["verdict"]))
-    for claim in ("Raw traces keep the highest accuracy", "Compressed students keep most of raw accuracy, never more",
-                  "Compressed traces cut training tokens", "Compressed traces beat or match length-matched truncation",
-                  "Answer-only is the cheapest", "Answer-only is the least accurate",
-                  "Answer-only is unstable under full fine-tuning"):
-        assert v[claim] == "held", table.filter(pl.col("claim") == claim)
+    cd = table.filter(pl.col("paper") == findings.CD)
+    assert cd["verdict"].to_list() == ["held"] * cd.height, cd.filter(pl.col("verdict") != "held")
+    assert set(table.filter(pl.col("paper") != findings.CD)["verdict"]) == {"not run"}
     assert table.filter(pl.col("claim") == "Compressed students keep most of raw accuracy, never more")[
         "published"].item().endswith("89% (ministral14b) ... 96% (llama70b)")  # "up to 96%"
 
