@@ -179,6 +179,15 @@ def ema(losses: pl.DataFrame, alpha: float = 0.08) -> pl.DataFrame:
         ema=pl.col("loss").ewm_mean(alpha=alpha, adjust=False).over(RUN_KEYS))
 
 
+def thin_steps(df: pl.DataFrame, points: int, by: list[str] | None = None) -> pl.DataFrame:
+    """Every ``ceil(n / points)``-th row of each run (``by``: the run's key columns; None: one run), always
+    keeping its last: evenly spaced steps, at most about ``points`` per run."""
+    over = (lambda e: e.over(by)) if by else (lambda e: e)  # noqa: E731
+    i, n = over(pl.int_range(pl.len())), over(pl.len())
+    every = (n / points).ceil().cast(pl.Int64).clip(1)
+    return df.filter((i % every == 0) | (i == n - 1))
+
+
 def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int = 400,
                      max_rows: int = 4000) -> alt.FacetChart:
     """Figure 3: training loss per run (faint) and its EMA (bold), rows = teacher, columns = student,
@@ -192,10 +201,7 @@ def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int 
     df = ema(losses, alpha)
     runs = max(df.select(RUN_KEYS).n_unique(), 1)
     points = max(2, min(max_points, max_rows // runs - 1))  # -1: the kept last step
-    df = df.with_columns(_i=pl.int_range(pl.len()).over(RUN_KEYS), _n=pl.len().over(RUN_KEYS))
-    every = (pl.col("_n") / points).ceil().cast(pl.Int64).clip(1)
-    df = df.filter((pl.col("_i") % every == 0) | (pl.col("_i") == pl.col("_n") - 1))
-    df = _labelled(df.select(RUN_KEYS + ["step", "loss", "ema"]))
+    df = _labelled(thin_steps(df, points, RUN_KEYS).select(RUN_KEYS + ["step", "loss", "ema"]))
     students = _in_paper_order(df["student"].to_list(), "student")
     methods = _ordered(df["method"].unique().to_list(), "method")
     legend = {"symbolOpacity": 1, "symbolStrokeWidth": 2.2}  # the bold curve's look, not the faint one's
@@ -451,9 +457,7 @@ def loss_chart(losses: pl.DataFrame, title: str | None = None, max_points: int =
     ``losses`` is a run's ``loss.jsonl`` as a frame (:func:`cdlib.train.loss_frame`); Figure 3 itself, every run
     of a grid at once, is :func:`fig3_loss_curves`. A long run is thinned to ``max_points`` evenly spaced steps
     (the last kept): altair embeds at most 5,000 rows, two per step here."""
-    every = max(1, -(-losses.height // max_points))
-    losses = losses.with_row_index("_i").filter((pl.col("_i") % every == 0) | (pl.col("_i") == losses.height - 1))
-    df = losses.select("step", "loss", "ema").unpivot(index="step", variable_name="curve", value_name="value")
+    df = thin_steps(losses, max_points).select("step", "loss", "ema").unpivot(index="step", variable_name="curve", value_name="value")
     return alt.Chart(df).mark_line().encode(
         x=alt.X("step:Q", title="optimizer step"),
         y=alt.Y("value:Q", title="training loss"),

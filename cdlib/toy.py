@@ -22,9 +22,9 @@ equation lines of a question.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
 ``pretrain`` split) is toy-world text that is not the teacher's traces: every
-one-step problem (the arithmetic facts) and two-step problems, each with a
-worked solution, terse or in the world's reasoning style, none of them a
-question the teacher is asked. A tiny model pretrained on it reads the problems, reasons and
+one-step problem (the arithmetic facts) and two-step problems, each worked in
+the world's reasoning style without a slip, none of them a question the
+teacher is asked. A tiny model pretrained on it reads the problems, reasons and
 ends its answers, and solves some of the world's problems (up to three steps)
 but not most, as a pretrained student does before reasoning distillation; the
 teacher's traces then teach it the longer problems.
@@ -290,9 +290,9 @@ def generate(params: ToyParams | None = None, split: str = "train") -> list[dict
 
     Ids are ``toy/<split>/<index>``; the row's ``split`` is its role, "train"
     or "eval" (the test split is the eval split). Train problems never repeat
-    the arithmetic of a test problem. The ``pretrain`` split (``n_pretrain``
-    problems of 1 to ``max_steps`` steps, the base model's corpus) repeats
-    neither a test nor a train problem.
+    the arithmetic of a test problem. The ``pretrain`` split (the base model's
+    corpus, :func:`_pretrain_problems`: one-step facts, then problems of two to
+    ``pretrain_max_steps`` steps) repeats neither a test nor a train problem.
     """
     params = params or ToyParams()
     if split not in ("train", "test", "pretrain"):
