@@ -173,24 +173,37 @@ def read_s1k_11(row: dict[str, Any], where: str) -> list[Trace]:
 def read_messages(row: dict[str, Any], where: str) -> list[Trace]:
     # messages = [{role: user, content}, {role: assistant, content: "<think>...</think>answer"}]: open-r1's
     # Mixture-of-Thoughts (messages, num_tokens, source), OpenR1-Math-220k's and HuggingFaceH4/Bespoke-Stratos-17k's
-    # messages columns (the latter with <|begin_of_thought|> markers). An assistant turn with `reasoning_content`
-    # (an OpenAI-compatible server's message, saved with its request) is read as reasoning plus content.
+    # messages columns (the latter with <|begin_of_thought|> markers). An assistant turn with `reasoning_content` or
+    # `reasoning` (an OpenAI-compatible server's message, saved with its request) is read as reasoning plus content.
     turns = _turns(row["messages"], where)
     user = _first(turns, ("user",), "role", where)
     bot = _first(turns, ("assistant",), "role", where)
-    if bot.get("reasoning_content") is not None:
-        reasoning = _text(bot["reasoning_content"], where, "messages[].reasoning_content").strip()
-        answer, cut = _text(bot.get("content"), where, "messages[].content").strip(), False
-    else:
-        reasoning, answer, cut = split_response(_text(bot.get("content"), where, "messages[].content"))
+    reasoning, answer, cut = split_message(bot, where, "messages[]")
     return [Trace(_text(user.get("content"), where, "messages[].content"), reasoning, answer, cut,
                   _gold(row.get("answer")))]
 
 
+#: Where an OpenAI-compatible server puts the reasoning beside `content`, in the order tried: DeepSeek's API (and
+#: vLLM before 0.11) `reasoning_content`; vLLM since 0.11 (ChatMessage.reasoning, vllm-project/vllm
+#: vllm/entrypoints/openai/chat_completion/protocol.py), OpenRouter and Groq (reasoning_format "parsed") `reasoning`.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def split_message(message: dict[str, Any], where: str, column: str) -> tuple[str, str, bool]:
+    """(reasoning, answer, truncated) of a chat message: a :data:`REASONING_FIELDS` field beside `content`, else the
+    content split by :func:`split_response` (Groq's reasoning_format "raw", a server without a reasoning parser:
+    ``<think>`` inside the content)."""
+    for field in REASONING_FIELDS:
+        reasoning = _text(message.get(field), where, f"{column}.{field}")
+        if reasoning.strip():
+            return reasoning.strip(), _text(message.get("content"), where, f"{column}.content").strip(), False
+    return split_response(_text(message.get("content"), where, f"{column}.content"))
+
+
 def read_chat_log(row: dict[str, Any], where: str) -> list[Trace]:
     # An OpenAI-compatible chat completion saved with its request: {request: {messages, ...}, response: {choices:
-    # [{message: {content, reasoning_content}, finish_reason}], ...}}. reasoning_content is the field DeepSeek's API
-    # and vLLM's reasoning parsers return (a provider's documented request and response in tests/fixtures).
+    # [{message: {content, reasoning_content or reasoning}, finish_reason}], ...}} (:func:`split_message`). Real
+    # answers of DeepSeek, OpenRouter, Groq and a DeepSeek-V4 host in tests/fixtures/trace_sets/chat_log.
     request, response = row["request"], row["response"]
     if not isinstance(request, dict) or not isinstance(response, dict):
         raise ImportFailed(f"{where}: 'request' and 'response' must be JSON objects")
@@ -198,12 +211,10 @@ def read_chat_log(row: dict[str, Any], where: str) -> list[Trace]:
     choices = response.get("choices") or []
     if not choices or not isinstance(choices[0].get("message"), dict):
         raise ImportFailed(f"{where}: response has no choices[0].message")
-    message = choices[0]["message"]
-    reasoning = _text(message.get("reasoning_content"), where, "reasoning_content")
-    cut = choices[0].get("finish_reason") == "length"
-    return [Trace(_text(user.get("content"), where, "request.messages[].content"), reasoning.strip(),
-                  "" if cut else _text(message.get("content"), where, "content").strip(), cut,
-                  _gold(row.get("answer")), source_id=response.get("id"))]
+    reasoning, answer, cut = split_message(choices[0]["message"], where, "choices[0].message")
+    cut = cut or choices[0].get("finish_reason") == "length"
+    return [Trace(_text(user.get("content"), where, "request.messages[].content"), reasoning,
+                  "" if cut else answer, cut, _gold(row.get("answer")), source_id=response.get("id"))]
 
 
 def read_reasoning_content(row: dict[str, Any], where: str) -> list[Trace]:

@@ -48,7 +48,7 @@ def test_openr1_row_verified_by_this_project(tmp_path):
 def test_each_layout_of_the_real_rows(tmp_path):
     metrics, recs = imported(tmp_path, source=str(SETS), dataset="sets")
     by = {r["layout"]: r for r in recs}
-    assert metrics["layouts"] == {"chat_log": 1, "messages": 2, "openr1_math": 1, "openthoughts": 1}
+    assert metrics["layouts"] == {"chat_log": 5, "messages": 2, "openr1_math": 1, "openthoughts": 1}
     # OpenThoughts markers; this quoted row is cut inside its thought: unfinished reasoning is never scored
     ot = by["openthoughts"]
     assert ot["question"].startswith("Return your final response within \\boxed{}. Ms. Blackwell")
@@ -59,15 +59,43 @@ def test_each_layout_of_the_real_rows(tmp_path):
     assert [m["extracted"] for m in msgs] == ["4", "180"] and {m["flag"] for m in msgs} == {"no_gold"}
     assert all(m["correct"] is None and m["gold"] is None for m in msgs)
     # an OpenAI-compatible request/response log: reasoning_content, CJK
-    log = by["chat_log"]
+    (log,) = [r for r in recs if r["source_row"].endswith("deepseek_v4_pro.jsonl:1")]
     assert log["question"] == "你是谁" and log["reasoning"].startswith("嗯，用户问了一个简单的自我介绍问题")
     assert log["answer"].startswith("你好！我是DeepSeek") and log["source_id"] == "as-j8iwhei6hm"
-    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 2, "no_gold": 2} and metrics["kept"] == 5
+    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 2, "no_gold": 6} and metrics["kept"] == 9
+
+
+def test_chat_logs_recorded_from_four_providers(tmp_path):
+    """Recorded chat completions (pydantic-ai's test cassettes): DeepSeek's `reasoning_content`, the `reasoning`
+    field of OpenRouter and Groq (vLLM's name for it since 0.11), and Groq's raw format (`<think>` in content)."""
+    source = SETS / "chat_log/pydantic_ai_cassettes.jsonl"
+    metrics, recs = imported(tmp_path / "a", source=str(source))
+    assert [r["layout"] for r in recs] == ["chat_log"] * 4 and metrics["layouts"] == {"chat_log": 4}
+    deepseek, glm, qwen3, raw = recs
+    assert deepseek["question"] == "How do I cross the street?"
+    assert deepseek["reasoning"].startswith("Okay, the user is asking how to cross the street.")
+    assert deepseek["answer"].startswith("Crossing the street safely") and deepseek["source_id"].startswith("181d9669")
+    assert glm["reasoning"].startswith("1.  **Deconstruct the User's Prompt:**")
+    assert glm["answer"].startswith("Of course. This is an excellent question")
+    assert qwen3["reasoning"].startswith("Okay, let's see.") and qwen3["answer"] == "4"
+    assert raw["reasoning"].startswith("Okay, so I want to make Uruguayan alfajores.")
+    assert raw["answer"].startswith("To make Uruguayan alfajores") and "think>" not in raw["reasoning"] + raw["answer"]
+    for r in recs:  # every trace read whole, none scored against a gold the log does not have
+        assert r["reasoning"] and r["answer"] and r["truncated"] is False and r["finish_reason"] == "stop"
+        assert r["gold"] is None and r["correct"] is None and r["flag"] == "no_gold"
+        assert r["response"].startswith("<think>\n") and r["response"].count("</think>") == 1
+        assert r["completion_tokens"] == len(r["reasoning"].split()) + len(r["answer"].split())
+    # the grid names a gold column beside the log: Qwen3's "4" verifies
+    row = json.loads(source.read_text(encoding="utf-8").splitlines()[2])
+    own = tmp_path / "qwen3.jsonl"
+    own.write_text(json.dumps({**row, "ref": "4"}) + "\n")
+    _, (rec,) = imported(tmp_path / "b", source=str(own), columns={"gold": "ref"})
+    assert (rec["extracted"], rec["correct"], rec["flag"], rec["answer_type"]) == ("4", True, None, "numeric")
 
 
 def test_unverified_drop_and_the_grid_naming_a_gold_column(tmp_path):
     metrics, recs = imported(tmp_path / "a", source=str(SETS), unverified="drop")
-    assert [r["layout"] for r in recs] == ["openr1_math"] and metrics["dropped"] == 4 and metrics["kept"] == 1
+    assert [r["layout"] for r in recs] == ["openr1_math"] and metrics["dropped"] == 8 and metrics["kept"] == 1
     rows = [json.loads(x) for x in (SETS / "messages/openr1_math_messages.jsonl").read_text().splitlines()]
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({**r, "ref": g}) + "\n" for r, g in zip(rows, ["4", "181"])))
@@ -111,7 +139,7 @@ def test_parquet_directory_reads_like_jsonl_and_rerun_adds_nothing(tmp_path):
 def test_named_hf_tokenizer_counts_completion_tokens(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
-    _, (rec,) = imported(tmp_path, source=str(SETS / "chat_log"), tokenizer=str(tiny_model_dir))
+    _, (rec,) = imported(tmp_path, source=str(SETS / "chat_log/deepseek_v4_pro.jsonl"), tokenizer=str(tiny_model_dir))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     n = len(tok.encode(rec["reasoning"], add_special_tokens=False)) + len(tok.encode(rec["answer"], add_special_tokens=False))
     assert rec["completion_tokens"] == n > len(rec["reasoning"].split())  # CJK has no spaces to split on
@@ -140,7 +168,7 @@ def test_import_notebook_runs_under_the_grid_runner(tmp_path):
     cell = tmp_path / "out/imp/import"
     manifest = json.loads((cell / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["kind"] == "import"
-    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 5
+    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 9
     res = pl.read_parquet(tmp_path / "out/imp/results.parquet")
     assert res["kind"].to_list() == ["import"]
 
@@ -162,5 +190,5 @@ def test_import_grid_through_every_stage(tmp_path):
     assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate", "report"}
     ev = res.filter(pl.col("kind") == "evaluate")
     assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
-    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 5
+    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 9
     assert "Table" in (root / "report/index.html").read_text()
