@@ -162,12 +162,16 @@ def read_s1k(row: dict[str, Any], where: str) -> list[Trace]:
 
 def read_s1k_11(row: dict[str, Any], where: str) -> list[Trace]:
     # simplescaling/s1K-1.1: solution, question, cot_type, source_type, metadata, gemini_thinking_trajectory,
-    # gemini_attempt, deepseek_thinking_trajectory, deepseek_attempt (the DeepSeek-R1 traces are read).
-    # Source: the dataset card's dataset_info features.
+    # gemini_attempt, deepseek_thinking_trajectory, deepseek_attempt (the DeepSeek-R1 traces are read), gemini_grade,
+    # gemini_grade_reason, deepseek_grade, deepseek_grade_reason. Source: the dataset card's dataset_info features;
+    # deepseek_grade is Claude 3.7 Sonnet's "Yes"/"No" on deepseek_attempt against `solution` (simplescaling/s1
+    # data/grading.ipynb @ 6a0719d8fd8b5d681b3907d6d4b80ac7023037a0: deepseek_grade Yes 630, No 370), kept as
+    # source_correct beside this project's own verdict.
+    grade = {"Yes": True, "No": False}.get(row.get("deepseek_grade"))
     return [Trace(_text(row.get("question"), where, "question"),
                   _text(row["deepseek_thinking_trajectory"], where, "deepseek_thinking_trajectory").strip(),
                   _text(row.get("deepseek_attempt"), where, "deepseek_attempt").strip(), False,
-                  _solution_gold(row.get("solution")))]
+                  _solution_gold(row.get("solution")), grade)]
 
 
 def read_messages(row: dict[str, Any], where: str) -> list[Trace]:

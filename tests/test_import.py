@@ -93,6 +93,26 @@ def test_chat_logs_recorded_from_four_providers(tmp_path):
     assert (rec["extracted"], rec["correct"], rec["flag"], rec["answer_type"]) == ("4", True, None, "numeric")
 
 
+def test_s1k_layouts_on_made_up_rows(tmp_path):
+    """No real s1K or s1K-1.1 row is stored here (README there): the columns of the sets' cards, made-up values.
+    s1K-1.1's deepseek_grade ("Yes"/"No", Claude's grade of deepseek_attempt) is the set's verdict beside ours."""
+    base = {"solution": "128", "question": "For how many rationals ...?", "cot_type": "math",
+            "source_type": "qq8933/AIME_1983_2024", "metadata": "{}"}
+    v11 = {**base, "gemini_thinking_trajectory": "g", "gemini_attempt": "\\boxed{128}",
+           "deepseek_thinking_trajectory": "Alright, 2^8 = 128.", "deepseek_attempt": "**Final Answer**\n\\boxed{128}",
+           "gemini_grade": "Yes", "gemini_grade_reason": "r", "deepseek_grade": "No", "deepseek_grade_reason": "r"}
+    v1 = {**base, "cot": None, "thinking_trajectories": ["Let me count.", "So 2^8."], "attempt": "The answer is 127."}
+    f = tmp_path / "s1k.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in (v11, v1)))
+    metrics, (a, b) = imported(tmp_path / "a", source=str(f))
+    assert (a["layout"], a["reasoning"], a["gold"], a["extracted"], a["correct"]) == ("s1k_1.1", "Alright, 2^8 = 128.",
+                                                                                    "128", "128", True)
+    assert a["source_correct"] is False and metrics["source_disagrees"] == 1 and metrics["source_agrees"] == 0
+    assert (b["layout"], b["reasoning"], b["correct"], b["flag"]) == ("s1k", "Let me count.\nSo 2^8.", False,
+                                                                      "wrong_answer")
+    assert b["source_correct"] is None
+
+
 def test_unverified_drop_and_the_grid_naming_a_gold_column(tmp_path):
     metrics, recs = imported(tmp_path / "a", source=str(SETS), unverified="drop")
     assert [r["layout"] for r in recs] == ["openr1_math"] and metrics["dropped"] == 8 and metrics["kept"] == 1
