@@ -33,7 +33,7 @@ def main() -> None:
 
     from cdlib import evaluate, prompts
     from cdlib.datasets import load_many
-    from cdlib.engine_vllm import _sampling_to_vllm
+    from cdlib.engines.vllm import sampling_params
     from cdlib.engines import close_all, get_engine
     from cdlib.params import EngineParams, EvaluateParams, SamplingParams, ToyParams
     from cdlib.tiny import make_tiny_model
@@ -55,7 +55,7 @@ def main() -> None:
 
     P0 = EvaluateParams(out_dir=str(tmp / "x"), model=model, datasets=["toy"], toy=toy, engine=engine_params)
     chats = [prompts.build_messages(r) for r in load_many(P0)]
-    sp = _sampling_to_vllm(sampling, None)
+    sp = sampling_params(sampling, None)
 
     def direct(_: int) -> tuple[float, int]:
         t = time.perf_counter()

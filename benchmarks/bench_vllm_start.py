@@ -4,7 +4,7 @@ Each repeat builds a tiny model's ``cdlib`` VLLMEngine in a fresh Python process
 torch thread (as a grid cell pinned to one core by ``--jobs`` has), generates 64 x 128
 tokens greedily, and reports the seconds from process start to the first completion and
 to exit. ``spawned`` sets ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (vLLM's default), which
-turns the in-process choice of :func:`cdlib.engine_vllm._single_core_cpu` off. Repeats
+turns the in-process choice of :func:`cdlib.engines.vllm.single_core_cpu` off. Repeats
 alternate between the two modes; the ratio is per pair.
 
     .venv/bin/python benchmarks/bench_vllm_start.py --repeats 3

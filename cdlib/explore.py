@@ -39,8 +39,9 @@ from typing import Any
 
 import polars as pl
 
-from cdlib import figures, results, tables
+from cdlib import figures, tables
 from cdlib import tokenizer as toklib
+from cdlib.store import read_fields
 
 QUESTION_FIELDS = ["id", "dataset", "domain", "group", "question", "gold"]
 COLUMNS = ["teacher", "source", *QUESTION_FIELDS, "reasoning", "answer", "flag", "chars", "tokens",
@@ -101,7 +102,7 @@ def _read(directory: str | Path, filename: str, what: str) -> pl.DataFrame:
         raise ExploreError(f"explore: {what}: {path} does not exist")
     df = _read_fast(path)
     if df is None:  # a line polars cannot parse: the line-by-line reader names it
-        df = results._read_jsonl(path, list(KEPT))
+        df = read_fields(path, list(KEPT))
     return df if df.width else pl.DataFrame(schema={k: pl.String for k in KEPT})
 
 

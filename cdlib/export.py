@@ -24,6 +24,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from cdlib.datasets import REGISTRY
+from cdlib.outputs import read_manifest, read_metrics
+from cdlib.store import UpstreamError, check_upstream
+
 #: the store of each exportable stage kind (an import cell writes the generate stage's records)
 STORES = {"generate": "traces.jsonl", "import": "traces.jsonl", "compress": "compressed.jsonl",
           "truncate": "truncated.jsonl", "evaluate": "outputs.jsonl", "judge": "judgements.jsonl"}
@@ -43,7 +47,7 @@ def cell_store(cell_dir: str | Path) -> tuple[str, Path]:
     """``(kind, store path)`` of a finished cell with records (its manifest's ``kind``, else the store it holds),
     or an ExportError saying why not."""
     d = Path(cell_dir)
-    manifest = _json(d / "manifest.json")
+    manifest = read_manifest(d, strict=True)
     if manifest is None:
         raise ExportError(f"export: {d} has no manifest.json: not a cell directory of a grid run")
     if manifest.get("status") != "done":
@@ -69,19 +73,15 @@ def imported_from(cell_dir: str | Path) -> dict[str, Any] | None:
         if c in seen:
             continue
         seen.add(c)
-        manifest = _json(c / "manifest.json") or {}
+        manifest = read_manifest(c, strict=True) or {}
         if manifest.get("kind") == "import":
-            metrics = _json(c / "metrics.json") or {}
+            metrics = read_metrics(c, strict=True) or {}
             return {k: metrics.get(k) for k in ("source", "config", "split", "license")} | {
                 "cell": manifest.get("cell", c.name)}
         levels = len(str(manifest.get("cell", "")).split("/"))  # "stage/slug", or "stage" for a cell without axes
         grid_dir = c.parents[levels - 1]
         todo += [grid_dir / v for v in (manifest.get("inputs") or {}).values() if isinstance(v, str)]
     return None
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _size_category(n: int) -> str:
@@ -93,8 +93,6 @@ def _size_category(n: int) -> str:
 
 
 def _source_datasets(names: list[str]) -> list[str]:
-    from cdlib.datasets import REGISTRY
-
     return sorted({REGISTRY[n].hub_id for n in names if n in REGISTRY and REGISTRY[n].hub_id})
 
 
@@ -105,8 +103,8 @@ def card(cell_dir: str | Path, kind: str, rows: int, columns: list[str], dataset
     from huggingface_hub import DatasetCard, DatasetCardData
 
     d = Path(cell_dir)
-    manifest = _json(d / "manifest.json") or {}
-    metrics = _json(d / "metrics.json") or {}
+    manifest = read_manifest(d, strict=True) or {}
+    metrics = read_metrics(d, strict=True) or {}
     params = (d / "params.yaml").read_text() if (d / "params.yaml").exists() else "{}\n"
     sources = _source_datasets(dataset_names)
     origin = imported_from(d)
@@ -183,8 +181,6 @@ def export_cell(cell_dir: str | Path, out_dir: str | Path, license: str = "other
     ExportError says so and nothing is sent.
     """
     import datasets
-
-    from cdlib.store import UpstreamError, check_upstream
 
     kind, store = cell_store(cell_dir)
     origin = imported_from(cell_dir)

@@ -14,8 +14,8 @@ import altair as alt
 import polars as pl
 
 from cdlib.student_runs import DEFAULT_LOSS_ON
-from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, _need, _ordered, _overall, _weights, _with_optional,
-                          paper_name, to_paper_names)
+from cdlib.tables import (ORDER, RUN_KEYS, SOURCE_LABELS, need_columns, overall_rows, paper_name, paper_order,
+                          to_paper_names, with_optional, with_weights)
 
 
 def render_offline() -> None:
@@ -60,7 +60,7 @@ EXTRA_COLORS = ["#eeca3b", "#ff9da6", "#bab0ac",
 
 def _color(df: pl.DataFrame, col: str = "source", title: str = "Source") -> alt.Color:
     """Colour by ``<col>_label`` with a fixed colour per known source, so every figure agrees."""
-    values = _ordered(df[col].drop_nulls().unique().to_list(), col)
+    values = paper_order(df[col].drop_nulls().unique().to_list(), col)
     extra = iter(EXTRA_COLORS * 4)
     colors = [PALETTE.get(v) or next(extra) for v in values]
     labels = [SOURCE_LABELS.get(v, v) for v in values]
@@ -80,7 +80,7 @@ def _labelled(df: pl.DataFrame, col: str = "source") -> pl.DataFrame:
 
 
 def _label_order(values: list[str], col: str = "source") -> list[str]:
-    return [SOURCE_LABELS.get(v, v) for v in _ordered(values, col)]
+    return [SOURCE_LABELS.get(v, v) for v in paper_order(values, col)]
 
 
 def _in_paper_order(values: list[str], col: str) -> list[str]:
@@ -97,13 +97,13 @@ def _in_paper_order(values: list[str], col: str) -> list[str]:
 
 def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
     """Figure 1: mean compression ratio (ratio of means) by domain, per teacher and compressor."""
-    _need(compression, ["teacher", "compressor", "domain", "original_chars", "compressed_chars"], "fig1")
-    df = _weights(compression).group_by("teacher", "compressor", "domain").agg(
+    need_columns(compression, ["teacher", "compressor", "domain", "original_chars", "compressed_chars"], "fig1")
+    df = with_weights(compression).group_by("teacher", "compressor", "domain").agg(
         rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum(),
         n=pl.col("n").sum(),
     )
     df = _labelled(df, "compressor")
-    domains = _ordered(df["domain"].unique().to_list(), "domain")
+    domains = paper_order(df["domain"].unique().to_list(), "domain")
     comps = _label_order(df["compressor"].unique().to_list(), "compressor")
     bars = alt.Chart(df).mark_bar().encode(
         x=alt.X("domain:N", sort=domains, title="Domain", axis=alt.Axis(labelAngle=0)),  # short names read level
@@ -142,7 +142,7 @@ def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: 
     Lengths above the ``clip_quantile`` of all traces fall into the last bin, so rare
     outliers do not flatten the plot. Binning is done here, not in the browser.
     """
-    _need(traces, ["teacher", "source", "reasoning_tokens"], "fig2")
+    need_columns(traces, ["teacher", "source", "reasoning_tokens"], "fig2")
     if traces.is_empty():
         raise ValueError("fig2: no traces")
     df, width, upper = bin_lengths(traces, "reasoning_tokens", ["teacher", "source"], bins, clip_quantile)
@@ -174,7 +174,7 @@ def fig2_reasoning_lengths(traces: pl.DataFrame, bins: int = 50, clip_quantile: 
 
 def ema(losses: pl.DataFrame, alpha: float = 0.08) -> pl.DataFrame:
     """Add ``ema``: per-run exponential moving average of ``loss`` over ``step`` (ema_t = a*x_t + (1-a)*ema_{t-1})."""
-    _need(losses, RUN_KEYS + ["step", "loss"], "loss curves")
+    need_columns(losses, RUN_KEYS + ["step", "loss"], "loss curves")
     return losses.sort(RUN_KEYS + ["step"]).with_columns(
         ema=pl.col("loss").ewm_mean(alpha=alpha, adjust=False).over(RUN_KEYS))
 
@@ -203,7 +203,7 @@ def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int 
     points = max(2, min(max_points, max_rows // runs - 1))  # -1: the kept last step
     df = _labelled(thin_steps(df, points, RUN_KEYS).select(RUN_KEYS + ["step", "loss", "ema"]))
     students = _in_paper_order(df["student"].to_list(), "student")
-    methods = _ordered(df["method"].unique().to_list(), "method")
+    methods = paper_order(df["method"].unique().to_list(), "method")
     legend = {"symbolOpacity": 1, "symbolStrokeWidth": 2.2}  # the bold curve's look, not the faint one's
     color = _color(df).legend(**legend)
     df = _complete_grid(df, "teacher", "student")
@@ -228,12 +228,12 @@ def fig3_loss_curves(losses: pl.DataFrame, alpha: float = 0.08, max_points: int 
 def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_tokens") -> alt.FacetChart:
     """Figure 4: overall accuracy vs median reasoning length per student (log x), IQR bars where the
     quartiles ``reasoning_tokens_q1``/``_q3`` are given. Runs with no reasoning (x = 0) are left out."""
-    df = _overall(runs)
-    _need(df, ["accuracy", x], "fig4")
-    df = _with_optional(df, ["reasoning_tokens_q1", "reasoning_tokens_q3", "se"])
+    df = overall_rows(runs)
+    need_columns(df, ["accuracy", x], "fig4")
+    df = with_optional(df, ["reasoning_tokens_q1", "reasoning_tokens_q3", "se"])
     df = _labelled(df.filter(pl.col(x) > 0))
     students = _in_paper_order(df["student"].to_list(), "student")
-    methods = _ordered(df["method"].unique().to_list(), "method")
+    methods = paper_order(df["method"].unique().to_list(), "method")
     color = _color(df)
     df = _complete_grid(df, "teacher", "student")
     title = x.replace("_", " ").capitalize() + " (log)"
@@ -258,7 +258,7 @@ def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_token
 def pareto_front(runs: pl.DataFrame, by: list[str] | None = None,
                  x: str = "mean_completion_tokens", y: str = "accuracy") -> pl.DataFrame:
     """Runs not dominated by another run of the same ``by`` group (fewer-or-equal ``x`` and higher ``y``)."""
-    df = _overall(runs).drop_nulls([x, y]).sort([x, pl.col(y)], descending=[False, True])
+    df = overall_rows(runs).drop_nulls([x, y]).sort([x, pl.col(y)], descending=[False, True])
     by = by or []
     best = pl.col(y).cum_max().shift(1).over(by) if by else pl.col(y).cum_max().shift(1)
     return df.with_columns(_best=best).filter(pl.col("_best").is_null() | (pl.col(y) > pl.col("_best"))).drop("_best")
@@ -266,8 +266,8 @@ def pareto_front(runs: pl.DataFrame, by: list[str] | None = None,
 
 def pareto(runs: pl.DataFrame, x: str = "mean_completion_tokens") -> alt.FacetChart:
     """Accuracy vs mean completion tokens (log x) for every run, with the Pareto front per teacher."""
-    df = _overall(runs)
-    _need(df, ["accuracy", x], "pareto")
+    df = overall_rows(runs)
+    need_columns(df, ["accuracy", x], "pareto")
     df = _labelled(df.drop_nulls([x, "accuracy"]))
     front = pareto_front(df, ["teacher"], x=x).select(RUN_KEYS).with_columns(on_front=pl.lit(True))
     df = df.join(front, on=RUN_KEYS, how="left").with_columns(pl.col("on_front").fill_null(False))
@@ -280,7 +280,7 @@ def pareto(runs: pl.DataFrame, x: str = "mean_completion_tokens") -> alt.FacetCh
         df = df.with_columns(student_method=pl.col("student") + pl.lit(", ") + pl.col("method"))
         pairs = set(df.select("student", "method").unique().iter_rows())
         legend = [f"{s}, {m}" for s in _in_paper_order(df["student"].to_list(), "student")
-                  for m in _ordered(df["method"].unique().to_list(), "method") if (s, m) in pairs]
+                  for m in paper_order(df["method"].unique().to_list(), "method") if (s, m) in pairs]
         shape = alt.Shape("student_method:N", sort=legend, title="Student, method")
     else:
         shape = alt.Shape("student:N", sort=_in_paper_order(df["student"].to_list(), "student"), title="Student")
@@ -307,8 +307,8 @@ def dte_runs(runs: pl.DataFrame) -> pl.DataFrame:
     <sections>`` for a non-default ``loss_on`` and ``, KD`` for a run that also distils a
     teacher's logits (``objective: kl``, as that paper's own code trains).
     """
-    df = _overall(runs)
-    _need(df, ["accuracy", "kept_fraction"], "dte_runs")
+    df = overall_rows(runs)
+    need_columns(df, ["accuracy", "kept_fraction"], "dte_runs")
     default = "+".join(DEFAULT_LOSS_ON)
     df = df.with_columns(
         pl.lit(None, dtype=pl.String).alias(c) for c in ("truncate_span", "data_source") if c not in df.columns
@@ -402,7 +402,7 @@ def fig1_beside_paper(compression: pl.DataFrame) -> alt.FacetChart:
     (teacher, compressor) pairs both have."""
     from cdlib import paper
 
-    df = beside_published(_weights(compression), paper.compression(), ["teacher", "compressor"])
+    df = beside_published(with_weights(compression), paper.compression(), ["teacher", "compressor"])
     if df is None:
         raise ValueError("fig1_beside_paper: no (teacher, compressor) of this grid is in the paper")
     return fig1_compression_by_domain(df)
@@ -413,7 +413,7 @@ def fig4_beside_paper(runs: pl.DataFrame) -> alt.FacetChart:
     (Table 9: the paper publishes no per-run token medians), rows = teacher and origin."""
     from cdlib import paper
 
-    df = beside_published(_overall(runs), _overall(paper.runs()), RUN_KEYS)
+    df = beside_published(overall_rows(runs), overall_rows(paper.runs()), RUN_KEYS)
     if df is None:
         raise ValueError("fig4_beside_paper: no run of this grid is in the paper")
     return fig4_accuracy_vs_length(df, x="median_reasoning_chars")

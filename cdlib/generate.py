@@ -20,19 +20,19 @@ Mixed-Policy Distillation's student sampling is the same stage with ``keep="all"
 every answered attempt becomes a trace record (with ``correct`` saying whether it
 was right; engine errors are retried in the next round, nothing else is), and
 ``model`` names the sampler, e.g. a train cell directory, resolved to its checkpoint
-(and LoRA adapter) by :func:`cdlib.evaluate.resolve_model`.
+(and LoRA adapter) by :func:`cdlib.outputs.resolve_model`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
 from cdlib import answers, prompts
-from cdlib.engines import Completion, Engine, get_engine, shard
+from cdlib.engines import Completion, Engine, answer_missing, get_engine, shard
+from cdlib.outputs import engine_for
 from cdlib.params import GenerateParams
 from cdlib.store import Store
 
@@ -66,15 +66,7 @@ def engine_params(P: GenerateParams):
     A train cell directory gives its checkpoint and, for LoRA students, its adapter
     (``enable_lora`` and ``lora_path`` are set for the engine).
     """
-    if not P.model:
-        return P.engine
-    from cdlib.evaluate import resolve_model
-
-    target = resolve_model(P.model)
-    ep = P.engine.model_copy(update={"model": target["model"]})
-    if target["adapter"]:
-        ep = ep.model_copy(update={"enable_lora": True, "lora_path": target["adapter"]})
-    return ep
+    return engine_for(P.engine, P.model) if P.model else P.engine
 
 
 def _restore_attempts(traces: Store, attempts: Store) -> int:
@@ -94,19 +86,18 @@ def _restore_attempts(traces: Store, attempts: Store) -> int:
     return len(missing)
 
 
-def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None = None,
-        on_round: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None = None) -> dict[str, Any]:
     """Run rejection sampling for the cell ``P.out_dir``; return the metrics (also written by the notebook).
 
     ``engine`` defaults to ``get_engine(P.engine, P.toy)``; ``chunk_size`` (default
     ``P.chunk_size``) bounds how many questions go to the engine per call.
-    ``on_round(round, asked, correct)`` is called after each round.
 
-    A transient engine error (network, 5xx after the client's retries) is not an
-    answer: it is recorded in ``attempts.jsonl`` as ``<id>#r<round>#e<k>`` with
-    ``transient: true`` but uses up no round, the question is asked again (at most
-    ``rounds`` failed requests per question per run), and if questions are still
-    unanswered because of errors at the end the stage raises
+    Each question has ``rounds`` answered attempts, under the retry rules of
+    :func:`cdlib.engines.answer_missing`. A transient engine error (network, 5xx after
+    the client's retries) is not an answer: it is recorded in ``attempts.jsonl`` as
+    ``<id>#r<round>#e<k>`` with ``transient: true`` but uses up no round, the question is
+    asked again (at most ``rounds`` failed requests per question per run), and if
+    questions are still unanswered because of errors at the end the stage raises
     :class:`cdlib.engines.UnansweredError`: the cell ends failed and a rerun sends
     exactly those questions. A cell whose engine answered not one request (every one
     rejected, e.g. HTTP 400) raises :class:`cdlib.engines.NothingAnsweredError`: it
@@ -118,61 +109,50 @@ def run(P: GenerateParams, engine: Engine | None = None, chunk_size: int | None 
     _restore_attempts(traces, attempts)
     rounds_used: dict[str, int] = {}  # answered attempts per question (a transient error is not one)
     errors: dict[str, int] = {}  # transient errors per question, over every run (names the next error record)
-    last_error: dict[str, str | None] = {}
     for a in attempts:
         if a.get("transient"):
             errors[a["question_id"]] = errors.get(a["question_id"], 0) + 1
         else:
             rounds_used[a["question_id"]] = max(rounds_used.get(a["question_id"], 0), a["round"] + 1)
-    errors_now: dict[str, int] = {}  # transient errors in this run
-    engine = engine or get_engine(engine_params(P), P.toy)
-    chunk = chunk_size or P.chunk_size or len(pool) or 1
-    while True:
-        pending = [r for r in pool if r["id"] not in traces and rounds_used.get(r["id"], 0) < P.rounds
-                   and errors_now.get(r["id"], 0) < P.rounds]
-        if not pending:
-            break
-        by_round: dict[int, list[dict[str, Any]]] = {}
-        for r in pending:
-            by_round.setdefault(rounds_used.get(r["id"], 0), []).append(r)
-        for rnd, todo in sorted(by_round.items()):
-            sampling = P.sampling if P.sampling.seed is None else P.sampling.model_copy(
-                update={"seed": P.sampling.seed + rnd})
-            n_ok = 0
-            bar = tqdm(total=len(todo), desc=f"round {rnd + 1}/{P.rounds}", unit="q")
-            for k in range(0, len(todo), chunk):
-                rows = [{**r, "attempt": rnd} for r in todo[k:k + chunk]]
-                completions = engine.generate([prompts.build_messages(r) for r in rows], sampling, rows=rows)
-                good, tried = [], []
-                for row, c in zip(rows, completions):
-                    qid = row["id"]
-                    if c.transient:
-                        tried.append({"id": f"{qid}#r{rnd}#e{errors.get(qid, 0)}", "question_id": qid,
-                                      "dataset": row["dataset"], "round": rnd, "correct": False,
-                                      "finish_reason": "error", "error": c.error, "transient": True})
-                        errors[qid] = errors.get(qid, 0) + 1
-                        errors_now[qid] = errors_now.get(qid, 0) + 1
-                        last_error[qid] = c.error
-                        continue
-                    ex = answers.extract_detailed(c.text, row["answer_type"], row.get("choices"))
-                    ok = c.finish_reason != "error" and answers.verify(ex.value, row["gold"], row["answer_type"])
-                    tried.append(_attempt_record(row, c, ex, rnd, ok))
-                    rounds_used[qid] = rnd + 1
-                    last_error.pop(qid, None)
-                    if ok or (P.keep == "all" and c.finish_reason != "error"):
-                        good.append(_trace_record(row, c, ex, rnd, ok))
-                traces.append(good)  # traces first: a kill before the attempts is repaired by _restore_attempts
-                attempts.append(tried)
-                n_ok += sum(r["correct"] for r in good)
-                bar.update(len(rows))
-                bar.set_postfix(correct=n_ok)
-            bar.close()
-            if on_round:
-                on_round(rnd, len(todo), n_ok)
-    from cdlib.engines import raise_if_nothing_answered, raise_if_unanswered
+    bar: Any = None
+    n_ok = 0
 
-    raise_if_unanswered("generate", {q: e for q, e in last_error.items() if q not in traces}, len(pool))
-    raise_if_nothing_answered("generate", attempts, attempts.path)
+    def ask(eng: Engine, todo: list[dict[str, Any]], rnd: int) -> list[Completion]:
+        sampling = P.sampling if P.sampling.seed is None else P.sampling.model_copy(
+            update={"seed": P.sampling.seed + rnd})
+        rows = [{**r, "attempt": rnd} for r in todo]
+        return eng.generate([prompts.build_messages(r) for r in rows], sampling, rows=rows)
+
+    def take(rnd: int, pairs: list[tuple[dict[str, Any], Completion]]) -> list[str]:
+        nonlocal n_ok
+        good, tried = [], []
+        for row, c in pairs:
+            qid = row["id"]
+            if c.transient:
+                tried.append({"id": f"{qid}#r{rnd}#e{errors.get(qid, 0)}", "question_id": qid,
+                              "dataset": row["dataset"], "round": rnd, "correct": False,
+                              "finish_reason": "error", "error": c.error, "transient": True})
+                errors[qid] = errors.get(qid, 0) + 1
+                continue
+            ex = answers.extract_detailed(c.text, row["answer_type"], row.get("choices"))
+            ok = c.finish_reason != "error" and answers.verify(ex.value, row["gold"], row["answer_type"])
+            tried.append(_attempt_record(row, c, ex, rnd, ok))
+            if ok or (P.keep == "all" and c.finish_reason != "error"):
+                good.append(_trace_record(row, c, ex, rnd, ok))
+        traces.append(good)  # traces first: a kill before the attempts is repaired by _restore_attempts
+        attempts.append(tried)
+        n_ok += sum(r["correct"] for r in good)
+        bar.set_postfix(correct=n_ok)
+        return [r["id"] for r in good]
+
+    def progress(rnd: int, todo: list[dict[str, Any]]) -> Any:
+        nonlocal bar, n_ok
+        bar, n_ok = tqdm(total=len(todo), desc=f"round {rnd + 1}/{P.rounds}", unit="q"), 0
+        return bar
+
+    answer_missing("generate", pool, traces, engine or (lambda: get_engine(engine_params(P), P.toy)), ask, take,
+                   budget=P.rounds, used=rounds_used, chunk=chunk_size or P.chunk_size, log=attempts,
+                   progress=progress)
     return metrics(out, pool)
 
 

@@ -21,8 +21,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cdlib import answers
+from cdlib.engines import Completion, Engine, answer_missing, get_engine
 from cdlib.params import JudgeParams
 from cdlib.store import Store, read_upstream
+from cdlib.tables import count_table, judge_means, judged
 
 FailureMode = Literal["contradiction", "unsupported_claim", "omitted_key_step", "answer_mismatch",
                       "overcompression", "incoherent", "empty_original", "empty_compressed"]
@@ -150,42 +152,35 @@ def run(P: JudgeParams, engine=None) -> dict[str, Any]:
     if P.limit:
         recs = recs[: P.limit]
     out = Store(Path(P.out_dir) / "judgements.jsonl", writable=True)
-    todo = [r for r in recs if r["id"] not in out]
-    base = lambda r: {k: r.get(k) for k in ("id", "dataset", "domain", "group", "compressor", "flag")}
+
+    def base(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: r.get(k) for k in ("id", "dataset", "domain", "group", "compressor", "flag")}
+
     if P.judge == "rule":
-        out.append({**base(r), **rule_verdict(r).model_dump(), "parse_error": None} for r in todo)
-    elif todo:
-        from cdlib.engines import get_engine
+        out.append({**base(r), **rule_verdict(r).model_dump(), "parse_error": None} for r in recs if r["id"] not in out)
+        return metrics(P.out_dir)
 
-        engine = engine or get_engine(P.engine)
-        chats = [[{"role": "user", "content": build_prompt(r, P.raw_chars, P.compressed_chars)}] for r in todo]
-        failed: dict[str, str | None] = {}
-        step = 1024
-        for k in range(0, len(todo), step):
-            comps = engine.generate(chats[k:k + step], P.sampling, json_schema=SCHEMA, rows=todo[k:k + step])
-            batch = []
-            for r, c in zip(todo[k:k + step], comps):
-                if c.transient:  # no verdict: not stored, sent again by a rerun
-                    failed[r["id"]] = c.error
-                    continue
-                v, err = parse(c.answer if c.answer else c.text, c.finish_reason)
-                batch.append({**base(r), **(v.model_dump() if v else {}), "parse_error": err, "raw_response": c.text,
-                              "error": c.error})
-            out.append(batch)
-        from cdlib.engines import raise_if_unanswered
+    def ask(eng: Engine, rows: list[dict[str, Any]], attempt: int) -> list[Completion]:
+        chats = [[{"role": "user", "content": build_prompt(r, P.raw_chars, P.compressed_chars)}] for r in rows]
+        return eng.generate(chats, P.sampling, json_schema=SCHEMA, rows=rows)
 
-        raise_if_unanswered("judge", failed, len(todo))
-    from cdlib.engines import raise_if_nothing_answered
+    def take(attempt: int, pairs: list[tuple[dict[str, Any], Completion]]) -> None:
+        batch = []
+        for r, c in pairs:
+            if c.transient:  # no verdict: not stored, sent again by a rerun
+                continue
+            v, err = parse(c.answer if c.answer else c.text, c.finish_reason)
+            batch.append({**base(r), **(v.model_dump() if v else {}), "parse_error": err, "raw_response": c.text,
+                          "error": c.error})
+        out.append(batch)
 
-    raise_if_nothing_answered("judge", out, out.path)
+    answer_missing("judge", recs, out, engine or (lambda: get_engine(P.engine)), ask, take, chunk=1024)
     return metrics(P.out_dir)
 
 
 def table10(out_dir: str | Path):
     """Per-dataset verdicts (paper Table 10) plus an overall row: N, mean faithfulness, % faithful, % aligned."""
     import polars as pl
-
-    from cdlib.tables import judge_means, judged
 
     df = Store(Path(out_dir) / "judgements.jsonl").to_polars()
     if df.is_empty():
@@ -223,8 +218,6 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
 def failure_mode_table(metrics: dict[str, Any]):
     """Failure modes named by the judge (:func:`metrics`' ``failure_modes``; a trace can have several) and
     how often, most frequent first, as a polars frame."""
-    from cdlib.evaluate import count_table
-
     return count_table(metrics.get("failure_modes", {}), "failure_mode")
 
 

@@ -19,7 +19,7 @@ import polars as pl
 from cdlib import figures, results, student_runs, tables
 from cdlib.accounting import grid_compute
 from cdlib.page import ReportPage, write_table
-from cdlib.tables import RUN_KEYS, TABLE_DIGITS, _overall, _sort
+from cdlib.tables import RUN_KEYS, TABLE_DIGITS, overall_rows, paper_sort
 
 
 def paper_tables(out_dir: str | Path) -> dict[int, list[Path]]:
@@ -66,7 +66,7 @@ def protocol(g: results.GridOutputs) -> pl.DataFrame:
 
 
 def _training_modes(runs: pl.DataFrame) -> str:
-    ov = _overall(runs)
+    ov = overall_rows(runs)
     if "budget" not in ov.columns or ov["budget"].null_count() == ov.height:
         return "How training length was set is not recorded (no params.yaml in the train cells)."
     counts = ov.group_by(pl.col("budget").fill_null("not recorded")).len().sort("budget")
@@ -77,7 +77,7 @@ def _scored(runs: pl.DataFrame | None) -> pl.DataFrame | None:
     """Runs that have an evaluation (accuracy on the overall row)."""
     if runs is None:
         return None
-    keys = _overall(runs).filter(pl.col("accuracy").is_not_null()).select(RUN_KEYS)
+    keys = overall_rows(runs).filter(pl.col("accuracy").is_not_null()).select(RUN_KEYS)
     df = runs.join(keys, on=RUN_KEYS, how="semi")
     return df if not df.is_empty() else None
 
@@ -218,7 +218,7 @@ def _runs_table(runs: pl.DataFrame) -> pl.DataFrame:
         "objective", "kept_fraction", "kept_token_fraction", "loss_on", "train_flops", "peak_memory_gb"]
     columns = RUN_KEYS + ["budget", "train_tokens", "train_hours", "final_train_loss", "final_val_loss",
                           *neighbours, "accuracy", "n", "train_cell", "eval_cell"]
-    return _sort(_overall(runs).select([c for c in columns if c in runs.columns]), RUN_KEYS)
+    return paper_sort(overall_rows(runs).select([c for c in columns if c in runs.columns]), RUN_KEYS)
 
 
 def _training(page: ReportPage, f: Frames) -> None:
@@ -314,7 +314,7 @@ def _table11(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 11 with each run's training budget."""
     if "budget" not in runs.columns:
         return tables.table11(runs)
-    return _sort(tables.table11(runs).join(_overall(runs).select(RUN_KEYS + ["budget"]), on=RUN_KEYS, how="left"),
+    return paper_sort(tables.table11(runs).join(overall_rows(runs).select(RUN_KEYS + ["budget"]), on=RUN_KEYS, how="left"),
                  RUN_KEYS)
 
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import polars as pl
 
-from cdlib.runner import flatten_metrics  # metrics.json to dotted keys, exactly as results.parquet stores them
-from cdlib.tables import _sort, judged
+from cdlib.outputs import flatten_metrics, read_manifest, read_metrics
+from cdlib.store import read_fields
+from cdlib.tables import judged, paper_sort
 
 KINDS = ("generate", "compress", "truncate", "train", "evaluate", "judge", "report")
 
@@ -93,11 +94,11 @@ class GridOutputs:
 
     def records(self, cell: GridCell, filename: str, fields: list[str],
                 lengths: tuple[str, ...] = ()) -> pl.DataFrame | None:
-        """Some fields of a cell's record file (:func:`_read_jsonl`); None when it has no such file or no rows."""
+        """Some fields of a cell's record file (:func:`cdlib.store.read_fields`); None when it has no such file or no rows."""
         path = cell.dir / filename if cell.dir else None
         if path is None or not path.exists():
             return None
-        df = _read_jsonl(path, fields, lengths)
+        df = read_fields(path, fields, lengths)
         return None if df.is_empty() else df
 
     def teacher_of(self, cell: GridCell) -> str:
@@ -138,15 +139,6 @@ class GridOutputs:
                 return c
             todo += c.upstream
         return None
-
-
-def _json_file(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
 
 
 def _kind(stage: str, notebook: str, d: Path | None, metrics: dict[str, Any]) -> str | None:
@@ -208,8 +200,8 @@ def _cell_from_dir(d: Path, known: GridCell | None) -> tuple[GridCell | None, st
     """A cell directory as (cell, None) when done, (None, its status) when not; raises ValueError when unreadable."""
     import yaml
 
-    manifest = _json_file(d / "manifest.json") or {}
-    metrics = _json_file(d / "metrics.json")
+    manifest = read_manifest(d, strict=True) or {}
+    metrics = read_metrics(d, strict=True)
     params_path = d / "params.yaml"
     try:
         params = (yaml.safe_load(params_path.read_text()) or {}) if params_path.exists() else {}
@@ -281,30 +273,6 @@ def read_grid(grid_dir: str | Path) -> GridOutputs:
                      + (" ..." if len(not_done) > 12 else ""))
     _guess_upstream(cells)
     return GridOutputs(root, cells, notes)
-
-
-def _read_jsonl(path: Path, fields: list[str], lengths: tuple[str, ...] = ()) -> pl.DataFrame:
-    """Some fields of a JSONL store (``<f>_chars`` = len(text) for each field in ``lengths``).
-
-    A last line cut mid-write (a killed stage) is ignored, as the store does; any other
-    bad line raises naming the file and line.
-    """
-    rows = []
-    with path.open("rb") as f:  # line by line: a paper-scale traces.jsonl holds gigabytes of text
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith(b"\n"):  # the last line, cut mid-write
-                    break
-                raise ValueError(f"{path}:{lineno}: not a JSON record ({e.msg})") from None
-            row = {k: rec.get(k) for k in fields}
-            for k in lengths:
-                row[f"{k}_chars"] = len(rec.get(k) or "")
-            rows.append(row)
-    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
 def _domains(df: pl.DataFrame) -> pl.DataFrame:
@@ -425,5 +393,5 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
                          "pct_of_judged": 100 * c.metrics["parse_failures"] / n if n else None})
     if not rows:
         return None
-    return _sort(pl.DataFrame(rows), ["teacher", "compressor"]).sort(["teacher", "compressor", "count"],
+    return paper_sort(pl.DataFrame(rows), ["teacher", "compressor"]).sort(["teacher", "compressor", "count"],
                                                                      descending=[False, False, True], maintain_order=True)

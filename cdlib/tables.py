@@ -45,6 +45,8 @@ import re
 
 import polars as pl
 
+from cdlib.outputs import failed_expr
+
 RUN_KEYS = ["teacher", "student", "method", "source"]
 
 
@@ -73,17 +75,19 @@ ORDER = {
 }
 
 
-def _need(df: pl.DataFrame, columns: list[str], what: str) -> None:
+def need_columns(df: pl.DataFrame, columns: list[str], what: str) -> None:
+    """Raise a ValueError naming ``what`` and the columns of ``columns`` that ``df`` lacks."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{what}: missing column(s) {missing}; have {df.columns}")
 
 
-def _with_optional(df: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+def with_optional(df: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
+    """``df`` with each optional column of ``columns`` it lacks added as nulls."""
     return df.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in columns if c not in df.columns)
 
 
-def _sort(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+def paper_sort(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     """Sort by the paper's order for known names (teachers, students, sources...), others after by name."""
     keys = []
     for col in by:
@@ -96,18 +100,20 @@ def _sort(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     return df.sort(keys, nulls_last=True) if keys else df
 
 
-def _ordered(values: list[str], col: str) -> list[str]:
+def paper_order(values: list[str], col: str) -> list[str]:
+    """``values`` of column ``col`` in the paper's order (:data:`ORDER`), unknown ones after by name."""
     order = ORDER.get(col, [])
     return [v for v in order if v in values] + sorted(v for v in values if v not in order)
 
 
-def _weights(df: pl.DataFrame) -> pl.DataFrame:
+def with_weights(df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with ``n`` = 1 per row when it has no ``n`` (a row per trace rather than a dataset summary)."""
     return df if "n" in df.columns else df.with_columns(n=pl.lit(1, dtype=pl.Int64))
 
 
-def _overall(runs: pl.DataFrame) -> pl.DataFrame:
+def overall_rows(runs: pl.DataFrame) -> pl.DataFrame:
     """One row per run: the ``overall`` group row (or every row if there is no ``group``)."""
-    _need(runs, RUN_KEYS, "run frame")
+    need_columns(runs, RUN_KEYS, "run frame")
     df = runs.filter(pl.col("group") == "overall") if "group" in runs.columns else runs
     dup = df.group_by(RUN_KEYS).len().filter(pl.col("len") > 1)
     if not dup.is_empty():
@@ -117,7 +123,7 @@ def _overall(runs: pl.DataFrame) -> pl.DataFrame:
 
 def _wide_by(df: pl.DataFrame, index: list[str], on: str, values: list[str], name: str = "{value}_{on}") -> pl.DataFrame:
     """Pivot ``values`` to one column per value of ``on``, named like ``hours_raw``, in the paper's order."""
-    levels = _ordered(df[on].unique().drop_nulls().to_list(), on)
+    levels = paper_order(df[on].unique().drop_nulls().to_list(), on)
     out = df.select(index).unique()
     for level in levels:
         part = df.filter(pl.col(on) == level).select(index + [pl.col(v).alias(name.format(value=v, on=level)) for v in values])
@@ -126,7 +132,7 @@ def _wide_by(df: pl.DataFrame, index: list[str], on: str, values: list[str], nam
 
 
 def _compressors(sources: list[str]) -> list[str]:
-    return _ordered([s for s in sources if s not in NON_COMPRESSED], "source")
+    return paper_order([s for s in sources if s not in NON_COMPRESSED], "source")
 
 
 def compression_means(compression: pl.DataFrame, by: list[str]) -> pl.DataFrame:
@@ -134,7 +140,7 @@ def compression_means(compression: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     compressed / mean original characters (a ratio of means, as the paper's Tables 2 and 5), weighted by ``n``.
     The one computation behind Tables 2 and 5, the compress stage's own table (:func:`cdlib.compress.table5`)
     and the side-by-side."""
-    c = _with_optional(_weights(compression), ["compressed_tokens"])
+    c = with_optional(with_weights(compression), ["compressed_tokens"])
     mean = lambda col: (pl.col("n") * pl.col(col)).sum() / pl.col("n").sum()  # noqa: E731
     aggs = dict(mean_compressed_chars=mean("compressed_chars"), mean_compressed_tokens=mean("compressed_tokens"),
                 rho=(pl.col("n") * pl.col("compressed_chars")).sum() / (pl.col("n") * pl.col("original_chars")).sum())
@@ -146,12 +152,13 @@ def flag_counts(drop: pl.Expr) -> dict[str, pl.Expr]:
     (flag ``error``: compressions that never came back, left out of every source) and ``dropped`` (rows where
     ``drop``: left out of training)."""
     flagged = pl.col("flag").is_not_null()
-    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), failed=_failed().sum(), dropped=drop.sum())
+    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), failed=failed_expr().sum(), dropped=drop.sum())
 
 
-def _failed() -> pl.Expr:
-    """Rows whose compression never came back (:func:`cdlib.compress.failed`)."""
-    return (pl.col("flag").cast(pl.String) == "error").fill_null(False)
+def count_table(counts: dict[str, int], name: str) -> pl.DataFrame:
+    """``{label: count}`` as a polars frame of ``name`` and ``count``, most frequent first."""
+    return pl.DataFrame({name: list(counts), "count": list(counts.values())},
+                        schema={name: pl.String, "count": pl.Int64}).sort("count", descending=True)
 
 
 def _kept_with_failed(compression: pl.DataFrame, by: list[str]) -> tuple[pl.DataFrame, pl.DataFrame | None]:
@@ -161,29 +168,29 @@ def _kept_with_failed(compression: pl.DataFrame, by: list[str]) -> tuple[pl.Data
     kept = compression.filter(~pl.col("drop")) if "drop" in compression.columns else compression
     if "flag" not in compression.columns:
         return kept, None
-    return kept, compression.group_by(by).agg(failed=_failed().sum())
+    return kept, compression.group_by(by).agg(failed=failed_expr().sum())
 
 
 def table2(compression: pl.DataFrame) -> pl.DataFrame:
     """Table 2: mean compressed length (chars) and rho per (teacher, compressor), over the rows kept for training;
     with ``flag``, also ``failed``: the compressions that never came back (:func:`_kept_with_failed`)."""
-    _need(compression, ["teacher", "compressor", "original_chars", "compressed_chars"], "table2")
+    need_columns(compression, ["teacher", "compressor", "original_chars", "compressed_chars"], "table2")
     keys = ["teacher", "compressor"]
     kept, failed = _kept_with_failed(compression, keys)
     df = compression_means(kept, keys).select(*keys, "mean_compressed_chars", "rho")
     if failed is not None:
         df = failed.join(df, on=keys, how="left").select(*keys, "mean_compressed_chars", "rho", "failed")
-    return _sort(df, keys)
+    return paper_sort(df, keys)
 
 
 def table3(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 3: overall accuracy of raw and compressed-trace runs, one column per source."""
-    df = _overall(runs)
-    _need(df, ["accuracy"], "table3")
+    df = overall_rows(runs)
+    need_columns(df, ["accuracy"], "table3")
     df = df.filter(~pl.col("source").is_in(["answer_only", "truncated"]))
     sources = ["raw"] + _compressors(df["source"].unique().to_list())
     wide = df.pivot("source", index=["teacher", "student", "method"], values="accuracy")
-    return _sort(wide.select("teacher", "student", "method", *[s for s in sources if s in wide.columns]),
+    return paper_sort(wide.select("teacher", "student", "method", *[s for s in sources if s in wide.columns]),
                  ["teacher", "student", "method"])
 
 
@@ -193,27 +200,27 @@ def trace_means(generation: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     stage's own table (:func:`cdlib.generate.table4`)."""
     if "reasoning_chars" not in generation.columns and "reasoning" in generation.columns:
         generation = generation.with_columns(reasoning_chars=pl.col("reasoning").str.len_chars())
-    _need(generation, by + ["reasoning_chars", "completion_tokens"], "trace_means")
+    need_columns(generation, by + ["reasoning_chars", "completion_tokens"], "trace_means")
     mean = lambda col: (pl.col("n") * pl.col(col)).sum() / pl.col("n").sum()  # noqa: E731
-    return _weights(generation).group_by(by).agg(n_correct=pl.col("n").sum(), mean_reasoning_chars=mean("reasoning_chars"),
+    return with_weights(generation).group_by(by).agg(n_correct=pl.col("n").sum(), mean_reasoning_chars=mean("reasoning_chars"),
                                                  mean_completion_tokens=mean("completion_tokens"))
 
 
 def table4(generation: pl.DataFrame) -> pl.DataFrame:
     """Table 4: correct traces, mean reasoning chars and mean completion tokens per dataset, with totals."""
-    _need(generation, ["teacher", "domain", "dataset"], "table4")
-    per = _sort(trace_means(generation, ["teacher", "domain", "dataset"]), ["teacher", "domain", "dataset"])
+    need_columns(generation, ["teacher", "domain", "dataset"], "table4")
+    per = paper_sort(trace_means(generation, ["teacher", "domain", "dataset"]), ["teacher", "domain", "dataset"])
     totals = per.group_by("teacher").agg(pl.col("n_correct").sum()).with_columns(
         domain=pl.lit(None, pl.String), dataset=pl.lit("Total"),
         mean_reasoning_chars=pl.lit(None, pl.Float64), mean_completion_tokens=pl.lit(None, pl.Float64))
     out = pl.concat([per, totals.select(per.columns)])
-    return _sort(out.with_columns(_total=pl.col("dataset") == "Total"), ["teacher", "_total"]).drop("_total")
+    return paper_sort(out.with_columns(_total=pl.col("dataset") == "Total"), ["teacher", "_total"]).drop("_total")
 
 
 def table5(compression: pl.DataFrame) -> pl.DataFrame:
     """Table 5: per-dataset compressed chars, tokens and rho, one column group per compressor, with Overall rows
     (whose tokens the paper prints as a dash)."""
-    _need(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"], "table5")
+    need_columns(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"], "table5")
     values = ["mean_compressed_chars", "mean_compressed_tokens", "rho"]
     per_keys = ["teacher", "compressor", "domain", "dataset"]
     kept, failed = _kept_with_failed(compression, per_keys)
@@ -228,8 +235,8 @@ def table5(compression: pl.DataFrame) -> pl.DataFrame:
             domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
     wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", values, "{on}_{value}")
-    wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
-    return _sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
+    wide = wide.with_columns(overall_rows=pl.col("dataset") == "Overall")
+    return paper_sort(wide, ["teacher", "overall_rows", "domain", "dataset"]).drop("overall_rows")
 
 
 def table6(runs: pl.DataFrame) -> pl.DataFrame:
@@ -241,8 +248,8 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
     numbers, older cells) shows ``train_tokens``. Runs that recorded ``overlong_dropped`` (samples longer
     than the sequence length, dropped as the paper's Axolotl does) add one such column per source.
     """
-    df = _with_optional(_overall(runs), ["speedup", "source_tokens"])
-    _need(df, ["train_hours", "train_tokens"], "table6")
+    df = with_optional(overall_rows(runs), ["speedup", "source_tokens"])
+    need_columns(df, ["train_hours", "train_tokens"], "table6")
     raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method", pl.col("train_hours").alias("_raw_h"))
     df = df.join(raw, on=["teacher", "student", "method"], how="left").with_columns(
         speedup=pl.when(pl.col("source") == "raw").then(None)
@@ -257,7 +264,7 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
     wide = _wide_by(df, ["teacher", "student", "method"], "source", values)
     wide = wide.drop([c for c in wide.columns if c.startswith("speedup_") and wide[c].null_count() == wide.height])
     cols = [c for prefix in [f"{v}_" for v in values] for c in wide.columns if c.startswith(prefix)]
-    return _sort(wide.select("teacher", "student", "method", *cols), ["teacher", "student", "method"])
+    return paper_sort(wide.select("teacher", "student", "method", *cols), ["teacher", "student", "method"])
 
 
 CI95_Z = 1.96  # Table 7's ± is 1.96 * sqrt(p(1-p)/n), a normal 95% interval half-width (not the SE)
@@ -265,7 +272,7 @@ CI95_Z = 1.96  # Table 7's ± is 1.96 * sqrt(p(1-p)/n), a normal 95% interval ha
 
 def with_ci95(runs: pl.DataFrame) -> pl.DataFrame:
     """``runs`` with ``ci95`` = 1.96 × ``se`` where it is missing (the quantity Table 7 prints after ±)."""
-    r = _with_optional(runs, ["se"]).with_columns(pl.col("se").cast(pl.Float64))
+    r = with_optional(runs, ["se"]).with_columns(pl.col("se").cast(pl.Float64))
     ci = (CI95_Z * pl.col("se"))
     return r.with_columns(ci95=pl.col("ci95").cast(pl.Float64).fill_null(ci) if "ci95" in r.columns else ci)
 
@@ -277,33 +284,33 @@ def table7(runs: pl.DataFrame) -> pl.DataFrame:
     The paper's ± equals 1.96·sqrt(p(1-p)/n) (Common-sense 0.599 at n = 1,221 prints 0.027),
     so ``_ci95`` is the column to read against it; ``_se`` is the plain standard error.
     """
-    _need(runs, RUN_KEYS + ["group", "accuracy"], "table7")
+    need_columns(runs, RUN_KEYS + ["group", "accuracy"], "table7")
     r = with_ci95(runs)
-    groups = _ordered(r["group"].unique().to_list(), "group")
+    groups = paper_order(r["group"].unique().to_list(), "group")
     wide = _wide_by(r, RUN_KEYS, "group", ["accuracy", "se", "ci95"], "{on}_{value}")
     wide = wide.rename({f"{g}_accuracy": g for g in groups})
     cols = RUN_KEYS + [c for g in groups for c in (g, f"{g}_se", f"{g}_ci95")]
-    return _sort(wide.select(cols), ["teacher", "student", "source", "method"])
+    return paper_sort(wide.select(cols), ["teacher", "student", "source", "method"])
 
 
 def table8(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 8: overall accuracy of truncated vs compressed traces, for runs that have a truncated source."""
-    df = _overall(runs)
-    _need(df, ["accuracy"], "table8")
+    df = overall_rows(runs)
+    need_columns(df, ["accuracy"], "table8")
     configs = df.filter(pl.col("source") == "truncated").select("teacher", "student", "method")
     df = df.join(configs, on=["teacher", "student", "method"], how="semi")
     sources = ["truncated"] + _compressors(df["source"].unique().to_list())
     wide = df.filter(pl.col("source").is_in(sources)).pivot("source", index=["teacher", "student", "method"], values="accuracy")
-    return _sort(wide.select("teacher", "student", "method", *[s for s in sources if s in wide.columns]),
+    return paper_sort(wide.select("teacher", "student", "method", *[s for s in sources if s in wide.columns]),
                  ["teacher", "student", "method"])
 
 
 def table9(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 9: inference-time efficiency per run (acc/1k tokens computed when absent)."""
-    df = _with_optional(_overall(runs), INFERENCE_COLUMNS)
+    df = with_optional(overall_rows(runs), INFERENCE_COLUMNS)
     df = df.with_columns(acc_per_1k_tokens=pl.coalesce(
         pl.col("acc_per_1k_tokens"), pl.col("accuracy") / (pl.col("mean_completion_tokens") / 1000)))
-    return _sort(df.select(RUN_KEYS + INFERENCE_COLUMNS), ["teacher", "student", "source", "method"])
+    return paper_sort(df.select(RUN_KEYS + INFERENCE_COLUMNS), ["teacher", "student", "source", "method"])
 
 
 def judged(records: pl.DataFrame) -> pl.DataFrame:
@@ -318,7 +325,7 @@ def judge_means(judge: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     """Per ``by`` (every row when empty): judged traces ``n``, mean ``faithfulness`` (1-5), ``pct_faithful``
     and ``pct_aligned`` (% reaching the canonical answer), weighted by ``n``. The one computation behind
     Table 10, the judge stage's own table (:func:`cdlib.judge.table10`) and the side-by-side."""
-    j = _weights(judge).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
+    j = with_weights(judge).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
     w = pl.col("n") / pl.col("n").sum()
     aggs = dict(n=pl.col("n").sum(), faithfulness=(w * pl.col("faithfulness")).sum(),
                 pct_faithful=(w * pl.col("faithful")).sum() * 100, pct_aligned=(w * pl.col("answer_aligned")).sum() * 100)
@@ -327,23 +334,23 @@ def judge_means(judge: pl.DataFrame, by: list[str]) -> pl.DataFrame:
 
 def table10(judge: pl.DataFrame) -> pl.DataFrame:
     """Table 10: judge N, mean faithfulness, % faithful and % answer-aligned per dataset and compressor."""
-    _need(judge, ["teacher", "compressor", "domain", "dataset", "faithfulness", "faithful", "answer_aligned"], "table10")
+    need_columns(judge, ["teacher", "compressor", "domain", "dataset", "faithfulness", "faithful", "answer_aligned"], "table10")
     per = judge_means(judge, ["teacher", "compressor", "domain", "dataset"])
     overall = judge_means(judge, ["teacher", "compressor"]).with_columns(domain=pl.lit(None, pl.String),
                                                                         dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
     wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", ["n", "faithfulness", "pct_faithful", "pct_aligned"],
                     "{on}_{value}")
-    wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
-    return _sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
+    wide = wide.with_columns(overall_rows=pl.col("dataset") == "Overall")
+    return paper_sort(wide, ["teacher", "overall_rows", "domain", "dataset"]).drop("overall_rows")
 
 
 def table11(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 11: GPUs, wall-clock hours, GPU-hours and trainable tokens (M) per run."""
-    df = _with_optional(_overall(runs), ["gpus", "train_hours", "gpu_hours", "train_tokens", "source_tokens"])
+    df = with_optional(overall_rows(runs), ["gpus", "train_hours", "gpu_hours", "train_tokens", "source_tokens"])
     df = df.with_columns(gpu_hours=pl.coalesce(pl.col("gpu_hours"), pl.col("gpus") * pl.col("train_hours")),
                          train_tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6)  # as Table 6
-    return _sort(df.select(RUN_KEYS + ["gpus", "train_hours", "gpu_hours", "train_tokens_m"]), RUN_KEYS)
+    return paper_sort(df.select(RUN_KEYS + ["gpus", "train_hours", "gpu_hours", "train_tokens_m"]), RUN_KEYS)
 
 
 def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
@@ -354,7 +361,7 @@ def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
     the paper's protocol), then one count column per flag kind. The paper checks nothing
     (answer-preservation checks are its future work), so these rates have no published match.
     """
-    _need(compression, ["teacher", "compressor", "dataset", "flag"], "flag_rates")
+    need_columns(compression, ["teacher", "compressor", "dataset", "flag"], "flag_rates")
     c = compression.with_columns(pl.col("flag").cast(pl.String))
     if "drop" not in c.columns:
         c = c.with_columns(drop=pl.col("flag").is_not_null())
@@ -369,8 +376,8 @@ def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
                             .select("teacher", "compressor", "dataset", "flag", "len")])
         wide = counts.pivot("flag", index=["teacher", "compressor", "dataset"], values="len")
         df = df.join(wide, on=["teacher", "compressor", "dataset"], how="left")
-    df = df.with_columns(_overall=pl.col("dataset") == "Overall")
-    return _sort(df, ["teacher", "compressor", "_overall", "dataset"]).drop("_overall")
+    df = df.with_columns(overall_rows=pl.col("dataset") == "Overall")
+    return paper_sort(df, ["teacher", "compressor", "overall_rows", "dataset"]).drop("overall_rows")
 
 
 def tables(runs: pl.DataFrame | None = None, compression: pl.DataFrame | None = None,
@@ -401,14 +408,14 @@ def side_by_side(ours: pl.DataFrame, paper: pl.DataFrame, keys: list[str], value
     A key present in only one frame keeps its row with nulls on the other side.
     """
     for name, df in (("ours", ours), ("paper", paper)):
-        _need(df, keys + [value], f"side_by_side ({name})")
+        need_columns(df, keys + [value], f"side_by_side ({name})")
         dup = df.group_by(keys).len().filter(pl.col("len") > 1)
         if not dup.is_empty():
             raise ValueError(f"side_by_side ({name}): keys {keys} not unique, e.g. {dup.select(keys).row(0, named=True)}")
     a = ours.select(keys + [pl.col(value).cast(pl.Float64).alias("ours")])
     b = paper.select(keys + [pl.col(value).cast(pl.Float64).alias("paper")])
     out = a.join(b, on=keys, how="full", coalesce=True, nulls_equal=True)
-    return _sort(out.with_columns(diff=pl.col("ours") - pl.col("paper")), keys)
+    return paper_sort(out.with_columns(diff=pl.col("ours") - pl.col("paper")), keys)
 
 
 def _canon(name: object) -> str:
@@ -498,11 +505,11 @@ def grid_side_by_side(runs: pl.DataFrame | None = None, compression: pl.DataFram
         ours, pub = to_paper_names(runs), paper.runs()
         # like with like: the paper prints 1.96 x SE after its ±, so ours is scaled the same way
         out["table7"] = compare(with_ci95(ours), with_ci95(pub), RUN_KEYS + ["group"], ["accuracy", "ci95"])
-        ov, pov = _overall(ours), _overall(pub)
+        ov, pov = overall_rows(ours), overall_rows(pub)
         # like with like: the paper's tokens (Tables 6, 11) count the training and validation split (App. H.4),
         # as our source_tokens do; our train_tokens count the training split only (5% fewer)
         pov = pov.with_columns(source_tokens=pl.col("train_tokens"))
-        out["table6"] = compare(_with_optional(ov, ["source_tokens"]), pov, RUN_KEYS,
+        out["table6"] = compare(with_optional(ov, ["source_tokens"]), pov, RUN_KEYS,
                                 ["train_hours", "source_tokens"])
         out["table9"] = compare(ov, pov, RUN_KEYS, INFERENCE_COLUMNS)
         out["table11"] = compare(ov, pov, RUN_KEYS, ["gpus", "gpu_hours"])

@@ -11,7 +11,6 @@ the end turn a micro-batch into tensors on the right device.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from typing import Any
 from cdlib import checkpoint, losses, sft
 from cdlib import pack as packlib
 from cdlib.params import TrainParams
-from cdlib.store import Store
+from cdlib.outputs import dropped, failed, has_checkpoint, read_checkpoint, resolve_model
+from cdlib.store import Store, read_upstream
 
 DATA_FILES = ("traces.jsonl", "compressed.jsonl", "truncated.jsonl")
 DEFAULT_LR = {"full": 2e-5, "lora": 1e-4}  # paper section 4 / H.3
@@ -39,25 +39,23 @@ def is_toy(student: str) -> bool:
 
 def trained_from_toy(model: str) -> bool:
     """Whether ``model`` is a train cell whose student was a toy student (it keeps the toy learning rate)."""
-    ckpt = Path(model) / "checkpoint.json"
-    if not ckpt.exists():
+    if not has_checkpoint(model):
         return False
-    return is_toy(str(json.loads(ckpt.read_text()).get("student") or ""))
+    return is_toy(str(read_checkpoint(model).get("student") or ""))
 
 
 def resolve_pretrained(name: str, merge_into: str | Path, what: str = "student") -> str:
     """What ``from_pretrained`` loads for a student or KL teacher named ``name``.
 
-    A train cell directory gives its checkpoint (:func:`cdlib.evaluate.resolve_model`);
+    A train cell directory gives its checkpoint (:func:`cdlib.outputs.resolve_model`);
     a LoRA checkpoint without a merged model is merged into ``merge_into`` once (kept
     there, reused when it exists). Hub ids and model directories are returned as given.
     ``what`` names the parameter in errors.
     """
-    from cdlib.evaluate import resolve_model
     from cdlib.tiny import resolve
 
     name = resolve(name)  # a tiny family name ("tiny-llama", ...) is built once and cached
-    if Path(name).is_dir() and not (Path(name) / "checkpoint.json").exists() and (Path(name) / "loss.jsonl").exists():
+    if Path(name).is_dir() and not has_checkpoint(name) and (Path(name) / "loss.jsonl").exists():
         raise TrainError(f"{what} {name!r} is a train cell without checkpoint.json: did its training finish?")
     target = resolve_model(name)
     if not target["adapter"]:
@@ -94,10 +92,7 @@ def _check_source(source: str, path: Path) -> None:
 
 
 def failed_ids(compress_dirs: list[str] | tuple[str, ...]) -> set[str]:
-    """Question ids whose compression never came back (:func:`cdlib.compress.failed`) in any of ``compress_dirs``."""
-    from cdlib.compress import failed
-    from cdlib.store import read_upstream
-
+    """Question ids whose compression never came back (:func:`cdlib.outputs.failed`) in any of ``compress_dirs``."""
     out: set[str] = set()
     for d in compress_dirs:
         path = Path(d) / "compressed.jsonl"
@@ -114,14 +109,11 @@ def load_records(data_dir: str | Path, source: str = "raw", limit: int | None = 
     A question is *failed* when its compression never came back (a permanent engine error), in this
     cell or in one of the compress cells ``same_questions_as``: it is left out whatever the source, so
     every run naming the same compress cells trains on the same question ids. A record is dropped
-    when its stage said so (``cdlib.compress.dropped``: flagged with ``drop_flagged``); with the
+    when its stage said so (:func:`cdlib.outputs.dropped`: flagged with ``drop_flagged``); with the
     paper's protocol flagged records are kept. Returns ``(records, info)``; ``info`` has ``file``,
     ``n_read``, ``n_failed`` (left out as failed), ``n_flagged`` (skipped), ``flags`` (count per flag
     of the skipped), ``n_flagged_kept`` and ``n_used``.
     """
-    from cdlib.compress import dropped, failed
-    from cdlib.store import read_upstream
-
     path = detect_data_file(data_dir)
     _check_source(source, path)
     rows = read_upstream(path, "train")  # refuses an empty store, or one cut since its cell finished

@@ -24,7 +24,7 @@ from typing import Any
 from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
 
 from cdlib import tokenizer as toklib
-from cdlib.compress import dropped
+from cdlib.outputs import dropped
 from cdlib.params import TruncateParams
 from cdlib.store import Store, UpstreamError, read_upstream
 

@@ -30,9 +30,9 @@ bins: int = 50  # histogram bins of the length figure
 # %%
 from IPython.display import HTML
 
-import cdlib.cells
 import cdlib.explore
 import cdlib.figures
+import cdlib.outputs
 import cdlib.params
 
 P = cdlib.params.from_notebook("explore", globals())
@@ -63,7 +63,7 @@ cdlib.explore.length_stats(traces)
 
 # %%
 view = cdlib.explore.filter_traces(traces, P.filter_datasets, P.min_tokens, P.max_tokens, P.flagged)
-cdlib.cells.write_metrics(P.out_dir, cdlib.explore.metrics(view))
+cdlib.outputs.write_metrics(P.out_dir, cdlib.explore.metrics(view))
 cdlib.explore.length_stats(view, by=["teacher", "source", "dataset"])
 
 # %% [markdown]

@@ -26,8 +26,8 @@ model: str = None  # replaces engine.model: a train cell directory, model dir or
 keep: str = "correct"  # "correct" (rejection sampling) or "all" (every answered attempt, with its verdict: MPD)
 
 # %%
-import cdlib.cells
 import cdlib.generate
+import cdlib.outputs
 import cdlib.params
 import cdlib.prompts
 import cdlib.store
@@ -48,7 +48,7 @@ print(cdlib.prompts.build_prompt(pool[0]) if pool else "no questions")
 
 # %%
 metrics = cdlib.generate.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 metrics["total_correct"], metrics["accuracy"]
 
 # %% [markdown]

@@ -24,7 +24,7 @@ limit: int = None  # the first rows only (None: all)
 license: str = None  # the set's license where its files state none
 
 # %%
-import cdlib.cells
+import cdlib.outputs
 import cdlib.params
 import cdlib.store
 import cdlib.trace_import
@@ -37,7 +37,7 @@ P
 
 # %%
 metrics = cdlib.trace_import.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 metrics
 
 # %% [markdown]

@@ -25,8 +25,8 @@ limit: int = None  # compress only the first N traces (None: all)
 # %%
 import polars as pl
 
-import cdlib.cells
 import cdlib.compress
+import cdlib.outputs
 import cdlib.params
 
 P = cdlib.params.from_notebook("compress", globals())
@@ -34,7 +34,7 @@ P
 
 # %%
 metrics = cdlib.compress.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k != "per_dataset"}
 
 # %% [markdown]

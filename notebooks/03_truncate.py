@@ -20,7 +20,7 @@ drop_flagged: bool = True  # leave cuts missing their target by more than tolera
 # %%
 import polars as pl
 
-import cdlib.cells
+import cdlib.outputs
 import cdlib.params
 import cdlib.store
 import cdlib.truncate
@@ -30,7 +30,7 @@ P
 
 # %%
 metrics = cdlib.truncate.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 metrics
 
 # %% [markdown]

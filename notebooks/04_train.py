@@ -67,8 +67,8 @@ report_to: str = "none"  # experiment tracker through accelerate: none, tensorbo
 tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 
 # %%
-import cdlib.cells
 import cdlib.figures
+import cdlib.outputs
 import cdlib.params
 import cdlib.train
 import cdlib.train_models
@@ -91,7 +91,7 @@ print(prepared.audit)
 
 # %%
 metrics = cdlib.train.train(P, data=prepared)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 {k: metrics[k] for k in ("budget_mode", "steps", "train_loss_first", "train_loss", "val_loss", "trainable_tokens",
                          "total_tokens_seen", "wall_clock_s", "gpu_hours", "peak_memory_gb", "flops")}
 

@@ -23,8 +23,8 @@ grouping: str = "paper"  # report groups: "paper" (the n its ± imply) or "datas
 # %%
 import IPython.display
 
-import cdlib.cells
 import cdlib.evaluate
+import cdlib.outputs
 import cdlib.params
 
 P = cdlib.params.from_notebook("evaluate", globals())
@@ -34,14 +34,14 @@ P
 # What will be loaded: a train cell resolves to its checkpoint (and LoRA adapter).
 
 # %%
-cdlib.evaluate.resolve_model(P.model)
+cdlib.outputs.resolve_model(P.model)
 
 # %% [markdown]
 # Generate, extract, verify and score. Metrics as the paper defines them.
 
 # %%
 metrics = cdlib.evaluate.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k not in ("groups", "rules")}
 
 # %% [markdown]

@@ -19,8 +19,8 @@ exclude_datasets: list = []  # datasets not judged (paper Table 10: mmlu_stem, m
 limit: int = None  # judge only the first N compressions (None: all)
 
 # %%
-import cdlib.cells
 import cdlib.judge
+import cdlib.outputs
 import cdlib.params
 
 P = cdlib.params.from_notebook("judge", globals())
@@ -28,7 +28,7 @@ P
 
 # %%
 metrics = cdlib.judge.run(P)
-cdlib.cells.write_metrics(P.out_dir, metrics)
+cdlib.outputs.write_metrics(P.out_dir, metrics)
 {k: v for k, v in metrics.items() if k not in ("per_dataset", "failure_modes")}
 
 # %% [markdown]

@@ -20,7 +20,7 @@ gpu_watts: float = 700  # GPU board power in watts (H100 SXM)
 import IPython.display
 import polars as pl
 
-import cdlib.cells
+import cdlib.outputs
 import cdlib.params
 import cdlib.report
 import cdlib.results
@@ -40,7 +40,7 @@ pl.DataFrame([{"cell": c.id, "kind": c.kind, **c.axes} for c in grid.cells.value
 
 # %%
 built = cdlib.report.build_report(P.grid_dir, P.out_dir, P)
-cdlib.cells.write_metrics(P.out_dir, {"tables": len(built["tables"]), "figures": len(built["figures"]),
+cdlib.outputs.write_metrics(P.out_dir, {"tables": len(built["tables"]), "figures": len(built["figures"]),
                                      "side_by_side": len(built["side_by_side"]), "notes": len(built["notes"])})
 print(built["index"])
 print("\n".join(built["notes"]) or "no notes")

@@ -18,8 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from cdlib import engine_openai
 from cdlib.engines import get_engine
+from cdlib.engines import openai as engine_openai
 from cdlib.params import EngineParams, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

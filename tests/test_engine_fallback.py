@@ -7,7 +7,8 @@ import importlib.util
 
 import pytest
 
-from cdlib.engines import HFEngine, get_engine
+from cdlib.engines import get_engine
+from cdlib.engines.hf import HFEngine
 from cdlib.params import EngineParams, SamplingParams
 
 

@@ -26,7 +26,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdlib import engine_vllm, engines
+from cdlib import engines
+from cdlib.engines import vllm as engine_vllm
 from cdlib.engines import Completion, get_engine, shard
 from cdlib.params import EngineParams, SamplingParams, ToyParams
 

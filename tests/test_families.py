@@ -255,7 +255,7 @@ def test_training_text_is_what_the_evaluation_engine_renders(family, tiny_dirs):
     """The trained prompt is the HF engine's rendered prompt (text and tokens), and prompt + completion is
     the template's own rendering of the whole conversation."""
     from cdlib import sft
-    from cdlib.engines import HFEngine
+    from cdlib.engines.hf import HFEngine
     from cdlib.params import EngineParams
 
     kwargs = KWARGS[family]
@@ -288,7 +288,7 @@ def test_qwen3_5_thinking_switch_answer_only_matches_the_engine(tiny_dirs):
     """Qwen3.5 with enable_thinking=false: the engine's prompt closes an empty think block, and the
     answer-only example trains exactly the answer after that prompt."""
     from cdlib import sft
-    from cdlib.engines import HFEngine
+    from cdlib.engines.hf import HFEngine
     from cdlib.params import EngineParams
 
     kwargs = {"enable_thinking": False}
@@ -330,7 +330,7 @@ def test_save_reload_generate(family, tiny_dirs, tmp_path):
     """Each family's tiny model saves, reloads and generates through the HF engine until its eos."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cdlib.engines import HFEngine
+    from cdlib.engines.hf import HFEngine
     from cdlib.params import EngineParams, SamplingParams
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family])
@@ -364,7 +364,7 @@ def test_bad_input_names_the_model_and_the_reason(tmp_path):
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:  # the CPU set-up: vLLM cannot load Qwen3.5
-        from cdlib.engine_vllm import VLLMEngine
+        from cdlib.engines.vllm import VLLMEngine
         from cdlib.tiny import resolve as resolve_tiny
 
         with pytest.raises(VLLMUnsupportedError, match=r"tiny-qwen3.5' \(family qwen3_5\) cannot be loaded by "

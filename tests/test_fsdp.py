@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import checkpoint
+from cdlib import checkpoint, outputs
 from cdlib import train as T
 from cdlib.launch import launch
 from cdlib.params import TrainParams
@@ -88,7 +88,7 @@ def test_fsdp2_on_two_cpu_ranks_trains_and_saves_as_one_process(toy_traces, tmp_
     assert _losses(Path(two.out_dir)) == pytest.approx(_losses(Path(one.out_dir)), rel=1e-5)
     assert m2["val_loss"] == pytest.approx(m1["val_loss"], rel=1e-5)
     assert not (Path(two.out_dir) / checkpoint.RESUME_DIR).exists()
-    info = checkpoint.read_checkpoint(two.out_dir)
+    info = outputs.read_checkpoint(two.out_dir)
     assert info["model"] == str((Path(two.out_dir) / "model").resolve()) and info["adapter"] is None
     loaded = AutoModelForCausalLM.from_pretrained(info["model"])  # what the evaluation engine loads
     _assert_close({k: v for k, v in loaded.state_dict().items()},
@@ -184,7 +184,7 @@ def test_lora_with_the_kl_teacher_under_fsdp2_equals_one_process(toy_traces, tmp
     _assert_close(a, _safetensors(Path(one.out_dir) / "adapter" / "adapter_model.safetensors"))
     assert all("lora_" in k and "_checkpoint_wrapped_module" not in k for k in a)
     assert len(a) == 2 * sum(m2["lora"]["adapted"].values())  # lora_A and lora_B of every adapted module
-    info, info1 = checkpoint.read_checkpoint(two.out_dir), checkpoint.read_checkpoint(one.out_dir)
+    info, info1 = outputs.read_checkpoint(two.out_dir), outputs.read_checkpoint(one.out_dir)
     ids = torch.arange(3, 40).reshape(1, -1)
     logits = _adapter_logits(info, ids)
     assert torch.allclose(logits, _adapter_logits(info1, ids), rtol=1e-4, atol=1e-4)

@@ -75,7 +75,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     tiny = [json.loads(x) for x in (root / "compress/toy__tiny-lm/compressed.jsonl").read_text().splitlines()]
     assert len(tiny) == 4 and all(r["flag"] for r in tiny)
     # the LoRA student was evaluated through vLLM's LoRA support
-    from cdlib.checkpoint import read_checkpoint
+    from cdlib.outputs import read_checkpoint
 
     ckpt = read_checkpoint(root / "train/toy__tiny__lora__extractive")
     assert ckpt["adapter"] and Path(ckpt["adapter"]).exists()

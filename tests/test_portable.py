@@ -11,8 +11,7 @@ from pathlib import Path
 import yaml
 
 from cdlib import serve
-from cdlib.checkpoint import portable
-from cdlib.evaluate import resolve_model
+from cdlib.outputs import portable, resolve_model
 
 
 def test_moved_train_cells_load_their_own_models(tiny_model_dir, tiny_lora_dir, tmp_path):

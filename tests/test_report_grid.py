@@ -22,7 +22,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import cells, compress, evaluate, figures, generate, grid, judge, paper, report, runner, tables, toy, truncate
+from cdlib import compress, evaluate, figures, generate, grid, judge, outputs, paper, report, runner, tables, toy, truncate
 from cdlib.params import ReportParams, ToyParams, validate
 from cdlib.store import Store
 
@@ -133,7 +133,7 @@ def build_grid(root: Path) -> tuple[Path, dict]:
             m = write_evaluation(d, cell.axes)
         else:
             m = judge.run(validate("judge", cell.params))
-        cells.write_metrics(d, m)
+        outputs.write_metrics(d, m)
         written[cell.id] = m
         wall = m.get("wall_clock_s", 60.0)
         gpus = 1 if cell.stage in ("generate", "compress", "train") else 0
@@ -402,7 +402,7 @@ def test_empty_and_odd_grids_give_a_page_not_a_crash(tmp_path):
     assert out["tables"] == {} and out["figures"] == {} and "results.parquet not found" in out["index"].read_text()
     odd = tmp_path / "outputs/odd/evaluate/a__b"
     odd.mkdir(parents=True)
-    cells.write_metrics(odd, evaluate.summarize([]))  # an evaluation of nothing: {"n": 0}
+    outputs.write_metrics(odd, evaluate.summarize([]))  # an evaluation of nothing: {"n": 0}
     (odd / "manifest.json").write_text(json.dumps({"status": "done", "axes": {"student": "a", "source": "b"}}))
     out = report.build_report(odd.parents[1], tmp_path / "r2")
     assert "runs" in out["tables"] and "No evaluated runs (evaluate cells with an accuracy)" in "\n".join(out["notes"])

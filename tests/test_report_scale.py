@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import cells, datasets, explore, figures, grid, paper, report, results, student_runs, tables
+from cdlib import datasets, explore, figures, grid, outputs, paper, report, results, student_runs, tables
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_TRACES = 283_335  # Qwen3.5-397B-A17B's verified-correct traces (paper 4.1, Table 4)
@@ -38,7 +38,7 @@ def _write_ndjson(path: Path, df: pl.DataFrame) -> None:
 def _done(d: Path, axes: dict, params: dict, metrics: dict, gpus: int = 0, hours: float = 0.1) -> None:
     d.mkdir(parents=True, exist_ok=True)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True))
-    cells.write_metrics(d, metrics)
+    outputs.write_metrics(d, metrics)
     (d / "manifest.json").write_text(json.dumps({
         "status": "done", "axes": axes, "device": "NVIDIA H100 (synthetic)", "gpus": gpus,
         "wall_clock_s": hours * 3600, "gpu_hours": hours * gpus}))

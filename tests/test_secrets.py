@@ -22,6 +22,7 @@ import yaml
 from test_engine_bodies import ScriptedServer, completion_body
 
 from cdlib import engines, generate, toy
+from cdlib.engines.base import scrub
 from cdlib.grid import Grid
 from cdlib.params import EngineParams, GenerateParams, ParamsError, SamplingParams, ToyParams, validate
 
@@ -69,7 +70,7 @@ def test_variable_names_are_accepted(name):
 def test_scrub_hides_auth_headers_and_the_key():
     text = ('{"Authorization": "Bearer sk-1", "api-key": "k2"} authorization: Basic dXNlcg==\r\n'
             "x-api-key=k3&q=1 'Proxy-Authorization': 'tok' then the key sk-1 again; api_key_env: MY_KEY")
-    assert engines.scrub(text, ["sk-1"]) == (
+    assert scrub(text, ["sk-1"]) == (
         '{"Authorization": "***", "api-key": "***"} authorization: ***\r\n'
         "x-api-key=***&q=1 'Proxy-Authorization': '***' then the key *** again; api_key_env: MY_KEY")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cdlib import cells, compress, explore, export, generate, judge, train_data, truncate
+from cdlib import compress, explore, export, generate, judge, outputs, train_data, truncate
 from cdlib.params import CompressParams, GenerateParams, JudgeParams, SamplingParams, ToyParams, TruncateParams
 from cdlib.store import Store, UpstreamError
 
@@ -182,7 +182,7 @@ def _generate(tmp_path: Path, max_tokens: int = 2000) -> tuple[GenerateParams, i
     P = GenerateParams(out_dir=str(tmp_path / "gen"), toy=ToyParams(n_train=30, n_test=5, slip_rate=0.0), rounds=1,
                        sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0))
     m = generate.run(P)
-    cells.write_metrics(P.out_dir, m)
+    outputs.write_metrics(P.out_dir, m)
     return P, m["kept"]
 
 
@@ -196,7 +196,7 @@ def _cut_last_line(path: Path) -> bytes:
 def test_downstream_stages_refuse_a_cut_upstream_naming_both_counts(tmp_path):
     P, n = _generate(tmp_path)
     C = CompressParams(out_dir=str(tmp_path / "comp"), traces=P.out_dir)
-    cells.write_metrics(C.out_dir, compress.run(C))
+    outputs.write_metrics(C.out_dir, compress.run(C))
     traces, compressed = Path(P.out_dir) / "traces.jsonl", Path(C.out_dir) / "compressed.jsonl"
     cut_traces = _cut_last_line(traces)
     expected = rf"holds {n - 1} whole records but its cell's .*metrics\.json records kept = {n}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import checkpoint, losses, sft, train_data
+from cdlib import losses, outputs, sft, train_data
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -143,7 +143,7 @@ def test_notebook_trains_a_toy_student_from_scratch(toy_traces, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cdlib import notebook as nbtools
-    from cdlib.evaluate import resolve_model
+    from cdlib.outputs import resolve_model
 
     out = tmp_path / "train"
     out.mkdir()
@@ -191,7 +191,7 @@ def test_lora_run_with_token_budget_saves_adapter_and_merged_model(toy_traces, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from cdlib.evaluate import resolve_model
+    from cdlib.outputs import resolve_model
 
     out = tmp_path / "lora"
     P = TrainParams(out_dir=str(out), data=str(toy_traces), method="lora", save="merged", lora_rank=8,
@@ -204,7 +204,7 @@ def test_lora_run_with_token_budget_saves_adapter_and_merged_model(toy_traces, t
     assert curve[-1]["loss"] < curve[0]["loss"]
     target = resolve_model(str(out))
     assert target == {"model": str((out / "model").resolve()), "adapter": None}
-    ckpt = checkpoint.read_checkpoint(out)  # checkpoint.json names paths in the output tree relative to the cell
+    ckpt = outputs.read_checkpoint(out)  # checkpoint.json names paths in the output tree relative to the cell
     assert ckpt["unmerged_adapter"] == str((out / "adapter").resolve())
     ids = torch.tensor([[5, 17, 42, 9, 3, 77]])
     base = AutoModelForCausalLM.from_pretrained(out / "base")

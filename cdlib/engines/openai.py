@@ -4,7 +4,7 @@ Bounded concurrency (``max_concurrency`` requests in flight), the ``openai`` cli
 retries with backoff (connection errors, 408/409/429, 5xx), ``request_timeout_s`` as the
 deadline of each HTTP request as a whole (:func:`_deadline_client`), bodies that are not a
 completion (truncated JSON, HTML, no choices) turned into an error naming the endpoint,
-and every stored error message scrubbed of the key (:func:`cdlib.engines.scrub`).
+and every stored error message scrubbed of the key (:func:`cdlib.engines.base.scrub`).
 Built by :func:`cdlib.engines.get_engine`.
 """
 
@@ -18,8 +18,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-from cdlib.engines import (Completion, Engine, Prompt, _completion, _is_chat, _rejects_request,
-                           prompt_opens_think, scrub)
+from cdlib.engines.base import (Completion, Engine, Prompt, is_chat, make_completion, prompt_opens_think,
+                                rejects_request, scrub)
 from cdlib.params import EngineParams, SamplingParams
 from cdlib.secrets import scrub_text
 
@@ -264,7 +264,7 @@ class OpenAIEngine(Engine):
                 return self._failed(e)
         prompt_tokens, completion_tokens = _token_counts(usage)
         if not chat:
-            return _completion(choice["text"], prompt_tokens, completion_tokens, choice.get("finish_reason"),
+            return make_completion(choice["text"], prompt_tokens, completion_tokens, choice.get("finish_reason"),
                                prompt_opens_think(prompt))
         message = choice["message"]
         content = message.get("content") or ""
@@ -278,18 +278,18 @@ class OpenAIEngine(Engine):
                 completion_tokens=completion_tokens,
                 finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
             )
-        return _completion(content, prompt_tokens, completion_tokens, choice.get("finish_reason"))
+        return make_completion(content, prompt_tokens, completion_tokens, choice.get("finish_reason"))
 
     def _failed(self, exc: BaseException) -> Completion:
         """The error completion for a failed request, its message scrubbed of the key and auth headers."""
         message = scrub_text(scrub(_describe_failure(exc, self.params.max_retries, self._secrets), self._secrets))
-        return Completion(text="", finish_reason="error", error=message, transient=not _rejects_request(exc))
+        return Completion(text="", finish_reason="error", error=message, transient=not rejects_request(exc))
 
     def generate(self, prompts, sampling, json_schema=None, rows=None):
         prompts = list(prompts)
         if not prompts:
             return []
-        chat = _is_chat(prompts)
+        chat = is_chat(prompts)
         workers = min(self.params.max_concurrency, len(prompts))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda p: self._request(p, chat, sampling, json_schema), prompts))

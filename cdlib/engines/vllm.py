@@ -14,8 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cdlib.engines import Completion, Engine, Prompt, _completion, _error, _is_chat, prompt_opens_think
+from cdlib.engines.base import (Completion, Engine, Prompt, error_completion, is_chat, make_completion,
+                                prompt_opens_think)
 from cdlib.params import EngineParams, SamplingParams
+from cdlib.tiny import check_vllm_loadable
 
 _LLM_CACHE: dict[str, Any] = {}
 
@@ -54,7 +56,7 @@ def _vllm_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def _single_core_cpu(llm_kwargs: dict[str, Any]) -> bool:
+def single_core_cpu(llm_kwargs: dict[str, Any]) -> bool:
     """True where vLLM should run its engine core inside this process: on CPU, with one torch thread.
 
     vLLM starts its engine core and its CPU worker as two spawned processes, each importing
@@ -83,7 +85,7 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def _sampling_to_vllm(sampling: SamplingParams, json_schema: dict | None):
+def sampling_params(sampling: SamplingParams, json_schema: dict | None):
     """vLLM sampling parameters; a JSON schema becomes compact structured output (no free whitespace,
     which keeps weak models from spending the token budget on blank runs inside the JSON)."""
     import vllm
@@ -115,8 +117,6 @@ class VLLMEngine(Engine):
         super().__init__(params)
         if params.model.startswith((".", "/", "~")) and not Path(params.model).expanduser().exists():
             raise FileNotFoundError(f"engine.model {params.model!r}: no such model directory")
-        from cdlib.tiny import check_vllm_loadable
-
         # e.g. Qwen3.5 without torchvision, gpt-oss LoRA on CPU: a clear error (get_engine falls back to hf)
         check_vllm_loadable(params.model, lora=bool(params.lora_path))
         self.llm_kwargs = vllm_llm_kwargs(params)
@@ -129,7 +129,7 @@ class VLLMEngine(Engine):
             import vllm
 
             kwargs = dict(self.llm_kwargs)
-            if _single_core_cpu(kwargs):
+            if single_core_cpu(kwargs):
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the engine is built
                 kwargs["distributed_executor_backend"] = "uni"
             _LLM_CACHE[self.cache_key] = vllm.LLM(**kwargs)
@@ -161,7 +161,7 @@ class VLLMEngine(Engine):
         for out in outputs:
             best = out.outputs[0]
             result.append(
-                _completion(
+                make_completion(
                     best.text,
                     len(out.prompt_token_ids or []),
                     len(best.token_ids),
@@ -177,8 +177,8 @@ class VLLMEngine(Engine):
             return []
         from vllm.exceptions import VLLMClientError
 
-        chat = _is_chat(prompts)
-        sp = _sampling_to_vllm(sampling, json_schema)
+        chat = is_chat(prompts)
+        sp = sampling_params(sampling, json_schema)
         lora = self._lora_request()
         try:
             return self._run(prompts, chat, sp, lora)
@@ -190,7 +190,7 @@ class VLLMEngine(Engine):
                 try:
                     result.extend(self._run([prompt], chat, sp, lora))
                 except (ValueError, VLLMClientError) as e:
-                    result.append(_error(e, transient=False))
+                    result.append(error_completion(e, transient=False))
             return result
 
     def close(self) -> None:
