@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from cdlib.progress import Estimator, _duration, planned_size
+from cdlib.progress import Estimator, duration, planned_size
 
 
 def cells(root: Path) -> list[dict]:
@@ -46,7 +46,7 @@ def main(root: str = "outputs/demo") -> int:
         return 1
     jobs = max(sum(c["start"] <= t["start"] < c["end"] for c in found) for t in found)
     last = found[-1]["end"]
-    print(f"{root}: {len(found)} cells, up to {jobs} at once, {_duration(last - min(c['start'] for c in found))} in all")
+    print(f"{root}: {len(found)} cells, up to {jobs} at once, {duration(last - min(c['start'] for c in found))} in all")
     print(f"{'after cell':<44} {'left':>5} {'actual':>8} {'ETA':>8} {'ratio':>6} {'mean-ETA':>9}")
     for i, c in enumerate(found[:-1]):
         t = c["end"]
@@ -59,8 +59,8 @@ def main(root: str = "outputs/demo") -> int:
         eta = est.remaining(pending, running, jobs) or 0.0
         mean = sum(f["end"] - f["start"] for f in found[: i + 1]) / (i + 1) * len(later) / jobs
         actual = last - t
-        print(f"{c['id']:<44} {len(later):>5} {_duration(actual):>8} {_duration(eta):>8} "
-              f"{eta / actual if actual else 0:>6.2f} {_duration(mean):>9}")
+        print(f"{c['id']:<44} {len(later):>5} {duration(actual):>8} {duration(eta):>8} "
+              f"{eta / actual if actual else 0:>6.2f} {duration(mean):>9}")
     return 0
 
 

@@ -454,7 +454,8 @@ def error_items(err: ValidationError, model: Any = None) -> list[tuple[tuple, st
     return items
 
 
-def _format_errors(err: ValidationError, source: str, model: Any = None) -> str:
+def format_errors(err: ValidationError, source: str, model: Any = None) -> str:
+    """A pydantic error as lines ``<source>: key '<key>': <message>``, one per problem (:func:`error_items`)."""
     return "\n".join(f"{source}: key '{key}': {msg}" for _, key, msg in error_items(err, model))
 
 
@@ -470,7 +471,7 @@ def validate(model: type[BaseModel] | str, values: dict[str, Any], source: str =
     try:
         return cls.model_validate(values)
     except ValidationError as e:
-        raise ParamsError(_format_errors(e, source, cls)) from None
+        raise ParamsError(format_errors(e, source, cls)) from None
 
 
 def from_notebook(stage: str, namespace: dict[str, Any]) -> Any:
@@ -488,7 +489,7 @@ def from_notebook(stage: str, namespace: dict[str, Any]) -> Any:
     return validate(cls, values, source=f"notebook parameters of stage '{stage}'")
 
 
-def _loader() -> type:
+def yaml_loader() -> type:
     """PyYAML's SafeLoader, made stricter in two ways: a key given twice in one mapping is an
     error naming both lines (PyYAML keeps the last silently), and ``1e-4`` is read as a float as
     YAML 1.2 does (PyYAML's YAML 1.1 reads it as a string, which strict params would refuse)."""
@@ -523,12 +524,12 @@ def _loader() -> type:
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file with :func:`_loader`; syntax errors and duplicate keys name the file, line and column."""
+    """Read a YAML file with :func:`yaml_loader`; syntax errors and duplicate keys name the file, line and column."""
     import yaml
 
     path = Path(path)
     try:
-        return yaml.load(path.read_text(), Loader=_loader())
+        return yaml.load(path.read_text(), Loader=yaml_loader())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -79,7 +79,8 @@ def _own_stdout() -> TextIO:
         return sys.stdout
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``seconds`` as a short wall-clock length: ``42s``, ``3m05s``, ``1h07m``."""
     s = int(round(seconds))
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
@@ -218,12 +219,12 @@ class RunProgress:
         if shown:
             parts.append("running: " + ", ".join(shown))
         elapsed = time.monotonic() - self.t0
-        parts.append(f"elapsed {_duration(elapsed)}")
+        parts.append(f"elapsed {duration(elapsed)}")
         pending = [k for cid, k in self.cells.items() if cid not in ended and cid not in running]
         pending += [("?", None, None)] * max(0, self.total - len(ended) - len(running) - len(pending))
         eta = self.estimator.remaining(pending, timing, self.jobs) if done or self.estimator.prior else None
         if eta is not None:
-            parts.append(f"ETA ~{_duration(eta)}")
+            parts.append(f"ETA ~{duration(eta)}")
         return " · ".join(parts)
 
     def _draw(self, force: bool = False) -> None:

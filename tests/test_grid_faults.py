@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib.grid import main
+from cdlib.grid.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 NB = "tests/notebooks/square.py"
@@ -159,7 +159,7 @@ def test_an_os_error_raised_inside_a_notebook_keeps_its_errno_and_path():
     execution error; the manifest's error still names the file and the errno."""
     from papermill.exceptions import PapermillExecutionError
 
-    from cdlib.cells import _cell_error
+    from cdlib.grid.cells import _cell_error
 
     exc = PapermillExecutionError(cell_index=3, exec_count=4, source="store.append(row)", ename="OSError",
                                   evalue="[Errno 28] No space left on device: '/o/generate/a/traces.jsonl'",

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib.cells import cell_lock, cell_status, run_cell
+from cdlib.grid.cells import cell_lock, cell_status, run_cell
 from cdlib.grid import Grid
 from cdlib.params import ParamsError
 
@@ -65,7 +65,7 @@ def test_a_held_lock_skips_the_cell_and_a_dead_runner_reads_as_interrupted(tmp_p
     with cell_lock(d):
         pass
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from cdlib.cells import cell_lock\n"
+                               "import sys, time; from pathlib import Path; from cdlib.grid.cells import cell_lock\n"
                                f"with cell_lock(Path({str(d)!r})):\n    print('held', flush=True); time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -100,7 +100,7 @@ def _square_grid(tmp_path: Path, name: str, **params) -> Path:
 def test_a_runner_rereads_params_under_the_lock_and_refuses_another_versions_cell(tmp_path):
     """Runner v1 judged the grid at its start; meanwhile runner v2 (other params) ran the cell and failed
     half-way. When v1 reaches the cell, it finds v2's params.yaml under the lock and refuses it."""
-    from cdlib.runner import run_parallel
+    from cdlib.grid.runner import run_parallel
 
     v1 = Grid(_square_grid(tmp_path, "v1.yaml"), root=REPO)
     v2 = Grid(_square_grid(tmp_path, "v2.yaml", fail=True), root=REPO)
@@ -147,7 +147,7 @@ def test_the_wait_for_a_held_input_is_bounded(tmp_path):
     grid = _square_grid(tmp_path, "g.yaml")
     d = tmp_path / "out/v/parent/a"
     holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from pathlib import Path; from cdlib.cells import cell_lock\n"
+                               "import sys, time; from pathlib import Path; from cdlib.grid.cells import cell_lock\n"
                                f"with cell_lock(Path({str(d)!r})):\n    print('held', flush=True); time.sleep(600)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from cdlib.grid import Grid
-from cdlib.slurm import write_slurm
+from cdlib.grid.slurm import write_slurm
 
 REPO = Path(__file__).resolve().parents[1]
 NB = "tests/notebooks/square.py"

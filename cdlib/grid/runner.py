@@ -8,16 +8,16 @@ directory's ``params.yaml`` differs from the grid's or is unreadable; stale: see
 
 Staleness is by content, not by clock. Each cell records in its manifest the identity of every
 input it read (``consumed``: input cell id -> a hash of that cell's params, metrics and records,
-:func:`cdlib.cells.output_identity`); a cell whose inputs' identities now differ is stale
+:func:`cdlib.grid.cells.output_identity`); a cell whose inputs' identities now differ is stale
 (:func:`stale`). A stale ``after: all`` cell (a report, which reads every cell above it) simply
 runs again. Any other stale cell is refused, naming the inputs that changed, and its downstream
 cells are blocked: its directory holds records made from the old inputs, which a resumed store
 would mix with new ones. ``--rerun-stale`` redoes it from an emptied directory instead. ``grid
 status`` shows such cells as ``stale``; ``grid slurm`` leaves them out unless given ``--rerun-stale``.
 
-Each cell runs its notebook with papermill into its directory (:mod:`cdlib.cells`: the lock, the
+Each cell runs its notebook with papermill into its directory (:mod:`cdlib.grid.cells`: the lock, the
 manifest with the stage ``kind``, ``inputs`` and ``consumed``, ``log.txt``). Under the cell's lock
-the directory is judged again (:func:`cdlib.cells.run_cell`), so two runners on two versions of a
+the directory is judged again (:func:`cdlib.grid.cells.run_cell`), so two runners on two versions of a
 grid never write into one cell. Done cells are skipped, failed or interrupted ones rerun in place
 (their stores resume), a failure never stops the other cells (nor does a full disk or a read-only
 directory: the cell fails naming the path and errno). A cell, or an input, that another runner
@@ -43,11 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdlib.cells import (LOCK_FILE, LOCKED_EXIT, _device, cell_status, changed_inputs, os_error, params_conflict,
-                         recorded_identity, run_cell)
-from cdlib.grid import Cell, Grid
+from cdlib.grid.cells import (LOCK_FILE, LOCKED_EXIT, cell_status, changed_inputs, device, os_error,
+                              params_conflict, recorded_identity, run_cell)
+from cdlib.grid.spec import Cell, Grid
 from cdlib.outputs import flatten_metrics, read_manifest, read_metrics
 from cdlib.params import ParamsError
+from cdlib.progress import RunProgress, duration, planned_size
 from cdlib.secrets import scrub_text
 
 
@@ -60,18 +61,12 @@ HELD_TIMEOUT_S = 24 * 3600.0  # how long a runner waits for cells another runner
 CONFLICT_EXIT, STALE_EXIT = 4, 5  # exit codes of `grid run --cell` refusing its cell (besides LOCKED_EXIT)
 
 
-def _above(grid: Grid, c: Cell, ids: Any) -> list[str]:
-    """The cell ids among ``ids`` of stages listed above ``c``'s stage."""
-    order = list(grid.spec.stages)
-    return [u for u in ids if order.index(u.split("/", 1)[0]) < order.index(c.stage)]
-
-
 def consumed_now(grid: Grid, c: Cell) -> dict[str, str | None]:
-    """What ``c`` would read now: input cell id -> its identity (:func:`cdlib.cells.recorded_identity`,
+    """What ``c`` would read now: input cell id -> its identity (:func:`cdlib.grid.cells.recorded_identity`,
     None when not done); for an ``after: all`` cell, every done cell of the stages above it."""
     if not c.after_all:
         return {u: recorded_identity(grid.root / grid.cell(u).directory) for u in c.depends_on}
-    now = {u: recorded_identity(grid.root / grid.cell(u).directory) for u in _above(grid, c, (t.id for t in grid.cells))}
+    now = {u: recorded_identity(grid.root / grid.cell(u).directory) for u in grid.above(c, (t.id for t in grid.cells))}
     return {u: ident for u, ident in now.items() if ident is not None}
 
 
@@ -110,7 +105,7 @@ def decide(grid: Grid, c: Cell, status: dict[str, str], waiting: Any = frozenset
     if gone:
         return "blocked", gone
     busy = [u for u in c.depends_on if status.get(u) != "done"]
-    busy += _above(grid, c, set(waiting) | {u for u, s in status.items() if s in HELD}) if c.after_all else []
+    busy += grid.above(c, set(waiting) | {u for u, s in status.items() if s in HELD}) if c.after_all else []
     if busy:
         return "wait", busy
     changed = stale(grid, c)
@@ -127,7 +122,7 @@ def with_work(grid: Grid, cells: list[Cell], status: dict[str, str]) -> list[Cel
     todo: list[Cell] = []
     ids: set[str] = set()
     for c in cells:
-        upstream = [*c.depends_on, *(_above(grid, c, ids) if c.after_all else [])]
+        upstream = [*c.depends_on, *(grid.above(c, ids) if c.after_all else [])]
         if decide(grid, c, status)[0] != "skip" or any(u in ids for u in upstream):
             todo.append(c)
             ids.add(c.id)
@@ -181,8 +176,6 @@ def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None
     todo = with_work(grid, selected, status)
     print(f"{grid.path}: {len(selected)} cells selected, {len(selected) - len(todo)} already done, "
           f"{len(todo)} to run" + (f", {jobs} at a time" if jobs > 1 and todo else ""), flush=True)
-    from cdlib.progress import RunProgress
-
     t0 = time.monotonic()
     keys, prior = eta_inputs(grid, todo)
     view = RunProgress(len(todo), jobs, cells=keys, prior=prior).start()
@@ -199,8 +192,6 @@ def run(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None
 def eta_inputs(grid: Grid, todo: list[Cell]) -> tuple[dict[str, Any], list[tuple[Any, float]]]:
     """What the run's ETA times cells by (:class:`cdlib.progress.Estimator`): each cell to run as (stage,
     kind, planned size), and every cell whose manifest records a finished run (wall clock) from earlier."""
-    from cdlib.progress import planned_size
-
     keys = {c.id: (c.stage, c.kind, planned_size(c.kind, c.params)) for c in todo}
     prior = []
     for c in grid.cells:
@@ -213,12 +204,10 @@ def eta_inputs(grid: Grid, todo: list[Cell]) -> tuple[dict[str, Any], list[tuple
 def run_summary(grid: Grid, results: dict[str, str], seconds: float) -> str:
     """The run's last line: cells done / failed / blocked (and any other end), its wall clock, and where the
     report is when the grid has a report stage that is done."""
-    from cdlib.progress import _duration
-
     counts: dict[str, int] = {"done": 0, "failed": 0, "blocked": 0}
     for st in results.values():
         counts[st] = counts.get(st, 0) + 1
-    line = f"run finished in {_duration(seconds)}: " + ", ".join(f"{n} {st}" for st, n in counts.items())
+    line = f"run finished in {duration(seconds)}: " + ", ".join(f"{n} {st}" for st, n in counts.items())
     for c in grid.cells:
         if c.kind == "report" and cell_status(c, grid.root) == "done":
             page = grid.root / c.directory / "index.html"
@@ -253,7 +242,7 @@ def run_one(grid: Grid, c: Cell, rerun_stale: bool = False, held_timeout: float 
     the cell is done, :data:`LOCKED_EXIT` when another runner holds it, :data:`CONFLICT_EXIT` or
     :data:`STALE_EXIT` when it is refused, else 1. Inputs another runner holds are waited for."""
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    ids = [c.id, *c.depends_on, *(_above(grid, c, (t.id for t in grid.cells)) if c.after_all else [])]
+    ids = [c.id, *c.depends_on, *(grid.above(c, (t.id for t in grid.cells)) if c.after_all else [])]
     status = {u: cell_status(grid.cell(u), grid.root) for u in ids}
     since = time.monotonic()
     action, ids = decide(grid, c, status, rerun_stale=rerun_stale)
@@ -305,7 +294,7 @@ def slot_resources(jobs: int, cpus: list[int] | None = None, gpus: list[str] | N
     cpus = sorted(cpus)
     per = max(1, len(cpus) // jobs)
     if gpus is None:
-        _, n = _device()
+        _, n = device()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else [str(i) for i in range(n)]
     if gpus and len(gpus) < jobs:
@@ -507,104 +496,7 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     return results
 
 
-# --------------------------------------------------------------------------- what was recorded
-
-
-def status_table(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None):
-    """A polars frame with one row per selected cell: stage, cell, status, wall clock, error.
-
-    Besides :func:`cell_status`'s: ``blocked`` (pending, an input failed, was refused or is blocked: ``error``
-    names it), ``waiting`` (pending, an input not done yet: ``error`` names it), ``queued`` (Slurm has its
-    task pending, :func:`cdlib.slurm.queued_in_slurm`), ``locked`` (another runner holds its lock but has
-    not started it) and ``stale`` (an input changed since the cell ran, :func:`stale`; ``error`` names them).
-    ``error`` also holds a failed cell's error and why a ``conflict`` cell is refused; ``slurm`` the Slurm
-    array job and task that ran it last (or holds it queued)."""
-    import polars as pl
-
-    from cdlib.slurm import queued_in_slurm
-
-    queued = queued_in_slurm(grid)
-    known: dict[str, str] = {}
-
-    def state(u: str) -> str:  # an input's status, pending ones whose own inputs will not be done as blocked
-        if u not in known:
-            st = cell_status(grid.cell(u), grid.root)
-            known[u] = "blocked" if st == "pending" and any(state(v) in BAD for v in grid.cell(u).depends_on) else st
-        return known[u]
-
-    rows = []
-    for c in grid.select(stage, only):
-        st = cell_status(c, grid.root)
-        m = read_manifest(grid.root / c.directory) or {}
-        job = m.get("slurm_job")
-        err = m.get("error") or {}
-        why = (f"{err.get('type')}: {err.get('message', '')[:200]}"
-               + (f" (notebook cell [{err['notebook_cell']}])" if err.get("notebook_cell") is not None else "")
-               if err and st == "failed" else None)
-        changed = stale(grid, c) if st in ("done", "failed", "interrupted") else []
-        if changed:
-            st, why = "stale", f"{', '.join(changed)} changed since it ran; `grid run --rerun-stale` redoes it"
-        elif c.id in queued and st != "running":
-            st, job = "queued", queued[c.id]
-        elif st == "pending" and any(state(u) != "done" for u in c.depends_on):
-            bad = [u for u in c.depends_on if state(u) in BAD]
-            st = "blocked" if bad else "waiting"
-            why = ", ".join(f"{u} ({state(u)})" for u in (bad or [u for u in c.depends_on if state(u) != "done"]))
-            why = f"{st} by {why}" if bad else f"waiting for {why}"
-        elif st == "running" and m.get("status") != "running":
-            st = "locked"
-        elif st == "conflict":
-            why = params_conflict(c, grid.root)
-        rows.append({"stage": c.stage, "cell": c.id, "status": st, "wall_clock_s": m.get("wall_clock_s"),
-                     "slurm": job, "error": scrub_text(why) if why else None})
-    return pl.DataFrame(rows, schema={"stage": pl.String, "cell": pl.String, "status": pl.String,
-                                      "wall_clock_s": pl.Float64, "slurm": pl.String, "error": pl.String})
-
-
-#: what each status of ``grid status`` means, printed under its table
-LEGEND = {
-    "pending": "not run yet, its inputs are done",
-    "waiting": "its inputs are not done yet",
-    "blocked": "an input failed, was refused or is blocked",
-    "stale": "an input changed since it ran (--rerun-stale redoes it)",
-    "running": "running now",
-    "done": "finished",
-    "failed": "ended with an error (run retries it)",
-    "interrupted": "its runner died (run resumes it)",
-    "queued": "queued in Slurm",
-    "locked": "another runner holds it, not started",
-    "conflict": "its params.yaml differs from the grid's",
-}
-
-
-def _table(rows: list[list[str]]) -> list[str]:
-    """Rows of strings as left-aligned columns two spaces apart (the first row is the header)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-
-
-def print_status(grid: Grid, stage: str | None = None, only: dict[str, str] | None = None) -> None:
-    """``grid status``: one line per cell (status, wall clock, Slurm job), the counts per stage, a legend
-    of the statuses, and why each failed, stale, refused or blocked cell is so."""
-    from cdlib.progress import _duration
-
-    table = status_table(grid, stage, only)
-    with_slurm = table["slurm"].drop_nulls().len() > 0
-    rows = [["cell", "status", "time", *(["slurm"] if with_slurm else [])]]
-    for r in table.iter_rows(named=True):
-        took = _duration(r["wall_clock_s"]) if r["wall_clock_s"] is not None and r["status"] != "running" else ""
-        rows.append([r["cell"], r["status"], took, *([r["slurm"] or ""] if with_slurm else [])])
-    print("\n".join(_table(rows)))
-    counts: dict[str, dict[str, int]] = {}
-    for r in table.iter_rows(named=True):
-        per = counts.setdefault(r["stage"], {})
-        per[r["status"]] = per.get(r["status"], 0) + 1
-    print("\n" + " · ".join(f"{s}: " + ", ".join(f"{n} {st}" for st, n in per.items()) for s, per in counts.items()))
-    print("legend: " + " · ".join(f"{st} = {what}" for st, what in LEGEND.items()))
-    said = {"failed": "FAILED", "stale": "STALE", "conflict": "REFUSED", "blocked": "BLOCKED"}
-    for r in table.iter_rows(named=True):
-        if r["status"] in said:
-            print(f"{said[r['status']]} {r['cell']}: {r['error']}")
+# --------------------------------------------------------------------------- results.parquet
 
 
 def write_results(grid: Grid) -> Path | None:

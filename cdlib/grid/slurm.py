@@ -6,18 +6,18 @@ queued. Each task logs to ``logs/<cell id>.<array job>_<task>.out`` (one per cel
 
 The chain is ``afterany``, not ``afterok``: Slurm counts an array as ok only when every task succeeded, so one
 failed training cell would leave all of the next stage's tasks pending for ever (DependencyNeverSatisfied).
-Each task checks its own inputs instead (:func:`cdlib.runner.run_one`): a cell whose input failed exits 1 at
+Each task checks its own inputs instead (:func:`cdlib.grid.runner.run_one`): a cell whose input failed exits 1 at
 once saying "blocked, waiting for <input>", and the others run.
 
-Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (:func:`cdlib.runner.run_one`):
+Each array task runs one cell with ``python -m cdlib.grid run GRID --cell ID`` (:func:`cdlib.grid.runner.run_one`):
 the same checks, lock and manifest as a local run. A cell's resources are the stage's ``slurm:``, its axis
-values' and its matching overrides' (:class:`cdlib.grid.SlurmSpec`).
+values' and its matching overrides' (:class:`cdlib.grid.spec.SlurmSpec`).
 
 Cells Slurm still has queued or running, cells the runner would refuse (params differ: ``--archive-conflicts``
 moves the old directory aside) and what depends on them are left out, saying why (:func:`_left_out`).
 Only the cells that still have work are written (:func:`cells_to_submit`): regenerating after some failed
 submits those and what depends on them, not a GPU allocation per finished cell just to say "done". A stale
-cell (an input's outputs changed since it ran, :func:`cdlib.runner.stale`) is left out, saying so, unless
+cell (an input's outputs changed since it ran, :func:`cdlib.grid.runner.stale`) is left out, saying so, unless
 ``grid slurm --rerun-stale``, whose tasks then redo it from an emptied directory.
 
 Each task activates the Python environment that wrote the scripts (:func:`default_setup`), or runs the grid's
@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdlib.cells import LOCKED_EXIT
-from cdlib.grid import Cell, Grid, SlurmSpec
+from cdlib.grid.cells import LOCKED_EXIT, cell_status, params_conflict
+from cdlib.grid.runner import stale, with_work
+from cdlib.grid.spec import Cell, Grid, SlurmSpec
 from cdlib.params import ParamsError
 
 
@@ -171,12 +172,9 @@ def _directive_path(path: Path) -> str:
 
 
 def cells_to_submit(grid: Grid, status: dict[str, str] | None = None) -> set[str]:
-    """Ids of the cells a submission should run: every cell a run would not skip now (:func:`cdlib.runner.decide`:
+    """Ids of the cells a submission should run: every cell a run would not skip now (:func:`cdlib.grid.runner.decide`:
     pending, failed, interrupted, refused, blocked, stale), and every cell downstream of one of those (its
-    inputs, or for ``after: all`` any stage above, will change): :func:`cdlib.runner.with_work`."""
-    from cdlib.cells import cell_status
-    from cdlib.runner import with_work
-
+    inputs, or for ``after: all`` any stage above, will change): :func:`cdlib.grid.runner.with_work`."""
     status = status or {c.id: cell_status(c, grid.root) for c in grid.cells}
     return {c.id for c in with_work(grid, grid.cells, status)}
 
@@ -223,9 +221,6 @@ def _left_out(grid: Grid, todo: set[str], status: dict[str, str], queued: dict[s
     another runner holds (their lock), cells the runner would refuse (params differ: moved aside instead
     with ``archive_conflicts``; stale: submitted with ``rerun_stale``), and cells whose input is none of
     done, submitted or queued (their task would only exit blocked)."""
-    from cdlib.cells import params_conflict
-    from cdlib.runner import stale
-
     out: set[str] = set()
     for c in grid.cells:
         if c.id not in todo:
@@ -275,8 +270,6 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
     of an earlier generation are removed, so the directory holds only what ``submit.sh`` submits. Cells asking
     for GPUs are refused when the jobs would activate a CPU-only environment (:func:`_check_gpu_environment`),
     unless ``allow_cpu_env``."""
-    from cdlib.cells import cell_status
-
     grid.validate_cells()
     status = {c.id: cell_status(c, grid.root) for c in grid.cells}
     todo = cells_to_submit(grid, status)
