@@ -7,7 +7,7 @@ GRID ?= params/demo.yaml
 # cells at a time, each on its own share of the cores (python -m cdlib.grid run --jobs)
 JOBS ?= 2
 
-.PHONY: setup demo demo-seeds test test-slow test-slurm test-gpu lab bench clean-demo
+.PHONY: setup setup-gpu demo demo-seeds test test-slow test-slurm test-gpu lab bench clean-demo
 
 setup: $(STAMP)
 
@@ -43,9 +43,14 @@ test-slurm: $(STAMP)
 	command -v slurmctld >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y slurm-wlm munge)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slurm
 
-# GPU nodes: a separate environment with vLLM's CUDA build, bitsandbytes (and flash-attn,
-# liger-kernel or cut-cross-entropy where you install them), so the CPU .venv stays as it is.
+# GPU nodes: the one GPU environment, .venv-gpu (vLLM's CUDA build, bitsandbytes, torchao, Liger, Cut
+# Cross-Entropy: the gpu extra), beside the CPU .venv. `make setup-gpu PY=python3.11` picks the interpreter
+# (Python 3.10-3.12). The gpu extra's vllm==0.33.0 pins torch==2.14.0, whose Linux wheels on PyPI depend on
+# cuda-toolkit 13.0.3: the nodes need an NVIDIA driver of the r580 series or newer (nvidia-smi's
+# "CUDA Version" >= 13.0). flash-attn is optional: .venv-gpu/bin/pip install flash-attn --no-build-isolation
 GPU_VENV := .venv-gpu
+setup-gpu: $(GPU_VENV)/.installed
+
 $(GPU_VENV)/.installed: pyproject.toml
 	test -x $(GPU_VENV)/bin/python || $(PY) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/pip install -q -U pip wheel
