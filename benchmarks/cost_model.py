@@ -5,12 +5,40 @@
 Tokens come from the paper's tables, throughput from the paper's own measured runs (training, the Qwen teacher's
 generation and compression) or from the stated vLLM figures in cdlib.cost; see cdlib/cost.py for every assumption.
 Prints markdown tables: the paper's upstream hours as App. H.4 counts them, training calibration, levers, stages
-(defaults and with compute-matched budgets), totals, and per stage what the <= 1/3 goal would ask.
+(defaults and with compute-matched budgets), totals, per stage what the <= 1/3 goal would ask, and last the budget
+of params/paper.yaml's own cells: what ``grid slurm params/paper.yaml`` submits.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
+import polars as pl
+
 from cdlib import cost
+
+
+PAPER_GRID = "params/paper.yaml"
+
+
+def grid_budget(df: pl.DataFrame, path: str) -> tuple[list[tuple[str, int, float, bool]], list[tuple[str, float]]]:
+    """The projection restricted to the cells the paper grid file has (its judge stage, for one, covers the Qwen
+    teacher's compressions only, as Table 10 does): (stage row, cells, H100-h, in the paper's 705) for
+    every row of ``df`` the grid runs, and (stage row, H100-h) for the rows it leaves out. A row is a cell id
+    (``generate/qwen3.5-397b``) or a whole stage (``train``, ``evaluate``)."""
+    from cdlib.grid import Grid
+
+    cells = Grid(path).cells
+    ids = {c.id for c in cells}
+    per_stage = Counter(c.stage for c in cells)
+    kept, left = [], []
+    for r in df.iter_rows(named=True):
+        n = 1 if r["stage"] in ids else per_stage.get(r["stage"], 0)
+        if n:
+            kept.append((r["stage"], n, r["projected_h"], r["in_paper_scope"]))
+        else:
+            left.append((r["stage"], r["projected_h"]))
+    return kept, left
 
 
 def _row(*cells) -> str:
@@ -79,6 +107,20 @@ def main() -> None:
           f"against {ref:,.0f} total tokens/s per H100 published for Qwen3-235B-A22B-FP8 under vLLM on ShareGPT "
           f"(short outputs, GPUStack): at most {ref / teacher:.1f}x headroom, short of the {need:.1f}x "
           f"the goal would need of every stage.")
+
+    kept, left = grid_budget(default, PAPER_GRID)
+    print(f"\nBudget of {PAPER_GRID}'s cells, H100-hours with the defaults (what `grid slurm {PAPER_GRID}` submits; "
+          f"stages without a GPU cost, such as truncate and report, left out):\n")
+    print(_row("stage", "cells", "projected H100-h", "in the paper's 705"))
+    print(_row(*["---"] * 4))
+    for stage, n, hours, scope in kept:
+        print(_row(stage, n, f"{hours:.1f}", "yes" if scope else "no"))
+    total = sum(h for _, _, h, _ in kept)
+    in_705 = sum(h for _, _, h, scope in kept if scope)
+    print(_row("**total**", sum(n for _, n, _, _ in kept), f"**{total:.0f}**", f"{in_705:.0f} of it"))
+    if left:
+        print(f"\nProjected above but not cells of {PAPER_GRID}: "
+              + ", ".join(f"{stage} ({hours:.1f} H100-h)" for stage, hours in left) + ".")
 
 
 if __name__ == "__main__":
