@@ -1,4 +1,4 @@
-"""KL objective (Mixed-Policy Distillation): peak memory and time of ``cdlib.losses.kl_sum``, unchunked vs chunked.
+"""KL objective (Mixed-Policy Distillation): peak memory and time of ``cdlib.training.losses.kl_sum``, unchunked vs chunked.
 
 One forward + backward of the token-level divergence between a student's and a
 teacher's logits of ``--tokens`` supervised positions over ``--vocab`` entries
@@ -42,7 +42,7 @@ def worker(tokens: int, vocab: int, direction: str, chunk: int, repeats: int, dt
     import torch
 
     sys.path.insert(0, str(REPO))
-    from cdlib.losses import kl_sum
+    from cdlib.training.losses import kl_sum
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"

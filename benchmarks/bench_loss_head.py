@@ -8,9 +8,9 @@ subprocess so its peak is its own:
 * ``trl``: ``model(input_ids, labels=labels).loss``, transformers' own causal-LM loss,
   which is what TRL's SFTTrainer computes unless it is told to use Liger (full logits,
   upcast to fp32, cross-entropy);
-* ``full``: cdlib's previous head, ``cdlib.losses.cross_entropy_sum`` on the model's logits
+* ``full``: cdlib's previous head, ``cdlib.training.losses.cross_entropy_sum`` on the model's logits
   (supervised positions picked out of the full logits);
-* ``chunked``: ``cdlib.losses.fused_head`` with ``--chunk`` positions per chunk (no logits);
+* ``chunked``: ``cdlib.training.losses.fused_head`` with ``--chunk`` positions per chunk (no logits);
 * ``liger`` / ``cce``: the fused GPU kernels, where installed.
 
 Memory: CPU, peak resident memory (``ru_maxrss``) after the step minus the resident
@@ -49,8 +49,8 @@ def worker(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repea
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(REPO))
-    from cdlib import losses
-    from cdlib.losses import cross_entropy_sum
+    from cdlib.training import losses
+    from cdlib.training.losses import cross_entropy_sum
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"

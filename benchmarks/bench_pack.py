@@ -75,7 +75,7 @@ def scenarios() -> dict[str, list[tuple[str, int, float]]]:
 
 
 def bench_efficiency(args: argparse.Namespace) -> None:
-    from cdlib.pack import check_bins, pack, packing_efficiency
+    from cdlib.training.packing import check_bins, pack, packing_efficiency
 
     rng = random.Random(args.seed)
     print(f"== packing efficiency at max_len={args.max_len} (lognormal sigma={args.sigma}, seed={args.seed})")
@@ -95,7 +95,7 @@ def bench_throughput(args: argparse.Namespace) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from cdlib.pack import collate_packed, collate_padded, pack
+    from cdlib.training.packing import collate_packed, collate_padded, pack
 
     rng = random.Random(args.seed + 1)
     seq_len = args.tp_seq_len

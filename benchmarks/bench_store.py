@@ -2,7 +2,7 @@
 
 The paper's teacher pass keeps 283,335 verified traces (mean ~5-19k characters by dataset), so a
 ``traces.jsonl`` is gigabytes. Every resumed stage opens its :class:`cdlib.store.Store` (to learn which
-ids are done) and training reads its input through ``cdlib.train_data.load_records``. This writes a
+ids are done) and training reads its input through ``cdlib.training.data.load_records``. This writes a
 store of ``--mb`` megabytes of trace-sized records, then, each in a fresh process (peak RSS is per
 process), measures:
 
@@ -50,7 +50,7 @@ def measure(what: str, path: str) -> None:
     """Run in a child: print seconds and peak RSS (bytes) above the baseline after imports."""
     sys.path.insert(0, str(REPO))
     from cdlib.store import Store
-    from cdlib.train_data import load_records
+    from cdlib.training.data import load_records
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t = time.perf_counter()

@@ -99,7 +99,7 @@ def work_trainer(work: Path, steps: int) -> dict:
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from cdlib import pack as packlib
+    from cdlib.training import packing as packlib
     from cdlib import train as T
 
     out = Path(tempfile.mkdtemp(dir=work))

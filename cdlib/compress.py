@@ -37,7 +37,7 @@ answered with an error that sending it again cannot fix) is a compression that
 never came back, not an empty trace: it is always dropped, whatever
 ``drop_flagged`` says (:func:`cdlib.outputs.failed`), so no length-matched cut is made to 0
 tokens. Training runs that name this cell in ``same_questions_as`` leave that
-question out of every source alike (:func:`cdlib.train_data.load_records`).
+question out of every source alike (:func:`cdlib.training.data.load_records`).
 
 Input traces may come from student sampling with ``keep="all"`` (MPD): a trace
 whose ``correct`` is False carries a wrong answer, so the rewriter is given the gold

@@ -1,4 +1,4 @@
-"""GPU cost model of the paper grid: H100-hours per stage from tokens x throughput (issue 18, item 5).
+"""GPU cost model of the paper grid: H100-hours per stage from tokens x throughput.
 
 Every token count comes from the paper's own tables (:func:`cdlib.paper.table`): Table 4 (correct traces and
 mean tokens per dataset and teacher), Table 5 (compressed tokens), Table 11 (GPUs, GPU-hours and trainable
@@ -126,10 +126,10 @@ def levers() -> dict[str, Lever]:
     """The levers, their factor against the paper's own setup, and whether they are on by default here."""
     return {
         "packing": Lever("train", 1.0, True,
-                         "cdlib.pack best-fit-decreasing, 99.9% fill (bench_pack); the paper's Axolotl already packs "
+                         "cdlib.training.packing best-fit-decreasing, 99.9% fill (bench_pack); the paper's Axolotl already packs "
                          "(App. H.3), so 1.0 vs paper; vs padded batches it is 1.71x (bench_pack, CPU)"),
         "fused_loss": Lever("train", 1.0, True,
-                            "loss_head auto = Cut Cross-Entropy / Liger on a GPU (cdlib.losses); the paper used both "
+                            "loss_head auto = Cut Cross-Entropy / Liger on a GPU (cdlib.training.losses); the paper used both "
                             "(App. H.3), so 1.0 vs paper; the chunked CPU fallback is 0.12x the memory of full logits"),
         "vllm_dp": Lever("compress", 1.0, True,
                          "params/paper.yaml keeps the paper's DP (Ministral DP8, Llama-70B TP4xDP2); the 397B FP8 "
@@ -327,7 +327,7 @@ def summary(df: pl.DataFrame) -> dict[str, float]:
 
 
 def goal_gap(df: pl.DataFrame) -> pl.DataFrame:
-    """Per paper-scope stage: projected H100-h, and what the 1/3 goal (issue 18 item 5) would ask of it.
+    """Per paper-scope stage: projected H100-h, and what the goal (a third of the paper's H100-hours) would ask of it.
 
     ``alone_over_goal``: the stage by itself already exceeds the goal; ``speedup_if_alone``: the factor this
     stage alone would need with every other stage as projected (null when impossible: the others already

@@ -25,6 +25,8 @@ import json
 import random
 from pathlib import Path
 
+from cdlib.chat_templates import load_template
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"  # end of a turn; the model's eos token
@@ -186,7 +188,7 @@ class VLLMUnsupportedError(RuntimeError):
 
 #: The paper's architecture families (transformers ``model_type`` of the real checkpoints, the text
 #: model for Qwen3.5) and what each needs. ``real``: the paper's models of the family; ``chat_format``:
-#: the ``cdlib.sft`` format of its template; ``template``: the bundled template of the tiny model
+#: the ``cdlib.training.sft`` format of its template; ``template``: the bundled template of the tiny model
 #: (None: the tokenizer brings its own). Shapes of the tiny configs are in :func:`family_config`.
 FAMILIES: dict[str, dict[str, object]] = {
     "qwen3_5": {"tiny": "tiny-qwen3.5", "model_type": "qwen3_5_text", "chat_format": "qwen", "template": "qwen3_5",
@@ -270,8 +272,6 @@ def _bpe_tokenizer(corpus: list[str], vocab_size: int, tokens: dict[str, object]
     )
     wrapped.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
     if template is not None:
-        from cdlib.sft import load_template
-
         wrapped.chat_template = load_template(template)
     return wrapped
 

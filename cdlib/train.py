@@ -3,16 +3,16 @@
 :func:`run` trains one student on one data cell, in this process (one device, or
 one rank of an ``accelerate launch``):
 
-1. :func:`cdlib.train_data.load_records` reads the input cell (``traces.jsonl``, ``compressed.jsonl``
+1. :func:`cdlib.training.data.load_records` reads the input cell (``traces.jsonl``, ``compressed.jsonl``
    or ``truncated.jsonl``, detected) and skips flagged records;
 2. the student is prepared: ``toy*`` names build a tiny Qwen2 model from scratch
    with a tokenizer trained on the records (``<out_dir>/base/``), anything else is
    a hub id, a local directory or a train cell directory (its checkpoint, a LoRA
    adapter merged into ``<out_dir>/base/`` first), so a student can start from a
-   trained one; ``kl_teacher`` is resolved the same way (:func:`cdlib.train_data.resolve_pretrained`);
-3. :func:`cdlib.train_data.prepare` builds the SFT examples (``cdlib.sft``), runs the mask audit and
+   trained one; ``kl_teacher`` is resolved the same way (:func:`cdlib.training.data.resolve_pretrained`);
+3. :func:`cdlib.training.data.prepare` builds the SFT examples (``cdlib.training.sft``), runs the mask audit and
    makes the seeded validation split;
-4. :func:`cdlib.train_data.plan` packs the examples (best-fit-decreasing at ``seq_len``) and lays
+4. :func:`cdlib.training.data.plan` packs the examples (best-fit-decreasing at ``seq_len``) and lays
    out the micro-batches of the whole run: by epochs, ``max_steps`` or a
    ``token_budget`` of supervised tokens (compute-matched runs, cycling the data);
 5. the loop: transformers + peft + accelerate; the loss of an optimizer step is
@@ -21,31 +21,31 @@ one rank of an ``accelerate launch``):
    per-micro-batch means, so packed rows with few supervised tokens do not weigh
    as much as full ones; every ``save_every`` steps the training state goes to
    ``<out_dir>/resume/`` and a rerun of a killed cell resumes from it (:func:`run`,
-   :func:`cdlib.checkpoint.save_resume`); the KL objective is computed over chunks of
-   ``kl_chunk_tokens`` positions (:func:`cdlib.losses.kl_sum`);
+   :func:`cdlib.training.checkpoint.save_resume`); the KL objective is computed over chunks of
+   ``kl_chunk_tokens`` positions (:func:`cdlib.training.losses.kl_sum`);
 6. the checkpoint is saved in HF layout (``model/``, ``adapter/``, ``base/``) with
-   ``checkpoint.json`` naming what vLLM should load (``cdlib.evaluate.resolve_model``,
-   :func:`cdlib.checkpoint.save`), the loss curve in ``loss.jsonl``, and the metrics
+   ``checkpoint.json`` naming what vLLM should load (:func:`cdlib.outputs.resolve_model`,
+   :func:`cdlib.training.checkpoint.save`), the loss curve in ``loss.jsonl``, and the metrics
    (budget label, tokens, wall-clock, GPU-hours, peak memory, FLOPs estimate) returned.
 
-The data side lives in ``cdlib.train_data``, loading models, LoRA and the optimizer in
-``cdlib.train_models``, the losses in ``cdlib.losses`` and the resumable state, saving and
-LoRA merges in ``cdlib.checkpoint``; :func:`run` reads top to bottom through :func:`set_up`,
+The data side lives in ``cdlib.training.data``, loading models, LoRA and the optimizer in
+``cdlib.training.models``, the losses in ``cdlib.training.losses`` and the resumable state, saving and
+LoRA merges in ``cdlib.training.checkpoint``; :func:`run` reads top to bottom through :func:`set_up`,
 :func:`start_progress`, :func:`train_loop` (:func:`train_step` per optimizer step),
-:func:`validate`, :func:`cdlib.checkpoint.save` and :func:`collect_metrics`.
+:func:`validate`, :func:`cdlib.training.checkpoint.save` and :func:`collect_metrics`.
 
 :func:`train` is what the notebook calls: it runs in-process, or launches
 ``accelerate launch`` across the visible GPUs when ``accelerate_config`` is set
-and more than one GPU is visible (:func:`cdlib.launch.launch`). ``python -m cdlib.train
+and more than one GPU is visible (:func:`cdlib.training.launch.launch`). ``python -m cdlib.train
 params.json`` is the worker entry point of such a launch.
 
-Packed batches come from ``cdlib.pack`` and carry ``use_cache=False``; they are
+Packed batches come from ``cdlib.training.packing`` and carry ``use_cache=False``; they are
 passed to the model unchanged (without it transformers 5.19 builds a cache and
 ignores the packed ``position_ids``, attending across examples). By default rows are
 padding-free with ``cu_seq_lens`` (layout ``varlen``): flash-attention 2 on a GPU, else
-sdpa one example at a time (:func:`cdlib.pack.sdpa_varlen_attention`), so no ``L x L``
+sdpa one example at a time (:func:`cdlib.training.packing.sdpa_varlen_attention`), so no ``L x L``
 mask is built and attention costs the examples' lengths squared, not the row's. Whether a
-model is packed at all is :func:`cdlib.pack.packed_layout`'s answer for its config and
+model is packed at all is :func:`cdlib.training.packing.packed_layout`'s answer for its config and
 attention path: linear-attention models (Qwen3.5) are packed on varlen with those layers
 run example by example, and train one example per row on sdpa/eager block masks, with the
 reason in the log and in the metrics (``layout``, ``packing``, ``packing_note``);
@@ -66,14 +66,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdlib import checkpoint, losses, sft
-from cdlib import pack as packlib
 from cdlib.params import TrainParams
+from cdlib.params import validate as validate_params
 from cdlib.store import Store
-from cdlib.launch import METRICS_FILE, launch, visible_gpus
-from cdlib.trackers import start_tracking, track_steps
-from cdlib.train_data import DEFAULT_LR, MicroBatches, Prepared, TOY_LR, TrainError, budget_mode, check_same_tokenizer, collate_fn, is_toy, plan, prepare, step_tokens, to_device, trained_from_toy, with_mask
-from cdlib.train_models import flops_estimate, load_student, load_teacher, make_optimizer, peak_memory
+from cdlib.training import checkpoint, losses, sft
+from cdlib.training import packing as packlib
+from cdlib.training.data import (DEFAULT_LR, TOY_LR, MicroBatches, Prepared, TrainError, budget_mode,
+                                 check_same_tokenizer, collate_fn, is_toy, plan, prepare, step_tokens, to_device,
+                                 trained_from_toy, with_mask)
+from cdlib.training.launch import METRICS_FILE, die_with_parent, launch, visible_gpus
+from cdlib.training.models import flops_estimate, load_student, load_teacher, make_optimizer, peak_memory
+from cdlib.training.trackers import start_tracking, track_steps
 
 EMA_ALPHA = 0.08  # paper Figure 3
 
@@ -138,7 +141,7 @@ class Setup:
     tracker: dict[str, float] | None
     model: Any
     head_model: Any  # the unwrapped model, whose output embedding the fused loss head takes over
-    head: str  # the SFT loss head (cdlib.losses.resolve)
+    head: str  # the SFT loss head (cdlib.training.losses.resolve)
     rows: packlib.Layout
     attn: str
     student: dict[str, Any]  # load_student's record: lora, params, tf32, liger, fsdp_ac, n_layers, d_attn
@@ -249,8 +252,8 @@ def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: 
 
 
 def start_progress(s: Setup, out: Path) -> tuple[Progress, dict[str, Any]]:
-    """The loop's starting point: a matching resumable state's (:func:`cdlib.checkpoint.resume_or_start`)
-    or step 0; and the run's :func:`cdlib.checkpoint.resume_fingerprint`."""
+    """The loop's starting point: a matching resumable state's (:func:`cdlib.training.checkpoint.resume_or_start`)
+    or step 0; and the run's :func:`cdlib.training.checkpoint.resume_fingerprint`."""
     acc = s.accelerator
     fingerprint = checkpoint.resume_fingerprint(s.P, s.data.train, s.schedule, acc.num_processes,
                                                 str(acc.distributed_type.value))
@@ -349,7 +352,7 @@ class LossReader:
 def train_loop(s: Setup, prog: Progress, out: Path, fingerprint: dict[str, Any], t_start: float,
                progress: bool) -> None:
     """The optimizer steps from ``prog.start_step``: :func:`train_step`, the loss curve every ``log_every``
-    steps and a resumable state every ``save_every`` (:func:`cdlib.checkpoint.save_resume`)."""
+    steps and a resumable state every ``save_every`` (:func:`cdlib.training.checkpoint.save_resume`)."""
     import torch
 
     from cdlib.progress import tqdm  # text inside grid cells (log.txt), widgets in JupyterLab
@@ -417,7 +420,7 @@ def validate(s: Setup) -> dict[str, Any]:
 def overlong_counts(build_info: dict[str, Any]) -> dict[str, Any]:
     """The overlong policy and how many examples longer than ``seq_len`` it dropped or cut (metrics, Table 6).
     ``drop`` is what the paper's Axolotl does with a sample over its 16,384 tokens (paper mode); the
-    default ``error`` stops at the first, naming it (:func:`cdlib.sft.apply_overlong`)."""
+    default ``error`` stops at the first, naming it (:func:`cdlib.training.sft.apply_overlong`)."""
     n = len(build_info["overlong_ids"])
     policy = build_info["overlong"]
     return {"overlong": policy, "overlong_dropped": n if policy == "drop" else 0,
@@ -507,16 +510,16 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
 
     ``data`` reuses a :func:`prepare` result (the notebook shows its audit first). It reads top to bottom:
     set-up (:func:`set_up`), resume (:func:`start_progress`), loop (:func:`train_loop`), validation
-    (:func:`validate`), save (:func:`cdlib.checkpoint.save`) and metrics (:func:`collect_metrics`).
+    (:func:`validate`), save (:func:`cdlib.training.checkpoint.save`) and metrics (:func:`collect_metrics`).
     Writes ``<out_dir>/loss.jsonl`` (one record per optimizer step: ``step``,
     ``loss``, ``ema``, ``lr``, ``tokens``), the checkpoint (``model/``, ``adapter/``,
     ``base/``) and ``checkpoint.json``. ``log`` receives the audit report and
     progress lines (main process only).
 
     Every ``P.save_every`` optimizer steps the training state goes to
-    ``<out_dir>/resume/`` (:func:`cdlib.checkpoint.save_resume`: weights, optimizer, LR scheduler,
+    ``<out_dir>/resume/`` (:func:`cdlib.training.checkpoint.save_resume`: weights, optimizer, LR scheduler,
     RNG states, step, token totals, EMA and per-step losses). A run that finds a
-    complete state there whose :func:`cdlib.checkpoint.resume_fingerprint` matches its own resumes
+    complete state there whose :func:`cdlib.training.checkpoint.resume_fingerprint` matches its own resumes
     from it: it skips the micro-batches already trained on, continues the step
     count, the LR schedule and ``loss.jsonl`` (cut back to the state's step, so
     every step has one row), and reports ``resumed_from_step``; its wall-clock and
@@ -601,16 +604,17 @@ def loss_frame(out_dir: str | Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Worker entry point of a launch: ``python -m cdlib.train params.json`` (run on every rank)."""
-    from cdlib.params import validate
-
+    """Worker entry point of a launch: ``python -m cdlib.train params.json``, run on every rank by
+    :func:`cdlib.training.launch.launch`. The rank first asks to die with its launcher, so no orphaned
+    rank keeps training into the cell directory beside a rerun."""
+    die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m cdlib.train PARAMS.json|yaml", file=sys.stderr)
         return 2
     path = Path(argv[0])
     values = json.loads(path.read_text()) if path.suffix == ".json" else __import__("yaml").safe_load(path.read_text())
-    P = validate(TrainParams, values, source=str(path))
+    P = validate_params(TrainParams, values, source=str(path))
     metrics = run(P, progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(P.out_dir) / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))

@@ -71,7 +71,7 @@ import cdlib.figures
 import cdlib.outputs
 import cdlib.params
 import cdlib.train
-import cdlib.train_models
+import cdlib.training.models
 
 P = cdlib.params.from_notebook("train", globals())
 P
@@ -101,7 +101,7 @@ cdlib.outputs.write_metrics(P.out_dir, metrics)
 # listed targets matched nothing and which weights got no adapter.
 
 # %%
-cdlib.train_models.layout_summary(metrics)
+cdlib.training.models.layout_summary(metrics)
 
 # %% [markdown]
 # Loss curve (thin: per step; bold: EMA with alpha 0.08, as in the paper's Figure 3).

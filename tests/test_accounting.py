@@ -1,4 +1,4 @@
-"""Accounting as the paper's Appendix H.4 does it (issue 14 item 6).
+"""Accounting as the paper's Appendix H.4 does it.
 
 * Table 6's (and Table 11's) trainable tokens are "source-dataset trainable-token totals ... before the epoch
   multiplier": every row of a run's training data, the 5% validation split included, one pass; not the tokens
@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdlib import accounting, results, sft, student_runs, tables
+from cdlib import accounting, results, student_runs, tables
+from cdlib.training import sft
 from cdlib import train as T
-from cdlib import train_data
+from cdlib.training import data as train_data
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 
 

@@ -1,4 +1,4 @@
-"""Errors are not answers (issue 19 items 2 and 5).
+"""Errors are not answers.
 
 An OpenAI-compatible server on 127.0.0.1 answers the toy world correctly, then
 goes down (HTTP 500) after a number of requests. Every stage that asks an engine
@@ -308,7 +308,8 @@ def test_a_compression_that_never_came_back_leaves_its_question_out_of_every_sou
     """Two compress cells meet HTTP 400 (a permanent error) for different questions. Neither keeps an empty trace;
     the truncate cell cuts nothing to 0 tokens; every source of training, named with both compress cells as
     paper.yaml names them, trains on the same question ids; Tables 2 and 5 count the failures."""
-    from cdlib import report, results, tables, train_data, truncate
+    from cdlib import report, results, tables, truncate
+    from cdlib.training import data as train_data
     from cdlib.grid import Grid
     from cdlib.params import TrainParams, TruncateParams
 

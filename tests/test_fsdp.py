@@ -1,5 +1,5 @@
 """FSDP2 executed: training cells launched with slurm/accelerate/fsdp2-cpu.yaml on 2 CPU ranks over gloo, through
-the project's own launch path (:func:`cdlib.launch.launch`, ``accelerate launch``), against one process.
+the project's own launch path (:func:`cdlib.training.launch.launch`, ``accelerate launch``), against one process.
 
 What holds: the model is fully sharded (``fully_shard`` per decoder layer), with FSDP's activation checkpointing; the
 resumable state is sharded (torch.distributed.checkpoint, one shard per rank) and a killed run resumes from it; the
@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import checkpoint, outputs
+from cdlib import outputs
+from cdlib.training import checkpoint
 from cdlib import train as T
-from cdlib.launch import launch
+from cdlib.training.launch import launch
 from cdlib.params import TrainParams
 from cdlib.store import Store
 from test_launch import _processes_naming  # tests/ is on the path (its conftest.py)
@@ -97,8 +98,8 @@ def test_fsdp2_on_two_cpu_ranks_trains_and_saves_as_one_process(toy_traces, tmp_
 
 def _kill_after_first_state(P: TrainParams, timeout: float = 300) -> int:
     """Launch ``P`` on 2 ranks in a child process, SIGKILL that process once a resumable state is complete (its
-    ranks die with it, cdlib.launch); returns the state's step."""
-    script = ("import sys; from cdlib.launch import launch; from cdlib.params import TrainParams\n"
+    ranks die with it, cdlib.training.launch); returns the state's step."""
+    script = ("import sys; from cdlib.training.launch import launch; from cdlib.params import TrainParams\n"
               f"launch(TrainParams.model_validate_json(sys.stdin.read()), num_processes=2, env={ENV!r})")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -164,7 +165,7 @@ def test_lora_with_the_kl_teacher_under_fsdp2_equals_one_process(toy_traces, tmp
     adapter loads on the base with peft and gives the one-process adapter's logits, which differ from the base's.
 
     This failed with an adapter_model.safetensors holding no tensors: peft chose the adapter entries by the live
-    module names, which FSDP's activation checkpointing wraps (cdlib.checkpoint.adapter_weights)."""
+    module names, which FSDP's activation checkpointing wraps (cdlib.training.checkpoint.adapter_weights)."""
     from transformers import AutoModelForCausalLM
 
     from cdlib.tiny import make_tiny_model

@@ -9,7 +9,7 @@ result in benchmarks/README.md. Each test needs at most a minute on one H100:
 * FSDP2 over two visible GPUs trains the same run (skipped with one GPU);
 * vLLM on the GPU generates with a LoRA adapter, differently from the base model;
 * the paper's families (Qwen3.5, Qwen3.5-MoE, Llama, gpt-oss, Ministral-3) at tiny scale: packed rows equal
-  to one by one on the CUDA attention paths, and a bf16 training run per family (issue 13 item 6).
+  to one by one on the CUDA attention paths, and a bf16 training run per family.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def traces(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("impl", ["cce", "liger"])
 def test_fused_loss_kernels_match_the_chunked_head(impl):
-    from cdlib import losses
+    from cdlib.training import losses
 
     if not losses.available(impl):
         pytest.skip(f"{impl} is not installed")
@@ -98,7 +98,7 @@ def test_vllm_gpu_generation_with_a_lora_adapter(tiny_model_dir, tiny_lora_dir):
     assert [c.text for c in plain] != [c.text for c in adapted]
 
 
-# --------------------------------------------------------------------------- the paper's families on CUDA (issue 13)
+# --------------------------------------------------------------------------- the paper's families on CUDA
 
 
 def _cuda_family_model(family: str, attn: str, dtype):
@@ -115,7 +115,7 @@ def _cuda_family_model(family: str, attn: str, dtype):
 def _family_rows():
     import random
 
-    from cdlib.pack import pack
+    from cdlib.training.packing import pack
 
     rng = random.Random(0)
     examples = []
@@ -133,7 +133,7 @@ def test_family_packing_on_cuda_equals_one_by_one(family):
     fp32 on sdpa / eager (gpt-oss's sinks) to the CPU tests' 1e-5 scale; bf16 on a varlen flash kernel where
     flash-attn is installed, to a bf16 tolerance (Qwen3.5's linear-attention layers split at cu_seq_lens).
     """
-    from cdlib.pack import compare_to_one_by_one, packed_layout, register_sdpa_varlen, split_linear_attention
+    from cdlib.training.packing import compare_to_one_by_one, packed_layout, register_sdpa_varlen, split_linear_attention
 
     examples, bins = _family_rows()
     paths = [("eager" if family == "gpt_oss" else "sdpa", torch.float32, 1e-4)]

@@ -56,7 +56,7 @@ def test_ranks_die_with_the_process_that_launched_them(toy_traces, tmp_path, cpu
     P = TrainParams(out_dir=str(tmp_path / "run"), data=str(toy_traces), max_steps=100_000, seq_len=512, limit=20,
                     tiny_layers=1, tiny_hidden=64, gradient_checkpointing=False, log_every=1, save_every=0,
                     val_fraction=0.1, warmup_ratio=0)
-    script = ("import sys; from cdlib.launch import launch; from cdlib.params import TrainParams\n"
+    script = ("import sys; from cdlib.training.launch import launch; from cdlib.params import TrainParams\n"
               f"launch(TrainParams.model_validate_json(sys.stdin.read()), num_processes={ranks}, cpu={cpu}, "
               "env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''})")
     launcher = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE,

@@ -1,4 +1,4 @@
-"""The chunked linear + cross-entropy loss head (issue 18 item 1): equal to the full-logits loss in value
+"""The chunked linear + cross-entropy loss head: equal to the full-logits loss in value
 and gradients (fp32), on raw tensors and inside real tiny transformers models (Qwen2 toy, Llama, LoRA)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdlib import losses
+from cdlib.training import losses
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
@@ -58,7 +58,7 @@ def _lora(tiny_model_dir):
 
 @pytest.mark.parametrize("build", ["toy", "llama", "lora"])
 def test_fused_head_in_a_model_equals_the_full_logits_loss(build, tiny_model_dir, tmp_path):
-    from cdlib.losses import cross_entropy_sum
+    from cdlib.training.losses import cross_entropy_sum
 
     model = {"toy": lambda: _toy(tiny_model_dir), "llama": lambda: _llama(tmp_path),
              "lora": lambda: _lora(tiny_model_dir)}[build]()

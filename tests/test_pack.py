@@ -1,4 +1,4 @@
-"""Best-fit-decreasing packing and packed batches that match examples run one by one (cdlib.pack)."""
+"""Best-fit-decreasing packing and packed batches that match examples run one by one (cdlib.training.packing)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from transformers import AttentionInterface, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
-from cdlib.pack import check_bins, collate_packed, pack, packing_efficiency
+from cdlib.training.packing import check_bins, collate_packed, pack, packing_efficiency
 
 VOCAB = 97
 
@@ -225,7 +225,7 @@ def test_padding_free_row_with_sdpa_uses_position_ids(examples_and_bins):
 def test_sdpa_varlen_attention_equals_examples_one_by_one(examples_and_bins, window):
     """cdlib's own varlen attention (the CPU default): sdpa one packed example at a time, exact, also
     within a sliding window shorter than the examples (each example alone sees the same window)."""
-    from cdlib.pack import register_sdpa_varlen
+    from cdlib.training.packing import register_sdpa_varlen
 
     examples, bins = examples_and_bins
     model = tiny_model(register_sdpa_varlen(), sliding_window=window)
@@ -238,7 +238,7 @@ def test_sdpa_varlen_attention_equals_examples_one_by_one(examples_and_bins, win
 
 
 def test_sdpa_varlen_attention_refuses_sinks_and_batches_of_rows():
-    from cdlib.pack import sdpa_varlen_attention
+    from cdlib.training.packing import sdpa_varlen_attention
 
     q = torch.zeros(2, 2, 6, 4)
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)

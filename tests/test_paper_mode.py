@@ -1,11 +1,13 @@
-"""Paper mode (issue 14): params/paper.yaml follows the paper's protocol; deviations are named options."""
+"""Paper mode: params/paper.yaml follows the paper's protocol; deviations are named options."""
 
 import math
 
 import polars as pl
 import pytest
 
-from cdlib import compress, evaluate, paper, train_data, truncate
+from cdlib.chat_templates import load_template
+from cdlib import compress, evaluate, paper, truncate
+from cdlib.training import data as train_data
 from cdlib.datasets import REGISTRY
 from cdlib.grid import Grid
 from cdlib.params import CompressParams, TruncateParams
@@ -91,9 +93,9 @@ def test_answer_only_trains_on_the_answer_after_the_prompt_evaluation_renders(na
     """No think block in the trained completion, and the prompt is the generation prompt evaluation sends."""
     from test_sft import make_tokenizer
 
-    from cdlib import sft
+    from cdlib.training import sft
 
-    tok = make_tokenizer(sft.load_template(name) if name else None)
+    tok = make_tokenizer(load_template(name) if name else None)
     rec = {"id": "q1", "prompt": "What is 2+3?", "answer": "The answer is \\boxed{5}."}
     texts = sft.format_texts(rec, tok, source="answer_only", answer_only_think="none", chat_template_kwargs=kwargs)
     assert rec["answer"] in texts["completion"] and "think" not in texts["completion"]  # harmony: final channel
@@ -112,12 +114,12 @@ def test_paper_mode_trains_and_evaluates_qwen_answer_only_with_the_template_of_e
 
     from test_sft import make_tokenizer
 
-    from cdlib import sft
+    from cdlib.training import sft
 
     g = Grid("params/paper.yaml")
     cells = [c for c in g.cells if c.stage in ("train", "evaluate") and c.axes.get("source") == "answer_only"]
     assert cells and all("enable_thinking" not in str(c.params) for c in cells)
-    tok = make_tokenizer(sft.load_template("qwen3_5"))
+    tok = make_tokenizer(load_template("qwen3_5"))
     rec = {"id": "q1", "prompt": "What is 2+3?", "answer": "The answer is \\boxed{5}."}
     texts = sft.format_texts(rec, tok, source="answer_only", answer_only_think="none")
     assert texts["prompt"] == tok.apply_chat_template([{"role": "user", "content": rec["prompt"]}], tokenize=False,

@@ -1,4 +1,4 @@
-"""SFT example building, chat formats, section masks, truncation and the mask audit (cdlib.sft)."""
+"""SFT example building, chat formats, section masks, truncation and the mask audit (cdlib.training.sft)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from cdlib import sft
+from cdlib.chat_templates import load_template
+from cdlib.training import sft
 from cdlib.params import TrainParams
 
 SPECIALS = [
@@ -59,11 +60,11 @@ def make_tokenizer(template: str | None) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def toks() -> dict[str, PreTrainedTokenizerFast]:
     return {
-        "qwen": make_tokenizer(sft.load_template("qwen_think")),
-        "qwen_prefill": make_tokenizer(sft.load_template("qwen_think_prefill")),
+        "qwen": make_tokenizer(load_template("qwen_think")),
+        "qwen_prefill": make_tokenizer(load_template("qwen_think_prefill")),
         "qwen_prefill_render": make_tokenizer(PREFILL_AND_RENDER),
-        "llama3": make_tokenizer(sft.load_template("llama3")),
-        "harmony": make_tokenizer(sft.load_template("harmony")),
+        "llama3": make_tokenizer(load_template("llama3")),
+        "harmony": make_tokenizer(load_template("harmony")),
         "plain": make_tokenizer(None),
     }
 

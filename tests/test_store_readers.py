@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cdlib import compress, explore, export, generate, judge, outputs, train_data, truncate
+from cdlib import compress, explore, export, generate, judge, outputs, truncate
+from cdlib.training import data as train_data
 from cdlib.params import CompressParams, GenerateParams, JudgeParams, SamplingParams, ToyParams, TruncateParams
 from cdlib.store import Store, UpstreamError
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cdlib import losses, outputs, sft, train_data
+from cdlib import outputs
+from cdlib.training import data as train_data, losses, sft
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 from cdlib.store import Store
@@ -82,7 +83,7 @@ def test_plan_epochs_steps_and_token_budget():
     seen = [sum(sft.supervised_count(ex[i]) for b in mb for i in b) for mb in plan]
     assert sum(seen) >= budget > sum(seen[:-1]), "stops at the first micro-batch that reaches the budget"
     assert T.budget_mode(TrainParams(**base, token_budget=budget)) == "tokens"
-    # the label metrics.json records and the report prints (issue 17 item 2)
+    # the label metrics.json records and the report prints
     assert T.budget_label(TrainParams(**base, token_budget=12000)) == "compute-matched (12,000 tokens)"
     assert T.budget_label(TrainParams(**base, max_steps=5)) == "max_steps 5"
     assert [T.budget_label(TrainParams(**base, epochs=e)) for e in (1, 2.5)] == ["epoch-based (1 epoch)",

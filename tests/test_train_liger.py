@@ -1,6 +1,6 @@
 """Paper H.3's Liger kernels per family: what is applied, and what is not covered named with its reason.
 
-liger-kernel is a GPU package: the mapping (cdlib.train_models.liger_plan) is pure and checked here without it;
+liger-kernel is a GPU package: the mapping (cdlib.training.models.liger_plan) is pure and checked here without it;
 a run records what was and was not applied in its metrics and log.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdlib import train_models as TM
+from cdlib.training import models as TM
 from cdlib.tiny import FAMILIES
 
 STUDENTS = {"qwen3_5": ["rms_norm", "glu"], "llama": ["rms_norm", "rope", "glu"], "gpt_oss": ["rms_norm", "rope"]}

@@ -1,4 +1,4 @@
-"""The training loop reads nothing back from the device per micro-batch (issue 18 item 2).
+"""The training loop reads nothing back from the device per micro-batch.
 
 On a GPU every ``.item()`` / ``float(t)`` / ``int(t)`` / ``bool(t)`` / ``.tolist()`` of a
 device tensor waits for the GPU to finish all queued work. ``cdlib.train.run`` plans the
@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from cdlib import pack as packlib
+from cdlib.training import packing as packlib
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
 

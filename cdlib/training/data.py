@@ -2,7 +2,7 @@
 
 :func:`load_records` reads a data cell (``traces.jsonl``, ``compressed.jsonl`` or ``truncated.jsonl``,
 detected) and skips dropped records and the questions a compressor never answered; :func:`prepare`
-builds the SFT examples (:mod:`cdlib.sft`), runs the mask audit and makes the seeded validation split
+builds the SFT examples (:mod:`cdlib.training.sft`), runs the mask audit and makes the seeded validation split
 (building a ``toy*`` student with a tokenizer trained on the records first); :func:`plan` packs the examples and lays out every micro-batch of the run (epochs,
 ``max_steps`` or a ``token_budget``), and :func:`step_tokens` gives each optimizer step's global
 supervised-token count ahead of time, so no rank reads it back from the device. The collate helpers at
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdlib import checkpoint, losses, sft
-from cdlib import pack as packlib
+from cdlib.training import checkpoint, losses, sft
+from cdlib.training import packing as packlib
 from cdlib.params import TrainParams
 from cdlib.outputs import dropped, failed, has_checkpoint, read_checkpoint, resolve_model
 from cdlib.store import Store, read_upstream
@@ -231,7 +231,7 @@ def prepare(P: TrainParams, *, is_main: bool = True, audit_show: int = 2) -> Pre
 
     A toy student is created under ``<out_dir>/base/`` (by the main process; call
     this inside ``accelerator.main_process_first()`` when distributed). Raises
-    :class:`cdlib.sft.AuditError` when the mask audit fails.
+    :class:`cdlib.training.sft.AuditError` when the mask audit fails.
     """
     from transformers import AutoTokenizer
 
@@ -294,9 +294,9 @@ def plan(examples: list[dict[str, Any]], P: TrainParams, world_size: int = 1,
          packing: bool | None = None) -> list[list[list[int]]]:
     """The micro-batches of the whole run, each a list of bins (lists of example indices).
 
-    Bins come from :func:`cdlib.pack.pack` at ``seq_len`` (one example per bin
+    Bins come from :func:`cdlib.training.packing.pack` at ``seq_len`` (one example per bin
     when ``packing`` is off, or ``packing=False`` is passed because the model refuses
-    it: :func:`cdlib.pack.packed_layout`) and are grouped ``micro_batch_size`` at a time. Each
+    it: :func:`cdlib.training.packing.packed_layout`) and are grouped ``micro_batch_size`` at a time. Each
     pass over the data reshuffles the bins with ``seed + pass``. The run is
 
     * ``epochs``: ``ceil(epochs * micro-batches per pass)`` micro-batches;
@@ -367,7 +367,7 @@ def check_same_tokenizer(student_tok: Any, teacher_tok: Any, student: str, teach
 
 
 class MicroBatches:
-    """Map-style dataset over planned micro-batches; the DataLoader collates them with ``cdlib.pack``."""
+    """Map-style dataset over planned micro-batches; the DataLoader collates them with ``cdlib.training.packing``."""
 
     def __init__(self, schedule: list[list[list[int]]]):
         self.schedule = schedule
@@ -380,9 +380,9 @@ class MicroBatches:
 
 
 def collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
-    """Collate planned micro-batches in ``rows`` (:func:`cdlib.pack.packed_layout`), on the host, before
+    """Collate planned micro-batches in ``rows`` (:func:`cdlib.training.packing.packed_layout`), on the host, before
     anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
-    ``supervised_rows`` (:func:`cdlib.losses.supervised_rows`, the positions the loss selects) and ``n_supervised``
+    ``supervised_rows`` (:func:`cdlib.training.losses.supervised_rows`, the positions the loss selects) and ``n_supervised``
     (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
     without their ``L x L`` block mask: the loop derives it on the device (:func:`with_mask`)."""
     def collate(items: list[list[list[int]]]) -> dict[str, Any]:
@@ -398,7 +398,7 @@ def collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int
 
 def with_mask(batch: dict[str, Any], rows: packlib.Layout) -> dict[str, Any]:
     """The batch with its packed block mask, derived from ``position_ids`` on their device
-    (:func:`cdlib.pack.block_mask_from_positions`) when the collate left it out."""
+    (:func:`cdlib.training.packing.block_mask_from_positions`) when the collate left it out."""
     if rows.packing and rows.attention != "varlen" and "attention_mask" not in batch:
         return {**batch, "attention_mask": packlib.block_mask_from_positions(batch["position_ids"], rows)}
     return batch

@@ -43,7 +43,6 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from cdlib.tokenizer import decode_prefix
@@ -51,7 +50,6 @@ from cdlib.tokenizer import decode_prefix
 IGNORE_INDEX = -100
 SECTIONS = ("prompt", "cot", "answer")
 FORMATS = ("qwen", "llama3", "harmony", "plain")
-TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
 
 # Placeholders rendered through the template in place of the real trace and answer, so a
 # template that strips or rewrites content cannot corrupt the texts (they are put back after).
@@ -67,15 +65,6 @@ class SFTError(ValueError):
 
 class AuditError(ValueError):
     """The mask audit found examples that must not be trained on; the message names them."""
-
-
-def load_template(name: str) -> str:
-    """Text of a bundled chat template (``cdlib/chat_templates/<name>.jinja``), e.g. ``"qwen_think"``."""
-    path = TEMPLATE_DIR / f"{name}.jinja"
-    if not path.exists():
-        known = sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-        raise FileNotFoundError(f"no chat template {name!r} in {TEMPLATE_DIR}; known: {known}")
-    return path.read_text()
 
 
 def detect_format(tokenizer: Any) -> str:

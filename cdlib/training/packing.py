@@ -8,7 +8,7 @@ Appendix H.3). This module does the two halves of that:
   bisect over the sorted list of distinct remaining capacities, so packing the
   paper's ~283k traces takes well under a second per pass of the loop rather than
   the O(n^2) of a linear scan over open bins.
-* :func:`collate_packed` turns bins of SFT examples (``cdlib.sft``) into model
+* :func:`collate_packed` turns bins of SFT examples (``cdlib.training.sft``) into model
   inputs where every example restarts its ``position_ids`` at 0 and no token
   attends across examples, in one of two layouts:
 
@@ -157,7 +157,7 @@ def pack(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 
     Raises ``ValueError`` naming the index and length of an example longer than
     ``max_len`` (or of a length below 1); apply an overlong policy first
-    (``cdlib.sft.apply_overlong``).
+    (``cdlib.training.sft.apply_overlong``).
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -286,7 +286,7 @@ def collate_packed(
 ) -> dict[str, Any]:
     """One micro-batch from ``bins`` (lists of indices into ``examples``).
 
-    ``examples`` are dicts with ``input_ids`` and ``labels`` (``cdlib.sft``).
+    ``examples`` are dicts with ``input_ids`` and ``labels`` (``cdlib.training.sft``).
     Returns tensors ready for ``model(**batch)``: ``input_ids``, ``labels``,
     ``position_ids`` (restarting at 0 per example), ``use_cache=False`` and
 

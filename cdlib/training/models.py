@@ -14,21 +14,21 @@ import os
 import resource
 from typing import Any
 
-from cdlib import pack as packlib
+from cdlib.training import packing as packlib
 from cdlib.params import TrainParams
-from cdlib.train_data import Prepared, TrainError
+from cdlib.training.data import Prepared, TrainError
 
 
 def attention_layout(P: TrainParams, on_gpu: bool, source: str | None = None) -> tuple[str, str]:
     """``(attn_implementation, collate layout)`` of a student.
 
     ``auto``: flash-attention 2 on a GPU where installed, else sdpa one packed example at a time
-    (``sdpa_varlen``, :func:`cdlib.pack.sdpa_varlen_attention`); both take padding-free rows with
+    (``sdpa_varlen``, :func:`cdlib.training.packing.sdpa_varlen_attention`); both take padding-free rows with
     ``cu_seq_lens`` (layout ``varlen``). With ``source`` (the model to load), ``auto`` falls back to
     ``eager`` with per-layer block masks where the model's class supports neither (transformers refuses
     sdpa and flash-attention 2 for gpt-oss, whose sinks need eager or a sink-aware kernel). ``sdpa`` and
     ``eager`` ask for rows padded to the longest with 4D block masks. Whether the rows may be packed is
-    :func:`cdlib.pack.packed_layout`'s.
+    :func:`cdlib.training.packing.packed_layout`'s.
     """
     import importlib.util
 
@@ -336,7 +336,7 @@ def load_teacher(source: str, student: dict[str, Any], accelerator: Any, bf16: b
     the row layout both models can take.
 
     The teacher runs the student's rows, so it gets the same care: its linear-attention layers are split per
-    packed example (Qwen3.5, :func:`cdlib.pack.split_linear_attention`); where it would need another packed
+    packed example (Qwen3.5, :func:`cdlib.training.packing.split_linear_attention`); where it would need another packed
     layout than the student's (packing refused, or another sliding window in its block masks) the run trains
     one example per row, saying why.
     """

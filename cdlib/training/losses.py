@@ -333,10 +333,8 @@ def kl_sum(student_logits: Any, teacher_logits: Any, labels: Any, direction: str
     data loader (:func:`supervised_rows`), so that no host synchronisation is needed.
     """
 
-    if direction not in KL_DIRECTIONS:
-        from cdlib.train_data import TrainError  # the error a bad TrainParams.kl_direction raises
-
-        raise TrainError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
+    if direction not in KL_DIRECTIONS:  # TrainParams.kl_direction admits only these: a caller's slip
+        raise ValueError(f"kl_direction must be forward, reverse or jsd, got {direction!r}")
     if chunk_tokens:
         rows = supervised_rows(labels) if rows is None else rows
         loss = _ChunkedKL.apply(student_logits, teacher_logits.detach(), rows, direction, vocab,

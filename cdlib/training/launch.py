@@ -1,7 +1,7 @@
 """Launching a training run across processes: ``accelerate launch`` over the visible GPUs, or torchrun on CPU.
 
 :func:`launch` writes the cell's parameters to ``<out_dir>/train_params.json`` and runs
-``python -m cdlib.launch`` on every rank (:func:`rank_main`, which runs :func:`cdlib.train.main`);
+``python -m cdlib.train`` on every rank (:func:`cdlib.train.main`, which first calls :func:`die_with_parent`);
 the main rank writes its metrics to :data:`METRICS_FILE`, read back here. :func:`cdlib.train.train`
 chooses between this and an in-process run.
 
@@ -26,6 +26,7 @@ from typing import Any
 from cdlib.params import TrainParams
 
 METRICS_FILE = "train_metrics.json"  # written by the worker entry point, read back by launch()
+RANK_MODULE = "cdlib.train"  # what every rank runs (python -m): the train stage's worker entry point
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the launcher has to stop its ranks before SIGKILL
 
 
@@ -73,8 +74,8 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
     """Run :func:`cdlib.train.run` across processes and return the main rank's metrics.
 
     The params go to ``<out_dir>/train_params.json`` and every rank runs
-    ``python -m cdlib.launch <json>``. GPUs: ``accelerate launch [--config_file
-    P.accelerate_config] --num_processes N -m cdlib.launch <json>`` (N:
+    ``python -m cdlib.train <json>``. GPUs: ``accelerate launch [--config_file
+    P.accelerate_config] --num_processes N -m cdlib.train <json>`` (N:
     ``num_processes`` or the visible GPUs). ``cpu=True``: ``torchrun
     --nproc_per_node N`` (accelerate's own launcher runs a single process with
     ``--cpu``); the ranks talk over gloo; with ``accelerate_config`` set too, ``accelerate launch`` with that
@@ -97,12 +98,12 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
         cpu = False
     if cpu:
         cmd = [str(bindir / "torchrun") if (bindir / "torchrun").exists() else "torchrun",
-               "--nproc_per_node", str(n), "-m", "cdlib.launch", str(params_path)]
+               "--nproc_per_node", str(n), "-m", RANK_MODULE, str(params_path)]
     else:
         cmd = [str(bindir / "accelerate") if (bindir / "accelerate").exists() else "accelerate", "launch"]
         if P.accelerate_config:
             cmd += ["--config_file", P.accelerate_config]
-        cmd += ["--num_processes", str(n), "-m", "cdlib.launch", str(params_path)]
+        cmd += ["--num_processes", str(n), "-m", RANK_MODULE, str(params_path)]
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     try:
         rc = proc.wait(timeout=timeout)
@@ -113,16 +114,3 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
         _stop(proc)  # ranks a failed launcher left behind
         raise subprocess.CalledProcessError(rc, cmd)
     return json.loads((out / METRICS_FILE).read_text())
-
-
-def rank_main(argv: list[str] | None = None) -> int:
-    """One rank of a launch (``python -m cdlib.launch params.json``): dies with its launcher, then runs
-    :func:`cdlib.train.main`."""
-    die_with_parent()
-    from cdlib.train import main
-
-    return main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(rank_main())

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cdlib import sft
+from cdlib.training import sft
 from cdlib.outputs import CHECKPOINT, portable
 from cdlib.params import TrainParams
 from cdlib.store import Store
