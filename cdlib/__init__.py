@@ -1,8 +1,16 @@
-"""compress-distill: the shared library behind the stage notebooks (see README.md)."""
+"""compress-distill: the shared library behind the stage notebooks.
 
-__version__ = "0.1.0"
+One module per stage (``generate``, ``compress``, ``truncate``, ``train``, ``evaluate``, ``judge``,
+``trace_import``), called by the notebooks; three packages they stand on (``grid``: grid files and the
+runner; ``engines``: text generation; ``training``: what ``train`` is made of); the report side
+(``results``, ``tables``, ``figures``, ``report``, ...); and the shared modules below them all
+(``store``, ``params``, ``outputs``, ``answers``, ...). README.md's Layout section draws the map.
+"""
 
 import sys as _sys
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]
 
 # jsonschema imports rfc3987_syntax when it is installed (jupyter-events' jsonschema[format-nongpl] pulls it in),
 # only to check the "iri"/"iri-reference" string formats, and that import builds a Lark grammar: ~3.5 s of CPU

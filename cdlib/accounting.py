@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from cdlib.results import KINDS, GridOutputs, compressor_name
-from cdlib.student_runs import _train_info
+from cdlib.student_runs import train_info
 from cdlib.tables import paper_name, table11
 
 def compute_energy(gpu_hours: float, gpu_watts: float = 700.0, pue: float = 1.15,
@@ -80,7 +80,7 @@ def grid_compute(g: GridOutputs, gpu_watts: float = 700.0, pue: float = 1.15,
     for c in g.cells.values():
         wall, gpus, gh = c.cost.get("wall_clock_s"), c.cost.get("gpus"), c.cost.get("gpu_hours")
         if c.kind == "train":
-            info = _train_info(c)
+            info = train_info(c)
             gh, gpus = info["gpu_hours"], info["gpus"]
         rows.append({"stage": c.kind or c.stage, "cell": c.id, "wall_clock_h": (wall or 0) / 3600, "gpus": gpus,
                      "gpu_hours": float(gh or 0.0), "source": g.lineage_axes(c).get("source"),

@@ -18,12 +18,8 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from cdlib.dataset_layouts import DatasetError
-
-if TYPE_CHECKING:
-    from cdlib.datasets import DatasetSpec
+from cdlib.dataset_layouts import DatasetError, DatasetSpec
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 # Original split names that local files use for the hub's "validation" split

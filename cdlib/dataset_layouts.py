@@ -1,4 +1,5 @@
-"""One mapping per benchmark's original layout into the question-row schema of :mod:`cdlib.datasets`.
+"""One mapping per benchmark's original layout into the question-row schema of :mod:`cdlib.datasets`, and
+:class:`DatasetSpec`, a benchmark's entry in the registry (where it lives, its splits, its mapping).
 
 Each ``map_<dataset>`` takes a raw row in the layout of the hub copy or of the
 benchmark's own release (both where they differ) and a shuffle key
@@ -15,6 +16,8 @@ from __future__ import annotations
 import random
 import re
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,50 @@ class DatasetError(ValueError):
 
 class RowError(Exception):
     """A mapping function's complaint about one row; re-raised as DatasetError with dataset and row."""
+
+
+Mapped = tuple[str, "list[str] | None", str]  # what a mapping returns: question, choices or None, gold
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset: where it lives, its splits, its report labels and how to map its layout."""
+
+    name: str  # registry key (short lowercase slug)
+    title: str  # as the paper writes it
+    domain: str  # Table 1's domain column (or the OOD group's)
+    group: str  # report group, one of cdlib.datasets.GROUPS
+    answer_type: str  # one of cdlib.datasets.ANSWER_TYPES
+    hub_id: str | None  # Hugging Face dataset id; None for the generated toy world
+    config: str | None  # hub config (MMLU groups: one config per subject instead)
+    train_splits: tuple[str, ...]  # original split(s) behind split="train" (Table 1); () if none
+    eval_splits: tuple[str, ...]  # original split(s) behind split="eval"; () if none
+    columns: tuple[str, ...]  # columns the mapping needs ("a|b": either); a missing one is an error
+    mapper: Callable[[dict, str], Mapped] | None
+    id_column: str | None = None  # original id column; rows without it use their index
+    subjects: tuple[str, ...] = ()  # MMLU groups: the subject configs
+    csv_columns: tuple[str, ...] | None = None  # column names of header-less CSV files (MMLU's)
+    # Applied to all rows of one local file at once, where the original release and the
+    # hub's files encode a column differently (MedMCQA's cop); None for most datasets.
+    file_fixup: Callable[[list[tuple[dict, str]], Path], list[tuple[dict, str]]] | None = None
+    table1_train: int | None = None  # sizes printed in Table 1 (for stats)
+    table1_eval: int | None = None
+
+    def source_splits(self, split: str) -> tuple[str, ...]:
+        """The original split names behind ``split``: "train", "eval", or an original name itself."""
+        if split == "train":
+            splits = self.train_splits
+        elif split == "eval":
+            splits = self.eval_splits
+        else:
+            splits = (split,)
+        if not splits:
+            raise DatasetError(
+                f"{self.name}: has no {split!r} split (train: {list(self.train_splits) or 'none'}, "
+                f"eval: {list(self.eval_splits) or 'none'})"
+            )
+        return splits
+
 
 
 # --------------------------------------------------------------------------- value helpers
@@ -103,7 +150,6 @@ def _clean_hellaswag(text: str) -> str:
 # Each takes a raw row in the original layout and a shuffle key ("<seed>/<row id>")
 # and returns (question, choices or None, gold).
 
-Mapped = tuple[str, "list[str] | None", str]
 
 
 def map_gsm8k(raw: dict, key: str) -> Mapped:

@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cdlib import toy as toy_world
 from cdlib.dataset_files import raw_rows
-from cdlib.dataset_layouts import (DatasetError, Mapped, RowError, map_aqua_rat, map_boolq, map_gpqa, map_gsm8k,
+from cdlib.dataset_layouts import (DatasetError, DatasetSpec, RowError, map_aqua_rat, map_boolq, map_gpqa, map_gsm8k,
                                    map_hellaswag, map_labelled_choices, map_medexpqa, map_medmcqa, map_medqa, map_mmlu,
                                    map_multiarith, map_piqa, map_svamp, map_truthfulqa, map_winogrande, medmcqa_file,
                                    piqa_file)
@@ -165,46 +163,6 @@ MMLU_TEST_SIZES = {
 
 
 # --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One dataset: where it lives, its splits, its report labels and how to map its layout."""
-
-    name: str  # registry key (short lowercase slug)
-    title: str  # as the paper writes it
-    domain: str  # Table 1's domain column (or the OOD group's)
-    group: str  # report group, one of GROUPS
-    answer_type: str  # one of ANSWER_TYPES
-    hub_id: str | None  # Hugging Face dataset id; None for the generated toy world
-    config: str | None  # hub config (MMLU groups: one config per subject instead)
-    train_splits: tuple[str, ...]  # original split(s) behind split="train" (Table 1); () if none
-    eval_splits: tuple[str, ...]  # original split(s) behind split="eval"; () if none
-    columns: tuple[str, ...]  # columns the mapping needs ("a|b": either); a missing one is an error
-    mapper: Callable[[dict, str], Mapped] | None
-    id_column: str | None = None  # original id column; rows without it use their index
-    subjects: tuple[str, ...] = ()  # MMLU groups: the subject configs
-    csv_columns: tuple[str, ...] | None = None  # column names of header-less CSV files (MMLU's)
-    # Applied to all rows of one local file at once, where the original release and the
-    # hub's files encode a column differently (MedMCQA's cop); None for most datasets.
-    file_fixup: Callable[[list[tuple[dict, str]], Path], list[tuple[dict, str]]] | None = None
-    table1_train: int | None = None  # sizes printed in Table 1 (for stats)
-    table1_eval: int | None = None
-
-    def source_splits(self, split: str) -> tuple[str, ...]:
-        """The original split names behind ``split``: "train", "eval", or an original name itself."""
-        if split == "train":
-            splits = self.train_splits
-        elif split == "eval":
-            splits = self.eval_splits
-        else:
-            splits = (split,)
-        if not splits:
-            raise DatasetError(
-                f"{self.name}: has no {split!r} split (train: {list(self.train_splits) or 'none'}, "
-                f"eval: {list(self.eval_splits) or 'none'})"
-            )
-        return splits
 
 
 def _mmlu(name: str, title: str, domain: str, group: str, subjects: tuple[str, ...],

@@ -56,7 +56,7 @@ def _run_keys(g: GridOutputs, cells: list[GridCell | None]) -> dict[str, str]:
     return {k: (str(v) if v is not None else NO_VALUE) for k, v in keys.items()}
 
 
-def _train_info(t: GridCell | None) -> dict[str, Any]:
+def train_info(t: GridCell | None) -> dict[str, Any]:
     """Run-level training columns of a train cell: train_tokens, train_hours, gpus, gpu_hours, losses, budget."""
     if t is None:
         return {}
@@ -155,7 +155,7 @@ def grid_runs(g: GridOutputs) -> pl.DataFrame | None:
         keys = _run_keys(g, [e, t])
         if t is None and keys["source"] == NO_VALUE:
             keys["source"] = "untrained"  # a model evaluated as it is (e.g. the student before distillation)
-        base = {**keys, **_train_info(t), "eval_cell": e.id,
+        base = {**keys, **train_info(t), "eval_cell": e.id,
                 **{k: e.metrics.get(k) for k in EVAL_RUN_COLUMNS}}
         groups = sorted({k.split(".")[1] for k in e.metrics if k.startswith("groups.") and k.endswith(".accuracy")})
         for grp in groups:
@@ -165,7 +165,7 @@ def grid_runs(g: GridOutputs) -> pl.DataFrame | None:
                      "se": e.metrics.get("accuracy_se"), "group_n": e.metrics.get("n")})
     for t in trains:
         if t.id not in used_train:
-            rows.append({**_run_keys(g, [t]), **_train_info(t), "group": "overall", "accuracy": None})
+            rows.append({**_run_keys(g, [t]), **train_info(t), "group": "overall", "accuracy": None})
     if not rows:
         return None
     for row in rows:
