@@ -31,7 +31,9 @@ demo-seeds: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run params/demo_seeds.yaml --jobs $(JOBS)
 	$(BIN)/python benchmarks/demo_seeds.py outputs/demo-seeds
 
+# ruff first (pyproject.toml's [tool.ruff]: pyflakes, pycodestyle errors, 120-character lines), then pytest
 test: $(STAMP)
+	$(BIN)/ruff check cdlib tests benchmarks notebooks
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -218,7 +218,8 @@ def make_chunk(rng: random.Random, corpus: str, plan: list[tuple[str, int]], tea
             final = letter_answer(rng, "ABCDE"[shown], choices[shown])
         if teacher == "gpt-oss":
             head = "<|channel|>analysis<|message|>" + reasoning
-            response = head if truncated else head + "<|end|><|start|>assistant<|channel|>final<|message|>" + final + "<|return|>"
+            tail = "<|end|><|start|>assistant<|channel|>final<|message|>" + final + "<|return|>"
+            response = head if truncated else head + tail
         else:
             response = "<think>\n" + reasoning + ("" if truncated else "\n</think>\n\n" + final)
         out.append((response, gold, answer_type, choices, not (truncated or wrong)))
@@ -228,7 +229,8 @@ def make_chunk(rng: random.Random, corpus: str, plan: list[tuple[str, int]], tea
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=283_000, help="number of responses (default: the paper's 283,000)")
-    parser.add_argument("--teacher", choices=("qwen", "gpt-oss"), default="qwen", help="Table 4 block and response format")
+    parser.add_argument("--teacher", choices=("qwen", "gpt-oss"), default="qwen",
+                        help="Table 4 block and response format")
     parser.add_argument("--latex-share", type=float, default=0.005, help="share of added LaTeX (MATH-style) responses")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunk", type=int, default=10_000, help="responses generated (untimed) per batch")

@@ -89,7 +89,8 @@ def bench_vllm(model: str | None, n: int, max_tokens: int, gpu_memory_utilizatio
             from cdlib.tiny import make_tiny_model
 
             model = str(make_tiny_model(f"{tmp}/tiny"))
-        params = EngineParams(kind="vllm", model=model, gpu_memory_utilization=gpu_memory_utilization, max_model_len=2048)
+        params = EngineParams(kind="vllm", model=model, gpu_memory_utilization=gpu_memory_utilization,
+                              max_model_len=2048)
         engine = get_engine(params)
         start = time.perf_counter()
         engine.llm
@@ -101,8 +102,9 @@ def bench_vllm(model: str | None, n: int, max_tokens: int, gpu_memory_utilizatio
         out = engine.generate(prompts, sampling)
         dt = time.perf_counter() - start
         tokens = sum(c.completion_tokens for c in out)
-        print(f"vllm: load {load:.1f} s; {n} prompts, {tokens} generated tokens in {dt:.2f} s = {tokens / dt:,.0f} tok/s "
-              f"(model {model if not model.startswith(tmp) else 'tiny 2-layer hidden-128'})")
+        shown = model if not model.startswith(tmp) else "tiny 2-layer hidden-128"
+        print(f"vllm: load {load:.1f} s; {n} prompts, {tokens} generated tokens in {dt:.2f} s = "
+              f"{tokens / dt:,.0f} tok/s (model {shown})")
         close_all()
 
 

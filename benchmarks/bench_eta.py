@@ -30,7 +30,8 @@ def cells(root: Path) -> list[dict]:
         m = json.loads(m_path.read_text())
         if m.get("status") != "done" or not m.get("start") or not m.get("end"):
             continue
-        params = yaml.safe_load((m_path.parent / "params.yaml").read_text()) if (m_path.parent / "params.yaml").exists() else {}
+        params_yaml = m_path.parent / "params.yaml"
+        params = yaml.safe_load(params_yaml.read_text()) if params_yaml.exists() else {}
         key = (m.get("stage") or m_path.parent.parent.name, m.get("kind"), planned_size(m.get("kind"), params or {}))
         out.append({"id": m.get("cell") or str(m_path.parent.relative_to(root)), "key": key,
                     "start": dt.datetime.fromisoformat(m["start"]).timestamp(),

@@ -1,4 +1,4 @@
-"""Explore at scale (issue 32 item 4): figures and tables of 00_explore over N long imported traces.
+"""Explore at scale: figures and tables of 00_explore over N long imported traces.
 
 Builds an import-like cell (``traces.jsonl`` in the generate stage's record layout) of N traces
 of realistic length (2,000 to 40,000 characters, median about 12,000) mixing English reasoning,
@@ -49,10 +49,12 @@ def build(root: Path, n: int, seed: int = 0) -> dict[str, Path]:
         for i in range(n):
             chars = min(40_000, max(2_000, int(rng.lognormvariate(9.4, 0.6))))
             text = trace_text(rng, chars)
-            base = {"id": f"set/{i}", "dataset": ("openr1_math", "openthoughts", "chat_log")[i % 3], "domain": "Imported",
-                    "group": "Imported", "question": f"Problem {i}: solve \\( \\frac{{3x+1}}{{x-2}} = 4 \\).",
+            base = {"id": f"set/{i}", "dataset": ("openr1_math", "openthoughts", "chat_log")[i % 3],
+                    "domain": "Imported", "group": "Imported",
+                    "question": f"Problem {i}: solve \\( \\frac{{3x+1}}{{x-2}} = 4 \\).",
                     "gold": "9", "answer": "\\(\\boxed{9}\\)"}
-            fi.write(json.dumps({**base, "reasoning": text, "flag": None if i % 7 else "no_gold"}, ensure_ascii=False) + "\n")
+            rec = {**base, "reasoning": text, "flag": None if i % 7 else "no_gold"}
+            fi.write(json.dumps(rec, ensure_ascii=False) + "\n")
             if i % 2 == 0:
                 fc.write(json.dumps({**base, "reasoning": text[: chars // 5], "flag": None}, ensure_ascii=False) + "\n")
                 ft.write(json.dumps({**base, "reasoning": text[: chars // 5], "flag": None}, ensure_ascii=False) + "\n")
@@ -81,7 +83,8 @@ def main() -> None:
         df = step("load (whitespace tokens)", lambda: explore.load({"set": str(cells["import"])},
                                                                     {"extractive": str(cells["compress"])},
                                                                     {"truncated": str(cells["truncate"])}))
-        view = step("filter_traces", lambda: explore.filter_traces(df, ["openr1_math", "chat_log"], 100, None, "exclude"))
+        view = step("filter_traces",
+                    lambda: explore.filter_traces(df, ["openr1_math", "chat_log"], 100, None, "exclude"))
         step("length_stats x2", lambda: (explore.length_stats(df), explore.length_stats(view, by=["teacher", "source",
                                                                                                     "dataset"])))
         chart = step("lengths_chart (Figure 2)", lambda: figures.lengths_chart(view, bins=50))

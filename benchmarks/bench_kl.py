@@ -1,4 +1,5 @@
-"""KL objective (Mixed-Policy Distillation): peak memory and time of ``cdlib.training.losses.kl_sum``, unchunked vs chunked.
+"""KL objective (Mixed-Policy Distillation): peak memory and time of ``cdlib.training.losses.kl_sum``, unchunked
+vs chunked.
 
 One forward + backward of the token-level divergence between a student's and a
 teacher's logits of ``--tokens`` supervised positions over ``--vocab`` entries

@@ -1,4 +1,4 @@
-"""Project the paper grid's H100-hours per stage for this implementation beside the paper's 705 (issue 18, item 5).
+"""Project the paper grid's H100-hours per stage for this implementation beside the paper's 705.
 
     .venv/bin/python benchmarks/cost_model.py
 

@@ -95,7 +95,8 @@ def grid_compute(g: GridOutputs, gpu_watts: float = 700.0, pue: float = 1.15,
                                          gpu_hours=pl.col("gpu_hours").sum())
     per_stage = per_stage.with_columns(
         energy_kwh=pl.col("gpu_hours").map_elements(lambda h: energy(h)["energy_kwh"], return_dtype=pl.Float64),
-        emissions_kg_co2=pl.col("gpu_hours").map_elements(lambda h: energy(h)["emissions_kg_co2"], return_dtype=pl.Float64),
+        emissions_kg_co2=pl.col("gpu_hours").map_elements(lambda h: energy(h)["emissions_kg_co2"],
+                                                          return_dtype=pl.Float64),
     ).sort(pl.col("stage").replace_strict(order, default=len(order), return_dtype=pl.Int64))
 
     def hours(kind: str, upstream: bool = False) -> float:

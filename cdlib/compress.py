@@ -371,7 +371,8 @@ def _add_token_counts(out_dir: Path, P: CompressParams) -> None:
 def load(out_dir: str | Path, include_flagged: bool = False):
     """Compressed records joined with token counts and ratios, as a polars frame.
 
-    Without ``include_flagged``, records :func:`cdlib.outputs.dropped` downstream are left out (none with ``drop_flagged: false``).
+    Without ``include_flagged``, records :func:`cdlib.outputs.dropped` downstream are left out (none with
+    ``drop_flagged: false``).
     """
     import polars as pl
 
@@ -414,8 +415,8 @@ def table5(out_dir: str | Path):
     kept = df.filter(~dropped_expr())
     own = dict(mean_original_chars=pl.col("original_chars").mean(), rho_mean=pl.col("rho_chars").mean(),
                rho_tokens_mean=pl.col("rho_tokens").mean())
-    columns = ["dataset", "n", "flagged", "flag_rate", "failed", "dropped", "mean_original_chars", "mean_compressed_chars",
-               "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean"]
+    columns = ["dataset", "n", "flagged", "flag_rate", "failed", "dropped", "mean_original_chars",
+               "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean"]
     per = df.group_by("dataset").agg(**flag_counts(dropped_expr())).join(
         kept.group_by("dataset").agg(**own).join(compression_means(kept, ["dataset"]), on="dataset"),
         on="dataset", how="left")
@@ -434,6 +435,7 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
         return {"per_dataset": [], "n": 0}
     overall = t5.filter(pl.col("dataset") == "overall").to_dicts()[0]
     flags = load(out_dir, include_flagged=True).group_by("flag").len().drop_nulls("flag")
-    return {"per_dataset": t5.filter(pl.col("dataset") != "overall").to_dicts(), **{k: overall[k] for k in (
-        "n", "flagged", "flag_rate", "failed", "dropped", "mean_compressed_chars", "mean_compressed_tokens", "rho", "rho_mean", "rho_tokens_mean")},
-        "flags": dict(zip(flags["flag"], flags["len"]))}
+    keys = ("n", "flagged", "flag_rate", "failed", "dropped", "mean_compressed_chars", "mean_compressed_tokens", "rho",
+            "rho_mean", "rho_tokens_mean")
+    return {"per_dataset": t5.filter(pl.col("dataset") != "overall").to_dicts(), **{k: overall[k] for k in keys},
+            "flags": dict(zip(flags["flag"], flags["len"]))}

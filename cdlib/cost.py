@@ -69,7 +69,8 @@ EVAL_QUESTIONS_IN_DISTRIBUTION = 12_418  # Table 1 eval splits (cdlib.datasets t
 EVAL_QUESTIONS_OOD = 30_634
 JUDGE_OUTPUT_TOKENS = 1_000  # reasoning + the JSON verdict (cap 4,096 in params/paper.yaml); no figure in the paper
 JUDGE_PROMPT_TOKENS = 600  # the rubric and instructions around the two traces (paper App. G), an estimate
-ENGINE_OVERHEAD = 1.0  # benchmarks/README.md: cdlib's engine path vs vLLM direct measured -7.7% (noise): no gain claimed
+# benchmarks/README.md: cdlib's engine path vs vLLM direct measured -7.7% (noise): no gain claimed
+ENGINE_OVERHEAD = 1.0
 
 PAPER_SCOPE = ("generate/qwen3.5-397b", "compress/qwen3.5-397b", "train")  # what the paper's 705 H100-h count
 UPSTREAM_NODE_GPUS = 8  # App. H.1: "Trace generation and trace compression use 8 H100s on a single node"
@@ -126,11 +127,12 @@ def levers() -> dict[str, Lever]:
     """The levers, their factor against the paper's own setup, and whether they are on by default here."""
     return {
         "packing": Lever("train", 1.0, True,
-                         "cdlib.training.packing best-fit-decreasing, 99.9% fill (bench_pack); the paper's Axolotl already packs "
-                         "(App. H.3), so 1.0 vs paper; vs padded batches it is 1.71x (bench_pack, CPU)"),
+                         "cdlib.training.packing best-fit-decreasing, 99.9% fill (bench_pack); the paper's Axolotl "
+                         "already packs (App. H.3), so 1.0 vs paper; vs padded batches it is 1.71x (bench_pack, CPU)"),
         "fused_loss": Lever("train", 1.0, True,
-                            "loss_head auto = Cut Cross-Entropy / Liger on a GPU (cdlib.training.losses); the paper used both "
-                            "(App. H.3), so 1.0 vs paper; the chunked CPU fallback is 0.12x the memory of full logits"),
+                            "loss_head auto = Cut Cross-Entropy / Liger on a GPU (cdlib.training.losses); the paper "
+                            "used both (App. H.3), so 1.0 vs paper; the chunked CPU fallback is 0.12x the memory of "
+                            "full logits"),
         "vllm_dp": Lever("compress", 1.0, True,
                          "params/paper.yaml keeps the paper's DP (Ministral DP8, Llama-70B TP4xDP2); the 397B FP8 "
                          "teacher needs all 8 GPUs (TP8), so no DP is possible there"),
@@ -138,11 +140,12 @@ def levers() -> dict[str, Lever]:
                               "vLLM automatic prefix caching (on by default in vLLM V1) skips the shared compression "
                               "instructions' prefill; whether the paper's vLLM had it on is not stated"),
         "no_resample_answered": Lever("generate", 1.0, True,
-                                      "cdlib.generate drops answered questions each round; so did the paper (Sec. 3.1)"),
+                                      "cdlib.generate drops answered questions each round; so did the paper "
+                                      "(Sec. 3.1)"),
         "mtp_speculative": Lever("generate", 1.0, False,
-                                 "Qwen3.5's multi-token-prediction head as vLLM speculative decoding, reachable through "
-                                 "engine.vllm_kwargs (speculative_config); lossless, but the 2-3x quoted for it "
-                                 "(lambda.ai model page) is not stated for a batch of 512, and speculative gains "
+                                 "Qwen3.5's multi-token-prediction head as vLLM speculative decoding, reachable "
+                                 "through engine.vllm_kwargs (speculative_config); lossless, but the 2-3x quoted for "
+                                 "it (lambda.ai model page) is not stated for a batch of 512, and speculative gains "
                                  "shrink as batches fill the GPU: no measured factor, so 1.0 and off"),
         "token_budget": Lever("train", float("nan"), False,
                               "compute-matched budgets (train.token_budget): every run capped at the trainable tokens "
@@ -167,7 +170,8 @@ def _traces() -> pl.DataFrame:
     t5 = t5.pivot(on="compressor", index=["teacher", "dataset"], values="value")
     out = t4.join(t5, on=["teacher", "dataset"], how="left").rename(
         {"n_correct": "n", "mean_total_tokens": "raw_tokens"})
-    return out.select("teacher", "dataset", "n", "raw_tokens", "llama70b", "ministral14b").drop_nulls(["n", "raw_tokens"])
+    out = out.select("teacher", "dataset", "n", "raw_tokens", "llama70b", "ministral14b")
+    return out.drop_nulls(["n", "raw_tokens"])
 
 
 def _compute(q: str) -> float:
@@ -246,7 +250,8 @@ def _compress_cost_tokens(teacher: str, compressor: str) -> float:
 
 
 def _eval_tokens() -> pl.DataFrame:
-    """Per run: output tokens of the evaluation (Table 9 mean completion tokens x questions); gaps take the student's mean."""
+    """Per run: output tokens of the evaluation (Table 9 mean completion tokens x questions); gaps take the
+    student's mean."""
     t9 = paper.table(9).filter(pl.col("metric") == "mean_completion_tokens").select(
         "teacher", "student", "method", "source", tokens=pl.col("value"))
     runs = train_runs().select("teacher", "student", "method", "source").join(
@@ -281,7 +286,8 @@ def stages(apply: tuple[str, ...] | None = None, factors: dict[str, float] | Non
         hours = up[f"compress/qwen3.5-397b__{comp}"]
         tps = tok / (hours * 3600)
         rows.append((f"compress/qwen3.5-397b__{comp}", "compress", tok, hours, tps))
-        rows.append((f"compress/gpt-oss-120b__{comp}", "compress", _compress_cost_tokens("gpt-oss-120B", comp), None, tps))
+        gpt_oss = _compress_cost_tokens("gpt-oss-120B", comp)
+        rows.append((f"compress/gpt-oss-120b__{comp}", "compress", gpt_oss, None, tps))
     # training: 55 runs at the paper's calibrated MFU
     train = training_hours(token_budget="token_budget" in apply)
     calib = train_runs()

@@ -277,9 +277,11 @@ def side_by_side(df: pl.DataFrame, example_id: str, teacher: str | None = None) 
     if teacher is not None:
         rows = rows.filter(pl.col("teacher") == teacher)
     if rows.is_empty():
-        raise ExploreError(f"explore: no trace with id {example_id!r}" + (f" for teacher {teacher!r}" if teacher else ""))
+        which = f" for teacher {teacher!r}" if teacher else ""
+        raise ExploreError(f"explore: no trace with id {example_id!r}{which}")
     order = {s: i for i, s in enumerate(figures.source_order(df))}
-    rows = rows.sort(pl.col("teacher"), pl.col("source").replace_strict(order, return_dtype=pl.Int64), maintain_order=True)
+    rows = rows.sort(pl.col("teacher"), pl.col("source").replace_strict(order, return_dtype=pl.Int64),
+                     maintain_order=True)
     return rows.select("teacher", "source", "tokens", "chars", "rho_tokens", "rho_chars", "flag", "reasoning", "answer")
 
 

@@ -54,8 +54,8 @@ PALETTE = {"raw": "#4c78a8", "answer_only": "#f58518", "truncated": "#e45756",
            "extractive": "#72b7b2", "mpd": "#9d755d"}  # the toy world's compressor and MPD keep theirs too
 
 
-EXTRA_COLORS = ["#eeca3b", "#ff9da6", "#bab0ac",
-                "#17becf", "#bcbd22", "#e377c2", "#393b79", "#8c6d31"]  # eight more, so neighbouring sources do not share one
+# eight more, so neighbouring sources do not share one
+EXTRA_COLORS = ["#eeca3b", "#ff9da6", "#bab0ac", "#17becf", "#bcbd22", "#e377c2", "#393b79", "#8c6d31"]
 
 
 def _color(df: pl.DataFrame, col: str = "source", title: str = "Source") -> alt.Color:
@@ -110,7 +110,8 @@ def fig1_compression_by_domain(compression: pl.DataFrame) -> alt.FacetChart:
         xOffset=alt.XOffset("compressor_label:N", sort=comps),
         y=alt.Y("rho:Q", title="Mean compression ratio ρ (lower = more aggressive)"),
         color=_color(df, "compressor", "Compressor"),
-        tooltip=["teacher:N", "compressor_label:N", "domain:N", alt.Tooltip("rho:Q", format=".3f"), alt.Tooltip("n:Q", format=",")],
+        tooltip=["teacher:N", "compressor_label:N", "domain:N", alt.Tooltip("rho:Q", format=".3f"),
+                 alt.Tooltip("n:Q", format=",")],
     ).properties(width=260, height=220)
     return bars.facet(column=alt.Column("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"),
                                         title="Teacher"))
@@ -238,18 +239,21 @@ def fig4_accuracy_vs_length(runs: pl.DataFrame, x: str = "median_reasoning_token
     df = _complete_grid(df, "teacher", "student")
     title = x.replace("_", " ").capitalize() + " (log)"
     base = alt.Chart(df).encode(
-        x=alt.X(f"{x}:Q", scale=alt.Scale(type="log"), title=title, axis=alt.Axis(labelOverlap="greedy", labelSeparation=6)),
+        x=alt.X(f"{x}:Q", scale=alt.Scale(type="log"), title=title,
+                axis=alt.Axis(labelOverlap="greedy", labelSeparation=6)),
         y=alt.Y("accuracy:Q", title="Overall accuracy", scale=alt.Scale(zero=False)),
         color=color,
     )
-    tooltip = RUN_KEYS + [alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("se:Q", format=".3f"), alt.Tooltip(f"{x}:Q", format=",")]
+    tooltip = RUN_KEYS + [alt.Tooltip("accuracy:Q", format=".3f"), alt.Tooltip("se:Q", format=".3f"),
+                          alt.Tooltip(f"{x}:Q", format=",")]
     points = base.mark_point(filled=True, size=70).encode(
         shape=alt.Shape("method:N", scale=alt.Scale(domain=methods), title="Method"),
         tooltip=tooltip,
     )
     layers = [points]
     if x == "median_reasoning_tokens" and df["reasoning_tokens_q1"].null_count() < df.height:
-        layers.insert(0, base.mark_rule().encode(x="reasoning_tokens_q1:Q", x2="reasoning_tokens_q3:Q", tooltip=tooltip))
+        iqr = base.mark_rule().encode(x="reasoning_tokens_q1:Q", x2="reasoning_tokens_q3:Q", tooltip=tooltip)
+        layers.insert(0, iqr)
     return alt.layer(*layers).properties(width=180, height=170).facet(
         row=alt.Row("teacher:N", sort=_in_paper_order(df["teacher"].to_list(), "teacher"), title=None),
         column=alt.Column("student:N", sort=students, title=None))
@@ -434,8 +438,10 @@ def paper_figures(out_dir: str | Path) -> dict[str, list[Path]]:
     out.mkdir(parents=True, exist_ok=True)
     runs = paper.runs()
     made = {
-        "fig1_compression_by_domain": save_chart(fig1_compression_by_domain(paper.compression()), out / "fig1_compression_by_domain"),
-        "fig4_accuracy_vs_length": save_chart(fig4_accuracy_vs_length(runs, x="median_reasoning_chars"), out / "fig4_accuracy_vs_length"),
+        "fig1_compression_by_domain": save_chart(fig1_compression_by_domain(paper.compression()),
+                                                 out / "fig1_compression_by_domain"),
+        "fig4_accuracy_vs_length": save_chart(fig4_accuracy_vs_length(runs, x="median_reasoning_chars"),
+                                              out / "fig4_accuracy_vs_length"),
         "pareto": save_chart(pareto(runs), out / "pareto"),
     }
     (out / "README.md").write_text(
@@ -457,7 +463,8 @@ def loss_chart(losses: pl.DataFrame, title: str | None = None, max_points: int =
     ``losses`` is a run's ``loss.jsonl`` as a frame (:func:`cdlib.train.loss_frame`); Figure 3 itself, every run
     of a grid at once, is :func:`fig3_loss_curves`. A long run is thinned to ``max_points`` evenly spaced steps
     (the last kept): altair embeds at most 5,000 rows, two per step here."""
-    df = thin_steps(losses, max_points).select("step", "loss", "ema").unpivot(index="step", variable_name="curve", value_name="value")
+    df = thin_steps(losses, max_points).select("step", "loss", "ema").unpivot(index="step", variable_name="curve",
+                                                                               value_name="value")
     return alt.Chart(df).mark_line().encode(
         x=alt.X("step:Q", title="optimizer step"),
         y=alt.Y("value:Q", title="training loss"),
@@ -498,11 +505,14 @@ def lengths_chart(df: pl.DataFrame, bins: int = 50, clip_quantile: float = 0.99,
     if controls:
         datasets = sorted(data["dataset"].drop_nulls().unique().to_list())
         params = [
-            alt.param(name="dataset", value="all", bind=alt.binding_select(options=["all", *datasets], name="Dataset ")),
-            alt.param(name="min_tokens", value=0, bind=alt.binding_range(min=0, max=top, step=width, name="Min tokens ")),
+            alt.param(name="dataset", value="all",
+                      bind=alt.binding_select(options=["all", *datasets], name="Dataset ")),
+            alt.param(name="min_tokens", value=0,
+                      bind=alt.binding_range(min=0, max=top, step=width, name="Min tokens ")),
             alt.param(name="max_tokens", value=top, bind=alt.binding_range(min=0, max=top, step=width,
                                                                             name="Max tokens ")),
-            alt.param(name="include_flagged", value=include_flagged, bind=alt.binding_checkbox(name="Include flagged ")),
+            alt.param(name="include_flagged", value=include_flagged,
+                      bind=alt.binding_checkbox(name="Include flagged ")),
         ]
     x_title = f"Reasoning tokens (last bin holds all ≥ {top - width:,.0f})"
     rows = []

@@ -51,7 +51,8 @@ def to_latex(df: pl.DataFrame, digits: int | dict[str, int] = 3, caption: str | 
     align = "".join("r" if df[c].dtype.is_numeric() else "l" for c in df.columns)
     body = [" & ".join(_latex_escape(c) for c in row) + r" \\" for row in _cells(df, digits)]
     lines = [rf"\begin{{tabular}}{{{align}}}", r"\toprule",
-             " & ".join(_latex_escape(c) for c in df.columns) + r" \\", r"\midrule", *body, r"\bottomrule", r"\end{tabular}"]
+             " & ".join(_latex_escape(c) for c in df.columns) + r" \\", r"\midrule", *body, r"\bottomrule",
+             r"\end{tabular}"]
     if caption:
         lines = [r"\begin{table}[t]", r"\centering", *lines, rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
@@ -95,7 +96,8 @@ def to_html(df: pl.DataFrame, digits: int | dict[str, int] = 3) -> str:
 
 
 PAGE_CSS = """
-body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222; margin: 0; background: #fafafa; }
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222; margin: 0;
+       background: #fafafa; }
 header { background: #1f3b57; color: #fff; padding: 1.4em 2em 1em; }
 header h1 { margin: 0 0 .2em; font-size: 1.6em; }
 header p { margin: .2em 0; opacity: .9; }
@@ -213,7 +215,8 @@ class ReportPage:
         import html
 
         nav = "".join(f'<a href="#{s.id}">{html.escape(s.title)}</a>' for s in self.sections)
-        body = "\n".join(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2><p class="what">{html.escape(s.what)}</p>'
+        body = "\n".join(f'<section id="{s.id}"><h2>{html.escape(s.title)}</h2>'
+                         f'<p class="what">{html.escape(s.what)}</p>'
                          + "\n".join(s.parts) + "</section>" for s in self.sections)
         sub = "".join(f"<p>{line}</p>" for line in subtitle_lines)
         page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

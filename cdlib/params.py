@@ -109,7 +109,8 @@ def hide_keys(value: Any) -> Any:
 
 
 # a key's prefix (sk-..., hf_..., ghp_..., Slack's xoxb-...) or a bearer token, anywhere in a string
-_KEY_PREFIX_RE = re.compile(r"(?:\b|_)(?:sk|pk|rk|hf|ghp|gho|ghs|github_pat|xox[abp])[-_][A-Za-z0-9_-]{10,}|\bBearer\s+\S")
+_KEY_PREFIX_RE = re.compile(r"(?:\b|_)(?:sk|pk|rk|hf|ghp|gho|ghs|github_pat|xox[abp])[-_][A-Za-z0-9_-]{10,}"
+                            r"|\bBearer\s+\S")
 
 
 def looks_secret(text: str) -> bool:
@@ -296,13 +297,18 @@ class TrainParams(StageParams):
     tiny_hidden: int = Field(128, ge=64)  # toy students from scratch: hidden size (heads of dim 64)
     tiny_layers: int = Field(4, ge=1)  # toy students: decoder layers
     tiny_vocab: int = Field(1000, ge=300)  # toy students: BPE vocabulary trained on the input records
-    tiny_tokenizer_data: str | None = None  # toy students: cell whose records train the tokenizer (default: the training data; one cell for all = one vocabulary)
+    # toy students: the cell whose records train the tokenizer (default: the training data; one cell for all = one
+    # vocabulary)
+    tiny_tokenizer_data: str | None = None
     kl_chunk_tokens: int = Field(2048, ge=0)  # objective kl: positions per chunk of the divergence (0: all at once)
     save_every: int = Field(200, ge=0)  # optimizer steps between resumable states in <out_dir>/resume/ (0: off)
-    loss_head: Literal["auto", "full", "chunked", "liger", "cce"] = "auto"  # SFT loss head: auto = cce/liger on GPU where installed, else chunked (no full logits)
+    # SFT loss head: auto = cce/liger on GPU where installed, else chunked (no full logits)
+    loss_head: Literal["auto", "full", "chunked", "liger", "cce"] = "auto"
     loss_chunk_tokens: int = Field(512, ge=1)  # chunked loss head: positions per chunk (memory ~ chunk x vocab fp32)
-    liger_kernels: bool = False  # paper H.3's Liger plugin: fused RMSNorm, RoPE, SwiGLU on a GPU where liger-kernel is installed
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"  # experiment tracker (accelerate): loss, lr, throughput
+    # paper H.3's Liger plugin: fused RMSNorm, RoPE, SwiGLU on a GPU where liger-kernel is installed
+    liger_kernels: bool = False
+    # experiment tracker (accelerate): loss, lr, throughput
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = "none"
     tracker_project: str = "compress-distill"  # tracker project; the run is named after the cell directory
 
     @model_validator(mode="after")
@@ -358,8 +364,10 @@ class ExploreParams(DataParams):
     is one teacher, or "teacher/source" to say which teacher's traces they hold.
     """
 
-    generate: dict[str, str] = {"toy": "outputs/demo/generate/toy"}  # teacher label -> generate cell dir (default: make demo's)
-    compressed: dict[str, str] = {"extractive": "outputs/demo/compress/toy__extractive"}  # compressor ("teacher/compressor") -> cell
+    # teacher label -> generate cell dir (default: make demo's)
+    generate: dict[str, str] = {"toy": "outputs/demo/generate/toy"}
+    # compressor ("teacher/compressor") -> compress cell dir
+    compressed: dict[str, str] = {"extractive": "outputs/demo/compress/toy__extractive"}
     truncated: dict[str, str] = {"truncated": "outputs/demo/truncate/toy"}  # label ("teacher/label") -> truncate cell
     splits: list[Literal["train", "eval"]] = ["train", "eval"]  # splits of the question-pool statistics
     tokenizer: str = "whitespace"  # counts every source alike: "whitespace", "chars/4" or a HF id/path

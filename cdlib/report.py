@@ -27,11 +27,12 @@ def paper_tables(out_dir: str | Path) -> dict[int, list[Path]]:
     from cdlib import paper
 
     made = tables.tables(paper.runs(), paper.compression(), paper.generation(), paper.judge())
-    return {n: write_table(df, Path(out_dir) / f"table{n}", TABLE_DIGITS.get(n, 3), caption=f"Table {n} ({paper.TITLE})")
+    return {n: write_table(df, Path(out_dir) / f"table{n}", TABLE_DIGITS.get(n, 3),
+                           caption=f"Table {n} ({paper.TITLE})")
             for n, df in made.items()}
 
 
-# The protocol options a grid may deviate on (issue 14): (stage kind, param, the paper's value, what it governs).
+# The protocol options a grid may deviate on: (stage kind, param, the paper's value, what it governs).
 PROTOCOL = [
     ("compress", "prompt", "reconstructed", "compression prompt (the paper's is unprinted: ours is a reconstruction)"),
     ("compress", "recompress_attempts", 0, "retries of flagged compressions (paper: one pass)"),
@@ -102,7 +103,8 @@ class Frames:
 
 def read_frames(g: results.GridOutputs, gpu_watts: float = 700.0, pue: float = 1.15,
                 kg_co2_per_kwh: float = 0.079) -> Frames:
-    """Read every layout of :mod:`cdlib.results` and :mod:`cdlib.student_runs` from ``g``; one that cannot be read is None, with a note."""
+    """Read every layout of :mod:`cdlib.results` and :mod:`cdlib.student_runs` from ``g``; one that cannot be
+    read is None, with a note."""
     def load(what: str, fn):
         try:
             return fn(g)
@@ -134,10 +136,11 @@ def _findings(page: ReportPage, f: Frames) -> None:
         return
     page.table("findings", lambda: findings.findings(f.scored, paper.runs()), "The papers' findings, held or not",
                "One row per claim: held or not on this grid; grid: this grid's figure per configuration (teacher, "
-               "student, method, with the seed on a seed grid); papers_figure: the paper's words; published: the "
-               "same measure on the paper's own runs (Tables 6, 7, 9), where its tables allow. A claim holds when it holds in every configuration; "
-               f"a win is a gap of more than {findings.Z} standard errors of the difference; a ratio is judged against "
-               "the weakest end of the paper's range, within 5%. 'why' says in one sentence what failed.", 3)
+               "student, method, with the seed on a seed grid); papers_figure: the paper's words; published: the same "
+               "measure on the paper's own runs (Tables 6, 7, 9), where its tables allow. A claim holds when it holds "
+               f"in every configuration; a win is a gap of more than {findings.Z} standard errors of the difference; a "
+               "ratio is judged against the weakest end of the paper's range, within 5%. 'why' says in one sentence "
+               "what failed.", 3)
     page.table("students", lambda: findings.students(f.scored), "Every student beside the base it starts from",
                "Overall accuracy ± SE, mean output tokens, share of answers that hit the token cap, training tokens "
                "and hours per run; source 'pretrain' is the base model before distillation (the demo's pretrained "
@@ -147,7 +150,8 @@ def _findings(page: ReportPage, f: Frames) -> None:
 
 
 def _overview(page: ReportPage, f: Frames) -> None:
-    page.section("overview", "Overview", "What this grid holds: finished cells per stage, and what the report had to skip.")
+    page.section("overview", "Overview", "What this grid holds: finished cells per stage, and what the report had to "
+                                         "skip.")
     kinds = pl.DataFrame([{"stage": c.stage, "kind": c.kind or "?"} for c in f.g.cells.values()],
                          schema={"stage": pl.String, "kind": pl.String})
     page.table("cells", lambda: kinds.group_by("stage", "kind").len("cells").sort("stage"), "Finished cells per stage",
@@ -158,25 +162,30 @@ def _overview(page: ReportPage, f: Frames) -> None:
                "Each option the paper's protocol fixes, the value(s) this grid's cells used, the paper's value and "
                "whether the tables below follow a deviation. Definitions: Table 5's ρ = mean compressed / mean "
                "original characters; Table 7's ± = 1.96 × SE (a 95% interval, column _ci95) beside the SE; Table 7's "
-               "groups per the evaluate stage's grouping; Overall over every record; Table 10 over the judged datasets; "
-               "Tables 6 and 11's tokens = supervised tokens of every source row, validation split included, one pass "
-               "(App. H.4); upstream GPU-hours = the Qwen teacher's pass and its two compressions (App. H.4).", 0)
+               "groups per the evaluate stage's grouping; Overall over every record; Table 10 over the judged "
+               "datasets; Tables 6 and 11's tokens = supervised tokens of every source row, validation split "
+               "included, one pass (App. H.4); upstream GPU-hours = the Qwen teacher's pass and its two compressions "
+               "(App. H.4).", 0)
 
 
 def _generation(page: ReportPage, f: Frames) -> None:
-    page.section("generation", "Stage 1: teacher traces", "Rejection sampling kept only verified-correct traces (paper 3.1, App. A).")
+    page.section("generation", "Stage 1: teacher traces", "Rejection sampling kept only verified-correct traces "
+                                                          "(paper 3.1, App. A).")
     if page.needs(f.generation, "No generate cells with traces.jsonl: Table 4 skipped."):
         page.table("table4", lambda: tables.table4(f.generation), "Table 4: kept traces per dataset",
-                   "Correct traces kept per teacher and dataset, their mean reasoning length (characters) and mean completion tokens.",
+                   "Correct traces kept per teacher and dataset, their mean reasoning length (characters) and mean "
+                   "completion tokens.",
                    TABLE_DIGITS[4])
     if page.needs(f.lengths, "No token counts of compressed or truncated traces: Figure 2 skipped."):
         page.figure("fig2_reasoning_lengths", lambda: figures.fig2_reasoning_lengths(f.lengths),
                     "Figure 2: reasoning-token distributions",
-                    "Reasoning tokens per trace, raw vs each compressor (and truncated), counted with the compressor's tokenizer.")
+                    "Reasoning tokens per trace, raw vs each compressor (and truncated), counted with the "
+                    "compressor's tokenizer.")
 
 
 def _compression(page: ReportPage, f: Frames) -> None:
-    page.section("compression", "Stage 2: compression", "How much each compressor shortens the traces (paper 3.2, App. B).")
+    page.section("compression", "Stage 2: compression", "How much each compressor shortens the traces (paper 3.2, "
+                                                        "App. B).")
     if not page.needs(f.compression, "No compress cells with compressed.jsonl: Tables 2, 5 and Figure 1 skipped."):
         return
     every, kept = f.every_compression, f.compression
@@ -191,17 +200,19 @@ def _compression(page: ReportPage, f: Frames) -> None:
                   f"out of these numbers and of every source that names the cell in same_questions_as "
                   f"(column failed of Tables 2 and 5).")
     if every.height - n_failed > kept.height:
-        page.note(f"{every.height - n_failed - kept.height} flagged compression(s) (empty, answer-dropping, longer than "
-                  f"the original, ...) are left out of these numbers, as they are out of training (drop_flagged: "
-                  f"a deviation from the paper, which keeps every compression).")
+        page.note(f"{every.height - n_failed - kept.height} flagged compression(s) (empty, answer-dropping, longer "
+                  "than the original, ...) are left out of these numbers, as they are out of training (drop_flagged: "
+                  "a deviation from the paper, which keeps every compression).")
     elif n_flagged - n_failed:
-        page.note(f"{n_flagged - n_failed} flagged compression(s) are kept in these numbers and in training, as the paper "
-                  f"keeps every compression; the flag rates are reported beside Table 5.")
+        page.note(f"{n_flagged - n_failed} flagged compression(s) are kept in these numbers and in training, as the "
+                  "paper keeps every compression; the flag rates are reported beside Table 5.")
     page.table("table2", lambda: tables.table2(every), "Table 2: compression per teacher and compressor",
-               "Mean compressed length (characters) and ρ = mean compressed / mean original characters; lower is more aggressive.",
+               "Mean compressed length (characters) and ρ = mean compressed / mean original characters; lower is more "
+               "aggressive.",
                {"mean_compressed_chars": 0, "rho": 3})
     page.table("table5", lambda: tables.table5(every), "Table 5: compression per dataset",
-               "Per dataset: mean compressed characters, compressed tokens and ρ for each compressor, with Overall rows.",
+               "Per dataset: mean compressed characters, compressed tokens and ρ for each compressor, with Overall "
+               "rows.",
                lambda df: {c: 0 for c in df.columns if c.endswith(("_chars", "_tokens"))})
     page.table("flag_rates", lambda: tables.flag_rates(every), "Answer-preservation flags beside Table 5",
                "Per dataset and compressor: compressions checked, flagged (empty, degenerate, longer than the "
@@ -209,7 +220,8 @@ def _compression(page: ReportPage, f: Frames) -> None:
                "from training, and the count per flag. The paper runs no such check (its future work, section 7).",
                {"n": 0, "flagged": 0, "dropped": 0, "flag_rate": 3})
     page.figure("fig1_compression_by_domain", lambda: figures.fig1_compression_by_domain(kept),
-                "Figure 1: compression ratio by domain", "Ratio of mean lengths per domain, one panel per teacher (lower = shorter traces).")
+                "Figure 1: compression ratio by domain", "Ratio of mean lengths per domain, one panel per teacher "
+                                                         "(lower = shorter traces).")
 
 
 def _runs_table(runs: pl.DataFrame) -> pl.DataFrame:
@@ -222,7 +234,8 @@ def _runs_table(runs: pl.DataFrame) -> pl.DataFrame:
 
 
 def _training(page: ReportPage, f: Frames) -> None:
-    page.section("training", "Stage 4: student training", "What each student was trained on, for how long, and how the loss fell (paper 4, App. C).")
+    page.section("training", "Stage 4: student training", "What each student was trained on, for how long, and how "
+                                                          "the loss fell (paper 4, App. C).")
     runs = f.runs
     if page.needs(runs, "No train or evaluate cells: Tables 3, 6-9, 11 and Figures 3, 4 skipped."):
         try:
@@ -230,14 +243,16 @@ def _training(page: ReportPage, f: Frames) -> None:
         except ValueError as e:
             page.note(f"Training modes not read: {e}")
         page.table("runs", lambda: _runs_table(runs),
-                   "Runs", "One row per student run: training budget (epoch-based or compute-matched), trainable tokens, final losses "
-                   "and overall accuracy, with the cells that produced them; runs of neighbouring methods (Distilling the "
-                   "Essence, Mixed-Policy Distillation) add their objective, kept fraction, supervised sections, training "
-                   "FLOPs and peak memory (GB).", {"train_tokens": 0, "n": 0, "train_flops": 0, "peak_memory_gb": 2})
+                   "Runs", "One row per student run: training budget (epoch-based or compute-matched), trainable "
+                           "tokens, final losses and overall accuracy, with the cells that produced them; runs of "
+                           "neighbouring methods (Distilling the Essence, Mixed-Policy Distillation) add their "
+                           "objective, kept fraction, supervised sections, training FLOPs and peak memory "
+                           "(GB).", {"train_tokens": 0, "n": 0, "train_flops": 0, "peak_memory_gb": 2})
         timed = "train_hours" in runs.columns and runs["train_hours"].null_count() < runs.height
         if page.needs(runs if timed else None, "No train cells: Table 6 skipped."):
             page.table("table6", lambda: tables.table6(runs), "Table 6: training time, speedup and tokens",
-                       "Wall-clock hours per run, speedup over the raw-trace run of the same student and method, trainable tokens (millions).",
+                       "Wall-clock hours per run, speedup over the raw-trace run of the same student and method, "
+                       "trainable tokens (millions).",
                        TABLE_DIGITS[6])
     if page.needs(f.losses, "No loss.jsonl in the train cells: Figure 3 skipped."):
         page.figure("fig3_loss_curves", lambda: figures.fig3_loss_curves(f.losses), "Figure 3: training loss",
@@ -245,7 +260,8 @@ def _training(page: ReportPage, f: Frames) -> None:
 
 
 def _accuracy(page: ReportPage, f: Frames) -> None:
-    page.section("accuracy", "Stage 5: accuracy", "Greedy evaluation of every student on the held-out sets (paper 5, App. D, E).")
+    page.section("accuracy", "Stage 5: accuracy", "Greedy evaluation of every student on the held-out sets (paper 5, "
+                                                  "App. D, E).")
     scored = f.scored
     if page.needs(scored, "No evaluated runs (evaluate cells with an accuracy): Tables 3, 7, 8 and Figure 4 skipped."):
         page.table("table3", lambda: tables.table3(scored), "Table 3: overall accuracy",
@@ -258,17 +274,21 @@ def _accuracy(page: ReportPage, f: Frames) -> None:
         if page.needs(None if truncated.is_empty() else truncated,
                       "No runs on truncated traces: Table 8 (truncation ablation) skipped."):
             page.table("table8", lambda: tables.table8(scored), "Table 8: truncated vs compressed",
-                       "Overall accuracy of length-matched truncated traces beside the compressed ones, same student and method.",
+                       "Overall accuracy of length-matched truncated traces beside the compressed ones, same student "
+                       "and method.",
                        TABLE_DIGITS[8])
-        has_tokens = "median_reasoning_tokens" in scored.columns and scored["median_reasoning_tokens"].null_count() < scored.height
+        has_tokens = ("median_reasoning_tokens" in scored.columns
+                      and scored["median_reasoning_tokens"].null_count() < scored.height)
         x = "median_reasoning_tokens" if has_tokens else "median_reasoning_chars"
         page.figure("fig4_accuracy_vs_length", lambda: figures.fig4_accuracy_vs_length(scored, x=x),
                     "Figure 4: accuracy vs reasoning length",
-                    f"Overall accuracy against the {x.replace('_', ' ')} of each run's outputs (log scale; bars: inter-quartile range).")
+                    f"Overall accuracy against the {x.replace('_', ' ')} of each run's outputs (log scale; bars: "
+                    "inter-quartile range).")
     if f.runs is not None and "dte" in f.runs.columns and f.runs["dte"].any():
         dte = scored.filter(pl.col("dte")) if scored is not None else None
         if page.needs(dte if dte is not None and dte.height else None,
-                      "Distilling-the-Essence runs are trained but not evaluated: the kept-fraction figure is skipped."):
+                      "Distilling-the-Essence runs are trained but not evaluated: the kept-fraction figure is "
+                      "skipped."):
             page.figure("fig_dte_kept_fraction", lambda: figures.fig_dte_kept_fraction(scored),
                         "Distilling the Essence: accuracy vs kept fraction",
                         "Overall accuracy of runs trained on the first X% of each example's tokens (whole sequence or "
@@ -283,10 +303,12 @@ def _qwen_answer_only(runs: pl.DataFrame) -> bool:
 
 
 def _efficiency(page: ReportPage, f: Frames) -> None:
-    page.section("efficiency", "Inference efficiency", "How long the students' answers are and what accuracy each token buys (paper 5.4, App. F).")
+    page.section("efficiency", "Inference efficiency", "How long the students' answers are and what accuracy each "
+                                                       "token buys (paper 5.4, App. F).")
     if page.needs(f.scored, "No evaluated runs: Table 9 and the Pareto plot skipped."):
         page.table("table9", lambda: tables.table9(f.scored), "Table 9: inference efficiency",
-                   "Mean completion tokens (all, and excluding outputs cut at the cap), truncation rate, median reasoning characters, accuracy per 1k tokens.",
+                   "Mean completion tokens (all, and excluding outputs cut at the cap), truncation rate, median "
+                   "reasoning characters, accuracy per 1k tokens.",
                    TABLE_DIGITS[9])
         if _qwen_answer_only(f.scored):
             page.note("Qwen answer-only runs trained and evaluated with the template as it is (the paper's protocol, "
@@ -295,18 +317,22 @@ def _efficiency(page: ReportPage, f: Frames) -> None:
                       "records (Table 9). The non-thinking template is an option (x-non-thinking-answer-only in "
                       "params/paper.yaml), off in paper mode.")
         page.figure("pareto", lambda: figures.pareto(f.scored), "Accuracy vs completion length (Pareto)",
-                    "Every run's overall accuracy against its mean completion tokens; the dashed line joins the runs no other run beats on both.")
+                    "Every run's overall accuracy against its mean completion tokens; the dashed line joins the runs "
+                    "no other run beats on both.")
 
 
 def _faithfulness(page: ReportPage, f: Frames) -> None:
-    page.section("faithfulness", "Stage 6: faithfulness", "An LLM judge (or the toy world's rule) checks each compression against its raw trace (App. G).")
+    page.section("faithfulness", "Stage 6: faithfulness", "An LLM judge (or the toy world's rule) checks each "
+                                                          "compression against its raw trace (App. G).")
     if page.needs(f.judged, "No judge cells with judgements.jsonl: Table 10 skipped."):
         page.table("table10", lambda: tables.table10(f.judged), "Table 10: judged faithfulness",
-                   "Per dataset and compressor: judged traces, mean faithfulness (1-5), % judged faithful, % reaching the canonical answer.",
+                   "Per dataset and compressor: judged traces, mean faithfulness (1-5), % judged faithful, % reaching "
+                   "the canonical answer.",
                    TABLE_DIGITS[10])
     if f.modes is not None:
         page.table("failure_modes", lambda: f.modes, "Judge failure modes",
-                   "How often the judge named each failure mode, per teacher and compressor (a trace can have several).",
+                   "How often the judge named each failure mode, per teacher and compressor (a trace can have "
+                   "several).",
                    {"count": 0, "pct_of_judged": 1})
 
 
@@ -314,23 +340,25 @@ def _table11(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 11 with each run's training budget."""
     if "budget" not in runs.columns:
         return tables.table11(runs)
-    return paper_sort(tables.table11(runs).join(overall_rows(runs).select(RUN_KEYS + ["budget"]), on=RUN_KEYS, how="left"),
-                 RUN_KEYS)
+    budgets = overall_rows(runs).select(RUN_KEYS + ["budget"])
+    return paper_sort(tables.table11(runs).join(budgets, on=RUN_KEYS, how="left"), RUN_KEYS)
 
 
 def _compute(page: ReportPage, f: Frames) -> None:
-    page.section("compute", "Compute and energy", "GPU-hours per run and stage, and the energy and emissions they imply (App. H.4, H.5).")
+    page.section("compute", "Compute and energy", "GPU-hours per run and stage, and the energy and emissions they "
+                                                  "imply (App. H.4, H.5).")
     if f.runs is not None and "train_hours" in f.runs.columns:
         page.table("table11", lambda: _table11(f.runs),
-                   "Table 11: compute per run", "GPUs, wall-clock hours, GPU-hours and trainable tokens (millions) per student run, "
-                   "with its training budget.", TABLE_DIGITS[11])
+                   "Table 11: compute per run", "GPUs, wall-clock hours, GPU-hours and trainable tokens (millions) "
+                                                "per student run, with its training budget.", TABLE_DIGITS[11])
     if not page.needs(f.compute, "No cell manifests: compute accounting skipped."):
         return
     stages, quantities = f.compute
     e = f.energy
     page.table("compute_stages", lambda: stages, "GPU-hours per stage",
-               f"Every finished cell's GPU-hours (from its manifest) per stage; energy = GPU-hours × {e['gpu_watts']:g} W × "
-               f"PUE {e['pue']:g}, emissions = energy × {e['kg_co2_per_kwh'] * 1000:g} gCO2eq/kWh.", {"cells": 0})
+               "Every finished cell's GPU-hours (from its manifest) per stage; energy = GPU-hours × "
+               f"{e['gpu_watts']:g} W × PUE {e['pue']:g}, emissions = energy × {e['kg_co2_per_kwh'] * 1000:g} "
+               "gCO2eq/kWh.", {"cells": 0})
     page.table("compute", lambda: quantities, "Appendix H.4/H.5 totals",
                "The paper's accounting (App. H.4, H.5): total = student training + upstream, where upstream is "
                "the teacher pass and the two compressions of the Qwen teacher only (every teacher when the grid "
@@ -339,7 +367,8 @@ def _compute(page: ReportPage, f: Frames) -> None:
 
 
 def _published(page: ReportPage, f: Frames, side: bool) -> dict[str, list[Path]]:
-    page.section("published", "Side by side with the paper", "This grid's numbers beside the published ones, wherever the grid uses the paper's names.")
+    page.section("published", "Side by side with the paper", "This grid's numbers beside the published ones, wherever "
+                                                             "the grid uses the paper's names.")
     if not side:
         page.note("Side-by-side comparisons turned off (side_by_side: false).")
         return {}
@@ -400,7 +429,8 @@ def build_report(grid_dir: str | Path, out_dir: str | Path, params: Any = None) 
         section(page, f)
     compared = _published(page, f, getattr(params, "side_by_side", True))
     index = _write_page(page, Path(grid_dir), len(g.cells), len(compared))
-    return {"index": index, "tables": {k.split("/", 1)[1]: v for k, v in page.tables.items() if k.startswith("tables/")},
+    return {"index": index,
+            "tables": {k.split("/", 1)[1]: v for k, v in page.tables.items() if k.startswith("tables/")},
             "figures": page.figures, "side_by_side": compared, "notes": page.notes}
 
 

@@ -94,7 +94,8 @@ class GridOutputs:
 
     def records(self, cell: GridCell, filename: str, fields: list[str],
                 lengths: tuple[str, ...] = ()) -> pl.DataFrame | None:
-        """Some fields of a cell's record file (:func:`cdlib.store.read_fields`); None when it has no such file or no rows."""
+        """Some fields of a cell's record file (:func:`cdlib.store.read_fields`); None when it has no such file
+        or no rows."""
         path = cell.dir / filename if cell.dir else None
         if path is None or not path.exists():
             return None
@@ -304,10 +305,11 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
     """Compression layout (Tables 2, 5, Figure 1): one row per compressed trace of every compress cell.
 
     Compressions dropped downstream (flagged with ``drop_flagged``, or failed: a permanent engine
-    error; see :func:`cdlib.compress.dropped`) are left out unless ``include_flagged``: they are never
-    trained on; Tables 2 and 5 count the failed ones from every row. With the paper's protocol (``drop_flagged: false``) every compression is kept,
-    as in its Tables 2 and 5; flags stay in ``flag`` for :func:`flag_rates`. Token counts come from ``tokens.jsonl``
-    (``compressed_tokens`` and ``original_tokens``, the compressor's tokenizer). Rewrites of student
+    error; see :func:`cdlib.outputs.dropped`) are left out unless ``include_flagged``: they are never
+    trained on; Tables 2 and 5 count the failed ones from every row. With the paper's protocol
+    (``drop_flagged: false``) every compression is kept, as in its Tables 2 and 5; flags stay in ``flag`` for
+    :func:`flag_rates`. Token counts come from ``tokens.jsonl`` (``compressed_tokens`` and ``original_tokens``,
+    the compressor's tokenizer). Rewrites of student
     trajectories (:meth:`GridOutputs.rewrites_student`, MPD) are not compressions of teacher traces and are
     left out.
     """
@@ -315,7 +317,8 @@ def grid_compression(g: GridOutputs, include_flagged: bool = False) -> pl.DataFr
     for c in g.of("compress"):
         if g.rewrites_student(c):
             continue
-        df = g.records(c, "compressed.jsonl", ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
+        df = g.records(c, "compressed.jsonl",
+                       ["id", "dataset", "domain", "flag", "drop", "original_chars", "compressed_chars"])
         if df is None:
             continue
         tok = g.records(c, "tokens.jsonl", ["id", "original_tokens", "compressed_tokens"])
@@ -385,13 +388,13 @@ def failure_modes(g: GridOutputs) -> pl.DataFrame | None:
         teacher = g.teacher_of(c)
         for k, v in c.metrics.items():
             if k.startswith("failure_modes.") and v:
-                rows.append({"teacher": teacher, "compressor": compressor,
-                             "failure_mode": k.split(".", 1)[1], "count": int(v), "pct_of_judged": 100 * v / n if n else None})
+                rows.append({"teacher": teacher, "compressor": compressor, "failure_mode": k.split(".", 1)[1],
+                             "count": int(v), "pct_of_judged": 100 * v / n if n else None})
         if c.metrics.get("parse_failures"):
             rows.append({"teacher": teacher, "compressor": compressor,
                          "failure_mode": "(judge parse failure)", "count": int(c.metrics["parse_failures"]),
                          "pct_of_judged": 100 * c.metrics["parse_failures"] / n if n else None})
     if not rows:
         return None
-    return paper_sort(pl.DataFrame(rows), ["teacher", "compressor"]).sort(["teacher", "compressor", "count"],
-                                                                     descending=[False, False, True], maintain_order=True)
+    return paper_sort(pl.DataFrame(rows), ["teacher", "compressor"]).sort(
+        ["teacher", "compressor", "count"], descending=[False, False, True], maintain_order=True)

@@ -48,7 +48,8 @@ def _run_keys(g: GridOutputs, cells: list[GridCell | None]) -> dict[str, str]:
         lineage.update(g.lineage_axes(c))
     train = next((c for c in present if c.kind == "train"), None)
     tp = train.params if train else {}
-    keys = {"teacher": lineage.get("teacher") or (g.teacher_of(present[0]) if present else None), "student": lineage.get("student") or tp.get("student"),
+    keys = {"teacher": lineage.get("teacher") or (g.teacher_of(present[0]) if present else None),
+            "student": lineage.get("student") or tp.get("student"),
             "method": lineage.get("method") or tp.get("method"), "source": lineage.get("source") or tp.get("source")}
     extra = {k: v for c in present for k, v in c.axes.items() if k not in RUN_KEYS and k != "compressor"}
     if extra and keys["method"]:
@@ -159,7 +160,8 @@ def grid_runs(g: GridOutputs) -> pl.DataFrame | None:
                 **{k: e.metrics.get(k) for k in EVAL_RUN_COLUMNS}}
         groups = sorted({k.split(".")[1] for k in e.metrics if k.startswith("groups.") and k.endswith(".accuracy")})
         for grp in groups:
-            rows.append({**base, "group": GROUP_NAMES.get(grp, grp), "accuracy": e.metrics.get(f"groups.{grp}.accuracy"),
+            rows.append({**base, "group": GROUP_NAMES.get(grp, grp),
+                         "accuracy": e.metrics.get(f"groups.{grp}.accuracy"),
                          "se": e.metrics.get(f"groups.{grp}.se"), "group_n": e.metrics.get(f"groups.{grp}.n")})
         rows.append({**base, "group": "overall", "accuracy": e.metrics.get("accuracy"),
                      "se": e.metrics.get("accuracy_se"), "group_n": e.metrics.get("n")})
@@ -177,8 +179,10 @@ def grid_runs(g: GridOutputs) -> pl.DataFrame | None:
     # two cells with the same keys (e.g. re-evaluations): keep them apart by cell id
     dup = pl.struct(RUN_KEYS + ["group"]).is_duplicated()
     if df.select(dup.any()).item():
-        cell = pl.coalesce(pl.col("eval_cell"), pl.col("train_cell")) if "eval_cell" in df.columns else pl.col("train_cell")
-        df = df.with_columns(method=pl.when(dup).then(pl.col("method") + " [" + cell + "]").otherwise(pl.col("method")))
+        cell = (pl.coalesce(pl.col("eval_cell"), pl.col("train_cell")) if "eval_cell" in df.columns
+                else pl.col("train_cell"))
+        named = pl.when(dup).then(pl.col("method") + " [" + cell + "]").otherwise(pl.col("method"))
+        df = df.with_columns(method=named)
     return df
 
 

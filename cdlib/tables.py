@@ -95,7 +95,8 @@ def paper_sort(df: pl.DataFrame, by: list[str]) -> pl.DataFrame:
             continue
         order = ORDER.get(col)
         if order:
-            keys.append(pl.col(col).replace_strict(order, list(range(len(order))), default=len(order), return_dtype=pl.Int64))
+            keys.append(pl.col(col).replace_strict(order, list(range(len(order))), default=len(order),
+                                                   return_dtype=pl.Int64))
         keys.append(pl.col(col))
     return df.sort(keys, nulls_last=True) if keys else df
 
@@ -121,12 +122,14 @@ def overall_rows(runs: pl.DataFrame) -> pl.DataFrame:
     return df
 
 
-def _wide_by(df: pl.DataFrame, index: list[str], on: str, values: list[str], name: str = "{value}_{on}") -> pl.DataFrame:
+def _wide_by(df: pl.DataFrame, index: list[str], on: str, values: list[str],
+             name: str = "{value}_{on}") -> pl.DataFrame:
     """Pivot ``values`` to one column per value of ``on``, named like ``hours_raw``, in the paper's order."""
     levels = paper_order(df[on].unique().drop_nulls().to_list(), on)
     out = df.select(index).unique()
     for level in levels:
-        part = df.filter(pl.col(on) == level).select(index + [pl.col(v).alias(name.format(value=v, on=level)) for v in values])
+        columns = [pl.col(v).alias(name.format(value=v, on=level)) for v in values]
+        part = df.filter(pl.col(on) == level).select(index + columns)
         out = out.join(part, on=index, how="left", nulls_equal=True)
     return out
 
@@ -152,7 +155,8 @@ def flag_counts(drop: pl.Expr) -> dict[str, pl.Expr]:
     (flag ``error``: compressions that never came back, left out of every source) and ``dropped`` (rows where
     ``drop``: left out of training)."""
     flagged = pl.col("flag").is_not_null()
-    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), failed=failed_expr().sum(), dropped=drop.sum())
+    return dict(n=pl.len(), flagged=flagged.sum(), flag_rate=flagged.mean(), failed=failed_expr().sum(),
+                dropped=drop.sum())
 
 
 def count_table(counts: dict[str, int], name: str) -> pl.DataFrame:
@@ -202,8 +206,9 @@ def trace_means(generation: pl.DataFrame, by: list[str]) -> pl.DataFrame:
         generation = generation.with_columns(reasoning_chars=pl.col("reasoning").str.len_chars())
     need_columns(generation, by + ["reasoning_chars", "completion_tokens"], "trace_means")
     mean = lambda col: (pl.col("n") * pl.col(col)).sum() / pl.col("n").sum()  # noqa: E731
-    return with_weights(generation).group_by(by).agg(n_correct=pl.col("n").sum(), mean_reasoning_chars=mean("reasoning_chars"),
-                                                 mean_completion_tokens=mean("completion_tokens"))
+    return with_weights(generation).group_by(by).agg(n_correct=pl.col("n").sum(),
+                                                     mean_reasoning_chars=mean("reasoning_chars"),
+                                                     mean_completion_tokens=mean("completion_tokens"))
 
 
 def table4(generation: pl.DataFrame) -> pl.DataFrame:
@@ -220,7 +225,8 @@ def table4(generation: pl.DataFrame) -> pl.DataFrame:
 def table5(compression: pl.DataFrame) -> pl.DataFrame:
     """Table 5: per-dataset compressed chars, tokens and rho, one column group per compressor, with Overall rows
     (whose tokens the paper prints as a dash)."""
-    need_columns(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"], "table5")
+    need_columns(compression, ["teacher", "compressor", "domain", "dataset", "original_chars", "compressed_chars"],
+                 "table5")
     values = ["mean_compressed_chars", "mean_compressed_tokens", "rho"]
     per_keys = ["teacher", "compressor", "domain", "dataset"]
     kept, failed = _kept_with_failed(compression, per_keys)
@@ -235,8 +241,8 @@ def table5(compression: pl.DataFrame) -> pl.DataFrame:
             domain=pl.lit(None, pl.String), dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
     wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", values, "{on}_{value}")
-    wide = wide.with_columns(overall_rows=pl.col("dataset") == "Overall")
-    return paper_sort(wide, ["teacher", "overall_rows", "domain", "dataset"]).drop("overall_rows")
+    wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
+    return paper_sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
 
 
 def table6(runs: pl.DataFrame) -> pl.DataFrame:
@@ -250,7 +256,8 @@ def table6(runs: pl.DataFrame) -> pl.DataFrame:
     """
     df = with_optional(overall_rows(runs), ["speedup", "source_tokens"])
     need_columns(df, ["train_hours", "train_tokens"], "table6")
-    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method", pl.col("train_hours").alias("_raw_h"))
+    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method",
+                                                      pl.col("train_hours").alias("_raw_h"))
     df = df.join(raw, on=["teacher", "student", "method"], how="left").with_columns(
         speedup=pl.when(pl.col("source") == "raw").then(None)
         .otherwise(pl.coalesce(pl.col("speedup"), pl.col("_raw_h") / pl.col("train_hours"))),
@@ -300,7 +307,8 @@ def table8(runs: pl.DataFrame) -> pl.DataFrame:
     configs = df.filter(pl.col("source") == "truncated").select("teacher", "student", "method")
     df = df.join(configs, on=["teacher", "student", "method"], how="semi")
     sources = ["truncated"] + _compressors(df["source"].unique().to_list())
-    wide = df.filter(pl.col("source").is_in(sources)).pivot("source", index=["teacher", "student", "method"], values="accuracy")
+    wide = df.filter(pl.col("source").is_in(sources)).pivot("source", index=["teacher", "student", "method"],
+                                                            values="accuracy")
     return paper_sort(wide.select("teacher", "student", "method", *[s for s in sources if s in wide.columns]),
                  ["teacher", "student", "method"])
 
@@ -328,28 +336,31 @@ def judge_means(judge: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     j = with_weights(judge).with_columns(pl.col("faithful", "answer_aligned").cast(pl.Float64))
     w = pl.col("n") / pl.col("n").sum()
     aggs = dict(n=pl.col("n").sum(), faithfulness=(w * pl.col("faithfulness")).sum(),
-                pct_faithful=(w * pl.col("faithful")).sum() * 100, pct_aligned=(w * pl.col("answer_aligned")).sum() * 100)
+                pct_faithful=(w * pl.col("faithful")).sum() * 100,
+                pct_aligned=(w * pl.col("answer_aligned")).sum() * 100)
     return j.group_by(by).agg(**aggs) if by else j.select(**aggs)
 
 
 def table10(judge: pl.DataFrame) -> pl.DataFrame:
     """Table 10: judge N, mean faithfulness, % faithful and % answer-aligned per dataset and compressor."""
-    need_columns(judge, ["teacher", "compressor", "domain", "dataset", "faithfulness", "faithful", "answer_aligned"], "table10")
+    need_columns(judge, ["teacher", "compressor", "domain", "dataset", "faithfulness", "faithful", "answer_aligned"],
+                 "table10")
     per = judge_means(judge, ["teacher", "compressor", "domain", "dataset"])
     overall = judge_means(judge, ["teacher", "compressor"]).with_columns(domain=pl.lit(None, pl.String),
                                                                         dataset=pl.lit("Overall"))
     df = pl.concat([per, overall.select(per.columns)])
-    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor", ["n", "faithfulness", "pct_faithful", "pct_aligned"],
-                    "{on}_{value}")
-    wide = wide.with_columns(overall_rows=pl.col("dataset") == "Overall")
-    return paper_sort(wide, ["teacher", "overall_rows", "domain", "dataset"]).drop("overall_rows")
+    wide = _wide_by(df, ["teacher", "domain", "dataset"], "compressor",
+                    ["n", "faithfulness", "pct_faithful", "pct_aligned"], "{on}_{value}")
+    wide = wide.with_columns(_overall=pl.col("dataset") == "Overall")
+    return paper_sort(wide, ["teacher", "_overall", "domain", "dataset"]).drop("_overall")
 
 
 def table11(runs: pl.DataFrame) -> pl.DataFrame:
     """Table 11: GPUs, wall-clock hours, GPU-hours and trainable tokens (M) per run."""
     df = with_optional(overall_rows(runs), ["gpus", "train_hours", "gpu_hours", "train_tokens", "source_tokens"])
     df = df.with_columns(gpu_hours=pl.coalesce(pl.col("gpu_hours"), pl.col("gpus") * pl.col("train_hours")),
-                         train_tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6)  # as Table 6
+                         # trainable tokens as Table 6 counts them
+                         train_tokens_m=pl.coalesce(pl.col("source_tokens"), pl.col("train_tokens")) / 1e6)
     return paper_sort(df.select(RUN_KEYS + ["gpus", "train_hours", "gpu_hours", "train_tokens_m"]), RUN_KEYS)
 
 
@@ -371,13 +382,13 @@ def flag_rates(compression: pl.DataFrame) -> pl.DataFrame:
     df = pl.concat([per, overall.select(per.columns)])
     kinds = c.filter(pl.col("flag").is_not_null())
     if not kinds.is_empty():
+        in_all = kinds.group_by("teacher", "compressor", "flag").len().with_columns(dataset=pl.lit("Overall"))
         counts = pl.concat([kinds.group_by("teacher", "compressor", "dataset", "flag").len(),
-                            kinds.group_by("teacher", "compressor", "flag").len().with_columns(dataset=pl.lit("Overall"))
-                            .select("teacher", "compressor", "dataset", "flag", "len")])
+                            in_all.select("teacher", "compressor", "dataset", "flag", "len")])
         wide = counts.pivot("flag", index=["teacher", "compressor", "dataset"], values="len")
         df = df.join(wide, on=["teacher", "compressor", "dataset"], how="left")
-    df = df.with_columns(overall_rows=pl.col("dataset") == "Overall")
-    return paper_sort(df, ["teacher", "compressor", "overall_rows", "dataset"]).drop("overall_rows")
+    df = df.with_columns(_overall=pl.col("dataset") == "Overall")
+    return paper_sort(df, ["teacher", "compressor", "_overall", "dataset"]).drop("_overall")
 
 
 def tables(runs: pl.DataFrame | None = None, compression: pl.DataFrame | None = None,
@@ -389,16 +400,20 @@ def tables(runs: pl.DataFrame | None = None, compression: pl.DataFrame | None = 
     if generation is not None:
         out[4] = table4(generation)
     if runs is not None:
-        out.update({3: table3(runs), 6: table6(runs), 7: table7(runs), 8: table8(runs), 9: table9(runs), 11: table11(runs)})
+        out.update({3: table3(runs), 6: table6(runs), 7: table7(runs), 8: table8(runs), 9: table9(runs),
+                    11: table11(runs)})
     if judge is not None:
         out[10] = table10(judge)
     return dict(sorted(out.items()))
 
 
 TABLE_DIGITS: dict[int, int | dict[str, int]] = {
-    2: 3, 3: 3, 4: 0, 5: {f"{c}_mean_compressed_{v}": 0 for c in ("llama70b", "ministral14b") for v in ("chars", "tokens")},
-    6: 1, 7: 3, 8: 3, 9: {"mean_completion_tokens": 0, "mean_completion_tokens_excl_trunc": 0, "median_reasoning_chars": 0,
-                          "acc_per_1k_tokens": 4}, 10: 2, 11: 1,
+    2: 3, 3: 3, 4: 0,
+    5: {f"{c}_mean_compressed_{v}": 0 for c in ("llama70b", "ministral14b") for v in ("chars", "tokens")},
+    6: 1, 7: 3, 8: 3,
+    9: {"mean_completion_tokens": 0, "mean_completion_tokens_excl_trunc": 0, "median_reasoning_chars": 0,
+        "acc_per_1k_tokens": 4},
+    10: 2, 11: 1,
 }
 
 
@@ -411,7 +426,8 @@ def side_by_side(ours: pl.DataFrame, paper: pl.DataFrame, keys: list[str], value
         need_columns(df, keys + [value], f"side_by_side ({name})")
         dup = df.group_by(keys).len().filter(pl.col("len") > 1)
         if not dup.is_empty():
-            raise ValueError(f"side_by_side ({name}): keys {keys} not unique, e.g. {dup.select(keys).row(0, named=True)}")
+            raise ValueError(f"side_by_side ({name}): keys {keys} not unique, e.g. "
+                             f"{dup.select(keys).row(0, named=True)}")
     a = ours.select(keys + [pl.col(value).cast(pl.Float64).alias("ours")])
     b = paper.select(keys + [pl.col(value).cast(pl.Float64).alias("paper")])
     out = a.join(b, on=keys, how="full", coalesce=True, nulls_equal=True)

@@ -67,7 +67,8 @@ def default_corpus(n: int = 400, seed: int = 0) -> list[str]:
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
         verb = {"+": "gets", "-": "gives away", "*": "multiplies by"}[op]
         question = f"{name} has {a} {item}. {name} {verb} {b}. How many {item} does {name} have now?"
-        thought = f"Let me think. {name} starts with {a}. Then {a} {op} {b} = {result}. Wait, let me check: {a} {op} {b} is {result}. So the answer is {result}."
+        thought = (f"Let me think. {name} starts with {a}. Then {a} {op} {b} = {result}. Wait, let me check: "
+                   f"{a} {op} {b} is {result}. So the answer is {result}.")
         lines.append(
             f"{IM_START}user\n{question}{IM_END}\n{IM_START}assistant\n"
             f"{THINK_START}\n{thought}\n{THINK_END}\n\nThe answer is \\boxed{{{result}}}.{IM_END}\n"

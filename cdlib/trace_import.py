@@ -99,7 +99,8 @@ def split_response(text: str) -> tuple[str, str, bool]:
 
 def _turns(messages: Any, where: str, role_key: str = "role", text_key: str = "content") -> list[dict[str, Any]]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise ImportFailed(f"{where}: expected a list of {{{role_key}, {text_key}}} turns, got {type(messages).__name__}")
+        raise ImportFailed(f"{where}: expected a list of {{{role_key}, {text_key}}} turns, "
+                           f"got {type(messages).__name__}")
     return messages
 
 
@@ -227,8 +228,10 @@ def read_reasoning_content(row: dict[str, Any], where: str) -> list[Trace]:
     # content_tokens_len, score; from code reading its rows) and one's own saved vLLM outputs.
     column = next((c for c in QUESTION_COLUMNS if c in row), None)
     if column is None:
-        raise ImportFailed(f"{where}: reasoning_content rows need a question column, one of {', '.join(QUESTION_COLUMNS)}")
-    return [Trace(_text(row[column], where, column), _text(row["reasoning_content"], where, "reasoning_content").strip(),
+        raise ImportFailed(f"{where}: reasoning_content rows need a question column, "
+                           f"one of {', '.join(QUESTION_COLUMNS)}")
+    return [Trace(_text(row[column], where, column),
+                  _text(row["reasoning_content"], where, "reasoning_content").strip(),
                   _text(row.get("content"), where, "content").strip(), False, _gold(row.get("answer")))]
 
 

@@ -167,7 +167,8 @@ class Progress:
     step_losses: list[float] = field(default_factory=list)
     totals: list[Any] = field(default_factory=lambda: [0, 0, 0])  # supervised, all tokens, sum L^2 (this rank)
     seen: int = 0  # global supervised tokens so far
-    prior: dict[str, float] = field(default_factory=lambda: {"wall_clock_s": 0.0, "train_s": 0.0, "peak_memory_gb": 0.0})
+    prior: dict[str, float] = field(default_factory=lambda: {"wall_clock_s": 0.0, "train_s": 0.0,
+                                                             "peak_memory_gb": 0.0})
     train_s: float = 0.0
 
 
@@ -177,9 +178,11 @@ def make_accelerator(P: TrainParams, on_gpu: bool, out: Path) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    accelerator = Accelerator(mixed_precision="bf16" if on_gpu and P.bf16 else "no", cpu=not on_gpu,  # cpu: torchrun ranks use gloo
+    accelerator = Accelerator(mixed_precision="bf16" if on_gpu and P.bf16 else "no",
+                              cpu=not on_gpu,  # torchrun ranks on CPU talk over gloo
                               dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
-                              log_with=None if P.report_to == "none" else P.report_to, project_dir=str(out / "trackers"))
+                              log_with=None if P.report_to == "none" else P.report_to,
+                              project_dir=str(out / "trackers"))
     if not on_gpu:
         fsdp_on_cpu(accelerator)
     return accelerator
@@ -240,7 +243,8 @@ def set_up(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: 
                                          generator=torch.Generator().manual_seed(P.seed))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)  # saved with the state, stepped as before (not wrapped)
-    if P.method == "lora":  # the frozen base is the one loaded above: a resumable state holds only the trainable weights
+    # LoRA: the frozen base is the one loaded above, so a resumable state holds only the trainable weights
+    if P.method == "lora":
         accelerator.register_save_state_pre_hook(checkpoint.trainable_weights_only)
     params = student["params"]
     say(f"training {data.model_source} ({P.method}, {P.objective}, {params['trainable']:,}/{params['total']:,} "
@@ -279,7 +283,8 @@ def train_step(s: Setup, window: list[dict[str, Any]], first: int, n_global: flo
     for k, batch in enumerate(window):
         if batch["n_supervised"] != planned[first + k]:
             raise TrainError(f"micro-batch {first + k} of rank {acc.process_index} holds {batch['n_supervised']} "
-                             f"supervised tokens, the plan says {planned[first + k]}: the loader does not shard as planned")
+                             f"supervised tokens, the plan says {planned[first + k]}: the loader does not shard as "
+                             "planned")
         batch = with_mask(batch, s.rows)
         with contextlib.nullcontext() if k == len(window) - 1 else acc.no_sync(model):
             if s.teacher is None:  # SFT: the loss head never builds full logits unless loss_head is "full"
@@ -377,8 +382,9 @@ def train_loop(s: Setup, prog: Progress, out: Path, fingerprint: dict[str, Any],
         n_global = float(global_tokens[step])
         step_sum = train_step(s, window, step * P.grad_accum, n_global, planned, prog)
         prog.seen += int(n_global)
-        reader.unread.append(({"id": str(step + 1), "step": step + 1, "loss": None, "ema": None,
-                               "lr": s.scheduler.get_last_lr()[0], "tokens": prog.seen, "n_global": n_global}, step_sum))
+        record = {"id": str(step + 1), "step": step + 1, "loss": None, "ema": None,
+                  "lr": s.scheduler.get_last_lr()[0], "tokens": prog.seen, "n_global": n_global}
+        reader.unread.append((record, step_sum))
         bar.update(1)
         if (step + 1) % P.log_every == 0 or step + 1 == s.total_steps:
             reader.flush()
@@ -550,7 +556,8 @@ def run(P: TrainParams, data: Prepared | None = None, progress: bool = True,
     if data.build_info["overlong_ids"]:
         o = overlong_counts(data.build_info)
         say(f"overlong ({o['overlong']}): {len(data.build_info['overlong_ids'])} example(s) longer than seq_len "
-            f"{P.seq_len} {'dropped' if o['overlong_dropped'] else 'cut'}, e.g. ids {data.build_info['overlong_ids'][:5]}")
+            f"{P.seq_len} {'dropped' if o['overlong_dropped'] else 'cut'}, e.g. ids "
+            f"{data.build_info['overlong_ids'][:5]}")
 
     # ---- set-up, resume or start afresh, loop
     s = set_up(P, data, accelerator, on_gpu, say, tracker)

@@ -102,6 +102,7 @@ def metrics(out_dir: str | Path) -> dict[str, Any]:
     if df.is_empty():
         return {"n": 0}
     return {"n": df.height, "mismatches": int(df["flag"].is_not_null().sum()),
-            "mean_original_tokens": df["original_tokens"].mean(), "mean_truncated_tokens": df["truncated_tokens"].mean(),
+            "mean_original_tokens": df["original_tokens"].mean(),
+            "mean_truncated_tokens": df["truncated_tokens"].mean(),
             "kept_fraction": df.select(pl.col("truncated_tokens").sum() / pl.col("original_tokens").sum()).item(),
             "max_abs_error": int((df["truncated_tokens"] - df["target_tokens"]).abs().max())}

@@ -18,8 +18,6 @@ tolerance: int = 1  # accepted token mismatch after decode and re-encode
 drop_flagged: bool = True  # leave cuts missing their target by more than tolerance out of training (paper: false)
 
 # %%
-import polars as pl
-
 import cdlib.outputs
 import cdlib.params
 import cdlib.store

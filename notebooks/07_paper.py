@@ -49,12 +49,15 @@ print("\n".join(built["notes"]) or "no notes")
 # Overall accuracy (Table 3) and inference efficiency (Table 9), when the grid has evaluations.
 
 # %%
-IPython.display.display(IPython.display.Markdown(built["tables"]["table3"][0].read_text()) if "table3" in built["tables"] else "no Table 3")
-IPython.display.Markdown(built["tables"]["table9"][0].read_text()) if "table9" in built["tables"] else "no Table 9"
+tables = built["tables"]
+table3 = IPython.display.Markdown(tables["table3"][0].read_text()) if "table3" in tables else "no Table 3"
+IPython.display.display(table3)
+IPython.display.Markdown(tables["table9"][0].read_text()) if "table9" in tables else "no Table 9"
 
 # %% [markdown]
 # The figures (open the page for the interactive versions).
 
 # %%
 for name, (png, svg, html) in built["figures"].items():
-    IPython.display.display(IPython.display.Markdown(f"**{name}**"), IPython.display.Image(filename=str(png), width=900))
+    IPython.display.display(IPython.display.Markdown(f"**{name}**"),
+                            IPython.display.Image(filename=str(png), width=900))

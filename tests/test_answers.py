@@ -106,7 +106,8 @@ CASES = [
     ("<think>\nlong reasoning with 40 + 2 = 42\n", "numeric", None, "42", None, "truncated", False),
     ("analysisWe need 6*7.assistantfinalThe answer is 42.", "numeric", None, "42", "42", "answer_is", True),
     (
-        "<|channel|>analysis<|message|>Compute 5<|end|><|start|>assistant<|channel|>final<|message|>**Answer: 42**<|return|>",
+        "<|channel|>analysis<|message|>Compute 5<|end|><|start|>assistant<|channel|>final<|message|>**Answer: "
+        "42**<|return|>",
         "numeric", None, "42", "42", "answer_colon", True,
     ),
     # ------------------------------------------------------------------ letter

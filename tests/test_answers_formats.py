@@ -1,4 +1,4 @@
-"""Realistic long outputs per chat format, and which answer wins (issue 15 item 4).
+"""Realistic long outputs per chat format, and which answer wins.
 
 Formats: ``<think>`` with and without the closing tag (and with ``<think>`` pre-filled
 by the chat template), gpt-oss harmony analysis/final channels (token form and the

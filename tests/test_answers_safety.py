@@ -215,7 +215,7 @@ class _CountingVerifier:
 
 
 def test_identical_strings_are_equal_without_math_verify(monkeypatch):
-    """Issue 19: a math-verify timeout (or parse failure) judged two identical strings unequal."""
+    """A math-verify timeout (or parse failure) judged two identical strings unequal."""
     counting = _CountingVerifier(latex_verify.VERIFIER)
     monkeypatch.setattr(latex_verify, "VERIFIER", counting)
     latex_verify.latex_equal.cache_clear()

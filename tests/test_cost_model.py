@@ -1,4 +1,4 @@
-"""The GPU cost model's arithmetic (cdlib.cost, benchmarks/cost_model.py; issue 18 item 5)."""
+"""The GPU cost model's arithmetic (cdlib.cost, benchmarks/cost_model.py)."""
 
 import math
 

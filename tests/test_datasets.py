@@ -230,7 +230,8 @@ def test_mmlu_per_subject_folders_and_subject_pattern(tmp_path):
 
 @pytest.mark.filterwarnings("error")
 def test_mmlu_subjects_without_local_data_are_named(tmp_path):
-    with pytest.warns(UserWarning, match=r"mmlu_medical: no test rows for subjects clinical_knowledge, college_medicine, "):
+    missing = r"mmlu_medical: no test rows for subjects clinical_knowledge, college_medicine, "
+    with pytest.warns(UserWarning, match=missing):
         ds.load("mmlu_medical", "eval", path=fixture("mmlu_medical"))
     with pytest.raises(ds.DatasetError, match=r"mmlu_other: no test rows for any of its subjects"):
         ds.load("mmlu_other", "eval", path=fixture("mmlu_stem"))
@@ -299,7 +300,8 @@ def test_gold_outside_the_choices_names_dataset_and_row(tmp_path, name, line, ch
     records = [json.loads(x) for x in fixture(name).read_text().splitlines()]
     records[line - 1].update(change)
     path = write_jsonl(tmp_path / f"{name}.jsonl", records)
-    with pytest.raises(ds.DatasetError, match=rf"^{name}: {tmp_path}/{name}.jsonl:{line} \(id {name}/[^)]*\): .*{message}"):
+    where = rf"^{name}: {tmp_path}/{name}.jsonl:{line} \(id {name}/[^)]*\): "
+    with pytest.raises(ds.DatasetError, match=where + f".*{message}"):
         ds.load(name, role(name), path=path)
 
 
@@ -320,7 +322,8 @@ def test_other_bad_input(tmp_path):
     records[2]["id"] = records[0]["id"]
     with pytest.raises(ds.DatasetError, match=r"arc_easy: .*:3: duplicate id 'arc_easy/test/Mercury_SC_400001'"):
         ds.load("arc_easy", "eval", path=write_jsonl(tmp_path / "arc.jsonl", records))
-    nosubject = [{k: v for k, v in json.loads(x).items() if k != "subject"} for x in fixture("mmlu_other").read_text().splitlines()]
+    nosubject = [{k: v for k, v in json.loads(x).items() if k != "subject"}
+                 for x in fixture("mmlu_other").read_text().splitlines()]
     with pytest.raises(ds.DatasetError, match=r"mmlu_other: .*:1: missing column 'subject'"):
         ds.load("mmlu_other", "eval", path=write_jsonl(tmp_path / "mmlu.jsonl", nosubject))
     with pytest.raises(ds.DatasetError, match=r"toy: .*takes no data path"):

@@ -1,4 +1,4 @@
-"""The openai engine against a server whose bodies are not completions (issue 19 item 7).
+"""The openai engine against a server whose bodies are not completions.
 
 A real HTTP server on 127.0.0.1 answers each request with whatever the test
 scripts for its prompt: an HTML page, JSON cut short, ``{"choices": []}``, a
@@ -183,7 +183,8 @@ def test_http_errors_and_cut_bodies_name_the_endpoint(scripted):
     engine = get_engine(EngineParams(kind="openai", model="m", base_url=server.base_url, max_retries=0))
     unavailable, rejected, cut = engine.generate(["down", "bad request", "cut"], GREEDY)
     url = f"{server.base_url}/completions"
-    assert unavailable.error.startswith(f"InternalServerError: {url} answered HTTP 503 after 0 retries (text/html, {len(HTML)} bytes)")
+    assert unavailable.error.startswith(f"InternalServerError: {url} answered HTTP 503 after 0 retries (text/html, "
+                                        f"{len(HTML)} bytes)")
     assert unavailable.transient
     assert rejected.error.startswith(f"BadRequestError: {url} answered HTTP 400 (application/json")
     assert "max_tokens is too large" in rejected.error and not rejected.transient

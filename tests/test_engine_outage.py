@@ -88,7 +88,8 @@ def _toy_answer(prompt: str) -> str:
 
     m = re.search(r"([A-Z]\w* has \d+ \w+\..*?have now\?)", prompt, re.DOTALL)
     answer = toy.parse_question(m.group(1)).answer if m else 0
-    return f"<think>\nWorking it out step by step, with every number checked twice before the end.\n</think>\n\nThe answer is \\boxed{{{answer}}}."
+    return (f"<think>\nWorking it out step by step, with every number checked twice before the end.\n</think>\n\n"
+            f"The answer is \\boxed{{{answer}}}.")
 
 
 def _respond(prompt: str) -> str:

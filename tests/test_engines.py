@@ -174,16 +174,19 @@ class _FakeHandler(BaseHTTPRequestHandler):
                 self.close_connection = True  # hang up without a response
                 return
             time.sleep(srv.delay)
-            usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": 2, "total_tokens": len(prompt.split()) + 2}
+            n = len(prompt.split())
+            usage = {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
             if "messages" in body:
                 message = {"role": "assistant", "content": f"echo {prompt}"}
                 if "THINK" in prompt:  # as a vLLM server with a reasoning parser answers
                     message["reasoning"] = "server-side reasoning"
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
-                out = {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"], "choices": [choice], "usage": usage}
+                out = {"id": "c", "object": "chat.completion", "created": 0, "model": body["model"],
+                       "choices": [choice], "usage": usage}
             else:
                 choice = {"index": 0, "text": f"echo {prompt}", "finish_reason": "length", "logprobs": None}
-                out = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"], "choices": [choice], "usage": usage}
+                out = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                       "choices": [choice], "usage": usage}
             data = json.dumps(out).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -212,7 +215,8 @@ def test_openai_retries_with_backoff_after_dropped_connections(fake_server):
     server = fake_server(drop_first=2)
     engine = get_engine(EngineParams(kind="openai", model="m", base_url=server.base_url, max_retries=3))
     [c] = engine.generate(["hello there"], GREEDY)
-    assert c == Completion(text="echo hello there", reasoning="", answer="echo hello there", prompt_tokens=2, completion_tokens=2, finish_reason="length")
+    assert c == Completion(text="echo hello there", reasoning="", answer="echo hello there", prompt_tokens=2,
+                           completion_tokens=2, finish_reason="length")
     assert len(server.requests) == 3
     gaps = [b - a for a, b in zip(server.times, server.times[1:])]
     assert gaps[0] > 0.3 and gaps[1] > 1.4 * gaps[0]  # exponential backoff (0.5 s, 1 s, with jitter)
@@ -251,7 +255,8 @@ def test_openai_key_read_from_named_env_var(fake_server, monkeypatch):
 
 def test_openai_request_body_schema_sampling_and_server_reasoning(fake_server):
     server = fake_server()
-    params = EngineParams(kind="openai", model="teacher", base_url=server.base_url, chat_template_kwargs={"enable_thinking": False})
+    params = EngineParams(kind="openai", model="teacher", base_url=server.base_url,
+                          chat_template_kwargs={"enable_thinking": False})
     engine = get_engine(params)
     sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_tokens=33, seed=5, stop=["END"])
     [chat] = engine.generate([[{"role": "user", "content": "THINK about it"}]], sampling, json_schema=SCHEMA)
@@ -261,8 +266,8 @@ def test_openai_request_body_schema_sampling_and_server_reasoning(fake_server):
     assert chat_body["chat_template_kwargs"] == {"enable_thinking": False}
     assert plain_body["structured_outputs"] == {"json": SCHEMA, "disable_any_whitespace": True}
     for body in (chat_body, plain_body):
-        assert (body["model"], body["temperature"], body["top_p"], body["top_k"], body["max_tokens"], body["seed"], body["stop"]) == (
-            "teacher", 0.7, 0.9, 20, 33, 5, ["END"])
+        keys = ("model", "temperature", "top_p", "top_k", "max_tokens", "seed", "stop")
+        assert tuple(body[k] for k in keys) == ("teacher", 0.7, 0.9, 20, 33, 5, ["END"])
     assert chat.reasoning == "server-side reasoning" and chat.answer == "echo THINK about it"
     assert chat.text == "<think>\nserver-side reasoning\n</think>\n\necho THINK about it"
     assert plain.finish_reason == "length"
@@ -424,7 +429,8 @@ def test_openai_engine_against_vllm_server(vllm_server, vllm_engine, tokenizer):
     # chat: the portable response_format (free whitespace allowed, hence the larger budget)
     sampling = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=400, seed=1)
     chats = [[{"role": "user", "content": f"Judge {i}"}] for i in range(2)]
-    for c in engine.generate(chats, sampling, json_schema=SCHEMA) + engine.generate(["Judge:"], sampling, json_schema=SCHEMA):
+    plain = engine.generate(["Judge:"], sampling, json_schema=SCHEMA)
+    for c in engine.generate(chats, sampling, json_schema=SCHEMA) + plain:
         assert c.finish_reason == "stop", c
         jsonschema.validate(json.loads(c.text), SCHEMA)
 

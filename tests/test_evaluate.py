@@ -70,7 +70,7 @@ def test_paper_table7_plus_minus_is_a_95_percent_interval_not_the_se():
 
 
 def test_notebook_tables_come_from_cdlib_evaluate(tmp_path):
-    """What 05_evaluate shows (issue 17 item 6): groupings, rule counts, wrong and capped outputs first."""
+    """What 05_evaluate shows: groupings, rule counts, wrong and capped outputs first."""
     from cdlib import evaluate
     from cdlib.store import Store
 
@@ -86,7 +86,8 @@ def test_notebook_tables_come_from_cdlib_evaluate(tmp_path):
     base = {"group": "Math", "gold": "7", "rule": "boxed", "completion_tokens": 5}
     Store(tmp_path / "outputs.jsonl").append([
         {**base, "id": "right", "extracted": "7", "correct": True, "finish_reason": "stop", "text": "so 7"},
-        {**base, "id": "wrong", "extracted": "6", "correct": False, "finish_reason": "stop", "text": "x" * 2000 + "so 6"},
+        {**base, "id": "wrong", "extracted": "6", "correct": False, "finish_reason": "stop",
+         "text": "x" * 2000 + "so 6"},
         {**base, "id": "capped", "extracted": None, "correct": False, "finish_reason": "length", "text": "and then"}])
     worst = evaluate.worst_outputs(tmp_path, n=2)
     assert worst["id"].to_list() == ["capped", "wrong"] and worst.columns == list(evaluate.OUTPUT_COLUMNS)

@@ -155,7 +155,8 @@ def test_filters(cells, traces):
     assert explore.filter_traces(traces, min_tokens=hi, max_tokens=hi)["tokens"].to_list() == [hi] * traces[
         "tokens"].to_list().count(hi)
     assert set(explore.filter_traces(traces, teachers=["b"], sources=["raw"])["teacher"]) == {"b"}
-    with pytest.raises(explore.ExploreError, match=r"dataset \['gsm9k'\] not in the traces \(have \['gsm8k', 'toy'\]\)"):
+    unknown = r"dataset \['gsm9k'\] not in the traces \(have \['gsm8k', 'toy'\]\)"
+    with pytest.raises(explore.ExploreError, match=unknown):
         explore.filter_traces(traces, datasets=["gsm9k"])
     with pytest.raises(explore.ExploreError, match=r"min_tokens \(5\) > max_tokens \(4\)"):
         explore.filter_traces(traces, min_tokens=5, max_tokens=4)
@@ -294,7 +295,7 @@ def test_notebook_runs_headless_under_papermill(cells, tmp_path):
 
 
 def test_explore_browses_an_imported_set(tmp_path):
-    """Issue 32 item 4: an import cell is browsed like a generate cell (lengths, dataset menu, side by side)."""
+    """An import cell is browsed like a generate cell (lengths, dataset menu, side by side)."""
     from cdlib import trace_import
     from cdlib.params import ImportParams
 

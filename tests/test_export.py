@@ -1,4 +1,4 @@
-"""Hub export of a cell (issue 16 item 5): Parquet shards and a dataset card that load back."""
+"""Hub export of a cell: Parquet shards and a dataset card that load back."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_push_without_token_says_so_and_keeps_the_export(demo_checkout, tmp_path
 
 
 def test_import_and_downstream_cells_name_the_imported_set_and_its_license(tmp_path):
-    """Issue 32 item 5: an imported set exported back out, from the import cell or a compress cell below it."""
+    """An imported set exported back out, from the import cell or a compress cell below it."""
     import shutil
     import subprocess
     import sys

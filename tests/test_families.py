@@ -12,7 +12,6 @@ import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from cdlib.training.packing import Layout, compare_to_one_by_one, pack, packed_layout
@@ -238,7 +237,8 @@ def test_qwen3_5_full_run_packs_on_varlen_and_refuses_on_block_masks(traces, tmp
 
 # --------------------------------------------------------------------------- chat formats and round trips
 
-RECORD = {"id": "r1", "prompt": "What is 2 + 3?", "reasoning": "2 plus 3 makes 5.", "answer": "The answer is \\boxed{5}."}
+RECORD = {"id": "r1", "prompt": "What is 2 + 3?", "reasoning": "2 plus 3 makes 5.",
+          "answer": "The answer is \\boxed{5}."}
 KWARGS = {"qwen3_5": {}, "qwen3_5_moe": {"enable_thinking": True}, "llama": {},
           "gpt_oss": {"reasoning_effort": "high"}, "ministral3": {}}
 
@@ -310,10 +310,11 @@ def test_harmony_training_text_matches_openai_harmony(tiny_dirs):
     enc = harmony.load_harmony_encoding(harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
     tok = AutoTokenizer.from_pretrained(tiny_dirs["gpt_oss"])
     for effort in ("low", "high"):
-        system = harmony.Message.from_role_and_content(
-            harmony.Role.SYSTEM, harmony.SystemContent.new().with_reasoning_effort(harmony.ReasoningEffort(effort.title())))
+        content = harmony.SystemContent.new().with_reasoning_effort(harmony.ReasoningEffort(effort.title()))
+        system = harmony.Message.from_role_and_content(harmony.Role.SYSTEM, content)
         user = harmony.Message.from_role_and_content(harmony.Role.USER, RECORD["prompt"])
-        think = harmony.Message.from_role_and_content(harmony.Role.ASSISTANT, RECORD["reasoning"]).with_channel("analysis")
+        think = harmony.Message.from_role_and_content(harmony.Role.ASSISTANT, RECORD["reasoning"])
+        think = think.with_channel("analysis")
         final = harmony.Message.from_role_and_content(harmony.Role.ASSISTANT, RECORD["answer"]).with_channel("final")
         prompt = enc.decode_utf8(enc.render_conversation_for_completion(
             harmony.Conversation.from_messages([system, user]), harmony.Role.ASSISTANT))
@@ -340,7 +341,8 @@ def test_save_reload_generate(family, tiny_dirs, tmp_path):
     with torch.no_grad():
         ids = torch.tensor([[3, 4, 5, 6]])
         assert torch.equal(engine.model(ids).logits, model.eval()(ids).logits)
-    out = engine.generate([[{"role": "user", "content": RECORD["prompt"]}]], SamplingParams(temperature=0.0, max_tokens=6))
+    out = engine.generate([[{"role": "user", "content": RECORD["prompt"]}]],
+                          SamplingParams(temperature=0.0, max_tokens=6))
     assert out[0].finish_reason in ("length", "stop") and out[0].completion_tokens > 0, out[0]
 
 
@@ -348,7 +350,6 @@ def test_save_reload_generate(family, tiny_dirs, tmp_path):
 
 
 def test_bad_input_names_the_model_and_the_reason(tmp_path):
-    from cdlib.engines import get_engine
     from cdlib.params import EngineParams
     from cdlib.tiny import UnknownFamilyError, VLLMUnsupportedError, family_of, make_family_model, resolve
 

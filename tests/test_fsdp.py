@@ -92,8 +92,8 @@ def test_fsdp2_on_two_cpu_ranks_trains_and_saves_as_one_process(toy_traces, tmp_
     info = outputs.read_checkpoint(two.out_dir)
     assert info["model"] == str((Path(two.out_dir) / "model").resolve()) and info["adapter"] is None
     loaded = AutoModelForCausalLM.from_pretrained(info["model"])  # what the evaluation engine loads
-    _assert_close({k: v for k, v in loaded.state_dict().items()},
-                  {k: v for k, v in AutoModelForCausalLM.from_pretrained(Path(one.out_dir) / "model").state_dict().items()})
+    alone = AutoModelForCausalLM.from_pretrained(Path(one.out_dir) / "model")
+    _assert_close({k: v for k, v in loaded.state_dict().items()}, {k: v for k, v in alone.state_dict().items()})
 
 
 def _kill_after_first_state(P: TrainParams, timeout: float = 300) -> int:

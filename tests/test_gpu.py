@@ -133,7 +133,8 @@ def test_family_packing_on_cuda_equals_one_by_one(family):
     fp32 on sdpa / eager (gpt-oss's sinks) to the CPU tests' 1e-5 scale; bf16 on a varlen flash kernel where
     flash-attn is installed, to a bf16 tolerance (Qwen3.5's linear-attention layers split at cu_seq_lens).
     """
-    from cdlib.training.packing import compare_to_one_by_one, packed_layout, register_sdpa_varlen, split_linear_attention
+    from cdlib.training.packing import (compare_to_one_by_one, packed_layout, register_sdpa_varlen,
+                                        split_linear_attention)
 
     examples, bins = _family_rows()
     paths = [("eager" if family == "gpt_oss" else "sdpa", torch.float32, 1e-4)]

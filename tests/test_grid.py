@@ -138,7 +138,7 @@ def test_cycles_are_refused_at_load_naming_the_cells(tmp_path):
 
 
 def test_a_stage_without_inputs_says_what_it_waits_for(tmp_path):
-    """Issue 17 item 4: the old implicit 'no inputs: after everything' is refused with the fix; `after: all`
+    """An implicit 'no inputs: after everything' is refused with the fix; `after: all`
     and `after: inputs` are accepted, and each cell knows its stage kind and input cells."""
     stages = {"parent": {"notebook": NB, "axes": ["x"]},
               "child": {"notebook": NB, "axes": ["x", "y"], "inputs": {"upstream": "parent/{x}"}},
@@ -160,7 +160,7 @@ def test_a_stage_without_inputs_says_what_it_waits_for(tmp_path):
 
 
 def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_path, monkeypatch, capsys):
-    """Issue 19 item 7: an invalid grid is refused by every command (slurm writes no script), and a
+    """An invalid grid is refused by every command (slurm writes no script), and a
     selection that matches no cell says so and exits non-zero instead of doing nothing silently."""
     from cdlib.grid.__main__ import main
 
@@ -174,7 +174,8 @@ def test_status_and_slurm_validate_like_run_and_an_empty_selection_fails(tmp_pat
     good = make_grid(tmp_path)
     for command in ("run", "status", "slurm"):
         assert main([command, str(good), "--only", "x=four"]) == 2
-        assert "--only x=four: 'four' is not a value of axis 'x'; its values: two, three, bad" in capsys.readouterr().err
+        said = "--only x=four: 'four' is not a value of axis 'x'; its values: two, three, bad"
+        assert said in capsys.readouterr().err
         assert main([command, str(good), "--stage", "child", "--only", "x=three", "y=q"]) == 2
         assert "no cell matches --stage child --only x=three --only y=q" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -244,7 +245,7 @@ def test_run_kill_resume_failures_and_results(tmp_path):
     ys = dict(zip(res["cell"], res["metric.y"]))  # the metric 'y' collides with the axis 'y' 
     assert ys == {"parent/two": 4, "parent/three": 9, "child/two__p": 8, "child/two__q": 8, "child/three__p": 18}
     assert set(res.columns) >= {"stage", "kind", "inputs", "x", "y", "metric.x", "wall_clock_s", "gpu_hours"}
-    # the stage's input cells, as recorded (issue 17 item 2); square.py declares no stage kind
+    # the stage's input cells, as recorded; square.py declares no stage kind
     assert m["inputs"] == {"upstream": "parent/three"} and m["kind"] is None
     assert json.loads(dict(zip(res["cell"], res["inputs"]))["child/three__p"]) == {"upstream": "parent/three"}
     assert dict(zip(res["cell"], res["y"]))["child/two__q"] == "q"
@@ -418,7 +419,8 @@ def test_slurm_submits_only_cells_with_work_left(tmp_path):
     paths = write_slurm(Grid(grid, root=REPO), say=said.append)
     slurm_dir = tmp_path / "out/t/slurm"
     cells = {p.stem: p.read_text().split() for p in slurm_dir.glob("*.cells")}
-    assert cells == {"parent": ["parent/bad"], "child": ["child/two__p", "child/two__q", "child/bad__p", "child/bad__q"],
+    assert cells == {"parent": ["parent/bad"],
+                     "child": ["child/two__p", "child/two__q", "child/bad__p", "child/bad__q"],
                      "summary": ["summary"]}, "summary reran: cells above it will finish after it"
     assert said == ["parent: 2 of 3 cells done and current, left out", "child: 1 of 5 cells done and current, left out"]
     assert sorted(p.name for p in paths) == ["child.sbatch", "parent.sbatch", "submit.sh", "summary.sbatch"]

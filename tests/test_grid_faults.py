@@ -1,4 +1,4 @@
-"""Disk and permission faults in the grid runner (issue 19 item 4).
+"""Disk and permission faults in the grid runner.
 
 A full disk is emulated with RLIMIT_FSIZE on the runner (``resource.setrlimit``, inherited by the
 kernels it starts, with SIGXFSZ ignored): a write past the limit fails with EFBIG, as a write to a full disk fails with
@@ -125,7 +125,8 @@ def test_a_full_tmpfs_under_toy_generate_and_compress(tmp_path):
                                     "params": {"datasets": ["toy"], "toy": {"n_train": 300, "n_test": 10},
                                                "rounds": 2}},
                        "compress": {"notebook": "notebooks/02_compress.py", "axes": ["teacher"],
-                                    "inputs": {"traces": "generate/{teacher}"}, "params": {"compressor": "extractive"}}}}
+                                    "inputs": {"traces": "generate/{teacher}"},
+                                    "params": {"compressor": "extractive"}}}}
     grid = tmp_path / "g.yaml"
     grid.write_text(yaml.safe_dump(spec, sort_keys=False))
     run = f"{sys.executable} -m cdlib.grid run {grid}"

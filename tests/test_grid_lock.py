@@ -1,4 +1,4 @@
-"""One writer per cell (issue 19 items 1 and 3): two runners on one grid, interrupted cells, unique cell ids."""
+"""One writer per cell: two runners on one grid, interrupted cells, unique cell ids."""
 
 from __future__ import annotations
 

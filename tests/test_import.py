@@ -139,7 +139,8 @@ def test_unknown_layout_names_columns_and_layouts_and_columns_fix_it(tmp_path):
                          columns={"question": "q", "reasoning": "thought", "answer": "final", "gold": "ref"})
     assert (rec["layout"], rec["reasoning"], rec["extracted"], rec["correct"]) == ("columns", "2+3=5", "5", True)
     with pytest.raises(ti.ImportFailed, match="columns\\['gold'\\]: no column 'gold_answer'"):
-        imported(tmp_path / "c", source=str(f), columns={"question": "q", "reasoning": "thought", "gold": "gold_answer"})
+        imported(tmp_path / "c", source=str(f),
+                 columns={"question": "q", "reasoning": "thought", "gold": "gold_answer"})
 
 
 def test_parquet_directory_reads_like_jsonl_and_rerun_adds_nothing(tmp_path):
@@ -161,7 +162,8 @@ def test_named_hf_tokenizer_counts_completion_tokens(tmp_path, tiny_model_dir):
 
     _, (rec,) = imported(tmp_path, source=str(SETS / "chat_log/deepseek_v4_pro.jsonl"), tokenizer=str(tiny_model_dir))
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    n = len(tok.encode(rec["reasoning"], add_special_tokens=False)) + len(tok.encode(rec["answer"], add_special_tokens=False))
+    n = (len(tok.encode(rec["reasoning"], add_special_tokens=False))
+         + len(tok.encode(rec["answer"], add_special_tokens=False)))
     assert rec["completion_tokens"] == n > len(rec["reasoning"].split())  # CJK has no spaces to split on
 
 

@@ -57,7 +57,8 @@ BASE = {"answer_type": "numeric", "gold": "7", "choices": None, "original_reason
 
 @pytest.mark.parametrize("comp,verdict,modes", [
     ("8 - 5 = 3\n3 + 4 = 7\nSo the answer is 7.", "faithful", []),
-    ("8 - 5 = 3\n3 + 4 = 8\nSo the answer is 8.", "unfaithful", ["contradiction", "unsupported_claim", "answer_mismatch"]),
+    ("8 - 5 = 3\n3 + 4 = 8\nSo the answer is 8.", "unfaithful",
+     ["contradiction", "unsupported_claim", "answer_mismatch"]),
     ("8 - 4 = 4\n4 + 3 = 7\nSo the answer is 7.", "partially_faithful", ["unsupported_claim"]),
     ("So the answer is 7.", "partially_faithful", ["omitted_key_step"]),  # no steps left at all
     ("", "unfaithful", ["empty_compressed"]),
@@ -68,7 +69,7 @@ def test_rule_judge(comp, verdict, modes):
 
 
 def test_notebook_tables_come_from_cdlib_judge(tmp_path):
-    """What 06_judge shows (issue 17 item 6): failure-mode counts, least faithful first, parse failures before all."""
+    """What 06_judge shows: failure-mode counts, least faithful first, parse failures before all."""
     from cdlib.store import Store
 
     assert judge.failure_mode_table({"failure_modes": {"incoherent": 1, "contradiction": 3}}).rows() == [

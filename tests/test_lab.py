@@ -1,4 +1,4 @@
-"""JupyterLab as a person opens it (issue 16 item 1), through its REST and kernel APIs.
+"""JupyterLab as a person opens it, through its REST and kernel APIs.
 
 The ``demo_checkout`` fixture (conftest) is a throw-away checkout holding
 what ``make demo`` leaves for the first stages (generate, extractive compression,

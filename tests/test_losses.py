@@ -107,7 +107,8 @@ def test_training_with_the_chunked_head_follows_the_full_logits_run(tmp_path):
         P = TrainParams(out_dir=str(tmp_path / head), data=str(data), max_steps=4, log_every=1, seq_len=1024,
                         tiny_layers=1, gradient_checkpointing=False, loss_head=head, loss_chunk_tokens=64)
         metrics[head] = T.run(P, progress=False, log=lambda *a: None)
-        curves[head] = [r["loss"] for r in sorted(Store(tmp_path / head / "loss.jsonl").read(), key=lambda r: r["step"])]
+        records = sorted(Store(tmp_path / head / "loss.jsonl").read(), key=lambda r: r["step"])
+        curves[head] = [r["loss"] for r in records]
     assert metrics["full"]["loss_head"] == "full"
     if not torch.cuda.is_available():
         assert metrics["auto"]["loss_head"] == "chunked"

@@ -59,8 +59,9 @@ def test_dte_grid_cells_expand_with_the_right_params():
     sft = {s: c for s, c in train.items() if c.axes["objective"] == "sft"}
     # excluded combinations are not run: the uncut run once, section masks uncut and epoch-based
     assert not [s for s, c in train.items() if c.axes["ratio"] == "r1.0" and c.axes["span"] == "reasoning"]
-    assert {(c.axes["ratio"], c.axes["span"], c.axes["budget"]) for c in sft.values() if c.axes["mask"] != "cot-answer"} \
-        == {("r1.0", "sequence", "epochs")}
+    masked = {(c.axes["ratio"], c.axes["span"], c.axes["budget"])
+              for c in sft.values() if c.axes["mask"] != "cot-answer"}
+    assert masked == {("r1.0", "sequence", "epochs")}
     per_student = {(a["ratio"], a["span"], a["mask"], a["budget"]) for a in (c.axes for c in sft.values())}
     assert len(per_student) == 16 and len(sft) == 32
     # that paper's own protocol: every ratio of the whole sequence, loss on all of it, with KD, for the 0.8B student
@@ -96,7 +97,8 @@ def test_demo_and_mpd_grid_files_wire_the_mpd_chain():
     paper = Grid(REPO / "params/mpd.yaml", root=REPO)
     runs = {c.axes["objective"]: c.params for c in paper.select("train")}
     assert {k: (p["objective"], p.get("kl_direction", "forward")) for k, p in runs.items()} == {
-        "kl-forward": ("kl", "forward"), "kl-reverse": ("kl", "reverse"), "jsd": ("kl", "jsd"), "sft": ("sft", "forward")}
+        "kl-forward": ("kl", "forward"), "kl-reverse": ("kl", "reverse"), "jsd": ("kl", "jsd"),
+        "sft": ("sft", "forward")}
     assert all(p["student"] == "Qwen/Qwen3-1.7B" and p["kl_teacher"] == "Qwen/Qwen3-8B" for p in runs.values())
     assert paper.cell("sample/qwen3-1.7b").params["keep"] == "all"
     assert paper.cell("rewrite/qwen3-1.7b__qwen3-8b").params["prompt"] == "rewrite_student"
@@ -172,7 +174,8 @@ def test_mpd_chain_samples_rewrites_and_distills_against_a_trained_teacher(toy_c
     for t in traces:
         r = rewritten[t["id"]]
         assert r["reasoning"].splitlines()[:-1] == toy.solution_steps(t)
-        assert r["reasoning"].splitlines()[-1] == f"So the final number of {toy.parse_question(t['question']).item} is {t['gold']}."
+        item = toy.parse_question(t["question"]).item
+        assert r["reasoning"].splitlines()[-1] == f"So the final number of {item} is {t['gold']}."
         assert r["original_reasoning"] == t["reasoning"] and r["flag"] is None
         if not t["correct"]:
             assert r["answer"] == f"The answer is \\boxed{{{t['gold']}}}." and r["original_correct"] is False
@@ -264,7 +267,8 @@ def test_report_draws_the_dte_figure_and_neighbours_on_the_pareto_plot(tmp_path)
     assert set(dte["variant"]) == {"cut: sequence", "cut: reasoning", "no cut, loss on cot",
                                    "cut: sequence, loss on prompt+cot+answer, KD"}
     # the uncut run closes both span curves at 1.0; MPD and the compressed run are not DtE runs
-    assert dte.filter(dte["train_cell"] == "train/full")["variant"].sort().to_list() == ["cut: reasoning", "cut: sequence"]
+    full = dte.filter(dte["train_cell"] == "train/full")
+    assert full["variant"].sort().to_list() == ["cut: reasoning", "cut: sequence"]
     assert not set(dte["train_cell"]) & {"train/mpd", "train/compressed", "train/kd"}
     # the uncut run with the same mask and KD closes that curve, not the plain SFT one
     kd = dte.filter(dte["variant"] == "cut: sequence, loss on prompt+cot+answer, KD")

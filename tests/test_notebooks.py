@@ -25,7 +25,7 @@ def test_notebook_is_clean(path):
 
 @pytest.mark.parametrize("stage", sorted(set(STAGE_NOTEBOOKS) & set(STAGE_MODELS)))
 def test_stage_notebook_declares_exactly_the_model_fields(stage):
-    """Same names, and the same default values as the model (issue 17 item 5).
+    """Same names, and the same default values as the model.
 
     The grid runner injects only the keys a grid sets and validates cells with the model's
     defaults, so a notebook default that differs would run what was not validated. Exempt:
@@ -88,7 +88,7 @@ def test_declared_parameters_via_papermill():
 
 @pytest.mark.parametrize("name", ["05_evaluate.py", "06_judge.py"])
 def test_evaluate_and_judge_notebooks_hold_no_frame_logic(name):
-    """Issue 17 item 6: their tables come from cdlib.evaluate / cdlib.judge; the notebook only calls them."""
+    """Their tables come from cdlib.evaluate / cdlib.judge; the notebook only calls them."""
     text = (REPO / "notebooks" / name).read_text()
     assert "polars" not in text and "pl." not in text and ".to_polars(" not in text
 

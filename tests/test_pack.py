@@ -181,7 +181,8 @@ def varlen_cpu_attention(module, query, key, value, attention_mask, scaling=None
     """CPU stand-in for flash_attn_varlen_func: causal attention inside each cu_seq_lens segment only."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None:  # an unpacked row (the one-by-one reference): one causal segment per row
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2).contiguous(), None
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
     assert query.shape[0] == 1 and torch.equal(cu_q, cu_k)
     assert int(kwargs["max_length_q"]) == int(cu_q.diff().max())
     out = torch.empty_like(query)

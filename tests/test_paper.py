@@ -88,7 +88,8 @@ def test_table7_standard_errors_are_plausible():
 
 def test_table6_speedups_match_hours_within_rounding():
     df = wide(6, RUN)
-    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method", pl.col("train_hours").alias("raw_h"))
+    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method",
+                                                      pl.col("train_hours").alias("raw_h"))
     other = df.filter(pl.col("source") != "raw").join(raw, on=["teacher", "student", "method"])
     assert other["speedup"].null_count() == 0 and other.height == 41  # 55 runs less 14 raw
     # hours are printed to 0.1 h, speedups to 0.1x: the printed speedup must lie in the interval the hours allow
@@ -98,7 +99,8 @@ def test_table6_speedups_match_hours_within_rounding():
     assert bad.is_empty(), bad
     # Table 6 caption ranges for the compressed runs and the answer-only runs
     comp = other.filter(pl.col("source").is_in(paper.COMPRESSORS))
-    for students, (a, b) in [(["Qwen3.5-0.8B"], (3.5, 7.6)), (["Llama-3.1-8B", "Qwen3.5-9B"], (2.0, 4.9)), (["gpt-oss-20B"], (3.2, 6.3))]:
+    for students, (a, b) in [(["Qwen3.5-0.8B"], (3.5, 7.6)), (["Llama-3.1-8B", "Qwen3.5-9B"], (2.0, 4.9)),
+                             (["gpt-oss-20B"], (3.2, 6.3))]:
         s = comp.filter(pl.col("student").is_in(students))["speedup"]
         assert (s.min(), s.max()) == (a, b), students
     ao = other.filter(pl.col("source") == "answer_only")["speedup"]
@@ -107,7 +109,8 @@ def test_table6_speedups_match_hours_within_rounding():
 
 def test_table6_tokens_are_12_to_30_percent_of_raw_for_compressed_sources():
     df = wide(6, RUN)
-    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method", pl.col("train_tokens_m").alias("raw"))
+    raw = df.filter(pl.col("source") == "raw").select("teacher", "student", "method",
+                                                      pl.col("train_tokens_m").alias("raw"))
     share = df.filter(pl.col("source").is_in(paper.COMPRESSORS)).join(raw, on=["teacher", "student", "method"])
     share = share["train_tokens_m"] / share["raw"]
     assert round(share.min(), 2) == 0.12 and round(share.max(), 2) == 0.30
@@ -122,15 +125,16 @@ def test_table11_repeats_table6_and_gpu_hours_add_up():
     assert (joined["train_tokens_m"] == joined["train_tokens_m_t6"]).all()
     assert set(t11["gpus"].unique()) == {4.0, 8.0}
     # GPU-h = wall-clock x GPUs, wall-clock printed to 0.1 h
-    bad = t11.filter((pl.col("gpu_hours") - pl.col("gpus") * pl.col("train_hours")).abs() > pl.col("gpus") * 0.05 + 0.05)
+    off = (pl.col("gpu_hours") - pl.col("gpus") * pl.col("train_hours")).abs()
+    bad = t11.filter(off > pl.col("gpus") * 0.05 + 0.05)
     assert bad.is_empty(), bad
     total = t11["gpu_hours"].sum()
     trunc = t11.filter(pl.col("source") == "truncated")["gpu_hours"].sum()
     assert round(total, 1) == paper.compute_value("student_training_gpu_hours") == 280.9
     assert round(trunc, 1) == paper.compute_value("truncation_ablation_gpu_hours") == 16.0
     assert round(total - trunc, 1) == paper.compute_value("main_grid_gpu_hours")
-    q9_raw_full = t11.filter((pl.col("student") == "Qwen3.5-9B") & (pl.col("source") == "raw") & (pl.col("method") == "full")
-                             & (pl.col("teacher") == "Qwen3.5-397B-A17B"))
+    q9_raw_full = t11.filter((pl.col("student") == "Qwen3.5-9B") & (pl.col("source") == "raw")
+                             & (pl.col("method") == "full") & (pl.col("teacher") == "Qwen3.5-397B-A17B"))
     assert q9_raw_full["gpu_hours"].item() == 26.7  # quoted in H.4
 
 
@@ -148,7 +152,8 @@ def test_table9_acc_per_1k_tokens_is_overall_accuracy_over_mean_tokens():
 def test_table9_has_no_duplicated_run_blocks_and_flags_the_lost_rows():
     df = wide(9, RUN)
     metrics = ["mean_completion_tokens", "truncation_rate", "median_reasoning_chars", "acc_per_1k_tokens"]
-    key = df.drop_nulls("acc_per_1k_tokens").select(pl.concat_str([pl.col(m).cast(pl.String) for m in metrics], separator="|"))
+    key = df.drop_nulls("acc_per_1k_tokens").select(pl.concat_str([pl.col(m).cast(pl.String) for m in metrics],
+                                                                  separator="|"))
     assert key.n_unique() == key.height
     lost = paper.table(9).filter((pl.col("teacher") == "Qwen3.5-397B-A17B") & (pl.col("student") == "gpt-oss-20B"))
     assert lost.height == 4 * 5 and lost["notes"].str.contains("missing").all()
@@ -173,7 +178,8 @@ def test_table9_matches_the_prose():
     # Sec. 6.3: median reasoning chars of compressed-trace students
     for teacher, source, (a, b) in [(q, "llama70b", (1004, 1085)), (q, "ministral14b", (685, 745)),
                                     (g, "llama70b", (831, 1020)), (g, "ministral14b", (612, 717))]:
-        s = df.filter((pl.col("teacher") == teacher) & (pl.col("source") == source))["median_reasoning_chars"].drop_nulls()
+        s = df.filter((pl.col("teacher") == teacher) & (pl.col("source") == source))["median_reasoning_chars"]
+        s = s.drop_nulls()
         assert (s.min(), s.max()) == (a, b), (teacher, source)
 
 
@@ -193,7 +199,8 @@ def test_table7_matches_the_prose():
     assert row(q, "Qwen3.5-9B", "full")["answer_only"] == 0.550
     assert row(q, "Qwen3.5-0.8B", "full")["answer_only"] == 0.001
     assert row(q, "Llama-3.1-8B", "full")["answer_only"] == 0.181
-    math = paper.table(7).filter((pl.col("group") == "math") & (pl.col("student") == "Llama-3.1-8B") & (pl.col("teacher") == q))
+    math = paper.table(7).filter((pl.col("group") == "math") & (pl.col("student") == "Llama-3.1-8B")
+                                 & (pl.col("teacher") == q))
     m = {(s, me): v for s, me, v in zip(math["source"], math["method"], math["value"])}
     assert (m["raw", "full"], m["llama70b", "full"], m["ministral14b", "full"]) == (0.671, 0.702, 0.681)
     assert (m["raw", "lora"], m["llama70b", "lora"], m["ministral14b", "lora"]) == (0.458, 0.581, 0.546)
@@ -228,13 +235,15 @@ def test_table2_equals_table5_overall_rows():
 
 def test_table10_counts_are_the_qwen_teacher_counts():
     j = paper.judge()
-    gen = paper.generation().filter(pl.col("teacher") == "Qwen3.5-397B-A17B").select("dataset", pl.col("n").alias("gen_n"))
+    gen = paper.generation().filter(pl.col("teacher") == "Qwen3.5-397B-A17B")
+    gen = gen.select("dataset", pl.col("n").alias("gen_n"))
     both = j.join(gen, on="dataset", how="left")
     assert both.height == 20 and (both["n"] == both["gen_n"]).all()
     overall = wide(10, ["teacher", "compressor", "domain", "dataset"]).filter(pl.col("dataset") == "Overall")
     assert overall["n"].to_list() == [283260.0, 283260.0]
     assert j.group_by("compressor").agg(pl.col("n").sum())["n"].to_list() == [283260, 283260]
-    weighted = j.group_by("compressor").agg(((pl.col("faithful") * pl.col("n")).sum() / pl.col("n").sum() * 100).alias("pct"))
+    pct = (pl.col("faithful") * pl.col("n")).sum() / pl.col("n").sum() * 100
+    weighted = j.group_by("compressor").agg(pct.alias("pct"))
     cmp = overall.join(weighted, on="compressor")
     assert ((cmp["pct_faithful"] - cmp["pct"]).abs() < 0.1).all()
 

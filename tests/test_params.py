@@ -53,7 +53,7 @@ def test_every_grid_file_validates(path):
 
 
 def test_strings_are_not_coerced_to_numbers_or_bools():
-    """Strict params (issue 19 item 7): a quoted '8' or 'false' is refused, naming the key; int -> float is kept."""
+    """Strict params: a quoted '8' or 'false' is refused, naming the key; int -> float is kept."""
     base = {"out_dir": "o", "data": "d"}
     with pytest.raises(ParamsError, match=r"key 'lora_rank': .*integer.*'8'"):
         validate("train", {**base, "lora_rank": "8"}, source="f.yaml")
@@ -73,7 +73,8 @@ def test_yaml_reads_exponents_as_floats_and_refuses_duplicate_keys(tmp_path):
     assert load_yaml(f) == {"x-a": {"n": 1, "m": 2}, "lr": 1e-4, "big": -2500.0, "quoted": "1e-4",
                             "merged": {"n": 3, "m": 2}}  # a merge key's values may be overridden
     f.write_text("stages:\n  train:\n    params: {seed: 1}\n    params: {seed: 2}\n")
-    with pytest.raises(ParamsError, match=r"g\.yaml:4:5: invalid YAML: duplicate key 'params' \(first given on line 3\)"):
+    duplicate = r"g\.yaml:4:5: invalid YAML: duplicate key 'params' \(first given on line 3\)"
+    with pytest.raises(ParamsError, match=duplicate):
         load_yaml(f)
     f.write_text("a: {seed: 1, seed: 2}\n")
     with pytest.raises(ParamsError, match=r"g\.yaml:1:14: .*duplicate key 'seed'"):

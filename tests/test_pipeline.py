@@ -94,7 +94,8 @@ def test_reduced_demo_end_to_end(tmp_path):
     dte = tr.filter(pl.col("cell") == "train/toy__tiny__full__dte-0.5").row(0, named=True)
     assert (dte["truncate_ratio"], dte["truncate_span"]) == (0.5, "sequence") and 0 < dte["kept_token_fraction"] < 1
     mpd = tr.filter(pl.col("stage") == "mpd").row(0, named=True)
-    assert (mpd["objective"], mpd["kl_direction"], mpd["metric.source"]) == ("kl", "forward", "mpd")  # source: an axis name
+    # metric.source: "source" is also an axis name
+    assert (mpd["objective"], mpd["kl_direction"], mpd["metric.source"]) == ("kl", "forward", "mpd")
     assert mpd["kl_teacher_model"].endswith("train/toy__tiny__full__extractive/model")
     assert json.loads((root / "sample/toy__tiny__full/metrics.json").read_text())["kept"] == 8  # keep: all
     # every student keeps the base's toy tokenizer, so token counts compare and KL lines up

@@ -1,4 +1,4 @@
-"""A finished output tree moved or copied elsewhere keeps working from its new place (issue 30 item 2)."""
+"""A finished output tree moved or copied elsewhere keeps working from its new place."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 

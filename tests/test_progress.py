@@ -1,4 +1,4 @@
-"""Run-level progress of grid runs (issue 16 item 3): log parsing, the status line, plain lines off a terminal."""
+"""Run-level progress of grid runs: log parsing, the status line, plain lines off a terminal."""
 
 from __future__ import annotations
 

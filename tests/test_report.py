@@ -56,7 +56,8 @@ def test_paper_tables_writes_markdown_and_latex_with_the_right_rows(written_tabl
 
 
 def test_table3_regenerated_from_table7_equals_published_table3(published_runs):
-    ours = tables.table3(published_runs).unpivot(index=["teacher", "student", "method"], variable_name="source", value_name="accuracy")
+    ours = tables.table3(published_runs).unpivot(index=["teacher", "student", "method"], variable_name="source",
+                                                 value_name="accuracy")
     pub = paper.table(3).select(*paper.RUN_KEYS, pl.col("value").alias("accuracy"))
     sbs = tables.side_by_side(ours, pub, paper.RUN_KEYS, "accuracy")
     assert sbs.height == 42 and sbs["diff"].abs().max() == 0
@@ -112,7 +113,8 @@ def test_table7_and_table9_shapes(published_runs):
     # the paper's ± is 1.96 x SE: the published ± comes back unchanged in _ci95
     row = t7.row(0, named=True)
     assert row["math_ci95"] == pytest.approx(1.96 * row["math_se"])
-    assert t7.filter((pl.col("source") == "answer_only") & (pl.col("method") == "full"))["overall"].to_list() == [0.001, 0.181, 0.550]
+    answer_only_full = t7.filter((pl.col("source") == "answer_only") & (pl.col("method") == "full"))
+    assert answer_only_full["overall"].to_list() == [0.001, 0.181, 0.550]
     t9 = tables.table9(published_runs)
     assert t9["acc_per_1k_tokens"].null_count() == 4  # the 4 rows lost in the extraction
     toy = pl.DataFrame({"teacher": ["t"], "student": ["s"], "method": ["lora"], "source": ["raw"], "group": ["overall"],
@@ -158,16 +160,19 @@ def test_compute_energy_reproduces_appendix_h5():
     assert e["effective_watts"] == pytest.approx(805)
     assert round(e["energy_kwh"], 1) == paper.compute_value("energy_kwh") == 567.4
     assert round(e["emissions_kg_co2"], 1) == paper.compute_value("emissions_kg_co2") == 44.8
-    assert accounting.compute_energy(10, gpu_watts=500, pue=1.0, kg_co2_per_kwh=0.5)["emissions_kg_co2"] == pytest.approx(2.5)
+    e = accounting.compute_energy(10, gpu_watts=500, pue=1.0, kg_co2_per_kwh=0.5)
+    assert e["emissions_kg_co2"] == pytest.approx(2.5)
     with pytest.raises(ValueError, match="pue"):
         accounting.compute_energy(1, pue=0.5)
 
 
 def test_compute_table_matches_appendix_h4_h5(published_runs):
     ours = accounting.compute_table(published_runs, upstream_gpu_hours=paper.compute_value("upstream_gpu_hours"))
-    sbs = tables.side_by_side(ours, paper.compute().select("quantity", "value"), ["quantity"], "value").drop_nulls("diff")
-    assert set(sbs["quantity"]) >= {"student_training_gpu_hours", "main_grid_gpu_hours", "truncation_ablation_gpu_hours",
-                                    "total_gpu_hours", "energy_kwh", "emissions_kg_co2"}
+    sbs = tables.side_by_side(ours, paper.compute().select("quantity", "value"), ["quantity"], "value")
+    sbs = sbs.drop_nulls("diff")
+    assert set(sbs["quantity"]) >= {"student_training_gpu_hours", "main_grid_gpu_hours",
+                                    "truncation_ablation_gpu_hours", "total_gpu_hours", "energy_kwh",
+                                    "emissions_kg_co2"}
     assert (sbs["diff"].abs() <= 0.05).all(), sbs  # the paper rounds to 0.1
 
 
@@ -195,10 +200,12 @@ def test_published_figures_have_tooltips_and_complete_facet_grids(published_runs
 
 
 def test_fig4_draws_iqr_bars_only_when_quartiles_are_given():
-    runs = pl.DataFrame({"teacher": ["t"] * 2, "student": ["s"] * 2, "method": ["lora"] * 2, "source": ["raw", "llama70b"],
-                         "accuracy": [0.8, 0.7], "median_reasoning_tokens": [1000.0, 200.0]})
+    runs = pl.DataFrame({"teacher": ["t"] * 2, "student": ["s"] * 2, "method": ["lora"] * 2,
+                         "source": ["raw", "llama70b"], "accuracy": [0.8, 0.7],
+                         "median_reasoning_tokens": [1000.0, 200.0]})
     without = figures.fig4_accuracy_vs_length(runs).to_dict()
-    with_iqr = figures.fig4_accuracy_vs_length(runs.with_columns(reasoning_tokens_q1=pl.lit(100.0), reasoning_tokens_q3=pl.lit(2000.0))).to_dict()
+    quartiles = runs.with_columns(reasoning_tokens_q1=pl.lit(100.0), reasoning_tokens_q3=pl.lit(2000.0))
+    with_iqr = figures.fig4_accuracy_vs_length(quartiles).to_dict()
     assert len(without["spec"]["layer"]) == 1 and len(with_iqr["spec"]["layer"]) == 2
     assert with_iqr["spec"]["layer"][0]["mark"]["type"] == "rule"
 
@@ -212,7 +219,8 @@ def test_fig2_bins_every_trace(tmp_path):
     chart = figures.fig2_reasoning_lengths(traces, bins=20)
     panels = [p for row in chart.vconcat for p in row.hconcat]
     titles = [p.title for p in panels]
-    assert len(panels) == 6 and "g · Ministral-14B comp. (none)" in titles  # a panel for every (teacher, source), empty ones named so
+    # a panel for every (teacher, source), empty ones named so
+    assert len(panels) == 6 and "g · Ministral-14B comp. (none)" in titles
     binned = pl.concat([p.data for p in panels if p.data.height])
     assert binned["count"].sum() == 500 and binned["bin"].max() == 19
     for p in panels:  # each panel holds only its own teacher's and source's counts
@@ -241,7 +249,8 @@ def test_fig3_loss_curves_render(tmp_path):
             for method in (["lora", "full"] if student != "gpt-oss-20B" else ["full"]):
                 for step in range(1, 41):
                     base = 1.2 if source == "raw" else 1.6
-                    rows.append(("Qwen3.5-397B-A17B", student, method, source, step, base / step**0.3 + 0.05 * ((step * 7) % 5)))
+                    loss = base / step**0.3 + 0.05 * ((step * 7) % 5)
+                    rows.append(("Qwen3.5-397B-A17B", student, method, source, step, loss))
     losses = pl.DataFrame(rows, schema=["teacher", "student", "method", "source", "step", "loss"], orient="row")
     chart = figures.fig3_loss_curves(losses)
     assert has_tooltip(chart)
@@ -306,7 +315,8 @@ def test_figures_1_and_4_of_a_grid_are_drawn_beside_the_papers_numbers():
     want = paper.table(9).filter((pl.col("metric") == "median_reasoning_chars") & (pl.col("student") == "Qwen3.5-9B")
                                  & (pl.col("value") > 0))
     assert sorted(pub["median_reasoning_chars"].to_list()) == sorted(want["value"].to_list())
-    comp = paper.compression().filter(pl.col("compressor") == "llama70b").with_columns(compressed_chars=pl.col("compressed_chars") / 2)
+    comp = paper.compression().filter(pl.col("compressor") == "llama70b")
+    comp = comp.with_columns(compressed_chars=pl.col("compressed_chars") / 2)
     fig1 = _chart_data(figures.fig1_beside_paper(comp))
     assert set(fig1["teacher"]) == {f"{t} · {o}" for t in paper.TEACHERS for o in ("paper", "this grid")}
     assert set(fig1["compressor"]) == {"llama70b"}  # only the pairs this grid has

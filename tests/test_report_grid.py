@@ -35,10 +35,11 @@ ACCURACY = {"raw": 0.5, "truncated": 0.25, "llama70b": 0.75, "ministral14b": 0.6
 TOKENS = {"raw": 900, "truncated": 120, "llama70b": 200, "ministral14b": 150}
 TRAIN_HOURS = {"raw": 2.0, "truncated": 0.5, "llama70b": 0.8, "ministral14b": 0.6}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TABLES = {"findings", "students", "cells", "table2", "table3", "table4", "table5", "table6", "table7", "table8", "table9", "table10", "table11",
-          "runs", "failure_modes", "compute_stages", "compute", "protocol", "flag_rates"}
-FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto",
-           "fig1_beside_paper", "fig4_beside_paper"}  # the last two: the fixture grid uses the paper's names
+TABLES = {"findings", "students", "cells", "table2", "table3", "table4", "table5", "table6", "table7", "table8",
+          "table9", "table10", "table11", "runs", "failure_modes", "compute_stages", "compute", "protocol",
+          "flag_rates"}
+FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length",
+           "pareto", "fig1_beside_paper", "fig4_beside_paper"}  # the last two: the fixture grid uses the paper's names
 
 
 def grid_spec(root: Path) -> dict:
@@ -67,8 +68,8 @@ def grid_spec(root: Path) -> dict:
             "evaluate": {"notebook": "notebooks/05_evaluate.py", "axes": ["teacher", "student", "method", "source"],
                          "params": {"engine": {"kind": "toy"}, "toy": TOY},
                          "inputs": {"model": "train/{teacher}__{student}__{method}__{source}"}},
-            "judge": {"notebook": "notebooks/06_judge.py", "axes": ["teacher", "compressor"], "params": {"judge": "rule"},
-                      "inputs": {"compressed": "compress/{teacher}__{compressor}"}},
+            "judge": {"notebook": "notebooks/06_judge.py", "axes": ["teacher", "compressor"],
+                      "params": {"judge": "rule"}, "inputs": {"compressed": "compress/{teacher}__{compressor}"}},
         },
     }
 
@@ -87,10 +88,12 @@ def write_training(d: Path, axes: dict, params: dict) -> dict:
     tokens = params.get("token_budget") or 4000 + 1000 * len(axes["source"])
     cost = {"wall_clock_s": hours * 3600, "gpus": 1, "gpu_hours": hours}
     if axes["method"] == "lora":  # metric names as cdlib.train writes them
-        return {"trainable_tokens": tokens, **cost, "train_loss_ema": recs[-1]["ema"], "val_loss": recs[-1]["ema"] + 0.05,
+        return {"trainable_tokens": tokens, **cost, "train_loss_ema": recs[-1]["ema"],
+                "val_loss": recs[-1]["ema"] + 0.05,
                 "budget_mode": "epochs", "token_budget": None, "max_steps": None, "epochs": 1.0,
                 "student": "Qwen/Qwen3.5-0.8B-Base", "source": axes["source"], "method": "lora", "device": "cpu"}
-    return {"train_tokens": tokens, **cost, "final_train_loss": recs[-1]["ema"], "final_val_loss": recs[-1]["ema"] + 0.05}
+    return {"train_tokens": tokens, **cost, "final_train_loss": recs[-1]["ema"],
+            "final_val_loss": recs[-1]["ema"] + 0.05}
 
 
 def write_evaluation(d: Path, axes: dict) -> dict:
@@ -217,12 +220,14 @@ def test_tables_hold_the_grid_numbers(built, fixture_grid):
     t8 = md_rows(built["tables"]["table8"][0])
     assert {r["teacher"] for r in t8} == {QWEN}, "only the Qwen teacher has truncated runs"
     t6 = {(r["teacher"], r["method"]): r for r in md_rows(built["tables"]["table6"][0])}
-    assert float(t6[(QWEN, "full")]["speedup_llama70b"]) == pytest.approx(TRAIN_HOURS["raw"] / TRAIN_HOURS["llama70b"], abs=0.01)
+    speedup = TRAIN_HOURS["raw"] / TRAIN_HOURS["llama70b"]
+    assert float(t6[(QWEN, "full")]["speedup_llama70b"]) == pytest.approx(speedup, abs=0.01)
     runs = {(r["teacher"], r["method"], r["source"]): r for r in md_rows(built["tables"]["runs"][0])}
     assert runs[(QWEN, "full", "raw")]["budget"] == "compute-matched (5,000 tokens)"
     assert runs[(GPTOSS, "lora", "llama70b")]["budget"] == "epoch-based (1 epoch)"
     lora = written[f"train/{GPTOSS}__{STUDENT}__lora__llama70b"]  # cdlib.train's metric names
-    assert float(runs[(GPTOSS, "lora", "llama70b")]["final_train_loss"]) == pytest.approx(lora["train_loss_ema"], abs=5e-4)
+    final_loss = float(runs[(GPTOSS, "lora", "llama70b")]["final_train_loss"])
+    assert final_loss == pytest.approx(lora["train_loss_ema"], abs=5e-4)
     assert int(runs[(GPTOSS, "lora", "llama70b")]["train_tokens"]) == lora["trainable_tokens"]
     t11 = {(r["teacher"], r["method"], r["source"]): r for r in md_rows(built["tables"]["table11"][0])}
     assert float(t11[(QWEN, "full", "truncated")]["gpu_hours"]) == pytest.approx(TRAIN_HOURS["truncated"])
@@ -239,7 +244,8 @@ def test_compression_and_judge_tables_come_from_the_records(built, fixture_grid)
     kept = compress.load(grid_dir / f"compress/{QWEN}__llama70b")
     rho = kept["compressed_chars"].mean() / kept["original_chars"].mean()
     assert float(t2[(QWEN, "llama70b")]["rho"]) == pytest.approx(rho, abs=5e-4)
-    own = compress.table5(grid_dir / f"compress/{QWEN}__llama70b").filter(pl.col("dataset") == "overall").row(0, named=True)
+    own = compress.table5(grid_dir / f"compress/{QWEN}__llama70b")
+    own = own.filter(pl.col("dataset") == "overall").row(0, named=True)
     assert own["rho"] == pytest.approx(rho) and float(t2[(QWEN, "llama70b")]["mean_compressed_chars"]) == pytest.approx(
         own["mean_compressed_chars"], abs=0.5), "the stage's own table and Table 2: one computation, one set of names"
     t4 = {(r["teacher"], r["dataset"]): r for r in md_rows(built["tables"]["table4"][0])}
@@ -271,8 +277,9 @@ def test_side_by_side_with_published_numbers_where_names_match(built):
     rows = md_rows(sbs["table7"][0])
     hit = next(r for r in rows if (r["teacher"], r["method"], r["source"], r["group"], r["metric"])
                == (QWEN, "lora", "raw", "overall", "accuracy"))
-    published = paper.runs().filter((pl.col("teacher") == QWEN) & (pl.col("student") == STUDENT) & (pl.col("method") == "lora")
-                                    & (pl.col("source") == "raw") & (pl.col("group") == "overall"))["accuracy"][0]
+    published = paper.runs().filter((pl.col("teacher") == QWEN) & (pl.col("student") == STUDENT)
+                                    & (pl.col("method") == "lora") & (pl.col("source") == "raw")
+                                    & (pl.col("group") == "overall"))["accuracy"][0]
     assert float(hit["paper"]) == pytest.approx(published)
     assert float(hit["diff"]) == pytest.approx(float(hit["ours"]) - published, abs=2e-3)
     assert 'id="side_by_side-table7"' in built["index"].read_text()
@@ -286,8 +293,10 @@ def test_paper_name_matching():
     assert tables.paper_name("toy", "teacher") is None
     assert tables.paper_name("qwen3.5", "student") is None  # 0.8B or 9B: ambiguous
     # the slugs a paper grid file uses for its axis values
-    slugs = {"teacher": ["qwen3.5-397b", "gpt-oss-120b"], "student": ["qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b", "gpt-oss-20b"],
-             "dataset": ["aqua_rat", "arc_challenge", "gpqa_diamond", "commonsense_qa", "mmlu_stem", "mmlu_medical", "medexpqa"]}
+    slugs = {"teacher": ["qwen3.5-397b", "gpt-oss-120b"],
+             "student": ["qwen3.5-0.8b", "llama-3.1-8b", "qwen3.5-9b", "gpt-oss-20b"],
+             "dataset": ["aqua_rat", "arc_challenge", "gpqa_diamond", "commonsense_qa", "mmlu_stem", "mmlu_medical",
+                         "medexpqa"]}
     assert [tables.paper_name(v, "teacher") for v in slugs["teacher"]] == list(paper.TEACHERS)
     assert [tables.paper_name(v, "student") for v in slugs["student"]] == list(paper.STUDENTS)
     assert [tables.paper_name(v, "dataset") for v in slugs["dataset"]] == [
@@ -306,7 +315,8 @@ def test_results_only_toy_grid_skips_with_notes(fixture_grid, tmp_path):
     only.mkdir(parents=True)
     df.write_parquet(only / "results.parquet")
     out = report.build_report(only, tmp_path / "report", None)
-    assert {"table3", "table6", "table7", "table8", "table9", "table11", "runs", "failure_modes", "compute"} <= set(out["tables"])
+    assert {"table3", "table6", "table7", "table8", "table9", "table11", "runs", "failure_modes",
+            "compute"} <= set(out["tables"])
     assert not {"table2", "table4", "table5", "table10"} & set(out["tables"])
     assert set(out["figures"]) == {"fig4_accuracy_vs_length", "pareto"}
     assert out["side_by_side"] == {}
@@ -330,7 +340,8 @@ def test_missing_stage_and_corrupt_records_are_notes(fixture_grid, tmp_path):
     (copy / "results.parquet").unlink()
     bad = copy / f"train/{QWEN}__{STUDENT}__full__raw/loss.jsonl"
     bad.write_text('{"id": "1", "step": 1, "loss": 2.0}\nnot json\n{"id": "2", "step": 2, "loss": 1.0}\n')
-    out = report.build_report(copy, tmp_path / "report", ReportParams(out_dir="x", grid_dir=str(copy), side_by_side=False))
+    out = report.build_report(copy, tmp_path / "report",
+                              ReportParams(out_dir="x", grid_dir=str(copy), side_by_side=False))
     assert "table10" not in out["tables"] and "fig3_loss_curves" not in out["figures"]
     notes = "\n".join(out["notes"])
     assert "results.parquet not found" in notes and "Table 10 skipped" in notes
@@ -381,13 +392,15 @@ def test_evaluate_and_judge_notebooks_run_headless(fixture_grid, tmp_path):
     grid_dir, written = fixture_grid
     judged, evaluated = tmp_path / "judge", tmp_path / "evaluate"
     papermill.execute_notebook(nbtools.read(REPO / "notebooks/06_judge.py"), str(tmp_path / "06.ipynb"),
-                               parameters={"out_dir": str(judged), "compressed": str(grid_dir / f"compress/{QWEN}__llama70b"),
+                               parameters={"out_dir": str(judged),
+                                           "compressed": str(grid_dir / f"compress/{QWEN}__llama70b"),
                                            "judge": "rule"}, kernel_name="python3", cwd=str(REPO), progress_bar=False)
     m = json.loads((judged / "metrics.json").read_text())
     keys = ("n", "parse_failures", "faithfulness", "pct_faithful", "pct_aligned", "failure_modes")
     assert {k: m[k] for k in keys} == {k: written[f"judge/{QWEN}__llama70b"][k] for k in keys}
     papermill.execute_notebook(nbtools.read(REPO / "notebooks/05_evaluate.py"), str(tmp_path / "05.ipynb"),
-                               parameters={"out_dir": str(evaluated), "model": str(grid_dir / f"train/{QWEN}__{STUDENT}__full__raw"),
+                               parameters={"out_dir": str(evaluated),
+                                           "model": str(grid_dir / f"train/{QWEN}__{STUDENT}__full__raw"),
                                            "engine": {"kind": "toy"}, "toy": TOY}, kernel_name="python3", cwd=str(REPO),
                                progress_bar=False)
     m = json.loads((evaluated / "metrics.json").read_text())
@@ -412,7 +425,7 @@ def test_empty_and_odd_grids_give_a_page_not_a_crash(tmp_path):
 
 
 def test_report_names_the_protocol_options_and_deviations(built):
-    """Each protocol option the paper fixes, with the grid's value and whether it deviates (issue 14, item 8)."""
+    """Each protocol option the paper fixes, with the grid's value and whether it deviates."""
     rows = {(r["stage"], r["option"]): r for r in md_rows(built["tables"]["protocol"][0])}
     assert rows[("compress", "drop_flagged")]["paper"] == "false"
     assert rows[("compress", "drop_flagged")]["deviation"] in ("True", "true")  # the fixture keeps the default (drop)
@@ -437,12 +450,13 @@ def _recorded_grid(root: Path) -> Path:
 
 
 def test_kind_inputs_and_budget_are_read_as_recorded_not_guessed(tmp_path):
-    """Issue 17 item 2: a renamed stage or metric cannot mislead the report; only older cells are guessed."""
+    """A renamed stage or metric cannot mislead the report; only older cells are guessed."""
     from cdlib import results, student_runs
 
     g = results.read_grid(_recorded_grid(tmp_path / "grid"))
     assert {c.id: (c.kind, c.upstream) for c in g.cells.values()} == {
-        "squeeze/c1": ("compress", []), "distill/t1": ("train", ["squeeze/c1"]), "score/e1": ("evaluate", ["distill/t1"])}
+        "squeeze/c1": ("compress", []), "distill/t1": ("train", ["squeeze/c1"]),
+        "score/e1": ("evaluate", ["distill/t1"])}
     run = student_runs.grid_runs(g).filter(pl.col("group") == "overall").row(0, named=True)
     assert (run["teacher"], run["student"], run["train_cell"]) == ("toy-a", "s", "distill/t1")
     assert run["budget"] == "1500 steps", "the label training recorded, not one derived from params.yaml's epochs"

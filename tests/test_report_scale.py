@@ -150,8 +150,9 @@ def build_paper_grid(root: Path, traces_per_teacher: int = PAPER_TRACES, steps: 
     return root / "paper"
 
 
-FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length", "pareto",
-           "fig1_beside_paper", "fig4_beside_paper"}  # the grid uses the paper's names: drawn beside its numbers
+# the last two: the grid uses the paper's names, so its numbers are drawn beside the paper's
+FIGURES = {"fig1_compression_by_domain", "fig2_reasoning_lengths", "fig3_loss_curves", "fig4_accuracy_vs_length",
+           "pareto", "fig1_beside_paper", "fig4_beside_paper"}
 RUNS = 55  # params/paper.yaml: 48 main-grid runs + 7 truncation runs
 MAX_PAGE_MB = 4.0  # index.html embeds every figure's SVG; the interactive HTMLs inline Vega (~0.9 MB)
 
@@ -201,11 +202,13 @@ def test_loss_curves_keep_to_a_budget_for_the_whole_chart():
     step = pl.int_range(1, 2001, eager=True)
     sources = ["raw", "answer_only", "truncated", "llama70b", "ministral14b"]
     losses = pl.concat([pl.DataFrame({"teacher": f"t{r % 2}", "student": f"s{r % 4}", "method": f"full (seed={r})",
-                                      "source": sources[r % 5], "step": step, "loss": 1 + 1 / step}) for r in range(150)])
+                                      "source": sources[r % 5], "step": step, "loss": 1 + 1 / step})
+                        for r in range(150)])
     chart = figures.fig3_loss_curves(losses)
     assert _embedded_rows(chart) <= ALTAIR_MAX_ROWS
     assert chart.data.group_by("method").len()["len"].min() >= 3, "each run keeps its first, some middle and last steps"
-    few = figures.fig3_loss_curves(losses.filter(pl.col("method").is_in(["full (seed=0)", "full (seed=1)"])), max_points=400)
+    two = losses.filter(pl.col("method").is_in(["full (seed=0)", "full (seed=1)"]))
+    few = figures.fig3_loss_curves(two, max_points=400)
     assert few.data.height > 2 * 300, "a few runs keep up to max_points each"
 
 

@@ -1,4 +1,4 @@
-"""API keys never reach a stage's outputs (issue 19 item 6).
+"""API keys never reach a stage's outputs.
 
 ``engine.api_key_env`` holds the NAME of an environment variable; a value shaped
 like a key is refused with a message that does not quote it. A real server on
@@ -114,7 +114,7 @@ def test_a_server_echoing_headers_leaks_no_key_into_the_generate_stage(echo_serv
     try:
         generate.run(P)
         messages = []
-    except engines.UnansweredError as e:  # the questions that only ever got a 500 (issue 19 item 2)
+    except engines.UnansweredError as e:  # the questions that only ever got a 500
         messages = [str(e)]
     assert _files_holding(tmp_path, key) == []
     assert not any(key in m or key[-12:] in m for m in messages)
@@ -193,7 +193,8 @@ def test_credentials_in_a_base_url_are_written_nowhere(tmp_path):
         assert key not in said and key[-12:] not in said, said
 
 
-@pytest.mark.parametrize("given", [["sk-abc123def456ghi789jkl"], {"k": "sk-abc123def456ghi789jkl"}, 12345678901234567890])
+@pytest.mark.parametrize("given", [["sk-abc123def456ghi789jkl"], {"k": "sk-abc123def456ghi789jkl"},
+                                   12345678901234567890])
 def test_an_api_key_env_of_another_type_is_refused_without_being_quoted(given):
     with pytest.raises(ParamsError) as refused:
         validate("generate", {"out_dir": "o", "engine": {"kind": "openai", "api_key_env": given}}, source="grid.yaml")

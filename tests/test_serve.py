@@ -1,4 +1,4 @@
-"""A trained LoRA student served through vLLM's OpenAI-compatible server (issue 16 item 6).
+"""A trained LoRA student served through vLLM's OpenAI-compatible server.
 
 The student is a train cell as cdlib.train leaves it (``checkpoint.json`` naming the base
 model and the adapter); :func:`cdlib.serve.command` starts the server on CPU, and the

@@ -28,7 +28,8 @@ CORPUS = [
 PREFILL_AND_RENDER = (
     "{%- for m in messages -%}"
     "{%- if m.role == 'assistant' -%}"
-    "{{- '<|im_start|>assistant\\n<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' -}}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' + m.content"
+    " + '<|im_end|>\\n' -}}"
     "{%- else -%}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n<think>\\n' -}}{%- endif -%}"
@@ -48,7 +49,8 @@ def make_tokenizer(template: str | None) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(
@@ -162,12 +164,7 @@ def test_answer_only_keeps_an_empty_closed_think_block(toks, name):
 
 
 def test_prompt_comes_from_build_prompt_when_absent(toks, monkeypatch):
-    import types
-    import sys
-
-    fake = types.ModuleType("cdlib.prompts")
-    fake.build_prompt = lambda row: f"Q: {row['question']}"
-    monkeypatch.setitem(sys.modules, "cdlib.prompts", fake)
+    monkeypatch.setattr(sft, "build_prompt", lambda row: f"Q: {row['question']}")
     rec = {k: v for k, v in RECORD.items() if k != "prompt"} | {"question": "3 plus 4"}
     ex = sft.build_example(rec, toks["qwen"])
     assert "Q: 3 plus 4" in section(toks["qwen"], ex, "prompt")

@@ -144,8 +144,13 @@ def test_model_compressor_recompresses_flagged_then_keeps_flag(tmp_path):
     P = gen_params(tmp_path, rounds=1)
     generate.run(P)
     n = len(Store(tmp_path / "gen/traces.jsonl"))
-    first = lambda r: "" if int(r["id"].rsplit("/", 1)[1]) % 2 else f"So the answer is {r['gold']}."
-    second = lambda r: "the answer is 999999" if int(r["id"].rsplit("/", 1)[1]) % 4 == 1 else f"It is {r['gold']}."
+
+    def first(r):
+        return "" if int(r["id"].rsplit("/", 1)[1]) % 2 else f"So the answer is {r['gold']}."
+
+    def second(r):
+        return "the answer is 999999" if int(r["id"].rsplit("/", 1)[1]) % 4 == 1 else f"It is {r['gold']}."
+
     C = CompressParams(out_dir=str(tmp_path / "comp"), traces=P.out_dir, compressor="m", recompress_attempts=1)
     compress.run(C, engine=EchoEngine([first, second]))
     recs = {r["id"]: r for r in Store(tmp_path / "comp/compressed.jsonl")}

@@ -24,7 +24,8 @@ def test_tiny_family_names_are_built_once_with_their_family(tmp_path, monkeypatc
     path = Path(resolve("tiny-llama"))
     assert path == tmp_path / "tiny-llama" and family_of(str(path)) == "llama"
     config = json.loads((path / "config.json").read_text())
-    assert config["rope_parameters"]["rope_type"] == "llama3" and config["num_key_value_heads"] < config["num_attention_heads"]
+    assert config["rope_parameters"]["rope_type"] == "llama3"
+    assert config["num_key_value_heads"] < config["num_attention_heads"]
     stamp = (path / "config.json").stat().st_mtime_ns
     assert resolve("tiny-llama") == str(path) and (path / "config.json").stat().st_mtime_ns == stamp
     assert set(FAMILIES) == {"qwen3_5", "qwen3_5_moe", "llama", "gpt_oss", "ministral3"}  # params/paper.yaml's

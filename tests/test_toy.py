@@ -73,9 +73,11 @@ def test_too_small_a_world_is_an_error():
 
 
 def test_solution_steps_are_the_true_minimal_equations():
-    row = {"id": "x", "question": "Tom has 5 apples. Tom gets 3 more apples. Then Tom gives away 2 apples. How many apples does Tom have now?"}
+    row = {"id": "x", "question": "Tom has 5 apples. Tom gets 3 more apples. Then Tom gives away 2 apples. How many "
+                                  "apples does Tom have now?"}
     assert toy.solution_steps(row) == ["5 + 3 = 8", "8 - 2 = 6"]
-    row = {"id": "y", "question": "Eva has 4 pens. Eva ends up with 3 times as many pens. How many pens does Eva have now?"}
+    row = {"id": "y",
+           "question": "Eva has 4 pens. Eva ends up with 3 times as many pens. How many pens does Eva have now?"}
     assert toy.solution_steps(row) == ["4 * 3 = 12"]
     for r in toy.generate(SMALL, "test"):
         steps = toy.solution_steps(r)
@@ -103,7 +105,7 @@ def test_teacher_trace_is_verbose_around_the_equations():
         think = text.split("</think>")[0]
         assert len(think) > 3 * len("\n".join(toy.solution_steps(row)))  # mostly filler
         # re-checks and restatements never look like equation lines
-        assert all(not toy.is_equation_line(l) for l in think.splitlines() if "double check" in l)
+        assert all(not toy.is_equation_line(line) for line in think.splitlines() if "double check" in line)
 
 
 def test_teacher_is_deterministic_given_the_rng():

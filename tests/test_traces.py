@@ -42,7 +42,8 @@ HARMONY_RAW = (
             "a\n{\"x\":1}", "C", "harmony", False,
         ),
         # Analysis never ended: truncated.
-        ("<|channel|>analysis<|message|>We need to compute 12 + 30 = 42 so", "We need to compute 12 + 30 = 42 so", "", "harmony", True),
+        ("<|channel|>analysis<|message|>We need to compute 12 + 30 = 42 so", "We need to compute 12 + 30 = 42 so",
+         "", "harmony", True),
         # Analysis ended but no final message: not truncated, no answer.
         ("<|channel|>analysis<|message|>done<|end|>", "done", "", "harmony", False),
         # Decoded with special tokens skipped.

@@ -1,4 +1,4 @@
-"""Experiment tracking through accelerate's tracker API (issue 16 item 4), with TensorBoard offline."""
+"""Experiment tracking through accelerate's tracker API, with TensorBoard offline."""
 
 from __future__ import annotations
 

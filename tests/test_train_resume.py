@@ -29,7 +29,6 @@ import torch
 from cdlib.training import checkpoint, losses
 from cdlib import train as T
 from cdlib.params import GenerateParams, ToyParams, TrainParams
-from cdlib.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = dict(seq_len=1024, gradient_checkpointing=False, log_every=3, tiny_layers=1, limit=60, learning_rate=2e-3)

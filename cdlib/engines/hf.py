@@ -64,7 +64,8 @@ class HFEngine(Engine):
         result: list[Completion | None] = [None] * len(texts)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        gen_kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_tokens,
+                                      "pad_token_id": self.tokenizer.pad_token_id}
         if sampling.temperature > 0:
             gen_kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
             if sampling.top_k > 0:

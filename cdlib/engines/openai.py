@@ -172,8 +172,10 @@ def _describe_failure(exc: BaseException, max_retries: int, secrets: Sequence[st
 
     if isinstance(exc, openai.APIStatusError):
         response = exc.response
-        retried = f" after {max_retries} retries" if exc.status_code in (408, 409, 429) or exc.status_code >= 500 else ""
-        return f"{type(exc).__name__}: {response.url} answered HTTP {exc.status_code}{retried} {_quote_body(response, secrets)}"
+        retryable = exc.status_code in (408, 409, 429) or exc.status_code >= 500
+        retried = f" after {max_retries} retries" if retryable else ""
+        return (f"{type(exc).__name__}: {response.url} answered HTTP {exc.status_code}{retried} "
+                f"{_quote_body(response, secrets)}")
     if isinstance(exc, openai.APIConnectionError):  # includes timeouts; the cause says what broke
         cause = exc.__cause__
         why = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
@@ -244,7 +246,8 @@ class OpenAIEngine(Engine):
             if p.chat_template_kwargs:
                 extra["chat_template_kwargs"] = p.chat_template_kwargs
             if json_schema is not None:
-                common["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": json_schema}}
+                common["response_format"] = {"type": "json_schema",
+                                             "json_schema": {"name": "output", "schema": json_schema}}
             create, common["messages"] = self.client.chat.completions.with_raw_response.create, prompt
         else:
             if json_schema is not None:
@@ -253,7 +256,8 @@ class OpenAIEngine(Engine):
         tries = 1 + min(BAD_BODY_RETRIES, p.max_retries)
         for attempt in range(tries):
             try:  # the raw response: its body is read here, so a bad one is named rather than a KeyError
-                choice, usage = _read_choice(create(extra_body=extra or None, **common).http_response, chat, self._secrets)
+                raw = create(extra_body=extra or None, **common).http_response
+                choice, usage = _read_choice(raw, chat, self._secrets)
                 break
             except BadBodyError as e:
                 if attempt + 1 < tries:

@@ -85,8 +85,9 @@ def answer_missing(
     the retry rules of this module; raise when the cell must end failed.
 
     Each item has ``budget`` answered attempts; ``used`` (item id -> attempts answered in earlier runs,
-    from the stage's own log) resumes the count and is kept up to date. Items go out grouped by attempt number, ``chunk`` at a
-    time (all at once by default): ``ask(engine, rows, attempt)`` returns one completion per row.
+    from the stage's own log) resumes the count and is kept up to date. Items go out grouped by attempt
+    number, ``chunk`` at a time (all at once by default): ``ask(engine, rows, attempt)`` returns one
+    completion per row.
     ``engine`` may be a function that builds it, called only when something is to be sent.
     ``take(attempt, pairs)`` stores what the stage keeps of a chunk: it gets every ``(row, completion)``,
     transient failures included (to log them, never as answers), and returns the ids that need no
@@ -94,9 +95,9 @@ def answer_missing(
     (``update(n)``, ``close()``) shown while an attempt's items are sent.
 
     Once nothing is left to send, ``finish(left)`` gets the items answered ``budget`` times without
-    finishing (the stage keeps the last answer of each, and derives what it derives) before the checks: :class:`UnansweredError` when an item's last request failed
-    transiently, then :class:`NothingAnsweredError` when every record of ``log`` (default ``store``)
-    holds an engine error.
+    finishing (the stage keeps the last answer of each, and what it derives from its records) before the
+    checks: :class:`UnansweredError` when an item's last request failed transiently, then
+    :class:`NothingAnsweredError` when every record of ``log`` (default ``store``) holds an engine error.
     """
     pending = {r["id"]: r for r in items if r["id"] not in store}
     total = len(pending)

@@ -329,7 +329,8 @@ def _child_setup(cpus: list[int]) -> None:
 
 
 def _launch(grid: Grid, c: Cell, slot: dict[str, str], rerun_stale: bool) -> tuple[subprocess.Popen, Any]:
-    """Start ``python -m cdlib.grid run GRID --cell ID`` on ``slot``'s CPUs/GPUs; its output goes to a temporary file."""
+    """Start ``python -m cdlib.grid run GRID --cell ID`` on ``slot``'s CPUs/GPUs; its output goes to a temporary
+    file."""
     out = tempfile.TemporaryFile()
     cpus = [int(x) for x in slot["CDLIB_CPUS"].split(",")]
     cmd = [sys.executable, "-m", "cdlib.grid", "run", str(Path(grid.path).resolve()), "--cell", c.id]

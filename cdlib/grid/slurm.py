@@ -286,7 +286,8 @@ def write_slurm(grid: Grid, stage: str | None = None, only: dict[str, str] | Non
     setup = grid.spec.slurm.setup or default_setup()
     waiting_on = sorted({job.split("_")[0] for job in queued.values()})
     if waiting_on:
-        say(f"the first array waits for Slurm jobs {', '.join(waiting_on)} (cells of this grid still queued or running)")
+        say(f"the first array waits for Slurm jobs {', '.join(waiting_on)} (cells of this grid still queued or "
+            "running)")
     scripts: list[Path] = []
     submit = [SUBMIT_HEAD.format(grid=grid.path, root=shlex.quote(str(grid.root.resolve())), dep=":".join(waiting_on),
                                  jobs=shlex.quote(str(out / "jobs")))]

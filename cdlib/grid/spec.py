@@ -33,9 +33,9 @@ fewer axes are shared: the paper's 55 training runs sit on 2 generation cells.
 Cell ids are readable slugs of the axis values (``compress/qwen3.5-397b__ministral-14b``).
 A cell's parameters are, merged in this order (nested dicts merge key by key):
 the stage's ``params``; then for each of the stage's axes the value's ``all``
-params and its params for this stage; then the stage's matching ``overrides``; then ``inputs`` (from the stage or an axis
-value), each resolved to the upstream cell's directory (a list of templates to a list of directories); then
-``out_dir``.
+params and its params for this stage; then the stage's matching ``overrides``; then ``inputs`` (from the stage
+or an axis value), each resolved to the upstream cell's directory (a list of templates to a list of
+directories); then ``out_dir``.
 
 A cell starts when its input cells are done. A stage that reads the whole grid instead (a
 report) says ``after: all``: its cells wait for every cell of the stages listed before it and
@@ -221,7 +221,8 @@ class Grid:
                 raise ParamsError(f"{where}: key 'axes.{axis}': axis has no values")
             for value, scoped in values.items():
                 if not SLUG.match(str(value)):
-                    raise ParamsError(f"{where}: key 'axes.{axis}.{value}': value names may hold only letters, digits and . _ + -")
+                    raise ParamsError(f"{where}: key 'axes.{axis}.{value}': value names may hold only letters, "
+                                      "digits and . _ + -")
                 if CELL_SEP in str(value):  # cell ids join axis values with it: 'p__q'+'r' and 'p'+'q__r' would meet
                     raise ParamsError(f"{where}: key 'axes.{axis}.{value}': value names may not contain "
                                       f"'{CELL_SEP}', which separates axis values in cell ids")
@@ -233,7 +234,8 @@ class Grid:
                         raise ParamsError(f"{where}: key 'axes.{axis}.{value}.{scope}': expected a mapping of params")
         for name, stage in self.spec.stages.items():
             if not SLUG.match(name):
-                raise ParamsError(f"{where}: key 'stages.{name}': stage names may hold only letters, digits and . _ + -")
+                raise ParamsError(f"{where}: key 'stages.{name}': stage names may hold only letters, digits "
+                                  "and . _ + -")
             for axis in stage.axes:
                 if axis not in self.spec.axes:
                     raise ParamsError(f"{where}: key 'stages.{name}.axes': unknown axis {axis!r}; "
@@ -341,10 +343,12 @@ class Grid:
                                       f"{template!r} names axis {e} which this stage does not have") from None
                 up_stage = upstream.split("/", 1)[0]
                 if up_stage not in self.spec.stages:
-                    raise ParamsError(f"{self.path}: stage '{name}' input '{param}': {upstream!r} is not a cell of a stage in this grid")
+                    raise ParamsError(f"{self.path}: stage '{name}' input '{param}': {upstream!r} is not a cell of a "
+                                      "stage in this grid")
                 ups.append(upstream)
             depends[param] = ups if isinstance(given, list) else ups[0]
-            params[param] = [str(self.out_dir / u) for u in ups] if isinstance(given, list) else str(self.out_dir / ups[0])
+            dirs = [str(self.out_dir / u) for u in ups]
+            params[param] = dirs if isinstance(given, list) else dirs[0]
         params["out_dir"] = str(cell_dir)
         try:
             resources = SlurmSpec(**slurm)
@@ -352,7 +356,8 @@ class Grid:
             raise ParamsError(format_errors(e, f"{self.path}: cell '{name}/{slug}': slurm", SlurmSpec)) from None
         return Cell(stage=name, slug=slug, axes=values, params=params, notebook=Path(stage.notebook),
                     directory=cell_dir, slurm=resources,
-                    depends_on=list(dict.fromkeys(u for v in depends.values() for u in ([v] if isinstance(v, str) else v))),
+                    depends_on=list(dict.fromkeys(u for v in depends.values()
+                                                  for u in ([v] if isinstance(v, str) else v))),
                     kind=self.stage_kind(name), inputs=depends, after_all=stage.after == "all")
 
     # ------------------------------------------------------------------ queries

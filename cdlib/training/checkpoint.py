@@ -34,7 +34,8 @@ RESUME_STATE = "trainer_state.json"  # written last: a state directory without i
 
 # keys that change how a run computes, not what it trains: a resumed run may change them
 # (e.g. a smaller kl_chunk_tokens after running out of memory)
-RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head", "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing", "tf32", "liger_kernels",
+RESUME_FREE_KEYS = ("out_dir", "log_every", "save_every", "report_to", "tracker_project", "loss_head",
+                    "loss_chunk_tokens", "kl_chunk_tokens", "gradient_checkpointing", "tf32", "liger_kernels",
                     "accelerate_config")
 
 

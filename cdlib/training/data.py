@@ -3,8 +3,9 @@
 :func:`load_records` reads a data cell (``traces.jsonl``, ``compressed.jsonl`` or ``truncated.jsonl``,
 detected) and skips dropped records and the questions a compressor never answered; :func:`prepare`
 builds the SFT examples (:mod:`cdlib.training.sft`), runs the mask audit and makes the seeded validation split
-(building a ``toy*`` student with a tokenizer trained on the records first); :func:`plan` packs the examples and lays out every micro-batch of the run (epochs,
-``max_steps`` or a ``token_budget``), and :func:`step_tokens` gives each optimizer step's global
+(building a ``toy*`` student with a tokenizer trained on the records first); :func:`plan` packs the examples and
+lays out every micro-batch of the run (epochs, ``max_steps`` or a ``token_budget``), and :func:`step_tokens`
+gives each optimizer step's global
 supervised-token count ahead of time, so no rank reads it back from the device. The collate helpers at
 the end turn a micro-batch into tensors on the right device.
 """
@@ -64,7 +65,8 @@ def resolve_pretrained(name: str, merge_into: str | Path, what: str = "student")
     if not (out / "config.json").exists():
         from transformers import AutoTokenizer
 
-        checkpoint.merge_adapter(target["model"], target["adapter"], out, AutoTokenizer.from_pretrained(target["adapter"]))
+        tokenizer = AutoTokenizer.from_pretrained(target["adapter"])
+        checkpoint.merge_adapter(target["model"], target["adapter"], out, tokenizer)
     return str(out)
 
 
@@ -380,10 +382,10 @@ class MicroBatches:
 
 
 def collate_fn(examples: list[dict[str, Any]], rows: packlib.Layout, pad_id: int):
-    """Collate planned micro-batches in ``rows`` (:func:`cdlib.training.packing.packed_layout`), on the host, before
-    anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
-    ``supervised_rows`` (:func:`cdlib.training.losses.supervised_rows`, the positions the loss selects) and ``n_supervised``
-    (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
+    """Collate planned micro-batches in ``rows`` (:func:`cdlib.training.packing.packed_layout`), on the host,
+    before anything reaches the device: besides the model inputs, ``example_lengths`` (for accounting),
+    ``supervised_rows`` (:func:`cdlib.training.losses.supervised_rows`, the positions the loss selects) and
+    ``n_supervised`` (their count, a python int) ride along and never reach the model. Packed sdpa/eager rows come
     without their ``L x L`` block mask: the loop derives it on the device (:func:`with_mask`)."""
     def collate(items: list[list[list[int]]]) -> dict[str, Any]:
         bins = [b for item in items for b in item]

@@ -79,8 +79,8 @@ def launch(P: TrainParams, num_processes: int | None = None, cpu: bool = False,
     ``num_processes`` or the visible GPUs). ``cpu=True``: ``torchrun
     --nproc_per_node N`` (accelerate's own launcher runs a single process with
     ``--cpu``); the ranks talk over gloo; with ``accelerate_config`` set too, ``accelerate launch`` with that
-    config and no visible GPU (``fsdp2-cpu.yaml``: FSDP2 over gloo, :func:`cdlib.train.fsdp_on_cpu`). Output streams to this process's
-    stdout/stderr; a failing launch raises ``subprocess.CalledProcessError``, one past
+    config and no visible GPU (``fsdp2-cpu.yaml``: FSDP2 over gloo, :func:`cdlib.train.fsdp_on_cpu`). Output
+    streams to this process's stdout/stderr; a failing launch raises ``subprocess.CalledProcessError``, one past
     ``timeout`` seconds ``subprocess.TimeoutExpired``. Either way, and on any exception
     (an interrupt), the launcher and its ranks are stopped before this returns; if this
     process dies, they die with it (see the module's docstring).

@@ -188,7 +188,8 @@ def _shifted(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, Any]:
 
 
 def cross_entropy_sum(logits: Any, labels: Any, rows: Any = None) -> tuple[Any, int]:
-    """Summed next-token cross-entropy over supervised tokens (fp32) and their count (``rows``: see :func:`_shifted`)."""
+    """Summed next-token cross-entropy over supervised tokens (fp32) and their count (``rows``: see
+    :func:`_shifted`)."""
 
     sel, target = _shifted(logits, labels, rows)
     return F.cross_entropy(sel.float(), target, reduction="sum"), int(target.numel())

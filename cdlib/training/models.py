@@ -204,13 +204,14 @@ _NO_GATED_NORM = "the model has no gated RMSNorm (only Qwen3.5's linear-attentio
 LIGER_SUPPORT: dict[str, dict[str, str | None]] = {
     "llama": {"rms_norm": None, "rope": None, "glu": None, "gated_rms_norm": _NO_GATED_NORM},
     "qwen3_5": {"rms_norm": None, "glu": None,
-                "rope": "liger-kernel has no RoPE for Qwen3.5's hybrid attention (its patch raises NotImplementedError)",
+                "rope": "liger-kernel has no RoPE for Qwen3.5's hybrid attention (its patch raises "
+                        "NotImplementedError)",
                 "gated_rms_norm": "liger-kernel has no gated RMSNorm kernel (Axolotl's Liger plugin adds its own "
                                   "for Qwen3.5's linear-attention layers)"},
     "gpt_oss": {"rms_norm": None, "rope": None, "gated_rms_norm": _NO_GATED_NORM,
                 "glu": "liger-kernel does not patch gpt-oss's experts (clamped SwiGLU, swiglu_limit 7.0)"},
 }
-LIGER_SUPPORT["qwen3_5_text"] = LIGER_SUPPORT["qwen3_5_moe"] = LIGER_SUPPORT["qwen3_5_moe_text"] = LIGER_SUPPORT["qwen3_5"]
+LIGER_SUPPORT.update(dict.fromkeys(("qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"), LIGER_SUPPORT["qwen3_5"]))
 
 
 def liger_plan(model_type: str | None) -> tuple[list[str], dict[str, str]]:
@@ -271,9 +272,11 @@ def peak_memory(on_gpu: bool) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "peak RSS (resource.ru_maxrss)"
 
 
-def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool, say: Any) -> tuple[Any, dict[str, Any]]:
+def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool,
+                 say: Any) -> tuple[Any, dict[str, Any]]:
     """The student model ready for its wrapper (kernels, gradient checkpointing, packed layout, LoRA adapters)
-    and a record of how (``attn``, ``layout``, ``rows``, ``lora``, ``params``, ``tf32``, ``liger``, ``fsdp_ac``, sizes)."""
+    and a record of how (``attn``, ``layout``, ``rows``, ``lora``, ``params``, ``tf32``, ``liger``, ``fsdp_ac``,
+    sizes)."""
     import torch
 
     attn, layout = attention_layout(P, on_gpu, data.model_source)
@@ -301,12 +304,14 @@ def load_student(P: TrainParams, data: Prepared, accelerator: Any, on_gpu: bool,
         say(rows.reason)
     if rows.split_linear:  # Qwen3.5 on varlen: linear-attention layers run each packed example on its own
         packlib.split_linear_attention(model)
-    model, lora_info = add_lora(model, P, data.model_source, accelerator.is_main_process, say) if lora else (model, None)
+    lora_info = None
+    if lora:
+        model, lora_info = add_lora(model, P, data.model_source, accelerator.is_main_process, say)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return model, {"attn": attn, "layout": layout, "rows": rows, "lora": lora_info, "params": count_params(model), "tf32": tf32,
-                   "liger": liger, "liger_not_covered": liger_missing, "fsdp_ac": fsdp_ac, "n_layers": config.num_hidden_layers,
-                   "d_attn": config.num_attention_heads * head_dim}
+    return model, {"attn": attn, "layout": layout, "rows": rows, "lora": lora_info, "params": count_params(model),
+                   "tf32": tf32, "liger": liger, "liger_not_covered": liger_missing, "fsdp_ac": fsdp_ac,
+                   "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
 
 
 def add_lora(model: Any, P: TrainParams, model_source: str, is_main: bool, say: Any) -> tuple[Any, dict[str, Any]]:

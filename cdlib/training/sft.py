@@ -45,6 +45,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from cdlib.prompts import build_prompt
 from cdlib.tokenizer import decode_prefix
 
 IGNORE_INDEX = -100
@@ -93,16 +94,13 @@ def _prompt_of(record: dict[str, Any]) -> str:
     if isinstance(record.get("prompt"), str):
         return record["prompt"]
     try:
-        from cdlib.prompts import build_prompt
-    except ImportError as e:  # pragma: no cover - the module is written alongside this one
-        raise SFTError(f"record {record.get('id')!r}: no 'prompt' string and cdlib.prompts is unavailable ({e})") from None
-    try:
         return build_prompt(record)
     except Exception as e:
         raise SFTError(f"record {record.get('id')!r}: cannot build the user prompt: {e}") from e
 
 
-def _render(tokenizer: Any, messages: list[dict[str, Any]], generation: bool, kwargs: dict[str, Any] | None = None) -> str:
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation: bool,
+            kwargs: dict[str, Any] | None = None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **(kwargs or {}))
 
 
@@ -217,7 +215,8 @@ def format_texts(
     if fmt not in FORMATS:
         raise SFTError(f"record {rid!r}: unknown chat_format {chat_format!r}; known: auto, {', '.join(FORMATS)}")
     if answer_only_think not in ("none", "empty"):
-        raise SFTError(f"record {rid!r}: answer_only_think must be 'none' (paper) or 'empty', got {answer_only_think!r}")
+        raise SFTError(f"record {rid!r}: answer_only_think must be 'none' (paper) or 'empty', got "
+                       f"{answer_only_think!r}")
     if source == "answer_only" and answer_only_think == "none":
         texts = _answer_only_texts(tokenizer, fmt, question, answer, rid, chat_template_kwargs)
         if texts is not None:
@@ -237,7 +236,8 @@ def format_texts(
         tail = _template_tail(tokenizer, fmt, user, prompt, chat_template_kwargs)
         if tail is None:
             if fmt == "harmony":
-                raise SFTError(f"record {rid!r}: the harmony template does not render the analysis channel of the last turn")
+                raise SFTError(f"record {rid!r}: the harmony template does not render the analysis channel of "
+                               "the last turn")
             # The template hides reasoning (or pre-fills the think tag so the rendered
             # conversation no longer starts with the generation prompt): rebuild the
             # completion the model must generate after the generation prompt.
@@ -357,7 +357,8 @@ def _clip_spans(spans: dict[str, list[int]], keep: int) -> dict[str, list[int]]:
     return {k: [min(s, keep), min(e, keep)] for k, (s, e) in spans.items()}
 
 
-def apply_overlong(examples: list[dict[str, Any]], max_len: int, policy: str = "error") -> tuple[list[dict[str, Any]], list[Any]]:
+def apply_overlong(examples: list[dict[str, Any]], max_len: int,
+                   policy: str = "error") -> tuple[list[dict[str, Any]], list[Any]]:
     """Enforce the sequence length: ``error`` (ValueError naming the id and length), ``truncate``
     (cut to ``max_len``, marked ``cut="seq_len"``) or ``drop``. Returns (examples, ids affected)."""
     if policy not in ("error", "truncate", "drop"):
