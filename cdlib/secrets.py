@@ -5,7 +5,7 @@ A server's address may carry its key: ``http://user:sk-...@host/v1`` (userinfo) 
 with ``***`` in any text (a params file, a manifest, a notebook, a log line, an error
 message); :func:`scrub_value` does it to every string inside dicts and lists. It is a leaf
 (no import from the rest of cdlib), so every writer can call it. Header values and a known
-key are scrubbed by :func:`cdlib.engines.scrub`, which quotes server bodies.
+key are scrubbed by :func:`cdlib.engines.base.scrub`, which quotes server bodies.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
   and accept a difference of at most ``tolerance`` (1) tokens after re-encoding.
   The final answer is kept unchanged. Raw traces whose compression is dropped
   (``drop_flagged`` in the compress stage, or a compression that never came back:
-  :func:`cdlib.compress.failed`) have no target and are skipped; with the paper's
+  :func:`cdlib.outputs.failed`) have no target and are skipped; with the paper's
   protocol only the failed ones are, so no trace is cut to 0 tokens.
 * ``ratio`` (Distilling the Essence): keep the first ``ratio`` of each trace's tokens.
 

@@ -1,6 +1,6 @@
 """Checkpoints of a training run: the resumable state, the saved student and LoRA merges.
 
-Moved out of ``cdlib.train`` (whose :func:`cdlib.train.run` calls these):
+What :func:`cdlib.train.run` keeps of a run, besides its curve and metrics:
 
 * the resumable state: every ``save_every`` optimizer steps :func:`save_resume` writes
   ``<out_dir>/resume/`` (weights or FSDP shards, optimizer, LR scheduler, RNG states, and
