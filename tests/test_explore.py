@@ -300,11 +300,12 @@ def test_explore_browses_an_imported_set(tmp_path):
     from cdlib.params import ImportParams
 
     sets = Path(__file__).resolve().parents[0] / "fixtures/trace_sets"
-    trace_import.run(ImportParams(out_dir=str(tmp_path / "imp"), source=str(sets)))
+    m = trace_import.run(ImportParams(out_dir=str(tmp_path / "imp"), source=str(sets)))
     df = explore.load({"public": str(tmp_path / "imp")}, tokenizer="whitespace")
-    assert df.height == 5 and set(df["source"]) == {"raw"}
+    assert m["kept"] >= 5 and df.height == m["kept"] and set(df["source"]) == {"raw"}  # every kept row, once
     assert df["tokens"].to_list() == [len(t.split()) for t in df["reasoning"].to_list()]  # as str.split() counts
-    assert df.filter(pl.col("flag").is_not_null()).height == 4  # no_gold / no_answer flags shown as flags
+    # no_gold / no_answer flags shown as flags: every row but the one that verifies
+    assert df.filter(pl.col("flag").is_not_null()).height == m["kept"] - m["total_correct"] > 0
     log = df.filter(pl.col("question") == "你是谁").row(0, named=True)
     assert "嗯，用户问了一个简单的自我介绍问题" in explore.side_by_side_html(df, log["id"])
-    assert explore.length_stats(df, by=["teacher", "source", "dataset"])["traces"].sum() == 5
+    assert explore.length_stats(df, by=["teacher", "source", "dataset"])["traces"].sum() == m["kept"]
