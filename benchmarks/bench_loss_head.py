@@ -5,9 +5,12 @@ vocabulary (``--vocab`` 151,936) on one row of ``--tokens`` tokens (8,192), ever
 token supervised, fp32 on CPU (bf16 weights on a GPU). Variants, each in a fresh
 subprocess so its peak is its own:
 
-* ``trl``: ``model(input_ids, labels=labels).loss``, transformers' own causal-LM loss,
-  which is what TRL's SFTTrainer computes unless it is told to use Liger (full logits,
-  upcast to fp32, cross-entropy);
+* ``trl`` (when TRL is installed: ``make bench``): the loss head TRL's SFTTrainer puts on every model it trains
+  (TRL 1.16: ``trl.trainer.utils.add_fused_lm_head`` with the per-token log-probabilities, entropy and top-1 hits
+  its metrics read; the LM head runs in tiles over the supervised positions, no full logits), the loss as
+  SFTTrainer takes it (``-log_probs`` summed over the supervised tokens): the peer as a user runs it;
+* ``hf``: ``model(input_ids, labels=labels).loss``, transformers' own causal-LM loss (full logits, upcast to
+  fp32, cross-entropy), what ``transformers.Trainer`` computes;
 * ``full``: cdlib's previous head, ``cdlib.training.losses.cross_entropy_sum`` on the model's logits
   (supervised positions picked out of the full logits);
 * ``chunked``: ``cdlib.training.losses.fused_head`` with ``--chunk`` positions per chunk (no logits);
@@ -63,9 +66,16 @@ def worker(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repea
     labels = ids.clone()
     n = tokens
 
+    if variant == "trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer.__init__ does
+
     def step() -> float:
         model.zero_grad(set_to_none=True)
         if variant == "trl":
+            loss = -model(input_ids=ids, labels=labels, use_cache=False, fused_lm_head=True).log_probs.sum()
+        elif variant == "hf":
             loss = model(input_ids=ids, labels=labels, use_cache=False).loss * n
         elif variant == "full":
             loss, _ = cross_entropy_sum(model(input_ids=ids, use_cache=False).logits, labels)
@@ -105,14 +115,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--variants", default="full,trl,chunked")
+    ap.add_argument("--variants", default="full,hf,trl,chunked")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.tokens, args.vocab, args.hidden, args.chunk, args.repeats)))
         return
     rows = []
-    for v in args.variants.split(","):
+    variants = args.variants.split(",")
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        if "trl" in variants:
+            print("note: TRL is not installed in .venv (make bench installs it): no 'trl' variant")
+            variants.remove("trl")
+    for v in variants:
         cmd = [sys.executable, __file__, "--worker", v, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
                "--hidden", str(args.hidden), "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, capture_output=True, text=True)
