@@ -105,8 +105,8 @@ def main() -> None:
     need = cost.summary(default)["ratio"] * 3
     print(f"\nIs the teacher pass slow? The paper's implied {teacher:,.0f} decoded tokens/s per H100 (plus prompts) "
           f"against {ref:,.0f} total tokens/s per H100 published for Qwen3-235B-A22B-FP8 under vLLM on ShareGPT "
-          f"(short outputs, GPUStack): at most {ref / teacher:.1f}x headroom, short of the {need:.1f}x "
-          f"the goal would need of every stage.")
+          f"(short outputs, GPUStack): at most {ref / teacher:.1f}x headroom, "
+          f"{'short of' if ref / teacher < need else 'enough for'} the {need:.1f}x the goal would need of every stage.")
 
     kept, left = grid_budget(default, PAPER_GRID)
     print(f"\nBudget of {PAPER_GRID}'s cells, H100-hours with the defaults (what `grid slurm {PAPER_GRID}` submits; "
