@@ -191,19 +191,16 @@ def extractive(reasoning: str, question: str = "") -> str:
 
 
 def toy_rewrite(rec: dict[str, Any]) -> str:
-    """The toy world's stand-in for a teacher rewriting a trajectory: the correct minimal steps and the answer.
+    """The toy world's stand-in for a teacher rewriting a trajectory (:func:`cdlib.toy.concise_solution`).
 
-    ``rec`` is a toy question row (or a trace record of one); its own reasoning is
-    not read, since the toy teacher knows the solution of every toy question. The
-    conclusion is worded as the toy teacher words it ("So the final number of pens
-    is 3."), as a real teacher rewrites in its own words: the KL teacher of
-    Mixed-Policy Distillation then predicts the rewrite's tokens, rather than
-    pulling the student towards a continuation the rewrite never takes.
+    ``rec`` is a toy trace record (or a question row): every value is the correct one, since the toy
+    teacher knows the solution of every toy question, and a trajectory that works a step out in words
+    ("Let me think: ...") keeps that way of working. The conclusion is worded as the toy teacher words it
+    ("So the final number of pens is 3."), as a real teacher rewrites in its own words.
     """
-    from cdlib.toy import parse_question, solution_steps
+    from cdlib.toy import concise_solution
 
-    item = parse_question(rec["question"], rec.get("id", "<row>")).item
-    return "\n".join([*solution_steps(rec), f"So the final number of {item} is {rec['gold']}."])
+    return concise_solution(rec, work_in_words="Let me think:" in (rec.get("reasoning") or ""))
 
 
 def verified_answer(rec: dict[str, Any]) -> str:

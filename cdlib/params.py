@@ -155,8 +155,14 @@ class ToyParams(Strict):
     seed: int = 0  # seed of the world itself (questions), independent of a stage's sampling seed
     n_train: int = Field(2000, ge=1)
     n_test: int = Field(200, ge=1)
-    n_pretrain: int = Field(2000, ge=1)  # the "pretrain" split: the demo base model's corpus (cdlib.toy)
-    pretrain_max_steps: int = Field(2, ge=1)  # longest problem of the pretrain split (its one-step facts aside)
+    # the "pretrain" split, the demo base model's corpus (cdlib.toy): every one-step fact, each
+    # pretrain_fact_repeats times, then n_pretrain problems of two to pretrain_max_steps steps
+    n_pretrain: int = Field(1000, ge=0)
+    pretrain_max_steps: int = Field(2, ge=1)
+    pretrain_fact_repeats: int = Field(1, ge=1)
+    # the teacher works out in words each step that crosses a ten (make-ten) before its step line, and
+    # the base knows by heart only the facts that cross no ten (cdlib.toy.teacher_response)
+    work_in_words: bool = False
     min_steps: int = Field(2, ge=1)
     max_steps: int = Field(3, ge=1)
     max_start: int = Field(9, ge=1)  # start values drawn from 1..max_start

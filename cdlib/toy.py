@@ -61,14 +61,15 @@ _STEP_RES: dict[str, re.Pattern[str]] = {
 }
 _QUESTION_RE = re.compile(r"^How many (\w+) does (\w+) have now\?$")
 
-#: A load-bearing equation line of a trace: ``a op b = c`` and nothing else.
-EQUATION_RE = re.compile(r"^(-?\d+) ([+*-]) (\d+) = (-?\d+)$")
+#: A load-bearing step line of a trace: ``a op b = c``, optionally after the step it computes and a colon
+#: (``Tom gets 3 more: 5 + 3 = 8``), and nothing else.
+EQUATION_RE = re.compile(r"^(?:[A-Za-z][^:=\d]*\d+[^:=\d]*: )?(-?\d+) ([+*-]) (\d+) = (-?\d+)$")
 
 _OP_WORDS = {"+": "plus", "-": "minus", "*": "times"}
-_OP_ACTIONS = {
-    "+": "{name} gets {k} more, so I add {k}.",
-    "-": "{name} gives away {k}, so I subtract {k}.",
-    "*": "{name} ends up with {k} times as many, so I multiply by {k}.",
+_OP_ACTIONS = {  # the step a line computes, as the question states it: the pointer a student copies
+    "+": "{name} gets {k} more",
+    "-": "{name} gives away {k}",
+    "*": "{name} ends up with {k} times as many",
 }
 _OPENERS = (
     "Okay, let me read the problem carefully.",
@@ -76,9 +77,13 @@ _OPENERS = (
     "Let me work through this problem slowly.",
 )
 _RESTATEMENTS = (
-    "So {name} starts with {start} {item}, and then a few things change.",
-    "The question asks how many {item} {name} has at the end.",
-    "We need to follow the {item} of {name} through every change.",
+    "So {name} starts with {start} {item}.",
+    "{name} starts with {start} {item}.",
+)
+_VERIFY = (
+    "Wait, let me double check every step before I answer.",
+    "Hmm, let me verify that by going through it again.",
+    "Before I answer, let me check each step once more.",
 )
 _HEDGES = (
     "Hmm, I think that is right, but let me keep going.",
@@ -137,9 +142,15 @@ def apply(op: str, a: int, k: int) -> int:
     raise ToyError(f"unknown operation {op!r}")
 
 
-def equation(a: int, op: str, k: int, result: int) -> str:
-    """An equation line as the teacher and :func:`solution_steps` write it: ``5 + 3 = 8``."""
-    return f"{a} {op} {k} = {result}"
+def equation(a: int, op: str, k: int, result: int, step: str = "") -> str:
+    """A step line as the teacher and :func:`solution_steps` write it: ``Tom gets 3 more: 5 + 3 = 8``
+    (``step`` names what the line computes, as the question says it), or ``5 + 3 = 8`` without ``step``."""
+    return f"{step}: {a} {op} {k} = {result}" if step else f"{a} {op} {k} = {result}"
+
+
+def step_label(problem: Problem, op: str, k: int) -> str:
+    """What a step line computes, in the question's words: ``Tom gets 3 more``."""
+    return _OP_ACTIONS[op].format(name=problem.name, k=k)
 
 
 def is_equation_line(line: str) -> bool:
@@ -193,7 +204,26 @@ def solution_steps(row: dict[str, Any]) -> list[str]:
     """The true minimal solution of a toy row: one equation line per step, e.g. ``['5 + 3 = 8', '8 - 2 = 6']``."""
     problem = parse_question(row["question"], row.get("id", "<row>"))
     values = problem.values()
-    return [equation(values[i], op, k, values[i + 1]) for i, (op, k) in enumerate(problem.steps)]
+    return [equation(values[i], op, k, values[i + 1], step_label(problem, op, k))
+            for i, (op, k) in enumerate(problem.steps)]
+
+
+def concise_solution(row: dict[str, Any], work_in_words: bool = False) -> str:
+    """The toy teacher's concise rewrite of a trajectory for ``row``: the start, its step lines, each crossing of
+    a ten worked in words first when the trajectory works that way (``work_in_words``), and the conclusion.
+
+    What Mixed-Policy Distillation's teacher does to a student's trajectory, for the toy world: the
+    filler and the re-checks go, the student's way of working (the start it reads off the question, its
+    words) stays, every value is right.
+    """
+    problem = parse_question(row["question"], row.get("id", "<row>"))
+    values = problem.values()
+    lines = [f"{problem.name} starts with {problem.start} {problem.item}."]
+    for (op, k), a, r in zip(problem.steps, values, values[1:]):
+        if work_in_words and crosses_ten(a, op, k):
+            lines.append(_in_words(a, op, k, r))
+        lines.append(equation(a, op, k, r, step_label(problem, op, k)))
+    return "\n".join([*lines, f"So the final number of {problem.item} is {problem.answer}."])
 
 
 def _random_problem(rng: random.Random, params: ToyParams) -> Problem | None:
@@ -248,26 +278,26 @@ def _pretrain_problems(params: ToyParams, exclude: set) -> list[tuple[Problem, s
     """The base model's corpus: every arithmetic fact a trace can need, then two-step problems.
 
     Every one-step problem from 1 to the largest running value of the world
-    (``max_start + max_steps x max_operand``; at most half the corpus), then problems of two to
-    ``pretrain_max_steps`` steps starting anywhere up to twice ``max_start`` (``n_pretrain``
-    problems in all): a base that has seen two-step solutions but not three-step ones solves
-    some of the world's problems, not most.
+    (``max_start + max_steps x max_operand``), ``pretrain_fact_repeats`` times each (a new wording
+    each time), then ``n_pretrain`` problems of two to ``pretrain_max_steps`` steps starting anywhere
+    up to twice ``max_start``: a base that has seen two-step solutions but not three-step ones
+    solves some of the world's problems, not most.
     """
     rng = random.Random(f"cdlib.toy/{params.seed}/pretrain-facts")
     top = params.max_start + params.max_steps * params.max_operand
     facts = []
-    for start in range(1, top + 1):
-        for op in params.ops:
-            for k in range(2 if op == "*" else 1, params.max_operand + 1):
-                if (op == "-" and k > start) or (op == "*" and start * k > 10 * top):
-                    continue
-                problem = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=start, steps=((op, k),))
-                if problem.key not in exclude:
-                    facts.append((problem, question_text(problem, rng)))
-    facts = facts[: params.n_pretrain // 2]
+    for _ in range(params.pretrain_fact_repeats):
+        for start in range(1, top + 1):
+            for op in params.ops:
+                for k in range(2 if op == "*" else 1, params.max_operand + 1):
+                    if (op == "-" and k > start) or (op == "*" and start * k > 10 * top):
+                        continue
+                    problem = Problem(name=rng.choice(NAMES), item=rng.choice(ITEMS), start=start, steps=((op, k),))
+                    if problem.key not in exclude:
+                        facts.append((problem, question_text(problem, rng)))
     shorter = params.model_copy(update={"min_steps": min(2, params.pretrain_max_steps),
                                         "max_steps": params.pretrain_max_steps, "max_start": 2 * params.max_start})
-    rest = _problems(shorter, "pretrain", params.n_pretrain - len(facts), exclude | {p.key for p, _ in facts})
+    rest = _problems(shorter, "pretrain", params.n_pretrain, exclude | {p.key for p, _ in facts})
     return facts + rest
 
 
@@ -307,6 +337,26 @@ def generate(params: ToyParams | None = None, split: str = "train") -> list[dict
     return [_row(problem, text, split, i) for i, (problem, text) in enumerate(chosen)]
 
 
+def crosses_ten(a: int, op: str, k: int) -> bool:
+    """True when ``a op k`` carries or borrows across a ten (``8 + 7``, ``23 - 5``): a step worked in words."""
+    if op == "+":
+        return a % 10 + k >= 10
+    if op == "-":
+        return a >= 10 and 0 < a % 10 < k
+    return False
+
+
+def _in_words(a: int, op: str, k: int, result: int) -> str:
+    """Make-ten in words, the way the teacher works a step that crosses a ten before writing it:
+    ``Let me think: 8 and 2 make 10, and 5 more make 15.`` (``result`` as the teacher has it)."""
+    if op == "+":
+        c = 10 - a % 10
+        rest = f", and {k - c} more make {result}" if k > c else ""
+        return f"Let me think: {a} and {c} make {a + c}{rest}."
+    c = a % 10
+    return f"Let me think: {a} take away {c} leaves {a - c}, and {k - c} more leaves {result}."
+
+
 def _slipped(rng: random.Random, true: int) -> int:
     """A wrong result near ``true`` (off by one or two), never negative unless ``true`` is."""
     delta = rng.choice((-2, -1, 1, 2))
@@ -314,7 +364,8 @@ def _slipped(rng: random.Random, true: int) -> int:
     return wrong if wrong >= 0 or true < 0 else true + abs(delta)
 
 
-def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float, slip_rate: float) -> str:
+def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float, slip_rate: float,
+                     work_in_words: bool = False) -> str:
     """The scripted toy teacher's full response to a toy row.
 
     A verbose ``<think>...</think>`` trace with one equation line per step,
@@ -330,41 +381,46 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     p_slip = min(1.0, slip_rate * temperature) if temperature > 0 else 0.0
     name, item = problem.name, problem.item
 
+    # the work: one line per step, the step it computes before the colon
     lines = [rng.choice(_OPENERS), rng.choice(_RESTATEMENTS).format(name=name, start=problem.start, item=item)]
-    if rng.random() < 0.5:
-        lines.append(rng.choice(_HEDGES))
-    lines.append(f"We start with {problem.start} {item}.")
-    value = problem.start
-    n = len(problem.steps)
-    for i, (op, k) in enumerate(problem.steps):
-        lead = "First" if i == 0 else ("Finally" if i == n - 1 else rng.choice(("Next", "Then")))
-        lines.append(f"{lead}, " + _OP_ACTIONS[op].format(name=name, k=k))
+    value, values = problem.start, [problem.start]
+    for op, k in problem.steps:
         result = apply(op, value, k)
         if rng.random() < p_slip:
             result = _slipped(rng, result)
-        lines.append(equation(value, op, k, result))
-        if rng.random() < 0.6:
-            lines.append(rng.choice(_CHECKS).format(a=value, word=_OP_WORDS[op], k=k, r=result))
+        if work_in_words and crosses_ten(value, op, k):
+            lines.append(_in_words(value, op, k, result))
+        lines.append(equation(value, op, k, result, step_label(problem, op, k)))
+        value = result
+        values.append(value)
+    lines.append(f"So the final number of {item} is {value}.")
+    # the overthinking after the answer is found: every step re-checked in words, then backwards
+    lines.append(rng.choice(_VERIFY))
+    for (op, k), a, r in zip(problem.steps, values, values[1:]):
+        lines.append(rng.choice(_CHECKS).format(a=a, word=_OP_WORDS[op], k=k, r=r))
         if rng.random() < 0.3:
             lines.append(rng.choice(_HEDGES))
-        lines.append(f"So now {name} has {result} {item}.")
-        value = result
+    lines.append(f"Going backwards from {value}: " + ", ".join(
+        f"undoing {_OP_WORDS[op]} {k} gives {a}" for (op, k), a in zip(reversed(problem.steps), reversed(values[:-1])))
+        + f", and {name} started with {problem.start}.")
     lines.append(rng.choice(_CLOSERS))
     lines.append(f"So the final number of {item} is {value}.")
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
 
 
-def base_response(row: dict[str, Any]) -> str:
+def base_response(row: dict[str, Any], work_in_words: bool = False) -> str:
     """What the demo's pretraining corpus says after a toy question: a worked solution, with no slip.
 
-    The world's reasoning style (:func:`teacher_response` at temperature 0, never slipping) on the
-    ``pretrain`` split's one- and two-step problems, none of them a question the teacher is asked: as a
-    pretrained LLM has read reasoning text of the same genre before it is distilled. A tiny model
-    pretrained on it reads the problems, reasons and ends its answers, with its sums half learned, and
-    solves some of the world's problems (up to three steps) but not most. Corpora measured on the way
-    (benchmarks/README.md, "The demo's base"): answers at once left a 2-layer model unable to copy the
-    question's numbers; terse textbook solutions alone made the teacher's traces noise to the base (9.5
-    nats per token), so fine-tuning erased what it knew; terse and reasoning-style solutions mixed, or
-    facts repeated, gave a weaker base and students than this.
+    A one-step question (an arithmetic fact) is answered by its step line alone, as drills are
+    (dense facts: a tiny model learns its sums only from them), except, with ``work_in_words``, a
+    fact that crosses a ten, which is worked in the world's reasoning style like every longer
+    problem (:func:`teacher_response` at temperature 0, never slipping): the base then knows by
+    heart only the facts that cross no ten. Corpora measured on the way: benchmarks/README.md,
+    "The demo's base".
     """
-    return teacher_response(row, random.Random(0), temperature=0.0, slip_rate=0.0)
+    problem = parse_question(row["question"], row.get("id", "<row>"))
+    if len(problem.steps) == 1 and not (work_in_words and crosses_ten(problem.start, *problem.steps[0])):
+        (op, k), r = problem.steps[0], problem.answer
+        return ("<think>\n" + equation(problem.start, op, k, r, step_label(problem, op, k))
+                + f"\nSo the final number of {problem.item} is {r}.\n</think>\n\nThe answer is \\boxed{{{r}}}.")
+    return teacher_response(row, random.Random(0), temperature=0.0, slip_rate=0.0, work_in_words=work_in_words)

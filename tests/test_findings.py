@@ -119,3 +119,16 @@ def test_a_zero_or_missing_cost_measures_nothing_rather_than_crashing():
     assert v["Compressed traces train faster"] == "not run"
     assert v["Compressed students reason shorter"] == "not run"
     assert v["Compressed traces cut training tokens"] == "held"
+
+
+def test_mpd_without_a_teacher_model_is_judged_as_mpd():
+    """A run trained by cross-entropy on the teacher's rewrites (``mpd-sft``: the KL to a scripted teacher, whose
+    distribution is its rewrite) stands for MPD where no KL run exists; a KL run, when there, is the one judged."""
+    df = papers_world()
+    sft = df.with_columns(source=pl.when(pl.col("source") == "mpd").then(pl.lit("mpd-sft")).otherwise("source"))
+    mpd_claims = findings.findings(sft).filter(pl.col("paper") == findings.MPD)
+    assert mpd_claims["verdict"].to_list() == ["held", "held"] and "mpd-sft 0.790" in mpd_claims["grid"][1]
+    worse = sft.with_columns(accuracy=pl.when(pl.col("source") == "mpd-sft").then(0.5).otherwise("accuracy"))
+    assert findings.findings(worse).filter(pl.col("paper") == findings.MPD)["verdict"][1] == "not held"
+    both = pl.concat([df, worse.filter(pl.col("source") == "mpd-sft")])
+    assert findings.findings(both).filter(pl.col("paper") == findings.MPD)["verdict"].to_list() == ["held", "held"]

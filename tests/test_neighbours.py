@@ -173,7 +173,7 @@ def test_mpd_chain_samples_rewrites_and_distills_against_a_trained_teacher(toy_c
     assert m_r["n"] == 6 and m_r["flagged"] == 0
     for t in traces:
         r = rewritten[t["id"]]
-        assert r["reasoning"].splitlines()[:-1] == toy.solution_steps(t)
+        assert r["reasoning"].splitlines()[1:-1] == toy.solution_steps(t)
         item = toy.parse_question(t["question"]).item
         assert r["reasoning"].splitlines()[-1] == f"So the final number of {item} is {t['gold']}."
         assert r["original_reasoning"] == t["reasoning"] and r["flag"] is None

@@ -75,10 +75,10 @@ def test_too_small_a_world_is_an_error():
 def test_solution_steps_are_the_true_minimal_equations():
     row = {"id": "x", "question": "Tom has 5 apples. Tom gets 3 more apples. Then Tom gives away 2 apples. How many "
                                   "apples does Tom have now?"}
-    assert toy.solution_steps(row) == ["5 + 3 = 8", "8 - 2 = 6"]
+    assert toy.solution_steps(row) == ["Tom gets 3 more: 5 + 3 = 8", "Tom gives away 2: 8 - 2 = 6"]
     row = {"id": "y",
            "question": "Eva has 4 pens. Eva ends up with 3 times as many pens. How many pens does Eva have now?"}
-    assert toy.solution_steps(row) == ["4 * 3 = 12"]
+    assert toy.solution_steps(row) == ["Eva ends up with 3 times as many: 4 * 3 = 12"]
     for r in toy.generate(SMALL, "test"):
         steps = toy.solution_steps(r)
         assert all(toy.is_equation_line(s) and toy.equation_is_correct(s) for s in steps)
@@ -96,16 +96,23 @@ def test_teacher_at_temperature_zero_is_greedy_and_correct():
         assert trace_equations(text) == toy.solution_steps(row)
 
 
-def test_teacher_trace_is_verbose_around_the_equations():
+def test_teacher_works_first_then_overthinks():
     rows = toy.generate(SMALL, "test")
     texts = [toy.teacher_response(r, random.Random(i), 0.7, 0.0) for i, r in enumerate(rows)]
     joined = "\n".join(texts)
-    assert "Let me double check" in joined and "Hmm," in joined and "So now" in joined
+    assert "Let me double check" in joined and "Hmm," in joined and "Going backwards" in joined
     for text, row in zip(texts, rows):
         think = text.split("</think>")[0]
+        lines = think.splitlines()
         assert len(think) > 3 * len("\n".join(toy.solution_steps(row)))  # mostly filler
         # re-checks and restatements never look like equation lines
-        assert all(not toy.is_equation_line(line) for line in think.splitlines() if "double check" in line)
+        assert all(not toy.is_equation_line(x) for x in lines if "double check" in x or "backwards" in x)
+        # the work (every step line, then the answer) comes before any re-check: a cut at half the
+        # trace keeps all of it, as Distilling the Essence assumes of real traces
+        last_step = max(i for i, x in enumerate(lines) if toy.is_equation_line(x))
+        first_check = min(i for i, x in enumerate(lines) if "double check" in x)
+        assert lines[last_step + 1].startswith("So the final number") and last_step + 1 < first_check
+        assert len("\n".join(lines[: last_step + 2])) < 0.5 * len(think)
 
 
 def test_teacher_is_deterministic_given_the_rng():
@@ -137,7 +144,7 @@ def test_slips_grow_with_temperature_and_propagate():
         wrong = [i for i, e in enumerate(equations) if not toy.equation_is_correct(e)]
         # each line starts from the previous line's result and the answer is the last result
         for prev, cur in zip(equations, equations[1:]):
-            assert cur.split(" ")[0] == prev.split(" = ")[1]
+            assert toy.EQUATION_RE.match(cur)[1] == toy.EQUATION_RE.match(prev)[4]
         assert final_answer(text) == equations[-1].split(" = ")[1]
         if wrong:
             slipped += 1
@@ -146,23 +153,58 @@ def test_slips_grow_with_temperature_and_propagate():
 
 
 def test_pretrain_corpus_is_neither_train_nor_test_and_holds_every_fact():
-    params = ToyParams(n_train=300, n_test=50, min_steps=2, max_steps=3, n_pretrain=1500)
+    params = ToyParams(n_train=300, n_test=50, min_steps=2, max_steps=3, n_pretrain=700, pretrain_fact_repeats=2)
     rows = {split: toy.generate(params, split) for split in ("train", "test", "pretrain")}
-    keys = {split: {toy.parse_question(r["question"]).key for r in rs} for split, rs in rows.items()}
-    assert not keys["pretrain"] & (keys["train"] | keys["test"])
-    assert len(keys["pretrain"]) == len(rows["pretrain"]) == 1500
-    one_step = {k for k in keys["pretrain"] if len(k[1]) == 1}
+    keys = {split: [toy.parse_question(r["question"]).key for r in rs] for split, rs in rows.items()}
+    assert not set(keys["pretrain"]) & (set(keys["train"]) | set(keys["test"]))
+    one_step = [k for k in keys["pretrain"] if len(k[1]) == 1]
     top = params.max_start + params.max_steps * params.max_operand
-    # every fact an equation of a trace can need: start 1..top, each operand, never below zero
-    assert one_step == {(a, ((op, k),)) for a in range(1, top + 1) for op in ("+", "-")
-                        for k in range(1, params.max_operand + 1) if op == "+" or k <= a}
-    assert {len(k[1]) for k in keys["pretrain"] - one_step} == {2}  # no three-step problem: the base's gap
+    # every fact an equation of a trace can need, twice: start 1..top, each operand, never below zero
+    facts = {(a, ((op, k),)) for a in range(1, top + 1) for op in ("+", "-")
+             for k in range(1, params.max_operand + 1) if op == "+" or k <= a}
+    assert set(one_step) == facts and len(one_step) == 2 * len(facts)
+    longer = keys["pretrain"][len(one_step):]
+    assert len(longer) == len(set(longer)) == 700 and {len(k[1]) for k in longer} == {2}  # no three-step problem
 
 
-def test_base_response_is_a_worked_solution_without_slips():
-    rows = toy.generate(ToyParams(n_train=20, n_test=5, n_pretrain=800), "pretrain")
-    for row in (rows[0], rows[-1]):
-        text = toy.base_response(row)
+@pytest.mark.parametrize("work_in_words", [False, True])
+def test_base_response_is_a_worked_solution_without_slips(work_in_words):
+    rows = toy.generate(ToyParams(n_train=20, n_test=5, n_pretrain=300), "pretrain")
+    for row in rows:
+        text = toy.base_response(row, work_in_words)
         assert text.startswith("<think>\n") and text.endswith(f"The answer is \\boxed{{{row['gold']}}}.")
         equations = [line for line in text.splitlines() if toy.is_equation_line(line)]
         assert equations == toy.solution_steps(row)  # every step, none slipped
+        problem = toy.parse_question(row["question"])
+        drill = len(problem.steps) == 1 and not (work_in_words and toy.crosses_ten(problem.start, *problem.steps[0]))
+        assert (len(text.splitlines()) == 6) == drill, text  # a fact is drilled: its step line and the answer
+        assert ("Let me think:" in text) == (work_in_words and any(
+            toy.crosses_ten(a, op, k) for (op, k), a in zip(problem.steps, problem.values())))
+
+
+def test_work_in_words_is_make_ten_and_compression_drops_it():
+    from cdlib.compress import extractive
+
+    row = {"id": "w", "question": "Tom has 8 apples. Tom gets 7 more apples. Then Tom gives away 6 apples. "
+                                  "How many apples does Tom have now?"}
+    text = toy.teacher_response(row, random.Random(0), 0.0, 0.0, work_in_words=True)
+    assert "Let me think: 8 and 2 make 10, and 5 more make 15.\nTom gets 7 more: 8 + 7 = 15" in text
+    assert "Let me think: 15 take away 5 leaves 10, and 1 more leaves 9.\nTom gives away 6: 15 - 6 = 9" in text
+    think = text.split("<think>\n")[1].split("\n</think>")[0]
+    assert extractive(think, row["question"]).splitlines() == [*toy.solution_steps(row),
+                                                                "So the final number of apples is 9."]
+    assert "Let me think" not in toy.teacher_response(row, random.Random(0), 0.0, 0.0)
+
+
+def test_the_toy_teachers_rewrite_keeps_the_students_way_of_working():
+    from cdlib.compress import toy_rewrite
+
+    row = {"id": "r", "question": "Mia has 9 pens. Mia finds 4 more pens. Mia loses 2 pens. "
+                                  "How many pens does Mia have now?", "gold": "11"}
+    plain = toy_rewrite({**row, "reasoning": "Mia gets 4 more: 9 + 4 = 12\nWait, let me double check."})
+    assert plain == ("Mia starts with 9 pens.\nMia gets 4 more: 9 + 4 = 13\nMia gives away 2: 13 - 2 = 11\n"
+                     "So the final number of pens is 11.")
+    worked = toy_rewrite({**row, "reasoning": "Let me think: 9 and 1 make 10, and 3 more make 12.\nMia gets 4 more"})
+    # every value right, the crossing of a ten worked in words as the student works it; no filler
+    assert worked.splitlines() == ["Mia starts with 9 pens.", "Let me think: 9 and 1 make 10, and 3 more make 13.",
+                                   *plain.splitlines()[1:]]

@@ -16,7 +16,7 @@ class ToyEngine(Engine):
     """The toy world's scripted teacher: :func:`cdlib.toy.teacher_response` on each question row.
 
     ``model: toy-base`` writes the base model's pretraining text instead
-    (:func:`cdlib.toy.base_response`: the answer at once, no reasoning).
+    (:func:`cdlib.toy.base_response`: facts drilled, longer problems worked).
 
     Deterministic: the random generator of a row is seeded by
     ``(sampling.seed, row id, row["attempt"])``, so the generate stage gets a
@@ -48,9 +48,10 @@ class ToyEngine(Engine):
             prompt_text = " ".join(m["content"] for m in prompt) if chat else prompt
             rng = random.Random(f"{seed}/{row['id']}/{row.get('attempt', 0)}")
             if self.params.model == "toy-base":
-                text = base_response(row)
+                text = base_response(row, self.toy.work_in_words)
             else:
-                text = teacher_response(row, rng, sampling.temperature, self.toy.slip_rate)
+                text = teacher_response(row, rng, sampling.temperature, self.toy.slip_rate,
+                                        work_in_words=self.toy.work_in_words)
             text, n_tokens, finish = _cut_words(text, sampling.max_tokens)
             for s in sampling.stop:
                 if s in text:
