@@ -11,23 +11,25 @@ The difficulty knobs live in :class:`cdlib.params.ToyParams` (start values,
 operands, number of steps, allowed operations, sizes, seed). Train and test
 problems never share the same arithmetic (start value and steps).
 
-The scripted teacher (:func:`teacher_response`) writes a verbose ``<think>``
-trace: restatements, hedges, "let me double check" re-checks and filler around
-one load-bearing equation line per step (``5 + 3 = 8``, a line of its own that
-matches :data:`EQUATION_RE`; re-checks spell the numbers out in words, so they
-never match). At temperature > 0 it slips now and then: a wrong intermediate
+The scripted teacher (:func:`teacher_response`) writes a ``<think>`` trace as a
+reasoning model does: the work first, one load-bearing step line per step that
+names the step it computes (``Tom gets 3 more: 5 + 3 = 8``, a line of its own
+that matches :data:`EQUATION_RE`; with ``work_in_words``, a step that crosses a
+ten is worked out in words before it), the answer, then the overthinking:
+re-checks and a backwards check that spell the numbers out in words, so they
+never match. At temperature > 0 it slips now and then: a wrong intermediate
 result that it carries on with to a wrong final answer, which is what gives
 rejection sampling its work. :func:`solution_steps` gives the true minimal
-equation lines of a question.
+step lines of a question, :func:`concise_solution` the toy teacher's rewrite.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
 ``pretrain`` split) is toy-world text that is not the teacher's traces: every
-one-step problem (the arithmetic facts) and two-step problems, each worked in
-the world's reasoning style without a slip, none of them a question the
-teacher is asked. A tiny model pretrained on it reads the problems, reasons and
-ends its answers, and solves some of the world's problems (up to three steps)
-but not most, as a pretrained student does before reasoning distillation; the
-teacher's traces then teach it the longer problems.
+one-step problem (the arithmetic facts, drilled as a step line) and two-step
+problems worked in the world's reasoning style without a slip, none of them a
+question the teacher is asked. A tiny model pretrained on it reads the problems,
+reasons and ends its answers, and solves some of the world's problems (up to
+three steps) but not most, as a pretrained student does before reasoning
+distillation; the teacher's traces then teach it the longer problems.
 """
 
 from __future__ import annotations
@@ -201,11 +203,25 @@ def parse_question(question: str, row_id: str = "<question>") -> Problem:
 
 
 def solution_steps(row: dict[str, Any]) -> list[str]:
-    """The true minimal solution of a toy row: one equation line per step, e.g. ``['5 + 3 = 8', '8 - 2 = 6']``."""
+    """The true minimal solution of a toy row: one step line per step, e.g.
+    ``['Tom gets 3 more: 5 + 3 = 8', 'Tom gives away 2: 8 - 2 = 6']``."""
     problem = parse_question(row["question"], row.get("id", "<row>"))
-    values = problem.values()
-    return [equation(values[i], op, k, values[i + 1], step_label(problem, op, k))
-            for i, (op, k) in enumerate(problem.steps)]
+    return _work(problem, problem.values())
+
+
+def _work(problem: Problem, values: list[int], work_in_words: bool = False) -> list[str]:
+    """The step lines of ``problem`` with the running ``values`` (start, then after each step, as the writer has
+    them), each crossing of a ten worked out in words first when ``work_in_words``."""
+    lines = []
+    for (op, k), a, r in zip(problem.steps, values, values[1:]):
+        if work_in_words and crosses_ten(a, op, k):
+            lines.append(_in_words(a, op, k, r))
+        lines.append(equation(a, op, k, r, step_label(problem, op, k)))
+    return lines
+
+
+def _conclusion(problem: Problem, value: int) -> str:
+    return f"So the final number of {problem.item} is {value}."
 
 
 def concise_solution(row: dict[str, Any], work_in_words: bool = False) -> str:
@@ -217,13 +233,8 @@ def concise_solution(row: dict[str, Any], work_in_words: bool = False) -> str:
     words) stays, every value is right.
     """
     problem = parse_question(row["question"], row.get("id", "<row>"))
-    values = problem.values()
-    lines = [f"{problem.name} starts with {problem.start} {problem.item}."]
-    for (op, k), a, r in zip(problem.steps, values, values[1:]):
-        if work_in_words and crosses_ten(a, op, k):
-            lines.append(_in_words(a, op, k, r))
-        lines.append(equation(a, op, k, r, step_label(problem, op, k)))
-    return "\n".join([*lines, f"So the final number of {problem.item} is {problem.answer}."])
+    return "\n".join([f"{problem.name} starts with {problem.start} {problem.item}.",
+                      *_work(problem, problem.values(), work_in_words), _conclusion(problem, problem.answer)])
 
 
 def _random_problem(rng: random.Random, params: ToyParams) -> Problem | None:
@@ -368,7 +379,7 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
                      work_in_words: bool = False) -> str:
     """The scripted toy teacher's full response to a toy row.
 
-    A verbose ``<think>...</think>`` trace with one equation line per step,
+    A ``<think>...</think>`` trace: the work (one step line per step), the answer, the re-checks,
     then ``The answer is \\boxed{N}.``. Each step slips (a wrong result, carried
     on to the end) with probability ``min(1, slip_rate * temperature)``, so there
     are no slips at temperature 0. The text is a function of the row and the
@@ -381,19 +392,14 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     p_slip = min(1.0, slip_rate * temperature) if temperature > 0 else 0.0
     name, item = problem.name, problem.item
 
-    # the work: one line per step, the step it computes before the colon
     lines = [rng.choice(_OPENERS), rng.choice(_RESTATEMENTS).format(name=name, start=problem.start, item=item)]
-    value, values = problem.start, [problem.start]
+    values = [problem.start]  # as the teacher has them: a slip carries on
     for op, k in problem.steps:
-        result = apply(op, value, k)
-        if rng.random() < p_slip:
-            result = _slipped(rng, result)
-        if work_in_words and crosses_ten(value, op, k):
-            lines.append(_in_words(value, op, k, result))
-        lines.append(equation(value, op, k, result, step_label(problem, op, k)))
-        value = result
-        values.append(value)
-    lines.append(f"So the final number of {item} is {value}.")
+        result = apply(op, values[-1], k)
+        values.append(_slipped(rng, result) if rng.random() < p_slip else result)
+    value = values[-1]
+    # the work: one line per step, the step it computes before the colon
+    lines += [*_work(problem, values, work_in_words), _conclusion(problem, value)]
     # the overthinking after the answer is found: every step re-checked in words, then backwards
     lines.append(rng.choice(_VERIFY))
     for (op, k), a, r in zip(problem.steps, values, values[1:]):
@@ -404,7 +410,7 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
         f"undoing {_OP_WORDS[op]} {k} gives {a}" for (op, k), a in zip(reversed(problem.steps), reversed(values[:-1])))
         + f", and {name} started with {problem.start}.")
     lines.append(rng.choice(_CLOSERS))
-    lines.append(f"So the final number of {item} is {value}.")
+    lines.append(_conclusion(problem, value))
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
 
 
@@ -420,7 +426,7 @@ def base_response(row: dict[str, Any], work_in_words: bool = False) -> str:
     """
     problem = parse_question(row["question"], row.get("id", "<row>"))
     if len(problem.steps) == 1 and not (work_in_words and crosses_ten(problem.start, *problem.steps[0])):
-        (op, k), r = problem.steps[0], problem.answer
-        return ("<think>\n" + equation(problem.start, op, k, r, step_label(problem, op, k))
-                + f"\nSo the final number of {problem.item} is {r}.\n</think>\n\nThe answer is \\boxed{{{r}}}.")
+        r = problem.answer
+        return ("<think>\n" + "\n".join([*_work(problem, problem.values()), _conclusion(problem, r)])
+                + f"\n</think>\n\nThe answer is \\boxed{{{r}}}.")
     return teacher_response(row, random.Random(0), temperature=0.0, slip_rate=0.0, work_in_words=work_in_words)
