@@ -28,7 +28,7 @@ def figure(runs: pl.DataFrame, out: str) -> None:
     df = findings.students(runs).rename({"teacher": "seed"})  # params/demo_seeds.yaml: one toy teacher per seed
     chart = alt.Chart(df.to_pandas()).mark_point(filled=True, size=160, opacity=0.85).encode(
         x=alt.X("mean_completion_tokens:Q", scale=alt.Scale(type="log", domain=[8, 1000]), title="mean output tokens"),
-        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (200 held-out problems)"),
+        y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (held-out problems)"),
         color=alt.Color("source:N", title="student"), shape=alt.Shape("seed:N", title="seed"),
         tooltip=["seed", "source", "accuracy", "mean_completion_tokens", "train_tokens"],
     ).properties(width=720, height=480, title="Toy demo: accuracy against output length (pretrained base, one epoch "
