@@ -12,11 +12,10 @@ answer in its own re-checks (benchmarks/README.md, "The demo over three seeds").
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
-FIRST_CONCLUSION = re.compile(r"So the final number of \w+ is (\d+)\.")
+from cdlib.toy import CONCLUSION_RE
 
 
 def drift(outputs: Path) -> tuple[int, float, float, float]:
@@ -25,7 +24,7 @@ def drift(outputs: Path) -> tuple[int, float, float, float]:
     with outputs.open() as f:
         for line in f:
             row = json.loads(line)
-            m = FIRST_CONCLUSION.search(row.get("reasoning") or "")
+            m = CONCLUSION_RE.search(row.get("reasoning") or "")
             right_first = bool(m) and m.group(1) == str(row["gold"])
             n += 1
             correct += bool(row["correct"])
@@ -35,8 +34,7 @@ def drift(outputs: Path) -> tuple[int, float, float, float]:
 
 
 def main(grid_dir: str) -> int:
-    cells = sorted(Path(grid_dir).glob("*/*/outputs.jsonl"))
-    cells = [p for p in cells if p.parts[-3] in ("evaluate", "base")]
+    cells = [p for stage in ("base", "evaluate") for p in sorted(Path(grid_dir, stage).glob("*/outputs.jsonl"))]
     if not cells:
         print(f"{grid_dir}: no evaluation outputs")
         return 1

@@ -224,6 +224,9 @@ def _conclusion(problem: Problem, value: int) -> str:
     return f"So the final number of {problem.item} is {value}."
 
 
+CONCLUSION_RE = re.compile(r"So the final number of \w+ is (\d+)\.")  # reads back what _conclusion writes
+
+
 def concise_solution(row: dict[str, Any], work_in_words: bool = False) -> str:
     """The toy teacher's concise rewrite of a trajectory for ``row``: the start, its step lines, each crossing of
     a ten worked in words first when the trajectory works that way (``work_in_words``), and the conclusion.
