@@ -507,6 +507,30 @@ def test_parallel_run_overlaps_cells_and_keeps_dependencies(tmp_path):
     assert len(slots) == (2 if len(os.sched_getaffinity(0)) >= 2 else 1), "the two slots hold different CPUs"
 
 
+def test_a_wide_stage_runs_alone_on_every_slot(tmp_path):
+    """--jobs 2 with `wide: true` on the parent stage: each parent cell runs on all the runner's CPUs with that
+    many threads, and no other cell runs while one does (the demo's base pretraining: one core would idle)."""
+    grid = make_grid(tmp_path, exclude=[{"x": "bad"}, {"y": "q"}])
+    spec = yaml.safe_load(grid.read_text())
+    spec["stages"]["parent"]["wide"] = True
+    grid.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "cdlib.grid", "run", str(grid), "--jobs", "2"], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    everything = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    for c in ("parent/two", "parent/three"):
+        m = json.loads((tmp_path / "out/t" / c / "metrics.json").read_text())
+        assert m["cpus"] == everything and m["omp"] == str(len(os.sched_getaffinity(0))), (c, m)
+    events = [(kind, str(Path(d).relative_to(tmp_path / "out/t"))) for kind, d in
+              (line.split(" ", 1) for line in _log(tmp_path))]
+    pos = {e: i for i, e in enumerate(events)}
+    assert len(pos) == 8, events
+    for wide in ("parent/two", "parent/three"):
+        assert pos[("end", wide)] == pos[("start", wide)] + 1, f"another cell ran beside {wide}: {events}"
+    child = json.loads((tmp_path / "out/t/child/two__p/metrics.json").read_text())
+    assert len(child["cpus"].split(",")) == max(1, len(everything.split(",")) // 2), "the other stages keep a slot"
+
+
 def test_slot_resources_split_cpus_and_gpus():
     from cdlib.grid.runner import slot_resources
 

@@ -315,6 +315,18 @@ def slot_resources(jobs: int, cpus: list[int] | None = None, gpus: list[str] | N
     return slots
 
 
+def wide_slot(slots: list[dict[str, str]]) -> dict[str, str]:
+    """One slot holding every CPU and GPU of ``slots``: what a ``wide: true`` stage's cell runs on."""
+    cpus = sorted({int(x) for s in slots for x in s["CDLIB_CPUS"].split(",")})
+    env = {"OMP_NUM_THREADS": str(len(cpus)), "MKL_NUM_THREADS": str(len(cpus)), "CDLIB_CPUS": ",".join(map(str, cpus))}
+    gpus = [g for s in slots for g in s.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    else:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = env["CDLIB_CPUS"]
+    return env
+
+
 def _child_setup(cpus: list[int]) -> None:
     """In a ``--jobs`` cell process before it starts: pin it to its CPUs and, on Linux, have it
     interrupted (SIGINT, so papermill stops its kernel) if the runner dies, even by SIGKILL:
@@ -386,7 +398,9 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     ``jobs>1`` the ready cell with the longest chain of cells waiting on it first
     (:func:`critical_first`); a cell whose input failed is reported blocked. Each subprocess gets its
     own slice of CPUs or GPUs (:func:`slot_resources`) and writes its notebook's output to the
-    cell's ``log.txt``, as in a sequential run. Interrupting the runner stops them all.
+    cell's ``log.txt``, as in a sequential run. A cell of a ``wide: true`` stage, once it is the next
+    ready cell, waits for the running cells to end (nothing else starts meanwhile) and then runs on
+    every slot at once (:func:`wide_slot`). Interrupting the runner stops them all.
 
     When nothing else can start, the cells another runner holds (inputs of cells left, and cells
     of this run found locked) are polled until that runner lets them go, for at most
@@ -397,7 +411,7 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
     slots = slot_resources(jobs) if jobs > 1 else [{}]
     free = list(range(jobs))
     pending = critical_first(todo) if jobs > 1 else list(todo)
-    running: dict[str, tuple[subprocess.Popen, int, Any, Cell]] = {}
+    running: dict[str, tuple[subprocess.Popen, list[int], Any, Cell]] = {}
     results: dict[str, str] = {}
     locked: list[str] = []  # cells of this run another runner held when their turn came
     retaken: set[str] = set()
@@ -420,6 +434,8 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
             for c in list(pending):
                 waiting = {t.id for t in pending} | set(running)  # not finished yet
                 action, ids = decide(grid, c, status, waiting, rerun_stale)
+                if action == "run" and c.wide and jobs > 1 and len(free) < jobs:
+                    break  # it waits for every slot: nothing else starts before it
                 if action == "wait" or (action == "run" and not free):
                     continue
                 pending.remove(c)
@@ -439,18 +455,24 @@ def run_parallel(grid: Grid, todo: list[Cell], status: dict[str, str], jobs: int
                     finished(c, run_cell(c, grid.root, progress=progress, consumed=consumed_now(grid, c),
                                          rerun_stale=rerun_stale), head)
                     continue
-                slot = free.pop(0)
-                say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt, slot {slot}) ...")
-                p, out = _launch(grid, c, slots[slot], rerun_stale)
-                running[c.id] = (p, slot, out, c)
+                if c.wide:
+                    mine, free[:] = sorted(free), []
+                    env = wide_slot([slots[i] for i in mine])
+                    where = f"every slot: CPUs {env['CDLIB_CPUS']}"
+                else:
+                    mine = [free.pop(0)]
+                    env, where = slots[mine[0]], f"slot {mine[0]}"
+                say(f"{head}: running {c.notebook} (log: {c.directory}/log.txt, {where}) ...")
+                p, out = _launch(grid, c, env, rerun_stale)
+                running[c.id] = (p, mine, out, c)
                 status[c.id] = "running"
             if running:
                 time.sleep(poll_s)
-                for cid, (p, slot, out, c) in list(running.items()):
+                for cid, (p, mine, out, c) in list(running.items()):
                     if p.poll() is None:
                         continue
                     del running[cid]
-                    free.append(slot)
+                    free.extend(mine)
                     finished(c, _reaped(grid, c, p, out), c.id)
                 held_since = None
                 continue

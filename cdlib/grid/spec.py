@@ -28,6 +28,12 @@ A grid file names axes and stages::
         notebook: notebooks/07_paper.py
         after: all                                        # reads every cell of the stages above it
 
+A stage that says ``wide: true`` runs, under ``--jobs N``, on every slot at once (all the runner's CPUs
+and GPUs): when its cell is next to start the runner lets the running cells end, starts nothing else,
+and gives it the whole machine. It is for a long cell that most of the grid waits on and that nothing
+can run beside (the demo's base pretraining: one core would otherwise idle for minutes). Slurm jobs
+ask for their own resources (``slurm:``) and ignore it.
+
 A stage has one cell per combination of *its own* axes, so stages that depend on
 fewer axes are shared: the paper's 55 training runs sit on 2 generation cells.
 Cell ids are readable slugs of the axis values (``compress/qwen3.5-397b__ministral-14b``).
@@ -110,6 +116,7 @@ class StageSpec(BaseModel):
     params: dict[str, Any] = {}
     inputs: dict[str, str | list[str]] = {}  # a list: the param gets a list of cell directories
     after: Literal["all", "inputs"] | None = None  # all: every cell of the stages above (a report)
+    wide: bool = False  # under --jobs N a cell takes every slot's CPUs/GPUs (nothing else starts before it ends)
     exclude: list[dict[str, str]] = []
     overrides: list[Override] = []  # applied in order, after the axis values' params
     slurm: SlurmSpec = SlurmSpec()
@@ -157,6 +164,7 @@ class Cell:
     kind: str | None = None  # the stage kind (one of KINDS), None for a notebook of no known kind
     inputs: dict[str, str | list[str]] = field(default_factory=dict)  # input parameter -> upstream cell id(s)
     after_all: bool = False  # the stage says `after: all`: it waits for every cell of the stages above
+    wide: bool = False  # the stage says `wide: true`: under --jobs it runs on every slot at once
 
     @property
     def id(self) -> str:
@@ -358,7 +366,8 @@ class Grid:
                     directory=cell_dir, slurm=resources,
                     depends_on=list(dict.fromkeys(u for v in depends.values()
                                                   for u in ([v] if isinstance(v, str) else v))),
-                    kind=self.stage_kind(name), inputs=depends, after_all=stage.after == "all")
+                    kind=self.stage_kind(name), inputs=depends, after_all=stage.after == "all",
+                    wide=stage.wide)
 
     # ------------------------------------------------------------------ queries
 
