@@ -31,6 +31,7 @@ generation that verifies, else the first one.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -151,11 +152,25 @@ def read_openr1(row: dict[str, Any], where: str) -> list[Trace]:
     return out
 
 
+def _listed(value: Any) -> Any:
+    """A list of texts written as its Python repr (``"['step one', 'step two']"``) read back; else ``value``."""
+    if isinstance(value, str) and value.lstrip().startswith("[") and value.rstrip().endswith("]"):
+        try:
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return value
+        if isinstance(parsed, list) and all(isinstance(x, str) for x in parsed):
+            return parsed
+    return value
+
+
 def read_s1k(row: dict[str, Any], where: str) -> list[Trace]:
     # simplescaling/s1K: solution (the reference solution or answer), question, cot_type, source_type, metadata, cot,
     # thinking_trajectories (a list holding the Gemini thinking), attempt (the answer written after it).
     # Source: the dataset card's dataset_info features. The gold is the answer extracted from `solution`.
-    steps = row["thinking_trajectories"]
+    # A copy written through CSV (datasets' to_csv, then pandas) holds the list as its Python repr, a string:
+    # the real row in tests/fixtures/trace_sets/s1k (boovines/SEPO datasets/test_s1k.json) is read back to the list.
+    steps = _listed(row["thinking_trajectories"])
     reasoning = "\n".join(steps) if isinstance(steps, list) else _text(steps, where, "thinking_trajectories")
     return [Trace(_text(row.get("question"), where, "question"), reasoning.strip(),
                   _text(row.get("attempt"), where, "attempt").strip(), False, _solution_gold(row.get("solution")))]

@@ -48,7 +48,7 @@ def test_openr1_row_verified_by_this_project(tmp_path):
 def test_each_layout_of_the_real_rows(tmp_path):
     metrics, recs = imported(tmp_path, source=str(SETS), dataset="sets")
     by = {r["layout"]: r for r in recs}
-    assert metrics["layouts"] == {"chat_log": 5, "messages": 2, "openr1_math": 1, "openthoughts": 1}
+    assert metrics["layouts"] == {"chat_log": 5, "messages": 2, "openr1_math": 1, "openthoughts": 1, "s1k": 1}
     # OpenThoughts markers; this quoted row is cut inside its thought: unfinished reasoning is never scored
     ot = by["openthoughts"]
     assert ot["question"].startswith("Return your final response within \\boxed{}. Ms. Blackwell")
@@ -62,7 +62,7 @@ def test_each_layout_of_the_real_rows(tmp_path):
     (log,) = [r for r in recs if r["source_row"].endswith("deepseek_v4_pro.jsonl:1")]
     assert log["question"] == "你是谁" and log["reasoning"].startswith("嗯，用户问了一个简单的自我介绍问题")
     assert log["answer"].startswith("你好！我是DeepSeek") and log["source_id"] == "as-j8iwhei6hm"
-    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 2, "no_gold": 6} and metrics["kept"] == 9
+    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 2, "no_gold": 6} and metrics["kept"] == 10
 
 
 def test_chat_logs_recorded_from_four_providers(tmp_path):
@@ -93,8 +93,26 @@ def test_chat_logs_recorded_from_four_providers(tmp_path):
     assert (rec["extracted"], rec["correct"], rec["flag"], rec["answer_type"]) == ("4", True, None, "numeric")
 
 
+def test_s1k_row_from_a_csv_round_trip_copy(tmp_path):
+    """A real s1K row (AIME 2020-I-6) as boovines/SEPO datasets/test_s1k.json holds it: written through CSV, so
+    `thinking_trajectories` is the list's Python repr (a string) and a `dataset_source` column is added (README there).
+    The repr is read back to the list: the reasoning is the Gemini thinking itself, not ``['\\n...`` with escapes."""
+    metrics, (rec,) = imported(tmp_path, source=str(SETS / "s1k"))
+    assert (rec["layout"], rec["dataset"], rec["id"]) == ("s1k", "s1k", "s1k/0")
+    assert rec["question"].startswith("A flat board has a circular hole with radius $1$")
+    assert rec["reasoning"].startswith("The problem describes a geometric configuration involving two circular holes")
+    assert rec["reasoning"].endswith("Find $m+n = 160 + 13 = 173$.") and "\\n" not in rec["reasoning"]
+    assert "$h_1 = \\sqrt{R^2 - 1}$" in rec["reasoning"] and not rec["reasoning"].startswith("[")
+    assert rec["answer"].startswith("Solution:\nLet the radii") and rec["answer"].endswith("$\\boxed{173}$")
+    assert (rec["gold"], rec["extracted"], rec["rule"], rec["correct"], rec["flag"]) == ("173", "173", "boxed", True,
+                                                                                       None)
+    assert (rec["truncated"], rec["finish_reason"], rec["source_correct"], rec["answer_type"]) == (False, "stop", None,
+                                                                                                "numeric")
+    assert metrics["kept"] == 1 and metrics["total_correct"] == 1 and metrics["layouts"] == {"s1k": 1}
+
+
 def test_s1k_layouts_on_made_up_rows(tmp_path):
-    """No real s1K or s1K-1.1 row is stored here (README there): the columns of the sets' cards, made-up values.
+    """No real s1K-1.1 row is stored here (README there): the columns of the sets' cards, made-up values.
     s1K-1.1's deepseek_grade ("Yes"/"No", Claude's grade of deepseek_attempt) is the set's verdict beside ours."""
     base = {"solution": "128", "question": "For how many rationals ...?", "cot_type": "math",
             "source_type": "qq8933/AIME_1983_2024", "metadata": "{}"}
@@ -115,7 +133,8 @@ def test_s1k_layouts_on_made_up_rows(tmp_path):
 
 def test_unverified_drop_and_the_grid_naming_a_gold_column(tmp_path):
     metrics, recs = imported(tmp_path / "a", source=str(SETS), unverified="drop")
-    assert [r["layout"] for r in recs] == ["openr1_math"] and metrics["dropped"] == 8 and metrics["kept"] == 1
+    assert [r["layout"] for r in recs] == ["openr1_math", "s1k"]
+    assert metrics["dropped"] == 8 and metrics["kept"] == 2
     rows = [json.loads(x) for x in (SETS / "messages/openr1_math_messages.jsonl").read_text().splitlines()]
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({**r, "ref": g}) + "\n" for r, g in zip(rows, ["4", "181"])))
@@ -190,7 +209,7 @@ def test_import_notebook_runs_under_the_grid_runner(tmp_path):
     cell = tmp_path / "out/imp/import"
     manifest = json.loads((cell / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["kind"] == "import"
-    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 9
+    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 10
     res = pl.read_parquet(tmp_path / "out/imp/results.parquet")
     assert res["kind"].to_list() == ["import"]
 
@@ -212,5 +231,5 @@ def test_import_grid_through_every_stage(tmp_path):
     assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate", "report"}
     ev = res.filter(pl.col("kind") == "evaluate")
     assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
-    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 9
+    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 10
     assert "Table" in (root / "report/index.html").read_text()
