@@ -8,6 +8,7 @@ Two kinds of compressor:
 * ``toy-rewriter`` (toy world only) stands in for a teacher rewriting a student's
   trajectory (Mixed-Policy Distillation): whatever the trajectory, it writes the
   correct minimal solution, one equation per step (:func:`cdlib.toy.solution_steps`),
+  each crossing of a ten worked in words when the student's samples work that way,
   and the final answer (:func:`toy_rewrite`);
 * any other name is a model behind ``cdlib.engines`` given a generic prompt
   (question, trace, verified answer -> a shorter trace keeping the essential
@@ -190,17 +191,20 @@ def extractive(reasoning: str, question: str = "") -> str:
     return "\n".join(keep)
 
 
-def toy_rewrite(rec: dict[str, Any]) -> str:
+def toy_rewrite(rec: dict[str, Any], in_words: bool | None = None) -> str:
     """The toy world's stand-in for a teacher rewriting a trajectory (:func:`cdlib.toy.concise_solution`).
 
     ``rec`` is a toy trace record (or a question row): every value is the correct one, since the toy
-    teacher knows the solution of every toy question, and a trajectory that works a step out in words
-    ("Let me think: ...") keeps that way of working. The conclusion is worded as the toy teacher words it
-    ("So the final number of pens is 3."), as a real teacher rewrites in its own words.
+    teacher knows the solution of every toy question, and a student that works steps out in words
+    ("Let me think: ...") keeps that way of working: with ``in_words`` every crossing of a ten is worked in
+    words, also where this trajectory skipped it (:func:`run` reads it off all the student's trajectories;
+    by default, off this one alone). The conclusion is worded as the toy teacher words it ("So the final
+    number of pens is 3."), as a real teacher rewrites in its own words.
     """
     from cdlib.toy import concise_solution
 
-    return concise_solution(rec, work_in_words="Let me think:" in (rec.get("reasoning") or ""))
+    in_words = "Let me think:" in (rec.get("reasoning") or "") if in_words is None else in_words
+    return concise_solution(rec, work_in_words=in_words)
 
 
 def verified_answer(rec: dict[str, Any]) -> str:
@@ -278,12 +282,15 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
     if P.compressor in RULE_BASED:
         todo = [r for r in src if r["id"] not in out]
         longer_ok = P.prompt == "rewrite_student"
+        # the toy teacher reads the student's way of working off all its trajectories: a rewrite of a sample
+        # that skipped the words on a crossing would teach the student to skip them (benchmarks/README.md)
+        in_words = any("Let me think:" in (r.get("reasoning") or "") for r in src)
         batch = []
         for r in tqdm(todo, desc=f"{P.compressor} compression", unit="trace"):
             if P.compressor == "extractive":
                 c = extractive(r.get("reasoning", ""), r.get("question", ""))
             else:
-                c = toy_rewrite(r)
+                c = toy_rewrite(r, in_words)
             flag = check(c, r.get("reasoning", ""), r, allow_longer=longer_ok) if P.check_answer else None
             batch.append(_record(r, c, P, flag, 1))
             if len(batch) >= 1000:

@@ -208,3 +208,38 @@ def test_the_toy_teachers_rewrite_keeps_the_students_way_of_working():
     # every value right, the crossing of a ten worked in words as the student works it; no filler
     assert worked.splitlines() == ["Mia starts with 9 pens.", "Let me think: 9 and 1 make 10, and 3 more make 13.",
                                    *plain.splitlines()[1:]]
+    # a student that works in words (read off all its trajectories) gets the words also where this one skipped them
+    assert toy_rewrite({**row, "reasoning": "Mia gets 4 more: 9 + 4 = 12"}, in_words=True) == worked
+
+
+def test_the_toy_rewriter_works_every_crossing_in_words_for_a_student_that_works_in_words(tmp_path):
+    """compress.run with the toy rewriter reads the student's way of working off all its samples: a sample that
+    skipped the words on a crossing is rewritten with them (else MPD teaches the student to skip them)."""
+    import json
+
+    from cdlib import compress
+    from cdlib.params import CompressParams
+
+    def sample(i: int, question: str, reasoning: str) -> dict:
+        return {"id": f"toy/train/{i}", "question": question, "gold": str(toy.parse_question(question).answer),
+                "answer_type": "numeric", "reasoning": reasoning, "answer": "The answer is \\boxed{0}.",
+                "extracted": "0", "correct": False}
+
+    rows = [sample(0, "Mia has 9 pens. Mia finds 4 more pens. How many pens does Mia have now?",
+                   "Let me think: 9 and 1 make 10, and 3 more make 13.\nMia gets 4 more: 9 + 4 = 13"),
+            sample(1, "Tom has 8 apples. Tom gets 7 more apples. How many apples does Tom have now?",
+                   "Tom gets 7 more: 8 + 7 = 14")]  # skipped the words on a crossing
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compress.run(CompressParams(out_dir=str(tmp_path / "rewrite"), traces=str(tmp_path / "sample"),
+                                compressor="toy-rewriter", prompt="rewrite_student"))
+    out = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "rewrite/compressed.jsonl").read_text().splitlines()}
+    assert out["toy/train/1"]["reasoning"].splitlines() == [
+        "Tom starts with 8 apples.", "Let me think: 8 and 2 make 10, and 5 more make 15.",
+        "Tom gets 7 more: 8 + 7 = 15", "So the final number of apples is 15."]
+    # a student that never works in words keeps its way: no words in any rewrite
+    rows[0]["reasoning"] = "Mia gets 4 more: 9 + 4 = 13"
+    (tmp_path / "sample" / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    compress.run(CompressParams(out_dir=str(tmp_path / "plain"), traces=str(tmp_path / "sample"),
+                                compressor="toy-rewriter", prompt="rewrite_student"))
+    assert "Let me think" not in (tmp_path / "plain/compressed.jsonl").read_text()
