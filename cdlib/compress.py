@@ -284,7 +284,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         longer_ok = P.prompt == "rewrite_student"
         # the toy teacher reads the student's way of working off all its trajectories: a rewrite of a sample
         # that skipped the words on a crossing would teach the student to skip them (benchmarks/README.md)
-        in_words = any("Let me think:" in (r.get("reasoning") or "") for r in src)
+        in_words = P.compressor == "toy-rewriter" and any("Let me think:" in (r.get("reasoning") or "") for r in src)
         batch = []
         for r in tqdm(todo, desc=f"{P.compressor} compression", unit="trace"):
             if P.compressor == "extractive":

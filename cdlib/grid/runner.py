@@ -318,13 +318,8 @@ def slot_resources(jobs: int, cpus: list[int] | None = None, gpus: list[str] | N
 def wide_slot(slots: list[dict[str, str]]) -> dict[str, str]:
     """One slot holding every CPU and GPU of ``slots``: what a ``wide: true`` stage's cell runs on."""
     cpus = sorted({int(x) for s in slots for x in s["CDLIB_CPUS"].split(",")})
-    env = {"OMP_NUM_THREADS": str(len(cpus)), "MKL_NUM_THREADS": str(len(cpus)), "CDLIB_CPUS": ",".join(map(str, cpus))}
     gpus = [g for s in slots for g in s.get("CUDA_VISIBLE_DEVICES", "").split(",") if g]
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    else:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = env["CDLIB_CPUS"]
-    return env
+    return slot_resources(1, cpus=cpus, gpus=gpus)[0]
 
 
 def _child_setup(cpus: list[int]) -> None:
