@@ -1,7 +1,7 @@
 """The import stage: a reasoning-trace set someone already has, as the records the generate stage writes.
 
 Most people who want to compress traces already hold them: a public set (OpenThoughts,
-OpenR1-Math, Bespoke-Stratos, s1K, the ``reasoning_content`` of an OpenAI-compatible
+OpenR1-Math, Bespoke-Stratos, s1K, LIMO, the ``reasoning_content`` of an OpenAI-compatible
 server) or their own vLLM outputs. :func:`run` reads such a set from the hub
 (``datasets.load_dataset``; offline with ``HF_HUB_OFFLINE=1`` and a cached copy) or from a
 local JSONL/JSON/Parquet file or directory, and writes ``traces.jsonl`` in the generate
@@ -250,6 +250,34 @@ def read_reasoning_content(row: dict[str, Any], where: str) -> list[Trace]:
                   _text(row.get("content"), where, "content").strip(), False, _gold(row.get("answer")))]
 
 
+#: Where DeepSeek-R1-style text written without reasoning markers starts its answer (LIMO's `solution`).
+FINAL_ANSWER = "**Final Answer**"
+
+
+def split_solution(text: str) -> tuple[str, str, bool]:
+    """(reasoning, answer, truncated) of a whole response that may carry no reasoning markers, as LIMO's `solution`
+    (DeepSeek-R1's thinking, then a ``**Final Answer**`` line with its ``\\boxed{}``): the text before the last
+    ``**Final Answer**`` is the reasoning, the rest the answer. A text with ``<think>`` or OpenThoughts markers is
+    split by :func:`split_response`; one with neither is reasoning that never reached its answer (truncated, as an
+    unclosed ``<think>`` is: never scored)."""
+    text = text or ""
+    if BEGIN_THOUGHT in text or "<think>" in text or "</think>" in text:
+        return split_response(text)
+    k = text.rfind(FINAL_ANSWER)
+    if k < 0:
+        return text.strip(), "", True
+    return text[:k].strip(), text[k:].strip(), False
+
+
+def read_limo(row: dict[str, Any], where: str) -> list[Trace]:
+    # GAIR/LIMO: question, solution (DeepSeek-R1's whole response, no <think> markers, ending in a **Final Answer**
+    # line), answer (the reference answer, "25"). Source: the set's own viewer page (huggingface.co/datasets/GAIR/LIMO:
+    # question, solution and answer, in this order) and the authors' file (GAIR-NLP/LIMO train/data/limo.json, the
+    # same rows as instruction/input/output); the real row 0 in tests/fixtures/trace_sets/limo.
+    reasoning, answer, cut = split_solution(_text(row["solution"], where, "solution"))
+    return [Trace(_text(row["question"], where, "question"), reasoning, answer, cut, _gold(row.get("answer")))]
+
+
 @dataclass(frozen=True)
 class Layout:
     """A public set's layout: the columns that recognise it, its reader and the sets it covers."""
@@ -272,6 +300,7 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
     Layout("chat_log", ("request", "response"), read_chat_log, "OpenAI-compatible request/response logs"),
     Layout("reasoning_content", ("reasoning_content",), read_reasoning_content,
            "Congliu/Chinese-DeepSeek-R1-Distill-data-110k, own vLLM outputs"),
+    Layout("limo", ("question", "solution", "answer"), read_limo, "GAIR/LIMO"),
 )}
 
 FIELDS = ("question", "reasoning", "answer", "response", "gold")  # what `columns` may name

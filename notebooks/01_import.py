@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Stage 1 without a teacher: import a reasoning-trace set
 #
-# A public set (OpenThoughts, OpenR1-Math, Bespoke-Stratos, s1K, OpenAI-compatible
+# A public set (OpenThoughts, OpenR1-Math, Bespoke-Stratos, s1K, LIMO, OpenAI-compatible
 # `reasoning_content` logs) or one's own outputs, from the hub or local files, written as the
 # generate stage's records (`traces.jsonl`), so compression, truncation, training, evaluation
 # and the report run on it. Each answer is extracted and verified by this project

@@ -48,7 +48,8 @@ def test_openr1_row_verified_by_this_project(tmp_path):
 def test_each_layout_of_the_real_rows(tmp_path):
     metrics, recs = imported(tmp_path, source=str(SETS), dataset="sets")
     by = {r["layout"]: r for r in recs}
-    assert metrics["layouts"] == {"chat_log": 5, "messages": 2, "openr1_math": 1, "openthoughts": 1, "s1k": 1}
+    assert metrics["layouts"] == {"chat_log": 5, "limo": 1, "messages": 2, "openr1_math": 1, "openthoughts": 1,
+                                  "s1k": 1}
     # OpenThoughts markers; this quoted row is cut inside its thought: unfinished reasoning is never scored
     ot = by["openthoughts"]
     assert ot["question"].startswith("Return your final response within \\boxed{}. Ms. Blackwell")
@@ -62,7 +63,7 @@ def test_each_layout_of_the_real_rows(tmp_path):
     (log,) = [r for r in recs if r["source_row"].endswith("deepseek_v4_pro.jsonl:1")]
     assert log["question"] == "你是谁" and log["reasoning"].startswith("嗯，用户问了一个简单的自我介绍问题")
     assert log["answer"].startswith("你好！我是DeepSeek") and log["source_id"] == "as-j8iwhei6hm"
-    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 2, "no_gold": 6} and metrics["kept"] == 10
+    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 3, "no_gold": 6} and metrics["kept"] == 11
 
 
 def test_chat_logs_recorded_from_four_providers(tmp_path):
@@ -111,6 +112,27 @@ def test_s1k_row_from_a_csv_round_trip_copy(tmp_path):
     assert metrics["kept"] == 1 and metrics["total_correct"] == 1 and metrics["layouts"] == {"s1k": 1}
 
 
+def test_limo_row_and_its_final_answer(tmp_path):
+    """GAIR/LIMO's row 0 (README there): `solution` is DeepSeek-R1's whole response without <think> markers, cut
+    here before its **Final Answer** line, so it is reasoning that never reached its answer (never scored). The same
+    row with the end the set gives it ("**Final Answer**", then \\boxed{025}) splits there and verifies against
+    "25"."""
+    source = SETS / "limo/gair_limo-train.jsonl"
+    metrics, (rec,) = imported(tmp_path / "a", source=str(source))
+    assert (rec["layout"], rec["gold"], rec["answer_type"]) == ("limo", "25", "numeric")
+    assert rec["question"].startswith("Find the last three digits of the product of the positive roots")
+    assert rec["reasoning"].startswith("Okay, so I need to find the last three digits") and rec["answer"] == ""
+    assert (rec["truncated"], rec["flag"], rec["correct"], rec["finish_reason"]) == (True, "no_answer", False, "length")
+    row = json.loads(source.read_text(encoding="utf-8"))
+    ended = tmp_path / "ended.jsonl"
+    ended.write_text(json.dumps({**row, "solution": row["solution"].replace("[...]", "ose three digits.\n\n"
+                                                                             "**Final Answer**\n\\boxed{025}")}))
+    _, (rec,) = imported(tmp_path / "b", source=str(ended))
+    assert rec["reasoning"].endswith("ose three digits.") and rec["answer"] == "**Final Answer**\n\\boxed{025}"
+    assert (rec["extracted"], rec["correct"], rec["flag"]) == ("25", True, None)  # 025 read as the number 25
+    assert rec["response"] == "<think>\n" + rec["reasoning"] + "\n</think>\n\n" + rec["answer"]
+
+
 def test_s1k_layouts_on_made_up_rows(tmp_path):
     """No real s1K-1.1 row is stored here (README there): the columns of the sets' cards, made-up values.
     s1K-1.1's deepseek_grade ("Yes"/"No", Claude's grade of deepseek_attempt) is the set's verdict beside ours."""
@@ -134,7 +156,7 @@ def test_s1k_layouts_on_made_up_rows(tmp_path):
 def test_unverified_drop_and_the_grid_naming_a_gold_column(tmp_path):
     metrics, recs = imported(tmp_path / "a", source=str(SETS), unverified="drop")
     assert [r["layout"] for r in recs] == ["openr1_math", "s1k"]
-    assert metrics["dropped"] == 8 and metrics["kept"] == 2
+    assert metrics["dropped"] == 9 and metrics["kept"] == 2
     rows = [json.loads(x) for x in (SETS / "messages/openr1_math_messages.jsonl").read_text().splitlines()]
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({**r, "ref": g}) + "\n" for r, g in zip(rows, ["4", "181"])))
@@ -209,7 +231,7 @@ def test_import_notebook_runs_under_the_grid_runner(tmp_path):
     cell = tmp_path / "out/imp/import"
     manifest = json.loads((cell / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["kind"] == "import"
-    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 10
+    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 11
     res = pl.read_parquet(tmp_path / "out/imp/results.parquet")
     assert res["kind"].to_list() == ["import"]
 
@@ -231,5 +253,5 @@ def test_import_grid_through_every_stage(tmp_path):
     assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate", "report"}
     ev = res.filter(pl.col("kind") == "evaluate")
     assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
-    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 10
+    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 11
     assert "Table" in (root / "report/index.html").read_text()
