@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from cdlib.toy import CONCLUSION_RE
+
 
 def positions(traces: Path, tokenizer) -> list[float]:
     """First-conclusion position / sequence length, in tokens, of every trace with a conclusion."""
@@ -24,9 +26,10 @@ def positions(traces: Path, tokenizer) -> list[float]:
         for line in f:
             row = json.loads(line)
             response = row.get("response") or ""
-            at = response.find("So the final number")
-            if at < 0:
+            m = CONCLUSION_RE.search(response)
+            if m is None:
                 continue
+            at = m.start()
             whole = len(tokenizer(row["question"] + "\n" + response)["input_ids"])
             out.append(len(tokenizer(row["question"] + "\n" + response[:at])["input_ids"]) / whole)
     return sorted(out)

@@ -360,15 +360,24 @@ def crosses_ten(a: int, op: str, k: int) -> bool:
     return False
 
 
+#: What opens a step worked out in words (:func:`_in_words`); :func:`works_in_words` looks for it.
+IN_WORDS = "Let me think:"
+
+
+def works_in_words(reasoning: str | None) -> bool:
+    """True when a trajectory works at least one step out in words, as the teacher works a crossing of a ten."""
+    return IN_WORDS in (reasoning or "")
+
+
 def _in_words(a: int, op: str, k: int, result: int) -> str:
     """Make-ten in words, the way the teacher works a step that crosses a ten before writing it:
     ``Let me think: 8 and 2 make 10, and 5 more make 15.`` (``result`` as the teacher has it)."""
     if op == "+":
         c = 10 - a % 10
         rest = f", and {k - c} more make {result}" if k > c else ""
-        return f"Let me think: {a} and {c} make {a + c}{rest}."
+        return f"{IN_WORDS} {a} and {c} make {a + c}{rest}."
     c = a % 10
-    return f"Let me think: {a} take away {c} leaves {a - c}, and {k - c} more leaves {result}."
+    return f"{IN_WORDS} {a} take away {c} leaves {a - c}, and {k - c} more leaves {result}."
 
 
 def _slipped(rng: random.Random, true: int) -> int:

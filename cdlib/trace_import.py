@@ -261,7 +261,7 @@ def split_solution(text: str) -> tuple[str, str, bool]:
     split by :func:`split_response`; one with neither is reasoning that never reached its answer (truncated, as an
     unclosed ``<think>`` is: never scored)."""
     text = text or ""
-    if BEGIN_THOUGHT in text or "<think>" in text or "</think>" in text:
+    if BEGIN_THOUGHT in text or traces.THINK_OPEN in text or traces.THINK_CLOSE in text:
         return split_response(text)
     k = text.rfind(FINAL_ANSWER)
     if k < 0:
