@@ -48,7 +48,7 @@ def test_openr1_row_verified_by_this_project(tmp_path):
 def test_each_layout_of_the_real_rows(tmp_path):
     metrics, recs = imported(tmp_path, source=str(SETS), dataset="sets")
     by = {r["layout"]: r for r in recs}
-    assert metrics["layouts"] == {"chat_log": 5, "limo": 1, "messages": 2, "openr1_math": 1, "openthoughts": 1,
+    assert metrics["layouts"] == {"chat_log": 5, "limo": 1, "messages": 3, "openr1_math": 1, "openthoughts": 1,
                                   "s1k": 1}
     # OpenThoughts markers; this quoted row is cut inside its thought: unfinished reasoning is never scored
     ot = by["openthoughts"]
@@ -56,14 +56,14 @@ def test_each_layout_of_the_real_rows(tmp_path):
     assert ot["reasoning"].startswith("Okay, let's see.") and "<|begin_of_thought|>" not in ot["reasoning"]
     assert (ot["truncated"], ot["rule"], ot["flag"], ot["finish_reason"]) == (True, "truncated", "no_answer", "length")
     # messages with <think>, no gold column: extracted but not verifiable
-    msgs = [r for r in recs if r["layout"] == "messages"]
+    msgs = [r for r in recs if "openr1_math_messages.jsonl" in r["source_row"]]
     assert [m["extracted"] for m in msgs] == ["4", "180"] and {m["flag"] for m in msgs} == {"no_gold"}
     assert all(m["correct"] is None and m["gold"] is None for m in msgs)
     # an OpenAI-compatible request/response log: reasoning_content, CJK
     (log,) = [r for r in recs if r["source_row"].endswith("deepseek_v4_pro.jsonl:1")]
     assert log["question"] == "你是谁" and log["reasoning"].startswith("嗯，用户问了一个简单的自我介绍问题")
     assert log["answer"].startswith("你好！我是DeepSeek") and log["source_id"] == "as-j8iwhei6hm"
-    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 3, "no_gold": 6} and metrics["kept"] == 11
+    assert metrics["flags"] == {"wrong_answer": 0, "no_answer": 3, "no_gold": 7} and metrics["kept"] == 12
 
 
 def test_chat_logs_recorded_from_four_providers(tmp_path):
@@ -133,6 +133,26 @@ def test_limo_row_and_its_final_answer(tmp_path):
     assert rec["response"] == "<think>\n" + rec["reasoning"] + "\n</think>\n\n" + rec["answer"]
 
 
+def test_mixture_of_thoughts_row_quoted_in_a_named_file(tmp_path):
+    """An open-r1/Mixture-of-Thoughts row (codeforces-cots source) as Trinity-RFT's DPO/SFT tutorial quotes it,
+    "simplified" (README there: two forks' copies of that page at named commits): the set's own columns (`messages`
+    with content before role, `num_tokens`, `source`), nearly every text cut. Read as `messages`: the extra columns
+    are ignored, the thinking is what lies between <think> and </think> (here only the cut), the closing sentence of
+    the code answer is the answer; a code row has no gold, so nothing is verified."""
+    source = SETS / "mixture_of_thoughts/codeforces_cots-trinity_rft_quote.jsonl"
+    row = json.loads(source.read_text(encoding="utf-8"))
+    assert list(row) == ["messages", "num_tokens", "source"] and list(row["messages"][0]) == ["content", "role"]
+    assert ti.detect(row, "row") == "messages"
+    metrics, (rec,) = imported(tmp_path, source=str(source))
+    assert rec["layout"] == "messages" and metrics["layouts"] == {"messages": 1}
+    assert rec["question"] == "You will be given a competitive programming problem[...]"
+    assert rec["reasoning"] == "[...]" and "think>" not in rec["answer"]
+    assert rec["answer"].endswith("This approach efficiently combines hashing and dynamic programming to solve the "
+                                  "problem within the given constraints.")
+    assert (rec["gold"], rec["correct"], rec["flag"], rec["truncated"]) == (None, None, "no_gold", False)
+    assert rec["response"] == "<think>\n[...]\n</think>\n\n" + rec["answer"] and rec["source_correct"] is None
+
+
 def test_s1k_layouts_on_made_up_rows(tmp_path):
     """No real s1K-1.1 row is stored here (README there): the columns of the sets' cards, made-up values.
     s1K-1.1's deepseek_grade ("Yes"/"No", Claude's grade of deepseek_attempt) is the set's verdict beside ours."""
@@ -156,7 +176,7 @@ def test_s1k_layouts_on_made_up_rows(tmp_path):
 def test_unverified_drop_and_the_grid_naming_a_gold_column(tmp_path):
     metrics, recs = imported(tmp_path / "a", source=str(SETS), unverified="drop")
     assert [r["layout"] for r in recs] == ["openr1_math", "s1k"]
-    assert metrics["dropped"] == 9 and metrics["kept"] == 2
+    assert metrics["dropped"] == 10 and metrics["kept"] == 2
     rows = [json.loads(x) for x in (SETS / "messages/openr1_math_messages.jsonl").read_text().splitlines()]
     own = tmp_path / "own.jsonl"
     own.write_text("".join(json.dumps({**r, "ref": g}) + "\n" for r, g in zip(rows, ["4", "181"])))
@@ -231,7 +251,7 @@ def test_import_notebook_runs_under_the_grid_runner(tmp_path):
     cell = tmp_path / "out/imp/import"
     manifest = json.loads((cell / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["kind"] == "import"
-    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 11
+    assert json.loads((cell / "metrics.json").read_text())["kept"] == len(Store(cell / "traces.jsonl")) == 12
     res = pl.read_parquet(tmp_path / "out/imp/results.parquet")
     assert res["kind"].to_list() == ["import"]
 
@@ -253,5 +273,5 @@ def test_import_grid_through_every_stage(tmp_path):
     assert set(res["kind"]) == {"import", "compress", "truncate", "train", "evaluate", "report"}
     ev = res.filter(pl.col("kind") == "evaluate")
     assert set(ev["source"]) == {"raw", "extractive", "truncated"} and ev["accuracy"].is_not_null().all()
-    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 11
+    assert len(Store(root / "compress/public-sets/compressed.jsonl")) == 12
     assert "Table" in (root / "report/index.html").read_text()
