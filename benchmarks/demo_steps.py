@@ -32,7 +32,7 @@ from cdlib import toy
 from cdlib.params import ToyParams
 from cdlib.toy import apply, crosses_ten
 
-STEP = re.compile(r": (-?\d+) ([+*-]) (\d+) = (-?\d+)$")  # the end of a step line (cdlib.toy.EQUATION_RE)
+STEP = re.compile(r"(?:^|: )(-?\d+) ([+*-]) (\d+) = (-?\d+)$")  # the end of a step line (cdlib.toy.EQUATION_RE)
 START = re.compile(r"starts with (\d+)")
 FAULTS = ("no work", "start", "steps", "carry", "arithmetic", "re-checks")
 

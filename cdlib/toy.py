@@ -15,11 +15,13 @@ The scripted teacher (:func:`teacher_response`) writes a ``<think>`` trace as a
 reasoning model does: the work first, one load-bearing step line per step that
 names the step it computes (``Tom gets 3 more: 5 + 3 = 8``, a line of its own
 that matches :data:`EQUATION_RE`; with ``work_in_words``, a step that crosses a
-ten is worked out in words before it), the answer, then the overthinking:
+ten says so right after its numbers, is worked out in words, then written bare:
+``Tom gets 7 more: 8 + 7 crosses a ten.`` / ``Let me think: 8 and 2 make 10,
+and 5 more make 15.`` / ``8 + 7 = 15``), the answer, then the overthinking:
 re-checks and a backwards check that spell the numbers out in words, so they
-never match. At temperature > 0 it slips now and then: a wrong intermediate
-result that it carries on with to a wrong final answer, which is what gives
-rejection sampling its work. :func:`solution_steps` gives the true minimal
+never match, and two closing checks. At temperature > 0 it slips now and
+then: a wrong intermediate result that it carries on with to a wrong final
+answer, which is what gives rejection sampling its work. :func:`solution_steps` gives the true minimal
 step lines of a question, :func:`concise_solution` the toy teacher's rewrite.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
@@ -211,12 +213,17 @@ def solution_steps(row: dict[str, Any]) -> list[str]:
 
 def _work(problem: Problem, values: list[int], work_in_words: bool = False) -> list[str]:
     """The step lines of ``problem`` with the running ``values`` (start, then after each step, as the writer has
-    them), each crossing of a ten worked out in words first when ``work_in_words``."""
+    them). With ``work_in_words`` a step that crosses a ten is three lines: its label and numbers followed by
+    :data:`CROSSES`, the words (:func:`_in_words`), and the bare step line. The choice to work in words is then made
+    right after the two numbers it depends on, and the label is written once (written twice, it made the students
+    lose count of the steps: benchmarks/README.md)."""
     lines = []
     for (op, k), a, r in zip(problem.steps, values, values[1:]):
+        label = step_label(problem, op, k)
         if work_in_words and crosses_ten(a, op, k):
-            lines.append(_in_words(a, op, k, r))
-        lines.append(equation(a, op, k, r, step_label(problem, op, k)))
+            lines += [f"{label}: {a} {op} {k} {CROSSES}", _in_words(a, op, k, r), equation(a, op, k, r)]
+        else:
+            lines.append(equation(a, op, k, r, label))
     return lines
 
 
@@ -360,6 +367,10 @@ def crosses_ten(a: int, op: str, k: int) -> bool:
     return False
 
 
+#: What follows a step's numbers when it crosses a ten and is worked in words (``Tom gets 7 more: 8 + 7 crosses a
+#: ten.``): the choice to work in words is made right after the two numbers it depends on.
+CROSSES = "crosses a ten."
+
 #: What opens a step worked out in words (:func:`_in_words`); :func:`works_in_words` looks for it.
 IN_WORDS = "Let me think:"
 
@@ -421,7 +432,7 @@ def teacher_response(row: dict[str, Any], rng: random.Random, temperature: float
     lines.append(f"Going backwards from {value}: " + ", ".join(
         f"undoing {_OP_WORDS[op]} {k} gives {a}" for (op, k), a in zip(reversed(problem.steps), reversed(values[:-1])))
         + f", and {name} started with {problem.start}.")
-    lines.append(rng.choice(_CLOSERS))
+    lines += rng.sample(_CLOSERS, len(_CLOSERS))
     lines.append(_conclusion(problem, value))
     return "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{value}}}."
 

@@ -173,8 +173,8 @@ def test_base_response_is_a_worked_solution_without_slips(work_in_words):
     for row in rows:
         text = toy.base_response(row, work_in_words)
         assert text.startswith("<think>\n") and text.endswith(f"The answer is \\boxed{{{row['gold']}}}.")
-        equations = [line for line in text.splitlines() if toy.is_equation_line(line)]
-        assert equations == toy.solution_steps(row)  # every step, none slipped
+        equations = [line.split(": ")[-1] for line in text.splitlines() if toy.is_equation_line(line)]
+        assert equations == [s.split(": ")[-1] for s in toy.solution_steps(row)]  # every step, none slipped
         problem = toy.parse_question(row["question"])
         drill = len(problem.steps) == 1 and not (work_in_words and toy.crosses_ten(problem.start, *problem.steps[0]))
         assert (len(text.splitlines()) == 6) == drill, text  # a fact is drilled: its step line and the answer
@@ -188,11 +188,15 @@ def test_work_in_words_is_make_ten_and_compression_drops_it():
     row = {"id": "w", "question": "Tom has 8 apples. Tom gets 7 more apples. Then Tom gives away 6 apples. "
                                   "How many apples does Tom have now?"}
     text = toy.teacher_response(row, random.Random(0), 0.0, 0.0, work_in_words=True)
-    assert "Let me think: 8 and 2 make 10, and 5 more make 15.\nTom gets 7 more: 8 + 7 = 15" in text
-    assert "Let me think: 15 take away 5 leaves 10, and 1 more leaves 9.\nTom gives away 6: 15 - 6 = 9" in text
+    # the choice to work in words comes right after the two numbers it depends on; the step's label is written once
+    assert ("Tom gets 7 more: 8 + 7 crosses a ten.\nLet me think: 8 and 2 make 10, and 5 more make 15.\n"
+            "8 + 7 = 15\n") in text
+    assert ("Tom gives away 6: 15 - 6 crosses a ten.\nLet me think: 15 take away 5 leaves 10, and 1 more leaves 9.\n"
+            "15 - 6 = 9\n") in text
     think = text.split("<think>\n")[1].split("\n</think>")[0]
-    assert extractive(think, row["question"]).splitlines() == [*toy.solution_steps(row),
-                                                                "So the final number of apples is 9."]
+    assert extractive(think, row["question"]).splitlines() == [
+        "Tom gets 7 more: 8 + 7 crosses a ten.", "8 + 7 = 15", "Tom gives away 6: 15 - 6 crosses a ten.", "15 - 6 = 9",
+        "So the final number of apples is 9."]
     assert "Let me think" not in toy.teacher_response(row, random.Random(0), 0.0, 0.0)
 
 
@@ -206,8 +210,9 @@ def test_the_toy_teachers_rewrite_keeps_the_students_way_of_working():
                      "So the final number of pens is 11.")
     worked = toy_rewrite({**row, "reasoning": "Let me think: 9 and 1 make 10, and 3 more make 12.\nMia gets 4 more"})
     # every value right, the crossing of a ten worked in words as the student works it; no filler
-    assert worked.splitlines() == ["Mia starts with 9 pens.", "Let me think: 9 and 1 make 10, and 3 more make 13.",
-                                   *plain.splitlines()[1:]]
+    assert worked.splitlines() == ["Mia starts with 9 pens.", "Mia gets 4 more: 9 + 4 crosses a ten.",
+                                   "Let me think: 9 and 1 make 10, and 3 more make 13.", "9 + 4 = 13",
+                                   *plain.splitlines()[2:]]
     # a student that works in words (read off all its trajectories) gets the words also where this one skipped them
     assert toy_rewrite({**row, "reasoning": "Mia gets 4 more: 9 + 4 = 12"}, in_words=True) == worked
 
@@ -235,8 +240,8 @@ def test_the_toy_rewriter_works_every_crossing_in_words_for_a_student_that_works
                                 compressor="toy-rewriter", prompt="rewrite_student"))
     out = {json.loads(x)["id"]: json.loads(x) for x in (tmp_path / "rewrite/compressed.jsonl").read_text().splitlines()}
     assert out["toy/train/1"]["reasoning"].splitlines() == [
-        "Tom starts with 8 apples.", "Let me think: 8 and 2 make 10, and 5 more make 15.",
-        "Tom gets 7 more: 8 + 7 = 15", "So the final number of apples is 15."]
+        "Tom starts with 8 apples.", "Tom gets 7 more: 8 + 7 crosses a ten.",
+        "Let me think: 8 and 2 make 10, and 5 more make 15.", "8 + 7 = 15", "So the final number of apples is 15."]
     # a student that never works in words keeps its way: no words in any rewrite
     rows[0]["reasoning"] = "Mia gets 4 more: 9 + 4 = 13"
     (tmp_path / "sample" / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
