@@ -31,8 +31,8 @@ def figure(runs: pl.DataFrame, out: str) -> None:
         y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1]), title="accuracy (held-out problems)"),
         color=alt.Color("source:N", title="student"), shape=alt.Shape("seed:N", title="seed"),
         tooltip=["seed", "source", "accuracy", "mean_completion_tokens", "train_tokens"],
-    ).properties(width=720, height=480, title="Toy demo: accuracy against output length (pretrained base, one epoch "
-                                              "per source; 'pretrain' is the base before distillation)")
+    ).properties(width=720, height=480, title="Toy demo: accuracy against output length (pretrained base, the same "
+                                              "epochs for every source; 'pretrain' is the base before distillation)")
     with open(out, "wb") as f:
         f.write(vlc.vegalite_to_png(chart.to_json(), scale=1.5))
 
