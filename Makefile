@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run $(GRID) --jobs $(JOBS)
 
-# The demo over three seeds (about 18 min): the papers' findings per seed (outputs/demo-seeds/report/)
+# The demo over three seeds (about 17 min): the papers' findings per seed (outputs/demo-seeds/report/)
 demo-seeds: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m cdlib.grid run params/demo_seeds.yaml --jobs $(JOBS)
 	$(BIN)/python benchmarks/demo_seeds.py outputs/demo-seeds
