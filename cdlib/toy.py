@@ -21,8 +21,9 @@ and 5 more make 15.`` / ``8 + 7 = 15``), the answer, then the overthinking:
 re-checks and a backwards check that spell the numbers out in words, so they
 never match, and two closing checks. At temperature > 0 it slips now and
 then: a wrong intermediate result that it carries on with to a wrong final
-answer, which is what gives rejection sampling its work. :func:`solution_steps` gives the true minimal
-step lines of a question, :func:`concise_solution` the toy teacher's rewrite.
+answer, which is what gives rejection sampling its work. :func:`solution_steps`
+gives the true minimal step lines of a question, :func:`concise_solution` the
+toy teacher's rewrite.
 
 The pretraining corpus of the demo's base model (:func:`base_response` on the
 ``pretrain`` split) is toy-world text that is not the teacher's traces: every
