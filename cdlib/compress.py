@@ -60,6 +60,7 @@ from cdlib.engines import Completion, Engine, answer_missing, get_engine
 from cdlib.outputs import dropped_expr
 from cdlib.params import CompressParams
 from cdlib.store import Store, read_upstream
+from cdlib.toy import concise_solution, works_in_words
 from cdlib.traces import parse_response
 
 # Our reconstruction of the prompt the paper describes in section 3.2 (it is not printed there).
@@ -201,8 +202,6 @@ def toy_rewrite(rec: dict[str, Any], in_words: bool | None = None) -> str:
     by default, off this one alone). The conclusion is worded as the toy teacher words it ("So the final
     number of pens is 3."), as a real teacher rewrites in its own words.
     """
-    from cdlib.toy import concise_solution, works_in_words
-
     in_words = works_in_words(rec.get("reasoning")) if in_words is None else in_words
     return concise_solution(rec, work_in_words=in_words)
 
@@ -284,12 +283,7 @@ def run(P: CompressParams, engine=None) -> dict[str, Any]:
         longer_ok = P.prompt == "rewrite_student"
         # the toy teacher reads the student's way of working off all its trajectories: a rewrite of a sample
         # that skipped the words on a crossing would teach the student to skip them (benchmarks/README.md)
-        if P.compressor == "toy-rewriter":
-            from cdlib.toy import works_in_words
-
-            in_words = any(works_in_words(r.get("reasoning")) for r in src)
-        else:
-            in_words = False
+        in_words = P.compressor == "toy-rewriter" and any(works_in_words(r.get("reasoning")) for r in src)
         batch = []
         for r in tqdm(todo, desc=f"{P.compressor} compression", unit="trace"):
             if P.compressor == "extractive":
